@@ -1,0 +1,1 @@
+"""The model, the IAIS regularizer and ISD metrics, pretraining objectives and the DeepSpeed trainer."""
