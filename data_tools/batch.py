@@ -1,0 +1,38 @@
+"""The batch contract between the loader (`data_tools.loader`) and the model/objectives (`pretrain`).
+
+A batch is a plain dict. Tensors are batch-first; B is the per-rank batch size (padding slots
+included), Lt the padded text length (`[CLS] words [SEP] pad...`), M the padded visual token count.
+Keys present in every batch:
+
+- `input_ids`      long  [B, Lt]  `[CLS] w1..wn [SEP] pad`; words are positions 1..n.
+- `text_mask`      bool  [B, Lt]  real tokens, [CLS] and [SEP] included.
+- `word_mask`      bool  [B, Lt]  real words only (no [CLS], [SEP], padding): the rows of S_LL.
+- `mlm_input_ids`  long  [B, Lt]  `input_ids` with 15% of words masked (80% [MASK], 10% random, 10% kept),
+                                   drawn from the sample's (seed, epoch, key) generator.
+- `mlm_labels`     long  [B, Lt]  original ids at masked positions, -100 elsewhere.
+- `sample_mask`    bool  [B]      False for padding slots (equal batch counts per rank): zero loss weight.
+- `image_id`       list[str]      same for every caption of one image (false-negative masking, grouping).
+- `key`            list[str]      sample keys ("" for padding slots).
+- `caption_index`  long  [B]      which of the image's captions was chosen.
+
+Visual input, one of:
+- `pixel_values`   float [B, 3, H, W]  normalised image (patch and grid embedders).
+- `visual_feats`   float [B, M, D], `visual_pos` float [B, M, 7], `visual_mask` bool [B, M]
+                                       precomputed features (the `features` embedder).
+
+Present where the samples carry them (lists are per sample, padding slots hold empty entries):
+- `boxes`          list[FloatTensor [k, 4]]  x1, y1, x2, y2 in pixels of `pixel_values` (after the crop).
+- `phrase_tokens`  list[list[list[int]]]  per sample, per phrase of the chosen caption: token positions
+                                          in `input_ids` (ISDa's T_p).
+- `phrase_boxes`   list[list[list[int]]]  per sample, per phrase: indices into that sample's `boxes`
+                                          (phrases whose boxes all left the crop are dropped).
+- `neg_input_ids`  long [B, Lt], `neg_text_mask` bool [B, Lt], `neg_word_mask` bool [B, Lt],
+  `has_negative`   bool [B]               the hard negative caption of the chosen caption, if any.
+- `cursor`         dict                   the loader state after this batch (see `data_tools.loader`).
+"""
+from __future__ import annotations
+
+TEXT_KEYS = ("input_ids", "text_mask", "word_mask", "mlm_input_ids", "mlm_labels")
+NEGATIVE_KEYS = ("neg_input_ids", "neg_text_mask", "neg_word_mask", "has_negative")
+FEATURE_KEYS = ("visual_feats", "visual_pos", "visual_mask")
+IGNORE_INDEX = -100
