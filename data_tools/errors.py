@@ -62,3 +62,28 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print("interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+class BadSample(Exception):
+    """A sample that cannot be used (unreadable image, empty caption, refused member...).
+
+    Builders skip and list it in rejected.jsonl, the loader skips and counts it; `reason` is one of
+    BAD_SAMPLE_REASONS and becomes the `reason` label of the bad-sample counter.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in BAD_SAMPLE_REASONS, reason
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+BAD_SAMPLE_REASONS = (
+    "missing_image",  # no image file / member
+    "decode_error",  # not an image, truncated, unreadable
+    "too_many_pixels",  # more pixels than the configured limit (decompression bomb)
+    "empty_caption",  # no caption, or only whitespace
+    "bad_utf8",  # caption or metadata not UTF-8
+    "bad_metadata",  # json member that does not parse or has wrong field types
+    "refused_member",  # a member that would need unpickling (.pyd, .pickle, .pth, ...)
+    "duplicate_key",  # the same key twice in a shard
+)
