@@ -1,0 +1,221 @@
+"""The metrics exporter over real HTTP: names, labels, values that move, ports, Pushgateway, metrics.jsonl."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from data_tools.errors import ConfigError, UserError
+from pretrain.metrics import METRICS_FILE, MetricsConfig, MetricsLogger, read_jsonl
+from tests.conftest import free_port
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of one scrape, parsed by prometheus_client's parser."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    labels = {"rank": "0", "run": "r1", **labels}
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+STEP = {
+    "loss/itc": 2.5, "loss/itm": 0.7, "loss/mlm": 6.0, "loss/iais": 0.01, "loss/total": 9.21,
+    "samples_per_second": 120.0, "step_seconds": 0.25, "data_wait_seconds": 0.02, "lr": 1e-4,
+    "grad_norm": 1.5, "loss_scale": 1.0, "iais_weight": 0.0067, "isd/L": 0.3, "isd/V": 0.4,
+}
+
+
+def test_scrape_names_labels_and_values_that_move(tmp_path, port):
+    config = MetricsConfig(port=port)
+    with MetricsLogger(config, str(tmp_path), "r1", rank=0, local_rank=0) as metrics:
+        assert metrics.url == f"http://127.0.0.1:{port}/metrics"
+        metrics.log_step(10, {**STEP, "samples": 80, "nonfinite_steps": 0})
+        metrics.add_bad_samples({"decode_error": 2})
+        metrics.checkpoint_saved(1.25, ok=True)
+        first = scrape(metrics.url)
+        assert value(first, "relalign_steps_total") == 10
+        assert value(first, "relalign_samples_total") == 80
+        assert value(first, "relalign_loss", objective="itc") == 2.5
+        assert value(first, "relalign_loss", objective="total") == 9.21
+        assert value(first, "relalign_learning_rate") == pytest.approx(1e-4)
+        assert value(first, "relalign_iais_weight") == pytest.approx(0.0067)
+        assert value(first, "relalign_isd", direction="V", phase="train") == pytest.approx(0.4)
+        assert value(first, "relalign_bad_samples_total", reason="decode_error") == 2
+        assert value(first, "relalign_checkpoint_duration_seconds") == 1.25
+        assert value(first, "relalign_checkpoints_total", outcome="ok") == 1
+        assert value(first, "relalign_checkpoint_last_success_timestamp_seconds") > 1.7e9
+
+        metrics.log_step(20, {**STEP, "loss/itc": 2.0, "samples": 160, "nonfinite_steps": 1})
+        metrics.add_bad_samples({"decode_error": 5, "empty_caption": 1})  # cumulative: +3 and +1
+        metrics.checkpoint_saved(3.0, ok=False)
+        metrics.log_eval(20, {"loss/itm": 0.5, "recall/t2i@1": 0.25, "recall/i2t@10": 0.75, "isd/L": 0.2})
+        second = scrape(metrics.url)
+        assert value(second, "relalign_steps_total") == 20
+        assert value(second, "relalign_samples_total") == 160
+        assert value(second, "relalign_loss", objective="itc") == 2.0
+        assert value(second, "relalign_nonfinite_steps_total") == 1
+        assert value(second, "relalign_bad_samples_total", reason="decode_error") == 5
+        assert value(second, "relalign_bad_samples_total", reason="empty_caption") == 1
+        assert value(second, "relalign_checkpoints_total", outcome="failed") == 1
+        assert value(second, "relalign_checkpoint_duration_seconds") == 3.0
+        assert value(second, "relalign_eval_loss", objective="itm") == 0.5
+        assert value(second, "relalign_eval_recall_ratio", direction="t2i", k="1") == 0.25
+        assert value(second, "relalign_eval_recall_ratio", direction="i2t", k="10") == 0.75
+        assert value(second, "relalign_isd", direction="L", phase="eval") == 0.2
+        names = {name for name, _ in second}
+        assert all(n.startswith("relalign_") for n in names)
+        assert {l for _, labels in second for l, _ in labels} >= {"rank", "run"}
+    with pytest.raises(OSError):  # closed: nothing listens any more
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_jsonl_one_object_per_logged_step_on_rank_0(tmp_path, port):
+    with MetricsLogger(MetricsConfig(port=port), str(tmp_path), "r1", rank=0, local_rank=0) as metrics:
+        metrics.log_step(1, {**STEP, "samples": 8, "custom/thing": 3.0})
+        metrics.add_bad_samples({"bad_utf8": 1})
+        metrics.log_step(2, {**STEP, "samples": 16, "loss/total": float("nan")})
+        metrics.log_eval(2, {"recall/t2i@5": 0.5})
+        metrics.checkpoint_saved(0.5, ok=True)
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # strict JSON: a NaN would not parse in other readers
+    assert [r["kind"] for r in records] == ["train", "train", "eval", "checkpoint"]
+    train = read_jsonl(tmp_path)
+    assert [r["step"] for r in train] == [1, 2]
+    assert train[0]["custom/thing"] == 3.0 and train[0]["loss/itc"] == 2.5 and train[0]["samples"] == 8
+    assert train[1]["loss/total"] is None and train[1]["bad_samples/bad_utf8"] == 1
+    assert read_jsonl(tmp_path, "eval")[0]["recall/t2i@5"] == 0.5
+    assert "NaN" not in "".join(lines)
+
+
+def test_other_ranks_write_no_jsonl_and_serve_on_port_plus_local_rank(tmp_path, port):
+    config = MetricsConfig(port=port)
+    with MetricsLogger(config, str(tmp_path), "r1", rank=3, local_rank=1) as metrics:
+        assert metrics.url == f"http://127.0.0.1:{port + 1}/metrics"
+        metrics.log_step(4, {"samples": 32})
+        assert value(scrape(metrics.url), "relalign_steps_total", rank="3") == 4
+    assert not (tmp_path / METRICS_FILE).exists()
+
+
+def test_rank_0_only_endpoint(tmp_path, port):
+    config = MetricsConfig(port=port, per_rank=False)
+    with MetricsLogger(config, str(tmp_path), "r1", rank=1, local_rank=1) as other:
+        assert other.url is None
+        with MetricsLogger(config, str(tmp_path), "r1", rank=0, local_rank=0) as main:
+            assert main.url == f"http://127.0.0.1:{port}/metrics"
+
+
+def test_port_in_use_is_a_clear_error_or_the_next_free_port(tmp_path, port):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen()
+        with pytest.raises(UserError, match=rf"port {port} is in use on 127.0.0.1.*metrics.port_in_use=next") as err:
+            MetricsLogger(MetricsConfig(port=port), str(tmp_path), "r1", rank=0, local_rank=0)
+        assert int(err.value.exit_code) == 2 and "\n" not in str(err.value)
+        with MetricsLogger(MetricsConfig(port=port, port_in_use="next"), str(tmp_path), "r1", 0, 0) as metrics:
+            bound = int(metrics.url.rsplit(":", 1)[1].split("/")[0])
+            assert bound > port
+            metrics.log_step(1, {"samples": 1})
+            assert value(scrape(metrics.url), "relalign_steps_total") == 1
+
+
+def test_disabled_exporter_serves_nothing_but_keeps_jsonl(tmp_path):
+    with MetricsLogger(MetricsConfig(enabled=False), str(tmp_path), "r1", 0, 0) as metrics:
+        assert metrics.url is None
+        metrics.log_step(1, {"samples": 4})
+        assert metrics.push() is False
+    assert read_jsonl(tmp_path)[0]["samples"] == 4
+
+
+@pytest.mark.parametrize(
+    "field, bad",
+    [("port", 70000), ("port", "9400"), ("port", True), ("port_in_use", "retry"), ("host", ""),
+     ("push_interval_s", 0), ("push_interval_s", float("inf")), ("enabled", "yes"), ("pushgateway", "")],
+)
+def test_config_errors_name_field_value_and_allowed(field, bad):
+    with pytest.raises(ConfigError) as err:
+        MetricsConfig(**{field: bad})
+    assert err.value.field == f"metrics.{field}"
+    assert f"metrics.{field}={bad!r}" in str(err.value) and "expected" in str(err.value)
+
+
+def test_unknown_bad_sample_reason_is_a_bug(tmp_path):
+    with MetricsLogger(MetricsConfig(enabled=False, jsonl=False), str(tmp_path), "r1", 0, 0) as metrics:
+        with pytest.raises(ValueError, match="unknown bad-sample reason"):
+            metrics.add_bad_samples({"cosmic_ray": 1})
+
+
+PUSHGATEWAY = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+
+
+@pytest.fixture
+def pushgateway(tmp_path):
+    """A real Pushgateway on a free local port, persisting into the test's folder (not /var/lib)."""
+    if PUSHGATEWAY is None:
+        pytest.skip("no Pushgateway binary (apt: prometheus-pushgateway)")
+    gw_port = free_port()
+    gateway = subprocess.Popen([PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{gw_port}",
+                                f"--persistence.file={tmp_path / 'pushgateway.data'}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{gw_port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{base}/-/ready", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=10)
+
+
+GROUP = (("instance", ""), ("job", "relalign"), ("rank", "0"), ("run", "r1"))
+
+
+def test_pushgateway_receives_interval_pushes(tmp_path, pushgateway):
+    config = MetricsConfig(port=0, pushgateway=pushgateway, push_interval_s=0.2, jsonl=False)
+    with MetricsLogger(config, str(tmp_path), "r1", rank=0, local_rank=0) as metrics:
+        metrics.log_step(5, {"samples": 40, "loss/total": 1.5})
+        pushed: dict = {}
+        for _ in range(100):  # no explicit push: the background loop delivers while training goes on
+            pushed = scrape(f"{pushgateway}/metrics")
+            if ("relalign_steps_total", GROUP) in pushed:
+                break
+            time.sleep(0.1)
+        assert pushed[("relalign_steps_total", GROUP)] == 5
+        assert pushed[("relalign_loss", tuple(sorted(GROUP + (("objective", "total"),))))] == 1.5
+
+
+def test_pushgateway_gets_a_final_push_at_close(tmp_path, pushgateway):
+    config = MetricsConfig(port=0, pushgateway=pushgateway, push_interval_s=1000.0, jsonl=False)
+    metrics = MetricsLogger(config, str(tmp_path), "r1", rank=0, local_rank=0)
+    metrics.log_step(9, {"samples": 72})
+    assert ("relalign_steps_total", GROUP) not in scrape(f"{pushgateway}/metrics")  # interval not reached
+    metrics.close()
+    assert scrape(f"{pushgateway}/metrics")[("relalign_steps_total", GROUP)] == 9
+
+
+def test_push_failure_does_not_stop_training(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = MetricsConfig(port=0, pushgateway=dead, push_interval_s=1000.0, jsonl=False)
+    metrics = MetricsLogger(config, str(tmp_path), "r1", 0, 0)
+    metrics.log_step(1, {"samples": 1})
+    assert metrics.push() is False
+    metrics.log_step(2, {"samples": 2})
+    assert value(scrape(metrics.url), "relalign_steps_total") == 2
+    metrics.close()
