@@ -1,0 +1,454 @@
+"""The build driver shared by every format: raw records in, a dataset folder out (DESIGN.md 3).
+
+A format's source only lists records (key, image location, captions, annotations); this driver does
+everything else the same way for all of them:
+
+1. plan: duplicate keys are rejected; identical images (sha256 of the input bytes) become one record
+   with merged captions, boxes and phrase links; records are cut into shards by `shard_samples`
+   and/or `shard_bytes` counted over *input* records and bytes. The plan depends on the inputs only,
+   never on what a worker later finds bad, so shard i holds the same samples whether it is built by
+   worker 0 or 3, in part 1 of 4 or in a single process, first time or after a resume;
+2. shard jobs (one process each, `workers` at a time): read, validate, optionally resize, write the
+   tar atomically, then a small state file `.build/shard-NNNNNN.json` (rows, rejects, hash) that
+   marks the shard done: a rerun skips it;
+3. finalize (data_tools.merge): manifest.parquet, rejected.jsonl, the builder's extras (synthetic
+   tokenizer), dataset.json last. A parts build (`num_parts > 1`) stops before this step and
+   `python -m data_tools merge` runs it once all parts are done.
+
+Bad input never stops a build (BadSample: skipped, counted, listed); bad arguments raise UserError
+before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tqdm import tqdm
+
+from data_tools import images
+from data_tools.errors import BadSample, UserError
+from data_tools.merge import STATE_DIR
+from data_tools.schema import DATASET_FILE, SHARD_PATTERN, SHARDS_DIR
+from data_tools.writer import ShardWriter, file_sha256
+
+DEFAULT_SHARD_SAMPLES = 10_000
+
+
+@dataclasses.dataclass
+class Record:
+    """One input sample as a source lists it; image bytes are read later, in a worker."""
+
+    key: str
+    """Unique, deterministic, dot-free (webdataset splits key and extension at the first dot)."""
+    origin: str
+    """Where it came from (a path), for rejected.jsonl."""
+    captions: list[Any] = dataclasses.field(default_factory=list)
+    """str, or raw bytes that the driver decodes (non-UTF-8 -> bad_utf8)."""
+    image_path: str | None = None
+    image_data: bytes | None = None
+    scene: tuple[int, int, int] | None = None
+    """Synthetic records: (seed, index, image size), rendered in the worker."""
+    image_id: str | None = None
+    split: str | None = None
+    boxes: list[Any] = dataclasses.field(default_factory=list)
+    phrases: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    negatives: list[list[Any]] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """More metadata fields, kept in the sample json as they are."""
+    error: tuple[str, str] | None = None
+    """A BadSample reason found while listing (e.g. a malformed annotation file of this image)."""
+    input_size: int = 0
+    input_hash: str | None = None
+
+    def absorb(self, other: "Record") -> None:
+        """Merge an identical image's annotations into this record (indices shifted to stay valid)."""
+        c, b = len(self.captions), len(self.boxes)
+        self.captions = [*self.captions, *other.captions]
+        self.boxes = [*self.boxes, *other.boxes]
+        self.phrases = [
+            *self.phrases,
+            *({**p, "caption": p["caption"] + c, "boxes": [i + b for i in p["boxes"]]} for p in other.phrases),
+        ]
+        self.negatives = [*self.negatives, *([n[0] + c, n[1]] for n in other.negatives)]
+
+
+@dataclasses.dataclass
+class Source:
+    """What a format module hands the driver."""
+
+    builder: str
+    arguments: dict[str, Any]
+    """Format-specific arguments, recorded in dataset.json."""
+    records: Callable[[], Iterable[Record]]
+    dedup: bool = True
+    """Hash input images to merge identical ones (synthetic scenes skip it: they are rendered, not read)."""
+    sized: bool = True
+    """Whether input sizes are known (needed for --shard-bytes)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Arguments common to every builder."""
+
+    out: str
+    name: str
+    shard_samples: int | None = None
+    shard_bytes: int | None = None
+    resize: int | None = None
+    quality: int = images.DEFAULT_QUALITY
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    workers: int = 1
+    num_parts: int = 1
+    part: int = 0
+
+    def content_arguments(self) -> dict[str, Any]:
+        """The options that change the dataset's bytes (workers and parts do not)."""
+        return {k: getattr(self, k) for k in ("name", "shard_samples", "shard_bytes", "resize", "quality", "max_pixels")}
+
+    def check(self) -> None:
+        if self.shard_samples is not None and self.shard_samples < 1:
+            raise UserError(f"--shard-samples={self.shard_samples}: must be at least 1")
+        if self.shard_bytes is not None and self.shard_bytes < 1:
+            raise UserError(f"--shard-bytes={self.shard_bytes}: must be at least 1")
+        if self.resize is not None and self.resize < 8:
+            raise UserError(f"--resize={self.resize}: the longer side must be at least 8 pixels")
+        if not 1 <= self.quality <= 95:
+            raise UserError(f"--quality={self.quality}: must be in 1..95")
+        if self.max_pixels < 1:
+            raise UserError(f"--max-pixels={self.max_pixels}: must be positive")
+        if self.workers < 1:
+            raise UserError(f"--workers={self.workers}: must be at least 1")
+        if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
+            raise UserError(f"--part={self.part} --num-parts={self.num_parts}: need 0 <= part < num-parts")
+        if not self.name or any(c in self.name for c in "./ "):
+            raise UserError(f"--name={self.name!r}: must be non-empty, without dots, slashes or spaces")
+
+
+@dataclasses.dataclass
+class ShardJob:
+    """Everything a worker needs to build (or index) shard `index`; picklable."""
+
+    out: str
+    index: int
+    records: list[Record]
+    options: Options
+    builder: str
+    arguments: dict[str, Any]
+    args_hash: str
+    num_shards: int
+    existing: str | None = None
+    """img2dataset: an existing tar to index instead of writing one."""
+
+
+def arguments_hash(builder: str, arguments: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([builder, arguments], sort_keys=True).encode()).hexdigest()
+
+
+def state_path(out: str | os.PathLike, index: int) -> Path:
+    return Path(out) / STATE_DIR / f"shard-{index:06d}.json"
+
+
+# --- step 1: plan ------------------------------------------------------------------------------------
+def _hash_input(record: Record) -> tuple[str | None, int]:
+    try:
+        data = read_image_bytes(record)
+    except BadSample:
+        return None, 0
+    return images.content_hash(data), len(data)
+
+
+def plan_records(records: list[Record], source: Source, pool) -> list[Record]:
+    """Reject duplicate keys, hash inputs, merge identical images; keeps the first occurrence's key."""
+    seen: set[str] = set()
+    for r in records:
+        if r.key in seen and r.error is None:
+            r.error = ("duplicate_key", f"key {r.key} listed twice")
+        seen.add(r.key)
+    if not source.dedup:
+        return records
+    mapper = pool.imap(_hash_input, records, chunksize=16) if pool else map(_hash_input, records)
+    for r, (digest, size) in zip(records, tqdm(mapper, total=len(records), desc="hash", unit="img", disable=None)):
+        r.input_hash, r.input_size = digest, size
+    first: dict[str, Record] = {}
+    planned: list[Record] = []
+    for r in records:
+        if r.error is None and r.input_hash is not None:
+            if r.input_hash in first:
+                first[r.input_hash].absorb(r)
+                continue
+            first[r.input_hash] = r
+        planned.append(r)
+    return planned
+
+
+def cut_shards(records: list[Record], shard_samples: int | None, shard_bytes: int | None) -> list[list[Record]]:
+    """Consecutive groups: at most `shard_samples` records and (unless alone) `shard_bytes` input bytes."""
+    if shard_samples is None and shard_bytes is None:
+        shard_samples = DEFAULT_SHARD_SAMPLES
+    shards: list[list[Record]] = []
+    current: list[Record] = []
+    size = 0
+    for r in records:
+        full = shard_samples is not None and len(current) >= shard_samples
+        too_big = shard_bytes is not None and current and size + r.input_size > shard_bytes
+        if full or too_big:
+            shards.append(current)
+            current, size = [], 0
+        current.append(r)
+        size += r.input_size
+    if current:
+        shards.append(current)
+    return shards
+
+
+# --- step 2: shard jobs --------------------------------------------------------------------------------
+def read_image_bytes(record: Record) -> bytes:
+    if record.image_data is not None:
+        return record.image_data
+    if record.image_path is None:
+        raise BadSample("missing_image", "no image listed")
+    try:
+        with open(record.image_path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise BadSample("missing_image", record.image_path) from None
+    except OSError as err:
+        raise BadSample("decode_error", f"{record.image_path}: {err}") from None
+
+
+def clean_captions(raw: list[Any]) -> tuple[list[str], list[int | None]]:
+    """Decode, drop empty and repeated captions; return the texts and old index -> new index."""
+    texts: list[str] = []
+    mapping: list[int | None] = []
+    bad_utf8 = False
+    for caption in raw:
+        if isinstance(caption, (bytes, bytearray)):
+            try:
+                caption = bytes(caption).decode("utf-8")
+            except UnicodeDecodeError:
+                bad_utf8 = True
+                mapping.append(None)
+                continue
+        if not isinstance(caption, str) or not caption.strip() or caption in texts:
+            mapping.append(texts.index(caption) if isinstance(caption, str) and caption in texts else None)
+            continue
+        mapping.append(len(texts))
+        texts.append(caption)
+    if not texts:
+        raise BadSample("bad_utf8" if bad_utf8 else "empty_caption")
+    return texts, mapping
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def scale_annotations(record: Record, mapping: list[int | None], captions: list[str], scale: tuple[float, float]):
+    """Boxes to stored pixels; phrases and negatives re-indexed to the kept captions; bad_metadata if malformed."""
+    sx, sy = scale
+    boxes = []
+    for box in record.boxes:
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(map(_number, box)) and box[2] >= 0 and box[3] >= 0):
+            raise BadSample("bad_metadata", f"box {box!r} is not [x, y, w, h]")
+        x, y, w, h = box
+        boxes.append([round(x * sx, 2), round(y * sy, 2), round(w * sx, 2), round(h * sy, 2)] if scale != (1.0, 1.0) else list(box))
+    phrases, seen = [], set()
+    for p in record.phrases:
+        try:
+            old, (start, end), idx = p["caption"], p["span"], list(p["boxes"])
+        except (KeyError, TypeError, ValueError):
+            raise BadSample("bad_metadata", f"phrase {p!r}") from None
+        if not (isinstance(old, int) and 0 <= old < len(mapping)) or not all(isinstance(i, int) and 0 <= i < len(boxes) for i in idx):
+            raise BadSample("bad_metadata", f"phrase {p!r} points outside the captions or boxes")
+        new = mapping[old]
+        if new is None or (new, start, end, tuple(idx)) in seen:
+            continue  # its caption was dropped (or merged into an identical one)
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(captions[new])):
+            raise BadSample("bad_metadata", f"phrase span {[start, end]} outside caption {new}")
+        seen.add((new, start, end, tuple(idx)))
+        phrases.append({"caption": new, "span": [start, end], "boxes": idx})
+    negatives = []
+    for n in record.negatives:
+        if not (isinstance(n, (list, tuple)) and len(n) == 2 and isinstance(n[0], int) and 0 <= n[0] < len(mapping) and isinstance(n[1], str)):
+            raise BadSample("bad_metadata", f"negative {n!r}")
+        if mapping[n[0]] is not None and n[1].strip() and [mapping[n[0]], n[1]] not in negatives:
+            negatives.append([mapping[n[0]], n[1]])
+    return boxes, phrases, negatives
+
+
+def process_record(record: Record, options: Options, builder: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """One record -> (tar members, manifest fields); BadSample when it cannot be used."""
+    if record.error is not None:
+        raise BadSample(*record.error)
+    if record.scene is not None:
+        from data_tools.synthetic import render_scene
+
+        scene = render_scene(*record.scene)
+        record = dataclasses.replace(
+            record, captions=scene.captions, boxes=scene.boxes, phrases=scene.phrases, negatives=scene.negatives
+        )
+        data = scene.image
+    else:
+        data = read_image_bytes(record)
+    captions, mapping = clean_captions(record.captions)
+    stored = images.prepare_image(data, options.max_pixels, options.resize, options.quality)
+    boxes, phrases, negatives = scale_annotations(record, mapping, captions, stored.scale)
+    meta: dict[str, Any] = {
+        **record.extra,
+        "image_id": record.image_id or record.key,
+        "captions": captions,
+        "width": stored.width,
+        "height": stored.height,
+        "source": builder,
+        "split": record.split,
+    }
+    for name, value in (("boxes", boxes), ("phrases", phrases), ("negatives", negatives)):
+        if value:
+            meta[name] = value
+    members = {
+        stored.extension: stored.data,
+        "txt": captions[0].encode("utf-8"),
+        "json": json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+    }
+    fields = {
+        "image_id": meta["image_id"],
+        "num_captions": len(captions),
+        "width": stored.width,
+        "height": stored.height,
+        "image_bytes": len(stored.data),
+        "content_hash": images.content_hash(stored.data),
+        "split": record.split or "",
+    }
+    return members, fields
+
+
+def run_shard_job(job: ShardJob) -> dict[str, Any]:
+    """Build (or index) one shard and write its state file; returns that state."""
+    if job.existing is not None:
+        from data_tools.builders.img2dataset import index_shard
+
+        state = index_shard(job)
+    else:
+        state = _write_shard(job)
+    state.update(builder=job.builder, arguments=job.arguments, args_hash=job.args_hash, num_shards=job.num_shards, index=job.index)
+    path = state_path(job.out, job.index)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(state), encoding="utf-8")
+    os.replace(tmp, path)
+    return state
+
+
+def _write_shard(job: ShardJob) -> dict[str, Any]:
+    rows, rejected = [], []
+    location = f"{SHARDS_DIR}/{SHARD_PATTERN.format(name=job.options.name, index=job.index)}"
+    writer: ShardWriter | None = None
+    try:
+        for record in job.records:
+            try:
+                members, fields = process_record(record, job.options, job.builder)
+            except BadSample as bad:
+                rejected.append({"key": record.key, "source": record.origin, "reason": bad.reason, "detail": bad.detail})
+                continue
+            if writer is None:
+                writer = ShardWriter(Path(job.out) / location)
+            writer.add(record.key, members)
+            rows.append({"key": record.key, **fields})
+        if writer is None:  # every record was bad: no empty tar
+            return {"location": None, "samples": 0, "size": 0, "sha256": "", "rows": [], "rejected": rejected}
+        written = writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    for row in rows:
+        row["members"] = written.members[row["key"]]
+    return {"location": location, "samples": len(rows), "size": written.size, "sha256": written.sha256, "rows": rows, "rejected": rejected}
+
+
+def shard_is_done(out: str, index: int, args_hash: str) -> dict[str, Any] | None:
+    """The state of a shard finished by an earlier run of the same build, else None."""
+    path = state_path(out, index)
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if state.get("args_hash") != args_hash:
+        return None
+    location = state.get("location")
+    if location is not None and "://" not in location and not location.startswith("pipe:"):
+        shard = Path(out) / location  # an absolute location stays absolute
+        if not shard.is_file() or shard.stat().st_size != state["size"]:
+            return None
+    return state
+
+
+# --- the driver ----------------------------------------------------------------------------------------
+def check_out_folder(out: Path, builder: str, arguments: dict[str, Any]) -> bool:
+    """True when `out` already holds this very dataset; UserError when it holds another one."""
+    info_path = out / DATASET_FILE
+    if not info_path.is_file():
+        return False
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{info_path}: malformed; remove the folder or choose another --out") from None
+    if info.get("builder") == builder and info.get("arguments") == arguments:
+        return True
+    raise UserError(f"--out {out}: already holds a dataset built with other arguments; choose an empty folder")
+
+
+def build(source: Source, options: Options, existing_shards: list[str] | None = None) -> int:
+    """Run a build end to end (or one part of it); returns the exit code."""
+    options.check()
+    if options.shard_bytes is not None and not source.sized:
+        raise UserError(f"--shard-bytes: not available for {source.builder} (cut its shards with --shard-samples)")
+    out = Path(options.out)
+    arguments = {**source.arguments, **options.content_arguments()}
+    if check_out_folder(out, source.builder, arguments):
+        print(f"{out}: already complete ({DATASET_FILE} matches these arguments)", file=sys.stderr)
+        return 0
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    args_hash = arguments_hash(source.builder, arguments)
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ctx.Pool(options.workers) if options.workers > 1 else None
+    try:
+        if existing_shards is not None:
+            groups: list[list[Record]] = [[] for _ in existing_shards]
+        else:
+            records = plan_records(list(source.records()), source, pool)
+            groups = cut_shards(records, options.shard_samples, options.shard_bytes)
+        jobs = [
+            ShardJob(str(out), i, group, options, source.builder, arguments, args_hash, len(groups),
+                     existing_shards[i] if existing_shards is not None else None)
+            for i, group in enumerate(groups)
+            if i % options.num_parts == options.part
+        ]
+        todo = [job for job in jobs if shard_is_done(str(out), job.index, args_hash) is None]
+        skipped = len(jobs) - len(todo)
+        total = sum(max(1, len(job.records)) for job in todo)
+        with tqdm(total=total, desc=f"build {source.builder}", unit="rec", disable=None) as bar:
+            results = pool.imap_unordered(run_shard_job, todo) if pool else map(run_shard_job, todo)
+            for job_state in results:
+                bar.update(max(1, len(job_state.get("rows", [])) + len(job_state.get("rejected", []))))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    print(
+        f"{source.builder}: {len(todo)} shards built, {skipped} already done"
+        + (f" (part {options.part} of {options.num_parts})" if options.num_parts > 1 else ""),
+        file=sys.stderr,
+    )
+    if options.num_parts > 1:
+        print(f"when every part is done: python -m data_tools merge {out}", file=sys.stderr)
+        return 0
+    from data_tools.merge import finalize
+
+    return finalize(out)
+

@@ -1,0 +1,9 @@
+"""One module per input format. Each exposes `add_arguments(parser)` (its own arguments) and
+`make_source(args) -> build.Source` (records to build), and optionally `finish(out, arguments)`
+(extra files written before dataset.json) or `build(args, options)` (a format that indexes existing
+shards instead of writing new ones). The driver in `data_tools.build` does the rest."""
+
+FORMATS = {
+    "synthetic": "data_tools.builders.synthetic",
+}
+"""Format name on the command line -> module."""

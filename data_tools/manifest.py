@@ -1,0 +1,96 @@
+"""Reading and writing a dataset folder's index files: `manifest.parquet` (a row per sample) and
+`dataset.json` (the commit marker, written last), as defined in DESIGN.md 3 and data_tools.schema.
+
+Everything that reads a dataset (loader, verify, stats, tokenizer training) comes through
+`load_dataset_info` / `load_manifest`, so a missing or malformed index is one clear UserError.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_tools.errors import UserError
+from data_tools.schema import (
+    DATASET_FILE,
+    MANIFEST_FILE,
+    MANIFEST_SCHEMA,
+    DatasetInfo,
+    fingerprint,
+    write_json_atomic,
+)
+
+
+def load_dataset_info(directory: str | os.PathLike) -> DatasetInfo:
+    """dataset.json of a dataset folder; UserError naming the file when absent or malformed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: no such dataset folder")
+    path = directory / DATASET_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing (not a finished dataset: build it, or run merge after a parts build)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        info = DatasetInfo.from_json(data)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{path}: malformed dataset.json ({type(err).__name__}: {err})") from None
+    if not isinstance(info.shards, list) or info.total_samples != sum(s.samples for s in info.shards):
+        raise UserError(f"{path}: malformed dataset.json (total_samples does not match the shards)")
+    return info
+
+
+def load_manifest(directory: str | os.PathLike) -> pa.Table:
+    """manifest.parquet of a dataset folder (schema.MANIFEST_SCHEMA), rows in dataset order."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing (not a finished dataset)")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"{path}: unreadable manifest ({err})") from None
+    missing = [f.name for f in MANIFEST_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise UserError(f"{path}: manifest lacks columns {missing}")
+    return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+
+
+def load_dataset(directory: str | os.PathLike) -> tuple[DatasetInfo, pa.Table]:
+    """Both index files, checked against each other (row count per shard)."""
+    info = load_dataset_info(directory)
+    table = load_manifest(directory)
+    if table.num_rows != info.total_samples:
+        raise UserError(
+            f"{Path(directory) / MANIFEST_FILE}: {table.num_rows} rows but dataset.json says {info.total_samples} samples"
+        )
+    return info, table
+
+
+def manifest_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts with MANIFEST_SCHEMA's fields; `members` may be a dict) -> an Arrow table."""
+    columns: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
+    for row in rows:
+        for name in MANIFEST_SCHEMA.names:
+            value = row[name]
+            if name == "members" and not isinstance(value, str):
+                value = json.dumps(value, separators=(",", ":"), sort_keys=True)
+            columns[name].append(value)
+    return pa.table(columns, schema=MANIFEST_SCHEMA)
+
+
+def write_manifest(directory: str | os.PathLike, table: pa.Table) -> None:
+    """Write manifest.parquet atomically (temporary name, then rename)."""
+    path = Path(directory) / MANIFEST_FILE
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_dataset_info(directory: str | os.PathLike, info: DatasetInfo) -> None:
+    """Write dataset.json (fills in the fingerprint); call it last, it marks the dataset complete."""
+    info.sha256 = fingerprint([s.sha256 for s in info.shards])
+    info.total_samples = sum(s.samples for s in info.shards)
+    write_json_atomic(Path(directory) / DATASET_FILE, info.to_json())

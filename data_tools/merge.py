@@ -1,0 +1,115 @@
+"""Finalize a dataset folder from its per-shard state files: manifest.parquet, rejected.jsonl, the
+builder's extras (the synthetic tokenizer), then dataset.json last.
+
+A single-process build calls `finalize` itself; a parts build (`--num-parts P --part K`, one Slurm
+array task each, all writing into the same --out) leaves it to `python -m data_tools merge DIR` once
+every part is done. Both paths run this same function over the same state files, so a merged parts
+build equals a one-process build byte for byte.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from data_tools.errors import ExitCode, UserError
+from data_tools.manifest import manifest_table, write_dataset_info, write_manifest
+from data_tools.schema import DATASET_FILE, REJECTED_FILE, DatasetInfo, ShardInfo
+
+STATE_DIR = ".build"
+"""Per-shard completion records of an unfinished build (removed once dataset.json is written)."""
+
+
+def read_states(out: Path) -> list[dict[str, Any]]:
+    """All shard states of one build, in shard order; UserError when some are missing or disagree."""
+    paths = sorted((out / STATE_DIR).glob("shard-*.json"))
+    if not paths:
+        raise UserError(f"{out}: no build state to merge (no {STATE_DIR}/shard-*.json; was a build started here?)")
+    states = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    hashes = {s["args_hash"] for s in states}
+    if len(hashes) > 1:
+        raise UserError(f"{out}: shard states come from builds with different arguments; rebuild into an empty folder")
+    num_shards = states[0]["num_shards"]
+    present = {s["index"] for s in states}
+    missing = sorted(set(range(num_shards)) - present)
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise UserError(
+            f"{out}: {len(missing)} of {num_shards} shards are not built yet ({shown}); finish every part, then merge",
+            ExitCode.DATA,
+        )
+    return sorted((s for s in states if s["index"] < num_shards), key=lambda s: s["index"])
+
+
+def write_rejected(out: Path, rejected: list[dict[str, Any]]) -> None:
+    path = out / REJECTED_FILE
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for entry in rejected:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def finalize(out: str | os.PathLike) -> int:
+    """Write the index files of a fully built dataset; returns the exit code."""
+    out = Path(out)
+    states = read_states(out)
+    builder, arguments = states[0]["builder"], states[0]["arguments"]
+    shards: list[ShardInfo] = []
+    rows: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    for state in states:
+        rejected += state["rejected"]
+        if state["samples"] == 0:
+            continue
+        for row in state["rows"]:
+            rows.append({**row, "shard": len(shards)})
+        shards.append(ShardInfo(state["location"], state["samples"], state["size"], state["sha256"]))
+    write_rejected(out, rejected)
+    counts = collections.Counter(r["reason"] for r in rejected)
+    if not shards:
+        raise UserError(f"{out}: no usable samples ({len(rejected)} rejected, see {out / REJECTED_FILE})", ExitCode.DATA)
+    write_manifest(out, manifest_table(rows))
+    finish_builder(builder, out, arguments)
+    info = DatasetInfo(
+        builder=builder,
+        arguments=arguments,
+        shards=shards,
+        total_samples=len(rows),
+        rejected=dict(sorted(counts.items())),
+        name=arguments.get("name", "data"),
+    )
+    write_dataset_info(out, info)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    print(
+        f"{out}: {info.total_samples} samples in {len(shards)} shards, {len(rejected)} rejected"
+        + (f" ({', '.join(f'{k}={v}' for k, v in sorted(counts.items()))})" if counts else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def finish_builder(builder: str, out: Path, arguments: dict[str, Any]) -> None:
+    """A builder's own extra files (e.g. synthetic writes tokenizer/), before dataset.json."""
+    from data_tools.builders import FORMATS
+
+    module = importlib.import_module(FORMATS[builder])
+    finish = getattr(module, "finish", None)
+    if finish is not None:
+        finish(out, arguments)
+
+
+def merge(directory: str | os.PathLike) -> int:
+    """`python -m data_tools merge DIR`: finalize a parts build once all parts are done."""
+    out = Path(directory)
+    if not out.is_dir():
+        raise UserError(f"{out}: no such folder")
+    if (out / DATASET_FILE).is_file() and not (out / STATE_DIR).is_dir():
+        print(f"{out}: already merged", file=sys.stderr)
+        return 0
+    return finalize(out)

@@ -1,0 +1,88 @@
+"""One shard on disk: samples written through webdataset's TarWriter into a temporary file that is
+renamed into place only when complete, so a reader (or a resumed build) never sees half a shard.
+
+Tars are reproducible (fixed mtime, owner and mode, members in sorted order per sample), so the same
+samples give byte-identical shards whichever process wrote them. After closing, the member offsets
+are read back from the tar headers: the manifest stores them so the loader can seek to one sample.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+
+import webdataset as wds
+
+TAR_MTIME = 0
+"""Fixed member mtime: a timestamp would make every rebuild differ."""
+
+
+@dataclasses.dataclass
+class WrittenShard:
+    """A finished shard: its size, sha256 and, per key, {extension: [data offset, size]}."""
+
+    path: Path
+    size: int
+    sha256: str
+    members: dict[str, dict[str, list[int]]]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def member_offsets(path: str | os.PathLike) -> dict[str, dict[str, list[int]]]:
+    """{key: {extension: [data offset, size]}} from a tar's headers, keys in stored order.
+
+    The key/extension split is webdataset's: the extension starts at the first dot of the base name.
+    """
+    out: dict[str, dict[str, list[int]]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            directory, _, base = info.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            key = f"{directory}/{stem}" if directory else stem
+            out.setdefault(key, {})[ext] = [info.offset_data, info.size]
+    return out
+
+
+class ShardWriter:
+    """Write one shard: `add(key, {ext: bytes})` per sample, then `finish()`; `abort()` on error."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._file = open(self.tmp, "wb")
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=TAR_MTIME, user="relalign", group="relalign")
+        self.count = 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        assert "." not in key and key, f"shard keys must be non-empty and dot-free: {key!r}"
+        self._tar.write({"__key__": key, **members})
+        self.count += 1
+
+    def finish(self) -> WrittenShard:
+        """Close, fsync and rename into place; return size, sha256 and member offsets."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return WrittenShard(self.path, self.path.stat().st_size, file_sha256(self.path), member_offsets(self.path))
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
