@@ -36,7 +36,7 @@ def load_dataset_info(directory: str | os.PathLike) -> DatasetInfo:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         info = DatasetInfo.from_json(data)
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise UserError(f"{path}: malformed dataset.json ({type(err).__name__}: {err})") from None
     if not isinstance(info.shards, list) or info.total_samples != sum(s.samples for s in info.shards):
         raise UserError(f"{path}: malformed dataset.json (total_samples does not match the shards)")

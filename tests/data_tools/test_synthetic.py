@@ -1,0 +1,130 @@
+"""Synthetic relational scenes: exact boxes and phrase links, true captions, false negatives,
+determinism for any worker count, and the dataset's own tokenizer."""
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_tools import synthetic
+from data_tools.manifest import load_dataset
+from tests.data_tools.conftest import build, read_samples
+
+RELATION_RE = re.compile(r" (left of|right of|above|below) ")
+
+
+def holds(rel: str, a: list[int], b: list[int]) -> bool:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    return {
+        "left of": ax + aw <= bx,
+        "right of": bx + bw <= ax,
+        "above": ay + ah <= by,
+        "below": by + bh <= ay,
+    }[rel]
+
+
+def phrase_referent(phrase: str, shapes: list[synthetic.Shape]) -> list[int]:
+    """Indices of the shapes a noun phrase ("a small red circle") truly describes."""
+    words = phrase.split()[1:]
+    return [
+        i for i, s in enumerate(shapes)
+        if words[-1] == s.kind and words[-2] == s.colour and (len(words) == 2 or words[0] == s.size)
+    ]
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_scene_captions_true_negatives_false_and_boxes_exact(index):
+    scene = synthetic.render_scene(seed=7, index=index, image_size=64)
+    assert 2 <= len(scene.shapes) <= 4 and 2 <= len(scene.captions) <= 3
+    assert len({s.colour for s in scene.shapes}) == len(scene.shapes)
+    pixels = np.asarray(Image.open(io.BytesIO(scene.image)).convert("RGB"))  # [H, W, 3]
+    for s in scene.shapes:
+        x, y, w, h = s.box
+        ys, xs = np.nonzero(np.all(pixels == synthetic.COLOURS[s.colour], axis=-1))
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h), s  # tight box
+        lo, hi = synthetic.SIZES[s.size]
+        assert round(lo * 64) <= w <= round(hi * 64)
+    assert len(scene.negatives) == len(scene.captions)
+    for ci, caption in enumerate(scene.captions):
+        links = [p for p in scene.phrases if p["caption"] == ci]
+        assert len(links) == 2
+        texts = [caption[p["span"][0]:p["span"][1]] for p in links]
+        for text, link in zip(texts, links):
+            assert phrase_referent(text, scene.shapes) == link["boxes"]  # exact, unique referent
+        rel = RELATION_RE.search(caption).group(1)
+        a, b = (scene.boxes[link["boxes"][0]] for link in links)
+        assert holds(rel, a, b), caption
+        (neg_index, negative), = [n for n in scene.negatives if n[0] == ci]
+        assert negative != caption and sorted(negative.split()) != [] and len(negative.split()) == len(caption.split())
+        # the negative is false: its phrases name no shape, or the relation fails between them
+        neg_rel = RELATION_RE.search(negative).group(1)
+        head, tail = RELATION_RE.split(negative)[0], RELATION_RE.split(negative)[2]
+        np_a = head.removeprefix("there is ").removesuffix(" is")
+        ra, rb = phrase_referent(np_a, scene.shapes), phrase_referent(tail, scene.shapes)
+        assert not any(holds(neg_rel, scene.boxes[i], scene.boxes[j]) for i in ra for j in rb), negative
+
+
+def test_scene_is_a_function_of_seed_and_index():
+    assert synthetic.render_scene(1, 5).image == synthetic.render_scene(1, 5).image
+    assert synthetic.render_scene(1, 5).captions == synthetic.render_scene(1, 5).captions
+    assert synthetic.render_scene(1, 5).image != synthetic.render_scene(2, 5).image
+    big = synthetic.render_scene(1, 5, image_size=224)
+    assert Image.open(io.BytesIO(big.image)).size == (224, 224)
+
+
+def test_build_synthetic_layout_and_determinism(tmp_path):
+    args = ["build", "synthetic", "--samples", "120", "--seed", "5", "--shard-samples", "50"]
+    assert build(*args, "--out", str(tmp_path / "one")) == 0
+    assert build(*args, "--out", str(tmp_path / "two"), "--workers", "2") == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    info, table = load_dataset(one)
+    assert info.builder == "synthetic" and info.total_samples == 120 and [s.samples for s in info.shards] == [50, 50, 20]
+    assert [s.location for s in info.shards] == [f"shards/synthetic-{i:06d}.tar" for i in range(3)]
+    assert (one / "dataset.json").read_bytes() == (two / "dataset.json").read_bytes()
+    for s in info.shards:
+        assert (one / s.location).read_bytes() == (two / s.location).read_bytes()
+    assert (one / "manifest.parquet").read_bytes() == (two / "manifest.parquet").read_bytes()
+    assert not (one / ".build").exists() and (one / "rejected.jsonl").read_text() == ""
+
+    samples = read_samples(one)
+    assert sorted(samples) == table.column("key").to_pylist() == [f"{i:09d}" for i in range(120)]
+    for key, s in samples.items():
+        meta = s["meta"]
+        assert meta["image_id"] == key and meta["source"] == "synthetic" and meta["split"] == "train"
+        assert s["txt"] == meta["captions"][0] and (meta["width"], meta["height"]) == (64, 64)
+        scene = synthetic.render_scene(5, int(key))
+        assert s["image"] == scene.image and meta["boxes"] == scene.boxes and meta["phrases"] == scene.phrases
+        assert s["row"]["num_captions"] == len(meta["captions"]) and s["row"]["image_bytes"] == len(s["image"])
+
+    other = tmp_path / "other"
+    assert build("build", "synthetic", "--samples", "120", "--seed", "6", "--shard-samples", "50", "--out", str(other)) == 0
+    assert json.loads((other / "dataset.json").read_text())["sha256"] != info.sha256
+
+
+def test_synthetic_tokenizer_covers_the_grammar(tmp_path):
+    from transformers import AutoTokenizer
+
+    assert build("build", "synthetic", "--samples", "30", "--seed", "0", "--out", str(tmp_path / "d")) == 0
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "d" / "tokenizer"))
+    assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id] == [0, 1, 2, 3, 4]
+    for s in read_samples(tmp_path / "d").values():
+        for text in s["meta"]["captions"] + [n[1] for n in s["meta"]["negatives"]]:
+            ids = tokenizer(text)["input_ids"]
+            assert ids[0] == 2 and ids[-1] == 3 and 1 not in ids
+            assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == text.split()  # one token per grammar word
+    again = tmp_path / "again"
+    assert build("build", "synthetic", "--samples", "5", "--seed", "9", "--out", str(again)) == 0
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        assert (again / "tokenizer" / name).read_bytes() == (tmp_path / "d" / "tokenizer" / name).read_bytes()
+
+
+@pytest.mark.parametrize("bad", [["--samples", "0"], ["--samples", "5", "--image-size", "32"], ["--samples", "5", "--shard-bytes", "1M"]])
+def test_synthetic_bad_arguments_exit_2(tmp_path, capsys, bad):
+    assert build("build", "synthetic", *bad, "--out", str(tmp_path / "x")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("data_tools: error: --")
