@@ -1,0 +1,170 @@
+"""Transformed samples -> one batch dict with exactly the keys of `data_tools.batch`.
+
+Why one module: tokenisation, MLM masking, phrase-span mapping and padding must agree on token
+positions; doing them together over the batch keeps the tensor work vectorised ([B, Lt] ops) and
+leaves per-sample Python only where a sample's own generator is drawn or its phrase list is read.
+
+Padding slots (None entries, from a stream that ran short) are real rows of every tensor with
+`sample_mask` False: their text is `[CLS] [SEP]` (so attention never sees an all-masked row), no
+words, no MLM labels, zero pixels, empty boxes and phrases, key and image_id "".
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from data_tools.batch import IGNORE_INDEX
+from data_tools.errors import UserError
+from data_tools.order import sample_seed
+from data_tools.transforms import normalise
+
+MLM_REPLACE = (0.8, 0.1)
+"""Of the masked words: 80% become [MASK], 10% a random token, the rest stay as they are (BERT)."""
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A Hugging Face fast tokenizer from a local folder (never the network); one clear line if absent."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"tokenizer: {folder} is not a folder (expected a Hugging Face tokenizer folder, e.g. <dataset>/tokenizer)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+    except Exception as err:  # transformers raises OSError/ValueError/... for unusable folders
+        raise UserError(f"tokenizer: {folder} could not be loaded: {type(err).__name__}: {err}".splitlines()[0]) from None
+    if not tokenizer.is_fast or tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+        raise UserError(f"tokenizer: {folder} needs a fast tokenizer with [MASK] and [PAD] tokens")
+    return tokenizer
+
+
+def _tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(
+        texts,
+        max_length=max_len,
+        padding="max_length",
+        truncation=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    text_mask = enc["attention_mask"].bool()  # [B, Lt]
+    return {
+        "input_ids": enc["input_ids"].long(),  # [B, Lt]
+        "text_mask": text_mask,
+        "word_mask": text_mask & ~enc["special_tokens_mask"].bool(),  # [B, Lt]
+        "offsets": enc["offset_mapping"],  # [B, Lt, 2]
+    }
+
+
+def mlm_mask(
+    input_ids: torch.Tensor, word_mask: torch.Tensor, seeds: Sequence[int | None], probability: float, mask_id: int, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking with per-sample generators: (mlm_input_ids, mlm_labels), both [B, Lt]."""
+    batch, length = input_ids.shape
+    draws = torch.zeros(batch, 2, length)  # [B, 2, Lt]: select, replace kind
+    random_ids = torch.zeros(batch, length, dtype=torch.long)  # [B, Lt]
+    for i, seed in enumerate(seeds):  # only the generator draws are per sample
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            draws[i] = torch.rand(2, length, generator=g)
+            random_ids[i] = torch.randint(vocab_size, (length,), generator=g)
+    masked = word_mask & (draws[:, 0] < probability)
+    to_mask = masked & (draws[:, 1] < MLM_REPLACE[0])
+    to_random = masked & (draws[:, 1] >= MLM_REPLACE[0]) & (draws[:, 1] < MLM_REPLACE[0] + MLM_REPLACE[1])
+    mlm_input_ids = torch.where(to_mask, torch.full_like(input_ids, mask_id), torch.where(to_random, random_ids, input_ids))
+    mlm_labels = torch.where(masked, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return mlm_input_ids, mlm_labels
+
+
+def phrase_positions(offsets: torch.Tensor, word_mask: torch.Tensor, phrases: list[dict[str, Any]] | None) -> tuple[list[list[int]], list[list[int]]]:
+    """Per phrase of one sample: token positions whose characters overlap its span, and its box links.
+
+    offsets [Lt, 2], word_mask [Lt]. A phrase cut off by truncation (no token left) is dropped.
+    """
+    if not phrases:
+        return [], []
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    tokens, boxes = [], []
+    for p in phrases:
+        s, e = p["span"]
+        hit = torch.nonzero(word_mask & (starts < e) & (ends > s)).flatten().tolist()
+        if hit:
+            tokens.append(hit)
+            boxes.append(list(p["boxes"]))
+    return tokens, boxes
+
+
+def collate(
+    samples: Sequence[dict[str, Any] | None],
+    *,
+    tokenizer,
+    max_text_len: int,
+    mlm_probability: float,
+    seed: int,
+    epoch: int,
+    visual: str = "pixels",
+    image_size: int = 64,
+) -> dict[str, Any]:
+    """Samples (None = padding slot) -> batch dict (data_tools.batch); B = len(samples)."""
+    real = [s is not None for s in samples]
+    captions = [s["caption"] if s is not None else "" for s in samples]
+    text = _tokenize(tokenizer, captions, max_text_len)
+    seeds = [sample_seed(seed, epoch, s["key"], "mlm", s["repeat"]) if s is not None else None for s in samples]
+    mlm_input_ids, mlm_labels = mlm_mask(
+        text["input_ids"], text["word_mask"], seeds, mlm_probability, tokenizer.mask_token_id, len(tokenizer)
+    )
+    batch: dict[str, Any] = {
+        "input_ids": text["input_ids"],
+        "text_mask": text["text_mask"],
+        "word_mask": text["word_mask"],
+        "mlm_input_ids": mlm_input_ids,
+        "mlm_labels": mlm_labels,
+        "sample_mask": torch.tensor(real, dtype=torch.bool),  # [B]
+        "image_id": [s["image_id"] if s is not None else "" for s in samples],
+        "key": [s["key"] if s is not None else "" for s in samples],
+        "caption_index": torch.tensor([s["caption_index"] if s is not None else 0 for s in samples], dtype=torch.long),
+    }
+    if visual == "features":
+        batch.update(_collate_features(samples))
+    else:
+        pixels = np.zeros((len(samples), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
+        for i, s in enumerate(samples):
+            if s is not None:
+                pixels[i] = s["pixels"]
+        batch["pixel_values"] = normalise(torch.from_numpy(pixels))  # [B, 3, S, S]
+
+    batch["boxes"] = [torch.from_numpy(s["boxes"]) if s is not None and s["boxes"] is not None else torch.zeros(0, 4) for s in samples]
+    batch["phrase_tokens"], batch["phrase_boxes"] = [], []
+    for i, s in enumerate(samples):
+        tokens, links = phrase_positions(text["offsets"][i], text["word_mask"][i], s["phrases"] if s is not None else None)
+        batch["phrase_tokens"].append(tokens)
+        batch["phrase_boxes"].append(links)
+
+    negatives = [s["negative"] if s is not None and s["negative"] else "" for s in samples]
+    neg = _tokenize(tokenizer, negatives, max_text_len)
+    batch["neg_input_ids"], batch["neg_text_mask"], batch["neg_word_mask"] = neg["input_ids"], neg["text_mask"], neg["word_mask"]
+    batch["has_negative"] = torch.tensor([bool(n) for n in negatives], dtype=torch.bool)  # [B]
+    return batch
+
+
+def _collate_features(samples: Sequence[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
+    """Precomputed region features padded to the batch's largest region count M."""
+    present = [s for s in samples if s is not None]
+    m = max((s["feats"].shape[0] for s in present), default=1)
+    dim = present[0]["feats"].shape[1] if present else 1
+    feats = torch.zeros(len(samples), m, dim)  # [B, M, D]
+    pos = torch.zeros(len(samples), m, 7)  # [B, M, 7]
+    mask = torch.zeros(len(samples), m, dtype=torch.bool)  # [B, M]
+    for i, s in enumerate(samples):
+        if s is not None:
+            n = s["feats"].shape[0]
+            if s["feats"].shape[1] != dim:
+                raise UserError(f"data: sample {s['key']} has feature width {s['feats'].shape[1]}, others {dim}")
+            feats[i, :n], pos[i, :n], mask[i, :n] = torch.from_numpy(s["feats"]), torch.from_numpy(s["pos"]), True
+    return {"visual_feats": feats, "visual_pos": pos, "visual_mask": mask}

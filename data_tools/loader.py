@@ -1,0 +1,494 @@
+"""The streaming loader: dataset folders -> collated batches with exact resume (DESIGN.md 3).
+
+Interface (what the trainer codes against)::
+
+    config = DataConfig(paths=["data/synthetic"], batch_size=8, workers=2, seed=0)
+    loader = Loader(config, rank=rank, world_size=world_size, epoch=0)
+    loader.tokenizer                 # the Hugging Face tokenizer (vocab_size, pad/mask ids)
+    loader.batches_per_epoch()       # batches of a full epoch, identical on every rank
+    loader.load_state_dict(cursor)   # resume from a global cursor (same or another layout)
+    for batch in loader:             # data_tools.batch keys, plus:
+        batch["cursor"]              #   this rank's cursor after this batch (JSON-serialisable)
+        batch["bad_samples"]         #   {reason: count} found so far on this rank (== loader.bad_samples)
+    global_cursor = merge_rank_cursors(all_gathered_last_cursors)   # what the checkpoint saves
+    loader.set_epoch(epoch + 1)      # the next epoch starts from its first batch
+    read_sample(dataset_dir, key)    # one sample by key through the manifest offsets
+
+Why this shape: the order (which sample goes to which rank, worker and batch) is computed by
+`data_tools.order` from dataset.json counts alone, so every rank agrees without talking and a cursor
+can be re-cut for another layout. Each stream is read by one composable pipeline (webdataset's
+DataPipeline of small stages: plan blocks -> read tar members -> decode -> transform -> batch ->
+collate). With workers > 0, DataLoader worker w serves one stream of this rank; torch's round-robin
+over workers makes the batch order deterministic, and the worker assignment is rotated on resume so
+that it continues exactly where the saved cursor stopped. Worker processes report their stream's
+state with every batch; the cursor is updated in the trainer's process when the trainer takes the
+batch, so it counts what was consumed, not what workers prefetched.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from data_tools import order, schema
+from data_tools.collate import collate, load_tokenizer
+from data_tools.decode import decode_sample
+from data_tools.errors import BadSample, ConfigError, ExitCode, UserError
+from data_tools.images import DEFAULT_MAX_PIXELS
+from data_tools.manifest import load_dataset_info, load_manifest
+from data_tools.order import merge_rank_cursors  # noqa: F401  (part of this module's interface)
+from data_tools.transforms import transform_sample
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """The loader's configuration (nested as `data` in the trainer's schema)."""
+
+    paths: list[str] = dataclasses.field(default_factory=list)
+    """Dataset folders (each with dataset.json; shards listed there as paths, URLs or pipe: commands)."""
+    weights: list[float] | None = None
+    """Mixture weights, one per path: each dataset contributes round(weight x size) samples per epoch."""
+    batch_size: int = 8
+    """Samples per batch per rank (padding slots included)."""
+    workers: int = 0
+    """DataLoader worker processes per rank (0 = in-process; still one stream per rank)."""
+    shuffle_block: int = 256
+    """Samples shuffled together within a stream (larger: better mixing, more memory per worker)."""
+    seed: int = 0
+    """Seed of the shard permutations, block shuffles and per-sample randomness."""
+    image_size: int = 64
+    """Side of the square pixel_values (pixels mode)."""
+    max_text_len: int = 32
+    """Token length of input_ids, [CLS] and [SEP] included (captions are truncated, then padded)."""
+    tokenizer: str | None = None
+    """Hugging Face tokenizer folder; None -> <first dataset>/tokenizer."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels are bad samples (decompression bombs)."""
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    """Area fraction range of the train-time random resized crop."""
+    mlm_probability: float = 0.15
+    """Fraction of words selected for masked language modelling."""
+    train: bool = True
+    """Train transforms (random resized crop) or eval transforms (resize, centre crop)."""
+    flip: bool = False
+    """Random horizontal flip in train mode (off by default: captions name left and right)."""
+    visual: str = "pixels"
+    """Visual input: "pixels" (decoded images) or "features" (the samples' feat.npy/pos.npy)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"data.{name}", getattr(self, name), allowed)
+
+        need(isinstance(self.paths, (list, tuple)) and len(self.paths) > 0 and all(isinstance(p, str) for p in self.paths), "paths", "a non-empty list of dataset folders")
+        need(self.weights is None or (len(self.weights) == len(self.paths) and all(float(w) > 0 for w in self.weights)), "weights", f"{len(self.paths)} positive numbers (one per path) or null")
+        for name in ("batch_size", "shuffle_block", "image_size", "max_pixels"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(isinstance(self.max_text_len, int) and self.max_text_len >= 3, "max_text_len", "an integer >= 3")
+        need(isinstance(self.workers, int) and self.workers >= 0, "workers", "an integer >= 0")
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0")
+        self.crop_scale = tuple(float(x) for x in self.crop_scale)  # type: ignore[assignment]
+        need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "[low, high] with 0 < low <= high <= 1")
+        need(0.0 <= float(self.mlm_probability) < 1.0, "mlm_probability", "a number in [0, 1)")
+        need(self.visual in ("pixels", "features"), "visual", "'pixels' or 'features'")
+
+
+# --- datasets and shard reading ------------------------------------------------------------------
+@dataclasses.dataclass
+class DatasetRef:
+    """One dataset folder as the loader needs it: shard locations and the order's view of it."""
+
+    path: str
+    locations: list[str]
+    source: order.Source
+
+
+def open_datasets(paths: list[str], weights: list[float] | None = None) -> list[DatasetRef]:
+    """dataset.json of each folder (UserError naming the folder when missing or malformed)."""
+    refs = []
+    for i, path in enumerate(paths):
+        info = load_dataset_info(path)
+        if info.total_samples == 0:
+            raise UserError(f"{Path(path) / schema.DATASET_FILE}: the dataset has no samples", ExitCode.DATA)
+        refs.append(
+            DatasetRef(
+                path=str(path),
+                locations=[info.resolve(path, s.location) for s in info.shards],
+                source=order.Source(tuple(s.samples for s in info.shards), info.sha256, float(weights[i]) if weights else 1.0),
+            )
+        )
+    return refs
+
+
+def _is_local(location: str) -> bool:
+    return "://" not in location and not location.startswith("pipe:")
+
+
+class ShardReader:
+    """Sequential reader of one dataset's shards.
+
+    `fetch(shard, index)` returns the raw sample (extension -> bytes, `__key__`); calls for one
+    shard come in increasing index order (reopening otherwise). Samples in between are skipped by
+    their tar headers, without reading their data into Python (local files seek past it).
+    """
+
+    def __init__(self, locations: list[str]):
+        self.locations = locations
+        self._shard: int | None = None
+        self._stream = self._tar = self._head = None
+        self._index = 0  # sample index of the member at _head
+        self._broken: str | None = None
+
+    def close(self) -> None:
+        for handle in (self._tar, self._stream):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:
+                pass
+        self._stream = self._tar = self._head = None
+
+    def _open(self, shard: int) -> None:
+        self.close()
+        self._shard, self._index, self._broken = shard, 0, None
+        location = self.locations[shard]
+        try:
+            if _is_local(location):
+                self._stream = open(location, "rb")
+                self._tar = tarfile.open(fileobj=self._stream, mode="r:")
+            else:
+                self._stream = gopen(location, "rb")
+                self._tar = tarfile.open(fileobj=self._stream, mode="r|*")
+        except (OSError, tarfile.TarError) as err:
+            self._broken = f"{location}: {type(err).__name__}: {err}"
+            return
+        self._advance()
+
+    def _advance(self) -> None:
+        """Move _head to the next regular member (skipping webdataset's __meta__ members)."""
+        try:
+            while True:
+                info = self._tar.next()
+                if info is None:
+                    self._head = None
+                    return
+                self._tar.members = []  # streaming: keep no member history
+                if info.isreg() and not (info.name.startswith("__") and info.name.endswith("__")):
+                    key, ext = base_plus_ext(info.name)
+                    if key is not None:
+                        self._head = (info, key, ext)
+                        return
+        except (OSError, tarfile.TarError, EOFError) as err:
+            self._head = None
+            self._broken = f"{self.locations[self._shard]}: {type(err).__name__}: {err}"
+
+    def fetch(self, shard: int, index: int) -> dict[str, Any]:
+        if shard != self._shard or index < self._index or self._tar is None and self._broken is None:
+            self._open(shard)
+        while self._head is not None and self._index < index:  # skip whole samples by header
+            key = self._head[1]
+            while self._head is not None and self._head[1] == key:
+                self._advance()
+            self._index += 1
+        if self._head is None:
+            reason = self._broken or f"{self.locations[shard]} ends before sample {index}"
+            raise BadSample("decode_error", reason)
+        info, key, _ = self._head
+        raw: dict[str, Any] = {"__key__": key}
+        while self._head is not None and self._head[1] == key:
+            member, _, ext = self._head
+            try:
+                raw[ext] = self._tar.extractfile(member).read()
+            except (OSError, tarfile.TarError, EOFError) as err:
+                self._broken = f"{self.locations[shard]}: {type(err).__name__}: {err}"
+                self._head = None
+                raise BadSample("decode_error", self._broken) from None
+            self._advance()
+        self._index += 1
+        return raw
+
+
+# --- pipeline stages of one stream ---------------------------------------------------------------
+def plan_blocks(plan: order.Plan, stream: int, start: int) -> Callable[[], Iterator[tuple[int, np.ndarray]]]:
+    """Source stage: (stream offset, epoch positions) per block, in delivery order, from `start` on."""
+    return lambda: plan.delivery(stream, start)
+
+
+def read_members(epoch_list: order.EpochList, datasets: list[DatasetRef]):
+    """Stage: blocks -> (stream offset, raw sample or BadSample), reading each block in list order."""
+
+    def stage(blocks: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, Any]]:
+        readers = [ShardReader(d.locations) for d in datasets]
+        try:
+            for offset, positions in blocks:
+                where = epoch_list.locate(positions)
+                raws: list[Any] = [None] * len(positions)
+                for i in np.argsort(positions, kind="stable"):  # list order: sequential in every shard
+                    try:
+                        raw = readers[where.dataset[i]].fetch(int(where.shard[i]), int(where.index[i]))
+                        raw["__repeat__"] = int(where.repeat[i])
+                        raws[i] = raw
+                    except BadSample as bad:
+                        raws[i] = bad
+                for i, raw in enumerate(raws):  # delivery order
+                    yield offset + i, raw
+        finally:
+            for r in readers:
+                r.close()
+
+    return stage
+
+
+def manifest_keys(epoch_list: order.EpochList, datasets: list[DatasetRef]):
+    """Stage replacing read_members when nothing is decoded: the sample keys from the manifests."""
+    tables = [load_manifest(d.path) for d in datasets]
+    keys = [np.asarray(t.column("key").to_pylist(), dtype=object) for t in tables]
+    shard_starts = [np.concatenate([[0], np.cumsum(d.source.shard_samples)]) for d in datasets]
+    for d, ref in enumerate(datasets):
+        if len(keys[d]) != ref.source.size:
+            raise UserError(f"{Path(ref.path) / schema.MANIFEST_FILE}: {len(keys[d])} rows but dataset.json says {ref.source.size} samples")
+
+    def stage(blocks: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, Any]]:
+        for offset, positions in blocks:
+            where = epoch_list.locate(positions)
+            for i in range(len(positions)):
+                d = int(where.dataset[i])
+                yield offset + i, {"key": keys[d][shard_starts[d][where.shard[i]] + where.index[i]], "repeat": int(where.repeat[i])}
+
+    return stage
+
+
+def decode_items(config: DataConfig, epoch: int):
+    """Stage: raw samples -> decoded samples (BadSample passes through as an item)."""
+
+    def stage(items: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+        for offset, raw in items:
+            if not isinstance(raw, BadSample):
+                try:
+                    raw = decode_sample(raw, seed=config.seed, epoch=epoch, max_pixels=config.max_pixels, visual=config.visual)
+                except BadSample as bad:
+                    bad.detail = f"{raw.get('__key__')}: {bad.detail}"
+                    raw = bad
+            yield offset, raw
+
+    return stage
+
+
+def transform_items(config: DataConfig, epoch: int):
+    """Stage: decoded samples -> cropped, resized samples with boxes and phrases along."""
+
+    def stage(items: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+        for offset, sample in items:
+            if not isinstance(sample, BadSample):
+                sample = transform_sample(
+                    sample, image_size=config.image_size, train=config.train, crop_scale=config.crop_scale,
+                    flip=config.flip, seed=config.seed, epoch=epoch,
+                )  # fmt: skip
+            yield offset, sample
+
+    return stage
+
+
+def fixed_batches(batch_size: int, first_batch: int, num_batches: int, stream: int, length: int):
+    """Stage: samples -> exactly num_batches - first_batch batches of batch_size slots.
+
+    Bad samples are skipped and counted (the gap is filled by the stream's next samples); when the
+    stream runs out, the remaining slots are padding (None). Each batch carries the stream's state
+    after it: `position` (delivery entries used, bad ones included) and `batches`.
+    """
+
+    def stage(items: Iterable[tuple[int, Any]]) -> Iterator[dict[str, Any]]:
+        it = iter(items)
+        position = None
+        for b in range(first_batch, num_batches):
+            samples: list[Any] = []
+            bad: list[tuple[str, str]] = []
+            while len(samples) < batch_size:
+                item = next(it, None)
+                if item is None:
+                    position = length
+                    break
+                position = item[0] + 1
+                if isinstance(item[1], BadSample):
+                    bad.append((item[1].reason, item[1].detail))
+                else:
+                    samples.append(item[1])
+            if position is None:
+                position = length
+            yield {
+                "stream": stream,
+                "samples": samples + [None] * (batch_size - len(samples)),
+                "state": {"position": int(position), "batches": b + 1},
+                "bad": bad,
+            }
+
+    return stage
+
+
+def stream_pipeline(plan: order.Plan, datasets: list[DatasetRef], config: DataConfig, stream: int, state: dict[str, int], decode: bool = True, transform: bool = True):
+    """The composed stages of one stream, from its saved state on (a webdataset DataPipeline)."""
+    source = manifest_keys(plan.epoch_list, datasets) if not decode else read_members(plan.epoch_list, datasets)
+    return wds.DataPipeline(
+        plan_blocks(plan, stream, state["position"]),
+        source,
+        decode_items(config, plan.epoch) if decode else None,
+        transform_items(config, plan.epoch) if decode and transform else None,
+        fixed_batches(config.batch_size, state["batches"], plan.batches_per_stream, stream, plan.stream_length(stream)),
+    )
+
+
+class _RankStreams(torch.utils.data.IterableDataset):
+    """What one DataLoader worker runs: its stream's pipeline, each batch collated in the worker."""
+
+    def __init__(self, loader: "Loader", streams: list[int], states: dict[int, dict[str, int]]):
+        super().__init__()
+        self.plan, self.datasets, self.config = loader._plan, loader.datasets, loader.config
+        self.tokenizer, self.streams, self.states = loader.tokenizer, streams, states
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        stream = self.streams[info.id if info is not None else 0]
+        pipeline = stream_pipeline(self.plan, self.datasets, self.config, stream, self.states[stream])
+        for item in pipeline:
+            c = self.config
+            item["batch"] = collate(
+                item.pop("samples"), tokenizer=self.tokenizer, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
+                seed=c.seed, epoch=self.plan.epoch, visual=c.visual, image_size=c.image_size,
+            )  # fmt: skip
+            yield item
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class Loader:
+    """Batches for one rank; see the module docstring for the interface and its guarantees."""
+
+    def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0):
+        if not (isinstance(world_size, int) and world_size >= 1):
+            raise ConfigError("world_size", world_size, "an integer >= 1")
+        if not (isinstance(rank, int) and 0 <= rank < world_size):
+            raise ConfigError("rank", rank, f"an integer in [0, {world_size})")
+        self.config, self.rank = config, rank
+        self.datasets = open_datasets(config.paths, config.weights)
+        self.tokenizer = load_tokenizer(config.tokenizer or str(Path(config.paths[0]) / schema.TOKENIZER_DIR))
+        self.layout = order.Layout(world_size, max(config.workers, 1), config.batch_size, config.shuffle_block)
+        self.bad_samples: dict[str, int] = {}
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # worker processes are forked after tokenizing
+        self.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._plan.epoch
+
+    def _sources(self) -> list[order.Source]:
+        return [d.source for d in self.datasets]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch."""
+        self._plan = order.Plan(order.EpochList(self._sources(), self.config.seed, epoch), self.layout)
+        self._cursor = self._plan.new_cursor(self.rank)
+        self._cursor["step"] = 0
+
+    def batches_per_epoch(self) -> int:
+        """Batches per rank in a full epoch: the same on every rank, from dataset.json counts."""
+        return order.Plan(order.EpochList(self._sources(), self.config.seed, 0), self.layout).batches_per_rank()
+
+    def batches_remaining(self) -> int:
+        """Batches this rank still yields in the current epoch (after a resume: fewer)."""
+        return len(self._plan.rank_schedule(self._cursor, self.rank))
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's cursor now (the same as the last batch's `cursor`)."""
+        return copy.deepcopy(self._cursor)
+
+    def load_state_dict(self, global_cursor: dict[str, Any]) -> None:
+        """Resume from a global cursor (merge_rank_cursors): same layout continues every stream exactly,
+        another world size, worker count or batch size re-cuts the samples not consumed yet."""
+        epoch_list = order.EpochList(self._sources(), self.config.seed, int(global_cursor.get("epoch", 0)))
+        self._plan, cursor = order.resume(epoch_list, self.layout, global_cursor)
+        k = self.layout.workers
+        mine = range(self.rank * k, self.rank * k + k)
+        cursor["streams"] = [s if i in mine else None for i, s in enumerate(cursor["streams"])]
+        cursor["rank"], cursor["step"] = self.rank, int(global_cursor.get("step", 0))
+        self._cursor = cursor
+
+    def _produced(self) -> Iterator[dict[str, Any]]:
+        """Stream items (batch collated, stream state, bad samples) in the schedule's order."""
+        c, k = self.config, self.layout.workers
+        states = {s: dict(self._cursor["streams"][s]) for s in range(self.rank * k, self.rank * k + k)}
+        if c.workers == 0:
+            yield from _RankStreams(self, [self.rank], states)
+            return
+        workers = self._plan.worker_streams(self._cursor, self.rank)
+        loader = torch.utils.data.DataLoader(
+            _RankStreams(self, workers, states), batch_size=None, num_workers=c.workers, collate_fn=_as_is,
+            prefetch_factor=2, persistent_workers=False,
+        )  # fmt: skip
+        yield from loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        schedule = self._plan.rank_schedule(self._cursor, self.rank)
+        for step, item in enumerate(self._produced()):
+            if step >= len(schedule) or item["stream"] != schedule[step]:
+                raise RuntimeError(f"loader: batch {step} came from stream {item['stream']}, the schedule says {schedule[step:step + 1]}")
+            self._cursor["streams"][item["stream"]] = item["state"]
+            self._cursor["step"] += 1
+            for reason, _ in item["bad"]:
+                self.bad_samples[reason] = self.bad_samples.get(reason, 0) + 1
+            batch = item["batch"]
+            batch["cursor"] = copy.deepcopy(self._cursor)
+            batch["bad_samples"] = dict(self.bad_samples)
+            yield batch
+
+
+def read_sample(dataset_dir: str | os.PathLike, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """One sample by key through the manifest's member offsets (seeks in local shards).
+
+    Returns {key, image_id, image (PIL RGB), captions (all), meta (the json, parsed)}; UserError
+    when the key is not in the manifest; BadSample when the stored sample is unusable.
+    """
+    import json
+    import pyarrow.compute as pc
+
+    from data_tools.decode import _image_member, parse_meta, refuse_pickles
+    from data_tools.images import decode_image
+
+    info = load_dataset_info(dataset_dir)
+    table = load_manifest(dataset_dir)
+    rows = table.filter(pc.equal(table.column("key"), key))
+    if rows.num_rows == 0:
+        raise UserError(f"{Path(dataset_dir) / schema.MANIFEST_FILE}: no sample with key {key!r}")
+    shard = int(rows.column("shard")[0].as_py())
+    members = json.loads(rows.column("members")[0].as_py())
+    location = info.resolve(dataset_dir, info.shards[shard].location)
+    raw: dict[str, Any] = {"__key__": key}
+    if _is_local(location):
+        with open(location, "rb") as f:
+            for ext, (offset, size) in members.items():
+                f.seek(offset)
+                raw[ext] = f.read(size)
+    else:  # remote: stream the shard up to the sample
+        shard_keys = table.filter(pc.equal(table.column("shard"), shard)).column("key").to_pylist()
+        reader = ShardReader([location])
+        try:
+            raw = reader.fetch(0, shard_keys.index(key))
+        finally:
+            reader.close()
+    refuse_pickles(raw)
+    meta = parse_meta(raw)
+    image_bytes = _image_member(raw)
+    if image_bytes is None:
+        raise BadSample("missing_image", key)
+    captions = meta.get("captions") or ([raw["txt"].decode("utf-8", "replace")] if "txt" in raw else [])
+    return {"key": key, "image_id": str(meta.get("image_id", key)), "image": decode_image(image_bytes, max_pixels), "captions": captions, "meta": meta}

@@ -1,0 +1,130 @@
+"""Image transforms that carry boxes and phrase links along (train: random resized crop; eval: resize
+and centre crop), and batched normalisation.
+
+Why here and not torchvision: torchvision is unusable in this environment, and boxes must follow
+the exact crop. All randomness comes from a torch.Generator seeded by (seed, epoch, key), so the
+crop of a sample does not depend on which rank or worker reads it. Horizontal flip is off by
+default because captions name left and right.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_tools.order import sample_seed
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""Normalisation of the EfficientNet-Lite grid backbone and of most patch embedders."""
+CROP_RATIO = (3 / 4, 4 / 3)
+"""Aspect ratio range of the random resized crop (as torchvision's RandomResizedCrop)."""
+MIN_VISIBLE_FRACTION = 0.25
+"""A box is dropped (with its phrase links) when less than this fraction of its area stays in the crop."""
+
+
+def random_crop_box(width: int, height: int, scale: tuple[float, float], gen: torch.Generator) -> tuple[float, float, float, float]:
+    """(x0, y0, w, h) of a random resized crop: area fraction in `scale`, log-uniform ratio in CROP_RATIO.
+
+    Ten tries as torchvision, then the centre crop at the clamped ratio.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    draws = torch.rand(10, 4, generator=gen).tolist()  # one draw of all tries: fixed consumption
+    for u_area, u_ratio, u_x, u_y in draws:
+        target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        ratio = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return float(int(u_x * (width - w + 1))), float(int(u_y * (height - h + 1))), float(w), float(h)
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        w, h = round(height * CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    return (width - w) / 2, (height - h) / 2, float(w), float(h)
+
+
+def centre_crop_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The centred square: resizing the shorter side to S and centre-cropping S x S, in one step."""
+    side = min(width, height)
+    return (width - side) / 2, (height - side) / 2, float(side), float(side)
+
+
+def crop_boxes(
+    boxes: np.ndarray, crop: tuple[float, float, float, float], size: int, flip: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stored-pixel boxes [k, 4] (x, y, w, h) -> output-pixel boxes [k', 4] (x1, y1, x2, y2) and the kept indices [k']."""
+    x0, y0, cw, ch = crop
+    sx, sy = size / cw, size / ch
+    xyxy = np.stack(
+        [(boxes[:, 0] - x0) * sx, (boxes[:, 1] - y0) * sy, (boxes[:, 0] + boxes[:, 2] - x0) * sx, (boxes[:, 1] + boxes[:, 3] - y0) * sy],
+        axis=1,
+    )  # [k, 4]
+    clipped = np.clip(xyxy, 0.0, float(size))
+    area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+    visible = np.clip(clipped[:, 2] - clipped[:, 0], 0, None) * np.clip(clipped[:, 3] - clipped[:, 1], 0, None)
+    kept = np.flatnonzero((visible > 0) & (visible >= MIN_VISIBLE_FRACTION * np.maximum(area, 1e-9)))
+    out = clipped[kept]
+    if flip:
+        out = np.stack([size - out[:, 2], out[:, 1], size - out[:, 0], out[:, 3]], axis=1)
+    return out.astype(np.float32).reshape(-1, 4), kept
+
+
+def relink_phrases(phrases: list[dict[str, Any]] | None, kept: np.ndarray) -> list[dict[str, Any]] | None:
+    """Phrase links after boxes were dropped: indices renumbered, phrases left without boxes dropped."""
+    if phrases is None:
+        return None
+    new_index = {int(old): new for new, old in enumerate(kept.tolist())}
+    out = []
+    for p in phrases:
+        links = [new_index[b] for b in p["boxes"] if b in new_index]
+        if links:
+            out.append({"span": p["span"], "boxes": links})
+    return out
+
+
+def transform_sample(
+    sample: dict[str, Any],
+    *,
+    image_size: int,
+    train: bool,
+    crop_scale: tuple[float, float],
+    flip: bool,
+    seed: int,
+    epoch: int,
+) -> dict[str, Any]:
+    """Crop and resize the image to image_size x image_size (uint8 [S, S, 3] in `pixels`), boxes and phrases along."""
+    image: Image.Image | None = sample["image"]
+    out = dict(sample, image=None, pixels=None)
+    if image is None:  # features only: boxes stay in stored pixels, as x1, y1, x2, y2
+        if sample["boxes"] is not None:
+            b = sample["boxes"]
+            out["boxes"] = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1).astype(np.float32)
+        return out
+    width, height = image.size
+    gen = torch.Generator().manual_seed(sample_seed(seed, epoch, sample["key"], "crop", sample["repeat"]))
+    crop = random_crop_box(width, height, crop_scale, gen) if train else centre_crop_box(width, height)
+    mirrored = bool(train and flip and float(torch.rand(1, generator=gen)) < 0.5)
+    x0, y0, cw, ch = crop
+    resized = image.resize((image_size, image_size), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    if mirrored:
+        resized = resized.transpose(Image.FLIP_LEFT_RIGHT)
+    out["pixels"] = np.asarray(resized, dtype=np.uint8)  # [S, S, 3]
+    if sample["boxes"] is not None:
+        out["boxes"], kept = crop_boxes(sample["boxes"], crop, image_size, mirrored)
+        out["phrases"] = relink_phrases(sample["phrases"], kept)
+    return out
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> float32 [B, 3, S, S], ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+    return (pixels.permute(0, 3, 1, 2).float() - mean) * inv_std
