@@ -1,0 +1,170 @@
+"""The configuration schema: presets, overrides, one-line errors with exit code 2, resume identity,
+batch geometry, parameter groups and the learning-rate schedule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.errors import ConfigError, ExitCode, run_cli
+from pretrain.__main__ import main
+from pretrain.config import (RESUME_MUTABLE, apply_override, config_hash, load_config, resume_differences,
+                             save_config, to_dict)
+from pretrain.engine import batch_geometry, lr_lambda, param_groups
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """A folder that passes the dataset-folder check (only dataset.json's presence is checked here)."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "dataset.json").write_text("{}")
+    return folder
+
+
+def _error_line(capsys, argv: list[str]) -> tuple[int, str]:
+    code = run_cli(main, argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base", "large"])
+def test_presets_validate(preset: str, dataset: Path) -> None:
+    cfg = load_config(REPO / "configs" / f"{preset}.yaml", [f"data.paths=[{dataset}]"])
+    assert cfg.model.num_layers == {"tiny": 2, "small": 6, "base": 12, "large": 24}[preset]
+    assert cfg.data.paths == [str(dataset)]
+
+
+def test_overrides_are_typed_by_yaml_and_schema(dataset: Path) -> None:
+    cfg = load_config(TINY, [f"data.paths={dataset}", "optimizer.lr=1e-4", "train.steps=7",
+                             "optimizer.betas=[0.8, 0.9]", "optimizer.lr_multipliers={encoder: 0.5}",
+                             "zero.stage=2", "precision=bf16", "model.num_layers=3", "iais.layers=[0, -1]"])
+    assert cfg.optimizer.lr == pytest.approx(1e-4) and isinstance(cfg.optimizer.lr, float)
+    assert cfg.train.steps == 7
+    assert cfg.optimizer.betas == (0.8, 0.9)
+    assert cfg.optimizer.lr_multipliers == {"encoder": 0.5}
+    assert (cfg.zero.stage, cfg.precision, cfg.model.num_layers) == (2, "bf16", 3)
+    assert cfg.model.width == 64  # the rest of the tiny preset is kept
+    assert cfg.iais.layers == [0, -1]
+    assert cfg.data.paths == [str(dataset)]  # a bare string for a list field is one element
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ("train.bogus=1", "train.bogus", "one of the keys"),
+    ("bogus.x=1", "bogus", "one of the keys"),
+    ("train.steps=abc", "train.steps", "an integer"),
+    ("train.steps=1.5", "train.steps", "an integer"),
+    ("optimizer.lr=-1", "optimizer.lr", "> 0"),
+    ("optimizer.betas=[0.9]", "optimizer.betas", "2 values"),
+    ("zero.stage=4", "zero.stage", "0, 1, 2 or 3"),
+    ("precision=fp8", "precision", "'fp32' | 'bf16' | 'fp16'"),
+    ("model.preset=huge", "model.preset", "tiny"),
+    ("model.num_heads=5", "model.num_heads", "divisor"),
+    ("iais.mode=fancy", "iais.mode", "singular"),
+    ("train.log_every=0", "train.log_every", ">= 1"),
+    ("data.paths=[/nonexistent/relalign]", "data.paths[0]", "dataset.json"),
+])
+def test_config_mistakes_are_one_line_and_exit_2(capsys, dataset: Path, override: str, field: str, words: str) -> None:
+    argv = ["--config", str(TINY), f"data.paths=[{dataset}]", override]
+    code, err = _error_line(capsys, argv)
+    assert code == ExitCode.USAGE == 2
+    assert len(err.splitlines()) == 1, err
+    assert f"config: {field}=" in err and words in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where CUDA exists")
+def test_fp16_without_cuda_is_refused(capsys, dataset: Path) -> None:
+    code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{dataset}]", "precision=fp16"])
+    assert code == 2 and "config: precision='fp16'" in err and "CUDA" in err and len(err.splitlines()) == 1
+
+
+def test_missing_config_file_and_bad_yaml(capsys, tmp_path: Path) -> None:
+    code, err = _error_line(capsys, ["--config", str(tmp_path / "nope.yaml")])
+    assert code == 2 and "nope.yaml" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    code, err = _error_line(capsys, ["--config", str(bad)])
+    assert code == 2 and "not valid YAML" in err and len(err.splitlines()) == 1
+
+
+def test_raw_deepspeed_json_must_exist(capsys, dataset: Path, tmp_path: Path) -> None:
+    code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{dataset}]",
+                                     f"zero.deepspeed_config={tmp_path}/ds.json"])
+    assert code == 2 and "zero.deepspeed_config" in err
+
+
+def test_resolved_config_round_trips(dataset: Path, tmp_path: Path) -> None:
+    cfg = load_config(TINY, [f"data.paths=[{dataset}]", "optimizer.lr=3e-4", "optimizer.lr_multipliers={visual: 2.0}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert config_hash(again) == config_hash(cfg)
+
+
+def test_resume_identity_ignores_mutable_fields_only(dataset: Path) -> None:
+    base = load_config(TINY, [f"data.paths=[{dataset}]"])
+    mutable = load_config(TINY, [f"data.paths=[{dataset}]", "data.workers=2", "data.batch_size=4",
+                                 "train.log_every=3", "run.dir=/tmp/elsewhere", "metrics.port=0"])
+    assert resume_differences(to_dict(base), mutable) == []
+    assert config_hash(base) == config_hash(mutable)
+    changed = load_config(TINY, [f"data.paths=[{dataset}]", "optimizer.lr=5e-5", "zero.stage=2"])
+    diffs = resume_differences(to_dict(base), changed)
+    assert [d.split(":")[0] for d in diffs] == ["optimizer.lr", "zero.stage"]
+    assert "data.workers" in RESUME_MUTABLE
+
+
+def test_apply_override_rejects_malformed() -> None:
+    tree: dict = {"train": {"steps": 1}}
+    with pytest.raises(Exception, match="dotted.field=value"):
+        apply_override(tree, "train.steps")
+    with pytest.raises(ConfigError, match="train.steps"):
+        apply_override(tree, "train.steps.x=1")
+
+
+@pytest.mark.parametrize("world, per_rank, accum", [(2, 6, 1), (1, 6, 2), (3, 4, 1), (4, 3, 1), (6, 2, 1)])
+def test_global_batch_fixed_across_world_sizes(dataset: Path, world: int, per_rank: int, accum: int) -> None:
+    cfg = load_config(TINY, [f"data.paths=[{dataset}]", "data.batch_size=6", "train.global_batch_size=12"])
+    geometry = batch_geometry(cfg, world)
+    assert (geometry.per_rank, geometry.accumulation) == (per_rank, accum)
+    assert geometry.per_rank * geometry.world_size * geometry.accumulation == 12
+    with pytest.raises(ConfigError, match="multiple of the world size 5"):
+        batch_geometry(cfg, 5)
+
+
+def test_schedule_warmup_then_decay(dataset: Path) -> None:
+    cfg = load_config(TINY, [f"data.paths=[{dataset}]", "schedule.warmup_steps=4", "schedule.decay=linear",
+                             "schedule.min_lr_ratio=0.1"])
+    f = lr_lambda(cfg.schedule, total_steps=14)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5) and f(14) == pytest.approx(0.1)
+    cos = lr_lambda(load_config(TINY, [f"data.paths=[{dataset}]", "schedule.warmup_steps=0",
+                                       "schedule.decay=cosine"]).schedule, total_steps=10)
+    assert cos(0) == pytest.approx(1.0) and cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
+
+
+def test_param_groups_decay_and_multipliers(dataset: Path) -> None:
+    from pretrain.model import RelAlignModel
+
+    cfg = load_config(TINY, [f"data.paths=[{dataset}]", "optimizer.weight_decay=0.05",
+                             "optimizer.lr_multipliers={visual: 0.1, encoder.layer.0: 0.5}"])
+    import dataclasses
+
+    model = RelAlignModel(dataclasses.replace(cfg.model, vocab_size=50))
+    groups = param_groups(model, cfg.optimizer)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert sorted(by_name) == sorted(n for n, _ in model.named_parameters())
+    for name, group in by_name.items():
+        param = dict(model.named_parameters())[name]
+        no_decay = param.ndim < 2 or "position" in name or "norm" in name.lower()
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        expected = 0.1 if name.startswith("visual.") else 0.5 if name.startswith("encoder.layer.0.") else 1.0
+        assert group["lr"] == pytest.approx(cfg.optimizer.lr * expected), name
+    assert any("position" in n for n in by_name)  # the rule is exercised
+    bad = load_config(TINY, [f"data.paths=[{dataset}]", "optimizer.lr_multipliers={nothing: 0.1}"])
+    with pytest.raises(ConfigError, match="optimizer.lr_multipliers.nothing"):
+        param_groups(model, bad.optimizer)
