@@ -1,0 +1,222 @@
+"""The IAIS regulariser (Ren et al., ACL 2021) exactly as DESIGN.md 1 states it, vectorised.
+
+From the head-averaged block attentions of the matched pairs (`AttentionBlocks`, computed by the
+model's IAIS layers), build a pseudo matrix of one modality's self-attention from the other:
+
+- singular, L: r(i) = argmax_j S_LV[i, j]; P_LL[i, k] = S_VV[r(i), r(k)], rows normalised
+  (softmax over the gathered probabilities = the official code, or sum); V symmetric with S_VL, S_LL.
+- distributed, L: P_LL = S_LV @ S_VL; V: P_VV = S_VL @ S_LV.
+
+and penalise the symmetric KL `KL(P || S) + KL(S || P)` per pair (kl_div "batchmean" on the real
+rows: sum over columns, mean over rows; the logged side is log(x + 1e-6) in distributed mode and
+log(x) in singular mode, clamped at 1e-30 only to keep -inf out), averaged over the matched pairs.
+
+Every pair of the batch is handled at once: padded words and visual tokens are masked (padding never
+changes the value or the gradients), the argmax is a tensor index (no host round trip), and nothing
+calls .item()/.cpu()/.tolist(). The loss is computed in float32 outside autocast (bf16-safe).
+Several layers: the loss is the mean over layers, so lambda keeps its meaning; directions `both`
+sum L and V.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from data_tools.errors import ConfigError
+
+from .model.encoder import AttentionBlocks
+
+MODES = ("singular", "distributed")
+DIRECTIONS = ("L", "V", "both", "alternate")
+NORMALIZATIONS = ("softmax", "sum")
+SCHEDULES = ("constant", "linear", "exp", "log")
+DISTRIBUTED_EPS = 1e-6
+"""Added inside the log of the logged side in distributed mode (as the official code)."""
+LOG_FLOOR = 1e-30
+"""Clamp before a log: keeps -inf (and NaN gradients) out without moving any real value."""
+
+
+@dataclasses.dataclass
+class IAISConfig:
+    """How the relation-alignment regulariser is applied."""
+
+    enabled: bool = True
+    """Apply the regulariser (False: zero loss, no attention blocks computed)."""
+    mode: str = "singular"
+    """singular (argmax alignment, the paper's best) | distributed (attention-weighted alignment)."""
+    direction: str = "both"
+    """L (text relations from the image) | V (image relations from the text) | both (sum) | alternate (L even steps, V odd)."""
+    normalization: str = "softmax"
+    """Row normalisation of the singular pseudo matrix: softmax (official code) | sum (divide by row sum)."""
+    weight: float = 1.0
+    """lambda: the loss weight at the end of the schedule."""
+    schedule: str = "exp"
+    """Weight ramp s(p), p = step / total_steps: constant | linear | exp (official: exp(5 (p - 1))) | log (1 - exp(-5 p))."""
+    layers: list[int] = dataclasses.field(default_factory=lambda: [-1])
+    """Encoder layers to regularise; negative counts from the end (official: the last, -1)."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", MODES), ("direction", DIRECTIONS), ("normalization", NORMALIZATIONS),
+                              ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"iais.{name}", getattr(self, name), " | ".join(allowed))
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) \
+                or self.weight < 0:
+            raise ConfigError("iais.weight", self.weight, "a finite number >= 0")
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        if not isinstance(self.layers, (list, tuple)) or not self.layers \
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+            raise ConfigError("iais.layers", self.layers, "a non-empty list of layer indices, e.g. [-1]")
+
+
+@dataclasses.dataclass
+class IAISOutput:
+    loss: Tensor  # scalar float32: weight * raw
+    raw: Tensor  # scalar float32: unweighted (sum over active directions of the mean over layers)
+    isd: dict[str, Tensor]  # {"L": scalar, "V": scalar}, detached, both directions always
+    weight: float
+
+
+def schedule_factor(schedule: str, progress: float) -> float:
+    """s(p) of DESIGN.md 1 for p in [0, 1]."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return progress
+    if schedule == "exp":
+        return math.exp(5.0 * (progress - 1.0))
+    if schedule == "log":
+        return 1.0 - math.exp(-5.0 * progress)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _normalise_rows(gathered: Tensor, col_mask: Tensor, normalization: str) -> Tensor:
+    # gathered [P, r, r] probabilities, col_mask [P, r]: each row -> a distribution over real columns.
+    if normalization == "softmax":
+        return gathered.masked_fill(~col_mask[:, None, :], torch.finfo(gathered.dtype).min).softmax(dim=-1)
+    kept = gathered * col_mask[:, None, :]
+    return kept / kept.sum(dim=-1, keepdim=True).clamp_min(LOG_FLOOR)
+
+
+def _gather_square(matrix: Tensor, index: Tensor) -> Tensor:
+    """matrix [P, s, s], index [P, r] -> out [P, r, r] with out[p, i, k] = matrix[p, index[p, i], index[p, k]]."""
+    size = matrix.shape[-1]
+    rows = matrix.gather(1, index[:, :, None].expand(-1, -1, size))  # [P, r, s]
+    return rows.gather(2, index[:, None, :].expand(-1, index.shape[1], -1))  # [P, r, r]
+
+
+def pseudo_and_target(blocks: AttentionBlocks, direction: str, mode: str,
+                      normalization: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(pseudo [P, r, r], attention [P, r, r], mask [P, r]) for direction "L" (r = n) or "V" (r = m)."""
+    if direction == "L":
+        target, mask, other_mask = blocks.s_ll, blocks.word_mask, blocks.visual_mask
+        cross, back, other_self = blocks.s_lv, blocks.s_vl, blocks.s_vv
+    else:
+        target, mask, other_mask = blocks.s_vv, blocks.visual_mask, blocks.word_mask
+        cross, back, other_self = blocks.s_vl, blocks.s_lv, blocks.s_ll
+    if mode == "distributed":
+        return cross @ back, target, mask  # [P, r, s] @ [P, s, r]: row-stochastic over real columns
+    # The argmax over real tokens of the other modality; an index, so it carries no gradient.
+    aligned = cross.masked_fill(~other_mask[:, None, :], -1.0).argmax(dim=-1)  # [P, r]
+    return _normalise_rows(_gather_square(other_self, aligned), mask, normalization), target, mask
+
+
+def symmetric_kl(pseudo: Tensor, attention: Tensor, mask: Tensor, distributed: bool) -> Tensor:
+    """KL(P || S) + KL(S || P) per pair, each summed over real columns and averaged over real rows.
+
+    pseudo, attention [P, r, r]; mask [P, r] -> [P]. The logged side is `log(x + 1e-6)` (distributed)
+    or `log(max(x, 1e-30))` (singular); the target side is exact (`0 log 0 = 0`), as torch's kl_div.
+    """
+    valid = mask[:, :, None] & mask[:, None, :]  # [P, r, r]
+
+    def log_input(x: Tensor) -> Tensor:
+        return torch.log(x + DISTRIBUTED_EPS) if distributed else torch.log(x.clamp_min(LOG_FLOOR))
+
+    def kl(target: Tensor, inp: Tensor) -> Tensor:
+        term = target * torch.log(target.clamp_min(LOG_FLOOR)) - target * log_input(inp)
+        return torch.where(valid, term, torch.zeros_like(term)).sum(dim=(1, 2))  # [P]
+
+    rows = mask.sum(dim=1).clamp_min(1).to(pseudo.dtype)  # [P]
+    return (kl(pseudo, attention) + kl(attention, pseudo)) / rows
+
+
+def pair_divergence(blocks: AttentionBlocks, direction: str, mode: str = "singular",
+                    normalization: str = "softmax") -> tuple[Tensor, Tensor]:
+    """Per-pair symmetric KL for one direction: (values [P], valid [P] bool).
+
+    A pair is valid when it has at least one real word and one real visual token.
+    """
+    with torch.autocast(device_type=blocks.s_ll.device.type, enabled=False):
+        dtype = torch.promote_types(blocks.s_ll.dtype, torch.float32)
+        blocks = dataclasses.replace(blocks, s_ll=blocks.s_ll.to(dtype), s_vv=blocks.s_vv.to(dtype),
+                                     s_lv=blocks.s_lv.to(dtype), s_vl=blocks.s_vl.to(dtype))
+        pseudo, attention, mask = pseudo_and_target(blocks, direction, mode, normalization)
+        values = symmetric_kl(pseudo, attention, mask, distributed=mode == "distributed")
+    valid = blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
+    return values, valid
+
+
+def mean_over_valid(values: Tensor, valid: Tensor) -> Tensor:
+    """Mean of values [P] over valid pairs; 0 (still in the graph) when there are none."""
+    weights = valid.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+class IAISRegularizer:
+    """Callable loss: attention blocks of the regularised layers -> weighted IAIS loss and ISD.
+
+    The model must compute blocks for `self.layers`: the trainer calls
+    `model.set_iais_layers(regularizer.layers)` once, and passes `iais_rows` (matched pairs) to
+    `model.forward` on steps that regularise.
+    """
+
+    def __init__(self, config: IAISConfig, num_layers: int):
+        self.config = config
+        resolved = []
+        for index in config.layers:
+            layer = index + num_layers if index < 0 else index
+            if not 0 <= layer < num_layers:
+                raise ConfigError("iais.layers", config.layers, f"indices in [-{num_layers}, {num_layers})")
+            resolved.append(layer)
+        self.layers: list[int] = sorted(set(resolved)) if config.enabled else []
+
+    def weight(self, step: int, total_steps: int) -> float:
+        """lambda * s(step / total_steps), p clamped to [0, 1]."""
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        progress = min(max(step / total_steps, 0.0), 1.0)
+        return self.config.weight * schedule_factor(self.config.schedule, progress)
+
+    def active_directions(self, step: int) -> tuple[str, ...]:
+        direction = self.config.direction
+        if direction == "both":
+            return ("L", "V")
+        if direction == "alternate":
+            return ("L",) if step % 2 == 0 else ("V",)
+        return (direction,)
+
+    def __call__(self, attention: dict[int, AttentionBlocks], step: int, total_steps: int) -> IAISOutput:
+        weight = self.weight(step, total_steps) if self.config.enabled else 0.0
+        if not self.config.enabled:
+            zero = torch.zeros((), dtype=torch.float32)
+            return IAISOutput(loss=zero, raw=zero, isd={"L": zero, "V": zero}, weight=0.0)
+        missing = [layer for layer in self.layers if layer not in attention]
+        if missing:
+            raise ValueError(f"no IAIS attention blocks for layers {missing}: call model.set_iais_layers("
+                             f"regularizer.layers) and pass iais_rows to model.forward")
+        active = self.active_directions(step)
+        raw, isd = None, {}
+        for direction in ("L", "V"):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and direction in active):
+                per_layer = [mean_over_valid(*pair_divergence(attention[layer], direction, self.config.mode,
+                                                              self.config.normalization))
+                             for layer in self.layers]
+                value = torch.stack(per_layer).mean()
+            isd[direction] = value.detach()
+            if direction in active:
+                raw = value if raw is None else raw + value
+        return IAISOutput(loss=raw * weight, raw=raw, isd=isd, weight=weight)

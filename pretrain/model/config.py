@@ -1,0 +1,136 @@
+"""`ModelConfig`: the shape of the single-stream encoder, its visual embedder and its heads.
+
+One dataclass, validated on construction so that a bad value fails before any weight is built, with
+the presets of DESIGN.md 2 (`tiny` for CPU tests and the demo, `small` = the shape of
+all-MiniLM-L6-v2, `base`, `large`). `vocab_size` is not part of a preset: it comes from the
+tokenizer and the caller sets it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from data_tools.errors import ConfigError
+
+VISUAL_EMBEDDERS = ("patch", "features", "grid")
+GRID_BACKBONE_CHANNELS = 1280
+"""Channels of EfficientNet-Lite0's last feature map (the `grid` embedder's token features)."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Single-stream BERT-layout encoder over `[CLS] words [SEP] visual tokens`."""
+
+    vocab_size: int | None = None
+    """Word-piece vocabulary size; set by the caller from the tokenizer (required to build a model)."""
+    num_layers: int = 2
+    """Transformer layers."""
+    width: int = 64
+    """Hidden size of every token."""
+    num_heads: int = 4
+    """Attention heads per layer; must divide `width`."""
+    mlp_ratio: float = 4.0
+    """Feed-forward size as a multiple of `width` (BERT: 4)."""
+    dropout: float = 0.1
+    """Dropout on embeddings and residual branches."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities (inside the fused kernel; never on IAIS blocks)."""
+    max_text_len: int = 512
+    """Rows of the text position table: the longest `[CLS] words [SEP]` the model accepts."""
+    max_visual_tokens: int = 256
+    """Most visual tokens per sample (regions, patches or grid cells) the model accepts."""
+    type_vocab_size: int = 2
+    """Token types: 0 text, 1 visual (BERT's two segment embeddings)."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT's value, so checkpoints load exactly)."""
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of fresh weights."""
+    visual_embedder: str = "patch"
+    """How images become tokens: patch (ViLT), features (UNITER regions/grids), grid (EfficientNet-Lite0)."""
+    image_size: int = 224
+    """Training resolution of `pixel_values` (patch position table; other sizes are interpolated)."""
+    patch_size: int = 16
+    """Patch side in pixels for the `patch` embedder."""
+    feature_dim: int = 2048
+    """Dimension D of precomputed `visual_feats` for the `features` embedder."""
+    grid_trainable: bool = False
+    """Train the EfficientNet-Lite0 backbone of the `grid` embedder (False: frozen, eval-mode BN)."""
+    grid_pretrained: bool = True
+    """Load the ImageNet weights of EfficientNet-Lite0 (False: random, for tests only)."""
+    embed_dim: int = 256
+    """Size of the L2-normalised ITC embeddings."""
+    itc_temperature: float = 0.07
+    """Initial contrastive temperature (logit_scale starts at log(1/temperature))."""
+    itc_max_scale: float = 100.0
+    """Upper clamp of exp(logit_scale) on use (CLIP's value)."""
+    gradient_checkpointing: bool = False
+    """Recompute each encoder layer in backward instead of storing its activations."""
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"model.{name}", value, "a positive number")
+
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
+            raise ConfigError("model.vocab_size", self.vocab_size, "a positive integer (the tokenizer's size) or null")
+        for name in ("num_layers", "width", "num_heads", "mlp_ratio", "max_text_len", "max_visual_tokens",
+                     "type_vocab_size", "layer_norm_eps", "initializer_range", "image_size", "patch_size",
+                     "feature_dim", "embed_dim", "itc_temperature", "itc_max_scale"):
+            positive(name)
+        for name in ("num_layers", "width", "num_heads", "max_text_len", "max_visual_tokens", "image_size",
+                     "patch_size", "feature_dim", "embed_dim"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"model.{name}", getattr(self, name), "an integer")
+        if self.width % self.num_heads:
+            raise ConfigError("model.num_heads", self.num_heads, f"a divisor of model.width={self.width}")
+        if self.type_vocab_size < 2:
+            raise ConfigError("model.type_vocab_size", self.type_vocab_size, "at least 2 (text and visual)")
+        if self.max_text_len < 3:
+            raise ConfigError("model.max_text_len", self.max_text_len, "at least 3 ([CLS] word [SEP])")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{name}", value, "a probability in [0, 1)")
+        if self.visual_embedder not in VISUAL_EMBEDDERS:
+            raise ConfigError("model.visual_embedder", self.visual_embedder, " | ".join(VISUAL_EMBEDDERS))
+        if self.visual_embedder == "patch":
+            if self.image_size % self.patch_size:
+                raise ConfigError("model.patch_size", self.patch_size, f"a divisor of model.image_size={self.image_size}")
+            if self.num_patches > self.max_visual_tokens:
+                raise ConfigError("model.max_visual_tokens", self.max_visual_tokens,
+                                  f">= (image_size / patch_size)^2 = {self.num_patches}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(round(self.width * self.mlp_ratio))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset with field overrides (`ModelConfig.preset("small", vocab_size=30522)`)."""
+        if name not in PRESETS:
+            raise ConfigError("model.preset", name, " | ".join(PRESETS))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in fields:
+                raise ConfigError(f"model.{key}", overrides[key], "a ModelConfig field: " + ", ".join(sorted(fields)))
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and the demo: 64 px images in 8 px patches (64 visual tokens).
+    "tiny": dict(num_layers=2, width=64, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
+                 max_visual_tokens=100, embed_dim=32, feature_dim=64),
+    # all-MiniLM-L6-v2's shape: its text weights load into it (hf_init).
+    "small": dict(num_layers=6, width=384, num_heads=12, max_text_len=512, embed_dim=256),
+    "base": dict(num_layers=12, width=768, num_heads=12, max_text_len=512, embed_dim=256),
+    "large": dict(num_layers=24, width=1024, num_heads=16, max_text_len=512, embed_dim=256),
+}

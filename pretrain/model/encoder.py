@@ -1,0 +1,175 @@
+"""The single-stream encoder: BERT-layout post-LN layers over `[CLS] words [SEP] visual tokens`.
+
+Every layer attends with `torch.nn.functional.scaled_dot_product_attention` (the fused kernel).
+The layers chosen for IAIS additionally compute, from the same Q and K (no dropout), for the
+selected rows only (the matched pairs), the four block-restricted softmaxes of DESIGN.md 1
+averaged over heads: `S_LL`, `S_VV`, `S_LV`, `S_VL`. Nothing else materialises attention
+probabilities, and the blocks never feed back into the forward pass (the output with IAIS on is the
+output with IAIS off).
+
+Submodule names follow Hugging Face's `BertLayer` (`attention.self.query`, `attention.output.dense`,
+`intermediate.dense`, `output.LayerNorm`, ...) so BERT checkpoints load by name (`hf_init`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+@dataclasses.dataclass
+class AttentionBlocks:
+    """Head-averaged block-restricted attention probabilities of one layer, for P selected rows.
+
+    n = padded word count (positions 1 .. Lt-2 of the text), m = padded visual token count. Rows and
+    columns of padded words / visual tokens are meaningless and masked by `word_mask` / `visual_mask`;
+    every real row sums to 1 over the real columns of its block. Float32 (computed outside autocast).
+    """
+
+    s_ll: Tensor  # [P, n, n] words -> words
+    s_vv: Tensor  # [P, m, m] visual -> visual
+    s_lv: Tensor  # [P, n, m] words -> visual
+    s_vl: Tensor  # [P, m, n] visual -> words
+    word_mask: Tensor  # [P, n] bool, real words
+    visual_mask: Tensor  # [P, m] bool, real visual tokens
+
+
+@dataclasses.dataclass
+class BlockRequest:
+    """Which rows the IAIS layers compute blocks for, and where the words and visual tokens are."""
+
+    rows: Tensor  # [B] bool, the matched pairs
+    text_len: int  # Lt: the sequence is [text (Lt) | visual (M)]
+    word_mask: Tensor  # [P, n = Lt - 2] bool, for the selected rows
+    visual_mask: Tensor  # [P, M] bool, for the selected rows
+
+
+def _masked_softmax(logits: Tensor, key_mask: Tensor) -> Tensor:
+    # logits [P, h, r, c], key_mask [P, c]: softmax over real keys only; masked keys get exactly 0.
+    # finfo.min rather than -inf: a row without any real key stays finite (and is masked downstream).
+    fill = torch.finfo(logits.dtype).min
+    return logits.masked_fill(~key_mask[:, None, None, :], fill).softmax(dim=-1)
+
+
+def attention_blocks(query: Tensor, key: Tensor, request: BlockRequest) -> AttentionBlocks:
+    """The four block-restricted softmaxes, averaged over heads, for the selected rows.
+
+    query, key: [P, h, L, d] (already restricted to the selected rows), L = Lt + M.
+    """
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        query, key = query.to(dtype), key.to(dtype)
+        scale = query.shape[-1] ** -0.5
+        words, visual = slice(1, request.text_len - 1), slice(request.text_len, None)
+        q_w, q_v = query[:, :, words] * scale, query[:, :, visual] * scale  # [P, h, n, d], [P, h, m, d]
+        k_w, k_v = key[:, :, words], key[:, :, visual]
+        word_mask, visual_mask = request.word_mask, request.visual_mask
+        return AttentionBlocks(
+            s_ll=_masked_softmax(q_w @ k_w.transpose(-1, -2), word_mask).mean(dim=1),  # [P, n, n]
+            s_vv=_masked_softmax(q_v @ k_v.transpose(-1, -2), visual_mask).mean(dim=1),  # [P, m, m]
+            s_lv=_masked_softmax(q_w @ k_v.transpose(-1, -2), visual_mask).mean(dim=1),  # [P, n, m]
+            s_vl=_masked_softmax(q_v @ k_w.transpose(-1, -2), word_mask).mean(dim=1),  # [P, m, n]
+            word_mask=word_mask,
+            visual_mask=visual_mask,
+        )
+
+
+class _Projections(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+
+
+class _ResidualOutput(nn.Module):
+    """dense -> dropout -> + residual -> LayerNorm (BERT's SelfOutput / Output)."""
+
+    def __init__(self, inner: int, width: int, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(inner, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class _Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self = _Projections(config.width)
+        self.output = _ResidualOutput(config.width, config.width, config)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.width, config.intermediate_size)
+
+
+class EncoderLayer(nn.Module):
+    """One post-LN BERT layer with fused attention, optionally also returning IAIS blocks."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.attention_dropout = config.attention_dropout
+        self.attention = _Attention(config)
+        self.intermediate = _Intermediate(config)
+        self.output = _ResidualOutput(config.intermediate_size, config.width, config)
+
+    def forward(self, hidden: Tensor, attn_mask: Tensor,
+                request: BlockRequest | None = None) -> tuple[Tensor, AttentionBlocks | None]:
+        # hidden [B, L, W], attn_mask [B, 1, 1, L] bool (True = attend)
+        batch, length, width = hidden.shape
+
+        def heads(x: Tensor) -> Tensor:  # [B, L, W] -> [B, h, L, d]
+            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        proj = self.attention.self
+        query, key, value = heads(proj.query(hidden)), heads(proj.key(hidden)), heads(proj.value(hidden))
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0)  # [B, h, L, d]
+        context = context.transpose(1, 2).reshape(batch, length, width)
+        attended = self.attention.output(context, hidden)
+        out = self.output(F.gelu(self.intermediate.dense(attended)), attended)
+        blocks = None
+        if request is not None:
+            blocks = attention_blocks(query[request.rows], key[request.rows], request)
+        return out, blocks
+
+
+class Encoder(nn.Module):
+    """A stack of `EncoderLayer`s; returns the last hidden states and the IAIS blocks per layer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(self, hidden: Tensor, key_mask: Tensor, request: BlockRequest | None = None,
+                iais_layers: frozenset[int] = frozenset()) -> tuple[Tensor, dict[int, AttentionBlocks]]:
+        # hidden [B, L, W], key_mask [B, L] bool
+        # A row without any real key would make the fused kernel return NaN (e.g. an image-only pass
+        # over a padding slot): let such rows see their first position.
+        key_mask = key_mask.clone()
+        key_mask[:, 0] |= ~key_mask.any(dim=1)
+        attn_mask = key_mask[:, None, None, :]  # [B, 1, 1, L]
+        attention: dict[int, AttentionBlocks] = {}
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for index, layer in enumerate(self.layer):
+            layer_request = request if index in iais_layers else None
+            if recompute:
+                hidden, blocks = checkpoint(layer, hidden, attn_mask, layer_request, use_reentrant=False)
+            else:
+                hidden, blocks = layer(hidden, attn_mask, layer_request)
+            if blocks is not None:
+                attention[index] = blocks
+        return hidden, attention
