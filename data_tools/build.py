@@ -452,3 +452,28 @@ def build(source: Source, options: Options, existing_shards: list[str] | None = 
 
     return finalize(out)
 
+
+
+# --- argument checks shared by the format modules -------------------------------------------------------
+def require_dir(path: str | os.PathLike, flag: str) -> Path:
+    """A folder argument that must exist (UserError naming the flag otherwise)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{flag} {path}: no such folder")
+    return path
+
+
+def require_file(path: str | os.PathLike, flag: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    return path
+
+
+def read_json_file(path: str | os.PathLike, flag: str) -> Any:
+    """An annotation file argument: unreadable or malformed JSON stops the build with one line."""
+    path = require_file(path, flag)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{flag} {path}: unreadable annotation file ({type(err).__name__}: {err})") from None

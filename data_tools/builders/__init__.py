@@ -4,6 +4,7 @@
 shards instead of writing new ones). The driver in `data_tools.build` does the rest."""
 
 FORMATS = {
+    "coco": "data_tools.builders.coco",
     "synthetic": "data_tools.builders.synthetic",
 }
 """Format name on the command line -> module."""
