@@ -1,0 +1,63 @@
+"""`build folder DIR`: images beside captions, `name.jpg` + `name.txt` (one caption per non-empty
+line), searched recursively; an image without a caption file or a caption without an image is
+rejected and listed."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from data_tools.build import Record, Source, require_dir
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="folder of name.jpg + name.txt pairs (searched recursively)")
+    parser.add_argument("--split", default="", help="split label stored in every sample")
+
+
+def list_pairs(root: Path) -> list[tuple[str, Path | None, Path | None]]:
+    """(stem relative to root, image, caption file) per stem, in sorted order."""
+    images: dict[str, Path] = {}
+    texts: dict[str, Path] = {}
+    extra: list[tuple[str, Path]] = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        for name in sorted(files):
+            path = Path(directory) / name
+            stem = path.relative_to(root).with_suffix("").as_posix()
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                if stem in images:
+                    extra.append((stem, path))  # a.jpg and a.png: both kept, the second one separately
+                else:
+                    images[stem] = path
+            elif path.suffix.lower() == ".txt":
+                texts[stem] = path
+    pairs = [(stem, images.get(stem), texts.get(stem)) for stem in sorted(set(images) | set(texts))]
+    pairs += [(stem, path, texts.get(stem)) for stem, path in extra]
+    return sorted(pairs, key=lambda p: (p[0], str(p[1])))
+
+
+def read_caption_lines(path: Path | None) -> list[bytes]:
+    if path is None:
+        return []
+    try:
+        return [line.strip() for line in path.read_bytes().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def make_source(args: argparse.Namespace) -> Source:
+    root = require_dir(args.folder, "folder")
+    pairs = list_pairs(root)
+    width = max(9, len(str(len(pairs))))
+
+    def records():
+        for i, (stem, image, text) in enumerate(pairs):
+            yield Record(
+                key=f"{i:0{width}d}", origin=str(image or text), image_path=None if image is None else str(image),
+                image_id=stem, captions=read_caption_lines(text), split=args.split,
+            )
+
+    return Source("folder", {"folder": str(root), "split": args.split}, records)
