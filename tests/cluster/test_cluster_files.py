@@ -1,0 +1,313 @@
+"""The files under cluster/: they parse, the tools that read them accept them, and they name what exists.
+
+DeepSpeed configs go through DeepSpeed's own config parser (and a real engine step per stage),
+the accelerate config through accelerate's loader, the Prometheus files through `promtool` (check
+and rule unit tests), and every `relalign_*` name in alerts and dashboard must be a series that
+pretrain/metrics.py exports. Slurm is not installed here: its commands (`srun`, `sbatch`,
+`scontrol`) are small shims on PATH (srun runs its command locally as one task, the others record
+their arguments), so what is tested is the scripts' own logic, with the real data_tools build.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_tools.errors import ExitCode
+from pretrain.metrics import MetricsConfig, MetricsLogger
+from tests.conftest import REPO
+
+CLUSTER = REPO / "cluster"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool absent (apt: prometheus)")
+
+
+def test_every_json_and_yaml_file_parses():
+    files = sorted(CLUSTER.rglob("*.json")) + sorted(CLUSTER.rglob("*.yml")) + sorted(CLUSTER.rglob("*.yaml"))
+    assert len(files) >= 8
+    for path in files:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        assert isinstance(data, dict), path
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_configs_pass_deepspeeds_parser(stage):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    raw = json.loads((CLUSTER / "deepspeed" / f"zero{stage}.json").read_text())
+    # The trainer merges these over the configuration it generates (batch, precision, optimiser).
+    parsed = DeepSpeedConfig({**raw, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1})
+    assert parsed.zero_optimization_stage == stage
+    assert parsed.train_batch_size == 2
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_deepspeed_configs_train_a_real_engine():
+    """Each ZeRO file drives a real DeepSpeed engine for two steps (one CPU process, gloo)."""
+    code = textwrap.dedent("""
+        import json, sys, torch, deepspeed
+        from pretrain import dist_env
+        dist_env.init_distributed(dist_env.detect(), timeout_s=120)
+        for stage in range(4):
+            raw = json.load(open(f"cluster/deepspeed/zero{stage}.json"))
+            raw.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
+                       optimizer={"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}})
+            torch.manual_seed(0)
+            model = torch.nn.Linear(8, 1)
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=raw)
+            assert engine.zero_optimization_stage() == stage
+            losses = []
+            for _ in range(2):
+                loss = engine(torch.ones(2, 8)).pow(2).mean()  # [batch, 1] -> scalar
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            assert losses[1] < losses[0], (stage, losses)
+            print("stage", stage, "ok", flush=True)
+        dist_env.shutdown()
+        dist_env.exit_process(0)
+    """)
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("stage")] == [
+        f"stage {s} ok" for s in range(4)
+    ]
+
+
+def test_accelerate_config_loads_and_points_at_a_zero_file():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CLUSTER / "accelerate" / "deepspeed.yaml"))
+    assert str(config.distributed_type) in ("DEEPSPEED", "DistributedType.DEEPSPEED")
+    ds_file = REPO / config.deepspeed_config["deepspeed_config_file"]
+    assert ds_file.parent == CLUSTER / "deepspeed" and ds_file.is_file()
+    assert config.num_processes >= 1 and not config.use_cpu  # use_cpu would drop the DeepSpeed plugin
+
+
+def test_hostfile_example_lines_are_host_and_slots():
+    lines = [l for l in (CLUSTER / "deepspeed" / "hostfile.example").read_text().splitlines()
+             if l.strip() and not l.startswith("#")]
+    assert lines and all(re.fullmatch(r"\S+ slots=\d+", l) for l in lines)
+
+
+def exported_metric_names(tmp_path) -> set[str]:
+    """Sample names of every series MetricsLogger exports, each series touched once."""
+    metrics = MetricsLogger(MetricsConfig(enabled=False, jsonl=False), str(tmp_path), "r", 0, 0)
+    step = {f"loss/{o}": 1.0 for o in ("itc", "itm", "mlm", "iais", "hinge", "total")}
+    step.update(samples=8, samples_per_second=1, step_seconds=1, data_wait_seconds=0, lr=1, grad_norm=1,
+                loss_scale=1, iais_weight=1, nonfinite_steps=1, **{"isd/L": 1, "isd/V": 1})
+    metrics.log_step(1, step)
+    metrics.log_eval(1, {"loss/itm": 1, "recall/t2i@1": 0.5, "isd/L": 1})
+    metrics.add_bad_samples({"decode_error": 1})
+    metrics.checkpoint_saved(1.0, ok=True)
+    names = {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    metrics.close()
+    return names
+
+
+def referenced_metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\brelalign_[a-z0-9_]+", text))
+
+
+def test_alerts_and_dashboard_use_only_exported_names(tmp_path):
+    exported = exported_metric_names(tmp_path)
+    alerts = referenced_metric_names((CLUSTER / "prometheus" / "alerts.yml").read_text())
+    dashboard = json.loads((CLUSTER / "grafana" / "relalign.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    used = referenced_metric_names(exprs)
+    assert alerts and used
+    assert alerts <= exported, alerts - exported
+    assert used <= exported, used - exported
+    # the dashboard shows every series except bookkeeping ones
+    assert {n for n in exported if not n.endswith("_created")} - used <= {"relalign_samples_total"}
+
+
+def test_dashboard_panels_are_well_formed():
+    dashboard = json.loads((CLUSTER / "grafana" / "relalign.json").read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and dashboard["uid"] and dashboard["title"]
+    for panel in dashboard["panels"]:
+        assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"])
+        assert set(panel["gridPos"]) == {"h", "w", "x", "y"}
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "run"}
+
+
+def test_scrape_config_targets_the_default_per_rank_ports():
+    config = yaml.safe_load((CLUSTER / "prometheus" / "prometheus.yml").read_text())
+    port = MetricsConfig().port
+    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
+    assert f"127.0.0.1:{port}" in targets and f"127.0.0.1:{port + 1}" in targets
+    assert config["rule_files"] == ["alerts.yml"]
+
+
+@needs_promtool
+def test_promtool_accepts_config_and_rules():
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
+        proc = subprocess.run([PROMTOOL, *args], cwd=CLUSTER / "prometheus", capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+RULE_TESTS = """
+rule_files: [{rules}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'relalign_steps_total{{rank="0",run="stuck"}}'
+        values: '0+10x10 100x30'
+      - series: 'relalign_steps_total{{rank="0",run="fine"}}'
+        values: '0+10x40'
+      - series: 'relalign_nonfinite_steps_total{{rank="0",run="stuck"}}'
+        values: '0x5 1x35'
+      - series: 'relalign_samples_total{{rank="0",run="stuck"}}'
+        values: '0+100x40'
+      - series: 'relalign_bad_samples_total{{rank="0",run="stuck",reason="decode_error"}}'
+        values: '0+5x40'
+      - series: 'relalign_bad_samples_total{{rank="0",run="fine",reason="decode_error"}}'
+        values: '0x40'
+      - series: 'relalign_samples_total{{rank="0",run="fine"}}'
+        values: '0+100x40'
+    alert_rule_test:
+      - eval_time: 8m
+        alertname: RelalignNoStepProgress
+        exp_alerts: []
+      - eval_time: 30m
+        alertname: RelalignNoStepProgress
+        exp_alerts:
+          - exp_labels: {{severity: critical, rank: "0", run: stuck}}
+            exp_annotations:
+              summary: "relalign run stuck rank 0: no optimiser step for 15 minutes"
+              description: "A stalled loader, a hung collective or a lost rank. Check the job log and the watchdog's message."
+      - eval_time: 10m
+        alertname: RelalignNonFiniteLoss
+        exp_alerts:
+          - exp_labels: {{severity: warning, rank: "0", run: stuck}}
+            exp_annotations:
+              summary: "relalign run stuck: non-finite loss (skipped steps: 1)"
+              description: "Steps are being skipped; after train.max_nonfinite in a row the run stops with exit code 4."
+      - eval_time: 35m
+        alertname: RelalignBadSampleRate
+        exp_alerts:
+          - exp_labels: {{severity: warning, run: stuck}}
+            exp_annotations:
+              summary: "relalign run stuck: 5% of samples are bad"
+              description: "More than 1% of samples are skipped (see relalign_bad_samples_total by reason); check the shards with `python -m data_tools verify`."
+  - interval: 1m
+    input_series:
+      - series: 'relalign_checkpoint_last_success_timestamp_seconds{{rank="0",run="old"}}'
+        values: '0x300'
+      - series: 'relalign_checkpoint_last_success_timestamp_seconds{{rank="0",run="new"}}'
+        values: '0+60x300'
+    alert_rule_test:
+      - eval_time: 2h
+        alertname: RelalignCheckpointStale
+        exp_alerts: []
+      - eval_time: 4h
+        alertname: RelalignCheckpointStale
+        exp_alerts:
+          - exp_labels: {{severity: warning, rank: "0", run: old}}
+            exp_annotations:
+              summary: "relalign run old: no successful checkpoint for 4h 0m 0s"
+              description: "A preemption now would lose that much work. Check checkpoint.every_steps and the storage."
+"""
+
+
+@needs_promtool
+def test_alert_rules_fire_on_the_situations_they_name(tmp_path):
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(RULE_TESTS.format(rules=json.dumps(str(CLUSTER / "prometheus" / "alerts.yml"))))
+    proc = subprocess.run([PROMTOOL, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- Slurm scripts -------------------------------------------------------------------------------
+def write_shim(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def slurm_shims(tmp_path) -> tuple[Path, Path]:
+    """srun runs its command here as the only task; sbatch and scontrol record their arguments."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    write_shim(bin_dir, "srun", f'echo "srun $*" >> {calls}\n'
+               'while [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
+    write_shim(bin_dir, "scontrol", f'echo "scontrol $*" >> {calls}\n'
+               'if [[ "$1 $2" == "show hostnames" ]]; then\n'
+               f'  PYTHONPATH={REPO} {sys.executable} -c "import sys; from pretrain.dist_env import expand_hostlist; '
+               'print(*expand_hostlist(sys.argv[1]), sep=chr(10))" "$3"\nfi\n')
+    write_shim(bin_dir, "sbatch", f'for arg in "$@"; do echo "sbatch-arg $arg" >> {calls}; done\necho 999\n')
+    return bin_dir, calls
+
+
+def test_sbatch_files_are_valid_bash_with_the_right_directives():
+    for name in ("pretrain.sbatch", "build_shards.sbatch"):
+        proc = subprocess.run(["bash", "-n", str(CLUSTER / "slurm" / name)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    text = (CLUSTER / "slurm" / "pretrain.sbatch").read_text()
+    assert "#SBATCH --signal=USR1@120" in text and "#SBATCH --requeue" in text
+    assert f"PREEMPTED={int(ExitCode.PREEMPTED)}" in text
+    assert "#SBATCH --array=" in (CLUSTER / "slurm" / "build_shards.sbatch").read_text()
+
+
+@pytest.mark.parametrize("code, requeued", [(int(ExitCode.PREEMPTED), True), (0, False), (1, False), (5, False)])
+def test_pretrain_sbatch_requeues_only_when_preempted(tmp_path, slurm_shims, code, requeued):
+    bin_dir, calls = slurm_shims
+    trainer = tmp_path / "trainer.sh"  # stands in for `python`: records its arguments, exits with `code`
+    trainer.write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/argv\nexit {code}\n')
+    trainer.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(trainer), SLURM_JOB_ID="4242",
+               SLURM_JOB_NAME="relalign-pretrain", SLURM_JOB_NODELIST="node[01-02]", SLURM_NTASKS_PER_NODE="2",
+               PROM_TARGETS_DIR=str(tmp_path / "targets"))
+    proc = subprocess.run(["bash", str(CLUSTER / "slurm" / "pretrain.sbatch"), "train.steps=10"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[:5] == ["-m", "pretrain", "--config", "configs/base.yaml", "--resume"] and argv[5] == "auto"
+    assert "run.dir=runs/relalign-pretrain-4242" in argv and "metrics.host=0.0.0.0" in argv
+    assert argv[-1] == "train.steps=10"
+    assert ("scontrol requeue 4242" in calls.read_text()) is requeued
+    targets = json.loads((tmp_path / "targets" / "relalign-4242.json").read_text())
+    assert targets[0]["targets"] == ["node01:9400", "node01:9401", "node02:9400", "node02:9401"]
+    assert targets[0]["labels"] == {"slurm_job": "4242"}
+
+
+@pytest.mark.slow
+def test_build_shards_array_then_merge_gives_one_dataset(tmp_path, slurm_shims):
+    """Two array tasks build their parts with the real builder; the recorded merge job then runs."""
+    bin_dir, calls = slurm_shims
+    out = tmp_path / "dataset"
+    base = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, FORMAT="synthetic",
+                ARGS="--samples 16 --shard-samples 4", OUT=str(out), SLURM_ARRAY_TASK_COUNT="2",
+                SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_JOB_ID="77", PYTHONPATH=str(REPO))
+    for task in (0, 1):
+        proc = subprocess.run(["bash", str(CLUSTER / "slurm" / "build_shards.sbatch")], cwd=tmp_path,
+                              env=dict(base, SLURM_ARRAY_TASK_ID=str(task)), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "dataset.json").exists()  # no commit marker before the merge
+    log = calls.read_text()
+    assert log.count("srun ") == 2 and "--num-parts 2 --part 0" in log and "--num-parts 2 --part 1" in log
+    sbatch_args = [line.split(" ", 1)[1] for line in log.splitlines() if line.startswith("sbatch-arg ")]
+    assert "--dependency=afterok:77" in sbatch_args
+    wrap = next(a for a in sbatch_args if a.startswith("--wrap="))[len("--wrap="):]
+    merge = subprocess.run(["bash", "-c", wrap], cwd=tmp_path,
+                           env=base, capture_output=True, text=True, timeout=300)
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["total_samples"] == 16 and len(info["shards"]) == 4
