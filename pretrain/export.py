@@ -1,0 +1,102 @@
+"""Export a run's checkpoint as consolidated weights: `python -m pretrain export RUN --out DIR`.
+
+    DIR/model.safetensors     fp32 state dict of RelAlignModel (whatever ZeRO stage or precision trained it)
+    DIR/model_config.json     the ModelConfig (vocab_size included)
+    DIR/tokenizer/            the tokenizer the run trained with (Hugging Face folder)
+    DIR/export.json           source checkpoint, step, config hash
+
+`load_exported(DIR)` rebuilds the model (eval mode) and the tokenizer; finetuning and evaluation
+start from it. Safetensors: loading exported weights never unpickles anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_tools.errors import UserError
+from pretrain.checkpoint import read_client_state, resolve_resume
+
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer"
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 full state dict from a DeepSpeed checkpoint folder of any ZeRO stage."""
+    zero_files = list(checkpoint.glob("*optim_states.pt"))
+    if zero_files and any("zero" in f.name for f in zero_files):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    else:  # ZeRO 0 in fp32: the full module is in the model-states file (written by our own save)
+        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise UserError(f"export: {checkpoint} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+
+
+def _model_config(client: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    from pretrain.config import build
+    from pretrain.model import ModelConfig
+
+    model_cfg = build(ModelConfig, client["config"]["model"], "model")
+    return dataclasses.asdict(dataclasses.replace(model_cfg, vocab_size=vocab_size))
+
+
+def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the newest complete checkpoint of `run` (or the checkpoint `run` names) into `out`."""
+    from safetensors.torch import save_file
+
+    checkpoint = resolve_resume(str(run), Path(run))
+    if checkpoint is None:
+        raise UserError(f"export: {run} has no complete checkpoint")
+    client = read_client_state(checkpoint)
+    state = consolidated_state_dict(checkpoint)
+    embedding = next((v for k, v in state.items() if k.endswith("word_embeddings.weight")), None)
+    if embedding is None:
+        raise UserError(f"export: {checkpoint} has no word embedding table; not a RelAlignModel checkpoint")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "source": str(checkpoint)})
+    (out / MODEL_CONFIG).write_text(json.dumps(_model_config(client, int(embedding.shape[0])), indent=1))
+    if (checkpoint / TOKENIZER).is_dir():
+        shutil.rmtree(out / TOKENIZER, ignore_errors=True)
+        shutil.copytree(checkpoint / TOKENIZER, out / TOKENIZER)
+    (out / "export.json").write_text(json.dumps({
+        "checkpoint": str(checkpoint.resolve()), "step": client["step"], "config_hash": client["config_hash"],
+        "parameters": int(sum(v.numel() for v in state.values())),
+    }, indent=1))
+    return out
+
+
+def load_exported(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
+    """(RelAlignModel in eval mode, tokenizer or None) from an export folder."""
+    from safetensors.torch import load_file
+
+    from pretrain.model import ModelConfig, RelAlignModel
+
+    folder = Path(folder)
+    if not (folder / WEIGHTS).is_file() or not (folder / MODEL_CONFIG).is_file():
+        raise UserError(f"{folder}: not an exported model (expected {WEIGHTS} and {MODEL_CONFIG})")
+    config = ModelConfig(**json.loads((folder / MODEL_CONFIG).read_text()))
+    model = RelAlignModel(config)
+    state = load_file(str(folder / WEIGHTS))
+    own = model.state_dict()
+    for name, value in state.items():  # training held 0-dim parameters as [1] (engine.promote_scalar_parameters)
+        if name in own and own[name].shape != value.shape and own[name].numel() == value.numel():
+            state[name] = value.reshape(own[name].shape)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    tokenizer = None
+    if (folder / TOKENIZER).is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER))
+    return model, tokenizer
