@@ -96,3 +96,22 @@ def train_tokenizer(captions: Iterable[str] | Iterator[str], vocab_size: int, fo
     backend.train_from_iterator(captions, trainer=trainer)
     _post_processor(backend, processors)
     return _save(backend, folder)
+
+
+def train_dataset_tokenizer(dataset: str | os.PathLike, vocab_size: int, folder: str | os.PathLike) -> int:
+    """`python -m data_tools tokenizer DIR --vocab-size V --out T`: train over every caption of a dataset."""
+    import sys
+
+    from data_tools.errors import UserError
+    from data_tools.stats import iter_metadata
+
+    minimum = len(SPECIAL_TOKENS) + 1
+    if vocab_size < minimum:
+        raise UserError(f"--vocab-size={vocab_size}: must be at least {minimum}")
+    captions = (str(c) for _, meta in iter_metadata(dataset) for c in meta["captions"])
+    out = train_tokenizer(captions, vocab_size, folder)
+    from transformers import AutoTokenizer
+
+    size = len(AutoTokenizer.from_pretrained(str(out)))
+    print(f"{out}: WordPiece tokenizer with {size} tokens trained on {dataset}", file=sys.stderr)
+    return 0
