@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cursor", default=None, metavar="IN", help="start from this saved global cursor (JSON)")
     parser.add_argument("--save-cursor", default=None, metavar="OUT", help="write the global cursor after the last printed step")
     parser.add_argument("--decode", action="store_true", help="read and decode the samples (omits bad ones, reasons on stderr)")
+    parser.add_argument("--max-pixels", type=_positive, default=DataConfig.max_pixels, help="with --decode: images with more pixels are bad samples")
 
 
 def _read_cursor(path: str) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--weights: {len(args.weights)} values for {len(args.dirs)} folders (expected one per DIR)")
     config = DataConfig(
         paths=list(args.dirs), weights=args.weights, batch_size=args.batch_size, workers=args.workers,
-        shuffle_block=args.shuffle_block, seed=args.seed,
+        shuffle_block=args.shuffle_block, seed=args.seed, max_pixels=args.max_pixels,
     )  # fmt: skip
     datasets = open_datasets(config.paths, config.weights)
     sources = [d.source for d in datasets]
