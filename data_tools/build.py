@@ -450,7 +450,7 @@ def build(source: Source, options: Options, existing_shards: list[str] | None = 
         return 0
     from data_tools.merge import finalize
 
-    return finalize(out)
+    return finalize(out, args_hash)
 
 
 

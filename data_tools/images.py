@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import re
 import warnings
 
 from PIL import Image
@@ -26,6 +27,11 @@ DEFAULT_QUALITY = 90
 
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 """PIL format -> shard member extension for images whose original bytes are kept as they are."""
+
+
+def _describe(err: Exception) -> str:
+    """An exception as one stable line: object reprs with memory addresses removed (reproducible rejected.jsonl)."""
+    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(err).__name__}: {err}")
 
 
 def _disable_pil_guard() -> None:
@@ -43,7 +49,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadSample("too_many_pixels", str(err)) from None
     except Exception as err:  # PIL raises many types for garbage input
-        raise BadSample("decode_error", f"{type(err).__name__}: {err}") from None
+        raise BadSample("decode_error", _describe(err)) from None
     width, height = image.size
     if width * height > max_pixels:
         raise BadSample("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
@@ -113,4 +119,4 @@ def decode_image_from(image: Image.Image) -> Image.Image:
         image.load()
         return image.convert("RGB") if image.mode != "RGB" else image
     except Exception as err:
-        raise BadSample("decode_error", f"{type(err).__name__}: {err}") from None
+        raise BadSample("decode_error", _describe(err)) from None

@@ -19,18 +19,23 @@ from typing import Any
 
 from data_tools.errors import ExitCode, UserError
 from data_tools.manifest import manifest_table, write_dataset_info, write_manifest
-from data_tools.schema import DATASET_FILE, REJECTED_FILE, DatasetInfo, ShardInfo
+from data_tools.schema import DATASET_FILE, REJECTED_FILE, SHARDS_DIR, DatasetInfo, ShardInfo
 
 STATE_DIR = ".build"
 """Per-shard completion records of an unfinished build (removed once dataset.json is written)."""
 
 
-def read_states(out: Path) -> list[dict[str, Any]]:
-    """All shard states of one build, in shard order; UserError when some are missing or disagree."""
+def read_states(out: Path, args_hash: str | None = None) -> list[dict[str, Any]]:
+    """All shard states of one build, in shard order; UserError when some are missing or disagree.
+
+    `args_hash` (from a build) ignores states left by an earlier build with other arguments.
+    """
     paths = sorted((out / STATE_DIR).glob("shard-*.json"))
-    if not paths:
-        raise UserError(f"{out}: no build state to merge (no {STATE_DIR}/shard-*.json; was a build started here?)")
     states = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    if args_hash is not None:
+        states = [s for s in states if s["args_hash"] == args_hash]
+    if not states:
+        raise UserError(f"{out}: no build state to merge (no {STATE_DIR}/shard-*.json; was a build started here?)")
     hashes = {s["args_hash"] for s in states}
     if len(hashes) > 1:
         raise UserError(f"{out}: shard states come from builds with different arguments; rebuild into an empty folder")
@@ -55,10 +60,10 @@ def write_rejected(out: Path, rejected: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def finalize(out: str | os.PathLike) -> int:
+def finalize(out: str | os.PathLike, args_hash: str | None = None) -> int:
     """Write the index files of a fully built dataset; returns the exit code."""
     out = Path(out)
-    states = read_states(out)
+    states = read_states(out, args_hash)
     builder, arguments = states[0]["builder"], states[0]["arguments"]
     shards: list[ShardInfo] = []
     rows: list[dict[str, Any]] = []
@@ -86,6 +91,8 @@ def finalize(out: str | os.PathLike) -> int:
     )
     write_dataset_info(out, info)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    for stale in (out / SHARDS_DIR).glob(".*.tar.tmp*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     print(
         f"{out}: {info.total_samples} samples in {len(shards)} shards, {len(rejected)} rejected"
         + (f" ({', '.join(f'{k}={v}' for k, v in sorted(counts.items()))})" if counts else ""),
