@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the trainer on a machine with one CUDA GPU (made for one H100; < 6 minutes).
+#
+#   bash bench/gpu_check.sh            # results: one JSON object per line on stdout and in $OUT/gpu_check.jsonl
+#
+# 1. Python: $PYTHON, else .venv/bin/python if it has CUDA torch, else python3. Packages the machine
+#    lacks (deepspeed, webdataset, pydantic, hjson...) are installed from the wheels in .whl/ when
+#    present (offline: `--no-index`), into a folder of their own put on PYTHONPATH.
+# 2. Data: `python -m data_tools build synthetic --image-size 224` (the relational scenes).
+# 3. The trainer, the `base` preset (12 x 768), ZeRO 2, once in bf16 and once in fp16 (dynamic loss
+#    scaling), each run in its own process through the same code as `python -m pretrain`
+#    (`pretrain.train.train`), plus a short run under torch's FlopCounterMode that counts the model
+#    FLOPs of a real training step (all encoder passes of ITC, ITM with hard negatives, MLM, IAIS;
+#    forward and backward).
+# Reported per precision: samples/s (median over logging intervals after the first, which holds
+# compilation and warm-up), peak GPU memory allocated by torch and reserved by its allocator, model
+# FLOPs per sample, and model FLOPs utilisation = FLOPs/sample x samples/s / the GPU's dense peak
+# (PEAK_TFLOPS, default 989: H100 SXM bf16/fp16 dense; set it for another card).
+# Every step has its own timeout; a failing step is reported as {"error": ...} and the rest goes on.
+# A CPU dry run of the plumbing (tiny preset, bf16 only): GPU_CHECK_CPU=1 CONFIG=configs/tiny.yaml
+#   PRECISIONS=bf16 IMAGE_SIZE=64 SAMPLES=256 STEPS=6 BATCH=8 bash bench/gpu_check.sh
+set -x
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/runs/gpu_check}
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/relalign-gpu.XXXXXX)
+RESULTS=$OUT/gpu_check.jsonl
+: > "$RESULTS"
+STEPS=${STEPS:-40}
+BATCH=${BATCH:-64}
+SAMPLES=${SAMPLES:-4096}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+CONFIG=${CONFIG:-configs/base.yaml}
+PRECISIONS=${PRECISIONS:-bf16 fp16}
+IMAGE_SIZE=${IMAGE_SIZE:-224}
+RUN_TIMEOUT=${RUN_TIMEOUT:-150}
+WORKERS=${WORKERS:-8}
+if [[ -n "${GPU_CHECK_CPU:-}" ]]; then ACCEL=cpu; NEED='True'; else ACCEL=cuda; NEED='torch.cuda.is_available()'; fi
+export DS_ACCELERATOR=$ACCEL HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
+report() { echo "$1" | tee -a "$RESULTS"; }
+
+# --- 1. python and packages ------------------------------------------------------------------
+pick_python() {
+    for candidate in "${PYTHON:-}" "$REPO/.venv/bin/python" python3; do
+        [[ -n "$candidate" ]] || continue
+        if timeout 120 "$candidate" -c "import torch, sys; sys.exit(0 if $NEED else 1)" 2>/dev/null; then
+            echo "$candidate"; return 0
+        fi
+    done
+    return 1
+}
+PY=$(pick_python) || { report '{"bench": "gpu_check", "error": "no python with CUDA torch found"}'; exit 1; }
+if [[ -d .whl ]] && ! timeout 120 "$PY" -c 'import deepspeed, webdataset' 2>/dev/null; then
+    timeout 180 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$WORK/site" .whl/*.whl
+    export PYTHONPATH=$WORK/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+timeout 120 "$PY" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))' \
+    || { report '{"bench": "gpu_check", "error": "torch/deepspeed import failed (see log)"}'; exit 1; }
+
+# --- 2. data ---------------------------------------------------------------------------------
+timeout 150 "$PY" -m data_tools build synthetic --samples "$SAMPLES" --image-size "$IMAGE_SIZE" --seed 0 \
+    --workers "$WORKERS" --out "$WORK/data" \
+    || { report '{"bench": "gpu_check", "error": "building the synthetic dataset failed"}'; exit 1; }
+
+# --- 3. trainer runs ---------------------------------------------------------------------------
+cat > "$WORK/one_run.py" <<'PY'
+"""One trainer run of the gpu check: samples/s, peak memory and model FLOPs, one JSON line."""
+import json, statistics, sys, time, traceback
+
+import torch
+
+from pretrain import dist_env
+from pretrain.config import load_config
+from pretrain.metrics import read_jsonl
+from pretrain.train import train
+
+precision, work, steps, batch, peak_tflops, config = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                                       float(sys.argv[5]), sys.argv[6])
+workers = int(sys.argv[7])
+cuda = torch.cuda.is_available() and dist_env.backend() == "nccl"
+
+
+def overrides(run_dir, n_steps, log_every):
+    return [f"data.paths=[{work}/data]", f"run.dir={run_dir}", f"precision={precision}", "zero.stage=2",
+            f"train.steps={n_steps}", f"data.batch_size={batch}", f"train.global_batch_size={batch}",
+            f"train.log_every={log_every}", "train.eval_every=0", "checkpoint.every_steps=0",
+            "checkpoint.at_end=false", "metrics.port=0", f"data.workers={workers}"]
+
+
+result = {"bench": "gpu_check", "config": config, "precision": precision, "zero_stage": 2, "batch": batch,
+          "steps": steps, "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+try:
+    env = dist_env.detect()
+    dist_env.init_distributed(env, timeout_s=600)
+    # a) model FLOPs of real training steps (counted, not timed)
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        cfg = load_config(config, overrides(f"{work}/flops-{precision}", 2, 1))
+        with FlopCounterMode(display=False) as counter:
+            train(cfg, env)
+        result["model_flops_per_sample"] = counter.get_total_flops() / (2 * batch)
+    except Exception as err:  # the timing below is still worth having
+        result["flops_error"] = f"{type(err).__name__}: {err}"[:500]
+    # b) the timed run
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    cfg = load_config(config, overrides(f"{work}/run-{precision}", steps, max(1, min(5, steps // 3))))
+    start = time.perf_counter()
+    code = int(train(cfg, env))
+    result.update(exit_code=code, wall_seconds=round(time.perf_counter() - start, 2))
+    if cuda:
+        torch.cuda.synchronize()
+        result.update(peak_memory_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                      peak_memory_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3))
+    records = read_jsonl(cfg.run.dir)
+    rates = [r["samples_per_second"] for r in records[1:] if r.get("samples_per_second")]
+    result["samples_per_second"] = round(statistics.median(rates), 2) if rates else None
+    result["data_wait_share"] = round(statistics.median(
+        [r["data_wait_seconds"] / r["step_seconds"] for r in records[1:] if r.get("step_seconds")] or [float("nan")]), 3)
+    result["final_loss_total"] = records[-1].get("loss/total") if records else None
+    result["loss_scale"] = records[-1].get("loss_scale") if records else None
+    if result.get("model_flops_per_sample") and result["samples_per_second"]:
+        achieved = result["model_flops_per_sample"] * result["samples_per_second"]
+        result["model_tflops_per_second"] = round(achieved / 1e12, 2)
+        result["mfu"] = round(achieved / (peak_tflops * 1e12), 4)
+        result["peak_tflops_assumed"] = peak_tflops
+except Exception as err:
+    result["error"] = f"{type(err).__name__}: {err}"[:800]
+    traceback.print_exc()
+print(json.dumps(result), flush=True)
+dist_env.shutdown(barrier=False)
+dist_env.exit_process(0 if "error" not in result else 1)
+PY
+
+for precision in $PRECISIONS; do
+    timeout "$RUN_TIMEOUT" "$PY" "$WORK/one_run.py" "$precision" "$WORK" "$STEPS" "$BATCH" "$PEAK_TFLOPS" "$CONFIG" "$WORKERS" \
+        > "$OUT/run-$precision.log" 2>&1
+    echo "exit status $?" >> "$OUT/run-$precision.log"
+    tail -n 30 "$OUT/run-$precision.log"
+    line=$(grep '^{"bench"' "$OUT/run-$precision.log" | tail -n 1)
+    if [[ "$line" == \{* ]]; then
+        report "$line"
+    else
+        report "{\"bench\": \"gpu_check\", \"precision\": \"$precision\", \"error\": \"run failed or timed out (see run-$precision.log)\"}"
+    fi
+done
+cp "$WORK"/run-bf16/metrics.jsonl "$OUT/metrics-bf16.jsonl" 2>/dev/null || true
+cp "$WORK"/run-fp16/metrics.jsonl "$OUT/metrics-fp16.jsonl" 2>/dev/null || true
+# fp16 against bf16 (the baseline) measured in this same run
+"$PY" - "$RESULTS" <<'PY' | tee -a "$RESULTS"
+import json, sys
+rows = {r.get("precision"): r for r in map(json.loads, open(sys.argv[1])) if r.get("precision")}
+bf16, fp16 = rows.get("bf16", {}), rows.get("fp16", {})
+ratio = (fp16["samples_per_second"] / bf16["samples_per_second"]
+         if fp16.get("samples_per_second") and bf16.get("samples_per_second") else None)
+print(json.dumps({"bench": "gpu_check", "metric": "fp16_vs_bf16_samples_per_second", "baseline": "bf16",
+                  "ratio": round(ratio, 3) if ratio else None}))
+PY
+rm -rf "$WORK"
