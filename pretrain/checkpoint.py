@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -39,6 +40,9 @@ LATEST = "latest"
 CLIENT_STATE = "client_state.json"
 TMP_PREFIX = ".tmp-"
 UNIVERSAL_SUFFIX = ".universal"
+FAULT_ENV = "RELALIGN_KILL_DURING_SAVE"
+"""Fault injection for the crash tests: a process whose environment sets this to a tag SIGKILLs
+itself after writing its part of that checkpoint and before the commit."""
 
 
 def tag_for(step: int) -> str:
@@ -162,6 +166,8 @@ class CheckpointManager:
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
             state = dict(client_state, world_size=self.world_size, saved_at=time.time(), tag=tag)
             _write_atomic(tmp / CLIENT_STATE, json.dumps(state, indent=1))
+        if os.environ.get(FAULT_ENV) == tag:  # fault injection for tests: die with the save half done
+            os.kill(os.getpid(), signal.SIGKILL)
         _barrier()  # every rank has written its part
         final = self.root / tag
         if self.rank == 0:

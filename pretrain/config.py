@@ -114,6 +114,9 @@ class TrainConfig:
     """Steps between validations (and one at the end); 0 disables validation."""
     max_nonfinite_steps: int = 5
     """Stop (exit code NONFINITE, last good state saved) after this many non-finite steps in a row."""
+    record_keys: bool = False
+    """Append every consumed sample key to <run>/keys/rank<r>.txt ("epoch step key" lines): an audit of
+    exactly-once data order across resumes."""
     lost_rank_timeout_s: float = 300.0
     """A rank that stops answering for this long makes the others exit naming it (watchdog)."""
 
@@ -212,7 +215,7 @@ class Config:
 
 RESUME_MUTABLE = (
     "data.paths", "data.workers", "data.batch_size", "data.weights", "data.tokenizer",
-    "metrics", "run", "resume", "eval", "train.log_every", "train.eval_every", "train.lost_rank_timeout_s",
+    "metrics", "run", "resume", "eval", "train.log_every", "train.eval_every", "train.lost_rank_timeout_s", "train.record_keys",
     "train.grad_accumulation", "checkpoint", "zero.deepspeed_config",
 )
 """Fields that may differ between a checkpoint's config and the resuming run's (world size too).

@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -130,6 +131,8 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        # DeepSpeed 0.19.8 calls deprecated c10d functions every step: one warning per call otherwise.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
         torch.manual_seed(cfg.train.seed + self.rank)
         self.resume_path, saved = self._resume_source()
         geometry = batch_geometry(cfg, self.world, saved["global_batch"] if saved else None)
@@ -170,6 +173,10 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, cfg.run.name, self.rank, self.env.local_rank)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
+        self.keys_file = None
+        if cfg.train.record_keys:
+            (self.run_dir / "keys").mkdir(parents=True, exist_ok=True)
+            self.keys_file = open(self.run_dir / "keys" / f"rank{self.rank}.txt", "a", encoding="utf-8", buffering=1)
 
     def _default_objective(self, model_cfg: Any) -> Objective:
         from pretrain.iais import IAISRegularizer
@@ -286,6 +293,8 @@ class Trainer:
                     state.epoch, batch = next(stream)
                     window["wait"] += time.perf_counter() - wait_start
                     last_cursor = batch.get("cursor")
+                    if self.keys_file is not None:
+                        self.keys_file.write("".join(f"{state.epoch} {state.step} {k}\n" for k in batch["key"] if k))
                     if batch.get("bad_samples"):
                         self.metrics.add_bad_samples(batch["bad_samples"])
                     batch = _cast_floats(batch, dtype)
@@ -318,13 +327,15 @@ class Trainer:
                     state.nonfinite_in_a_row = 0
                 window["steps"] += 1
                 step_seconds = time.perf_counter() - step_start
+                if state.step % cfg.train.log_every == 0 or state.step == self.total_steps:
+                    self._log_step(logs_sum, max(backwards, 1), window, step_seconds, run_start, start_step)
                 if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    if state.step % cfg.train.log_every:  # the stopping step is always recorded
+                        self._log_step(logs_sum, max(backwards, 1), window, step_seconds, run_start, start_step)
                     self.save(last_cursor)
                     raise UserError(f"training stopped: {state.nonfinite_in_a_row} non-finite losses in a row "
                                     f"(train.max_nonfinite_steps); the last good state is saved in "
                                     f"{self.checkpoints.root}", ExitCode.NONFINITE)
-                if state.step % cfg.train.log_every == 0 or state.step == self.total_steps:
-                    self._log_step(logs_sum, max(backwards, 1), window, step_seconds, run_start, start_step)
                 if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == self.total_steps):
                     results = self.validate()
                     self.metrics.log_eval(state.step, results)
@@ -344,6 +355,8 @@ class Trainer:
         finally:
             preempt.restore()
             self.metrics.close()
+            if self.keys_file is not None:
+                self.keys_file.close()
         return exit_code
 
     def _log_step(self, logs_sum: dict[str, float], count: int, window: dict[str, Any], step_seconds: float,

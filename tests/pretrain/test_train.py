@@ -1,0 +1,107 @@
+"""The training loop end to end: a 2-process torchrun run learns, writes its run directory and
+metrics; non-finite losses stop the run with the last good state saved; validation is logged."""
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data_tools.errors import ExitCode
+from tests.pretrain.runs import (PYTHON, REPO, RUN_TIMEOUT_S, assert_same_weights, base_args, build_synthetic,
+                                 env_for, latest_tag, model_state, train_records)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return build_synthetic(tmp_path_factory.mktemp("data") / "synthetic")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_torchrun_two_ranks_zero2_learns(synthetic: Path, tmp_path: Path, port: int) -> None:
+    run = tmp_path / "run"
+    args = base_args(synthetic, run, "train.steps=24", "zero.stage=2", "data.batch_size=8", "optimizer.lr=2e-3",
+                     "schedule.warmup_steps=2", "checkpoint.every_steps=12", "train.eval_every=12",
+                     "eval.batches=2", "eval.retrieval_probe=true")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "pretrain", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # progress lines: step, losses, samples/s, data-wait share, ETA
+    assert "step 24/24 | " in proc.stderr and "samples/s | data wait" in proc.stderr and "eta" in proc.stderr
+
+    records = train_records(run)
+    assert sorted(records) == list(range(1, 25))
+    first = sum(records[s]["loss/total"] for s in (1, 2, 3)) / 3
+    last = sum(records[s]["loss/total"] for s in (22, 23, 24)) / 3
+    assert last < first - 0.1, (first, last)
+    for key in ("loss/itc", "loss/itm", "loss/mlm", "loss/iais", "lr", "grad_norm", "samples_per_second",
+                "data_wait_seconds", "iais_weight", "isd/L", "isd/V"):
+        assert key in records[24], key
+    assert records[24]["samples"] == 24 * 16  # global batch = 2 ranks x 8
+    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert [e["step"] for e in evals] == [12, 24]
+    assert all(0.0 <= e["recall/t2i@1"] <= 1.0 and "loss/total" in e for e in evals)
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["zero"]["stage"] == 2 and saved["train"]["steps"] == 24
+    assert latest_tag(run) == "step00000024"
+    tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert tags == ["step00000012", "step00000024"]
+    client = json.loads((run / "checkpoints" / "step00000024" / "client_state.json").read_text())
+    assert client["step"] == 24 and client["world_size"] == 2 and client["cursor"]["layout"]["world_size"] == 2
+    assert (run / "checkpoints" / "step00000024" / "rng" / "rank1.pt").is_file()
+
+
+NAN_AFTER = textwrap.dedent("""
+    import sys, torch
+    from pretrain.__main__ import main as _unused  # noqa: F401  (same import path as the CLI)
+    from pretrain import dist_env
+    from pretrain.config import load_config
+    from pretrain.objectives import ObjectiveOutput, PretrainObjective
+    from pretrain.train import train
+    from data_tools.errors import UserError
+
+    class NanAfter:
+        '''The pretraining objective, whose loss turns NaN from step `start` on (a pluggable objective).'''
+        def __init__(self, inner, start):
+            self.inner, self.start = inner, start
+        def __call__(self, model, batch, progress):
+            out = self.inner(model, batch, progress)
+            if progress.step >= self.start:
+                out = ObjectiveOutput(out.total * float("nan"), out.logs)
+            return out
+
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    env = dist_env.detect()
+    dist_env.init_distributed(env)
+    try:
+        train(cfg, env, objective=NanAfter(PretrainObjective(cfg.objectives), start=3))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        dist_env.shutdown()
+        dist_env.exit_process(int(err.exit_code))
+    dist_env.exit_process(0)
+""")
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_stop_with_last_good_state(synthetic: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = base_args(synthetic, run, "train.steps=20", "train.max_nonfinite_steps=3", "checkpoint.every_steps=3",
+                     "checkpoint.keep_last=5", "iais.enabled=false")
+    proc = subprocess.run([PYTHON, "-c", NAN_AFTER, *args[1:]], cwd=REPO, env=env_for(), capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == ExitCode.NONFINITE, proc.stderr[-3000:]
+    assert "3 non-finite losses in a row" in proc.stderr
+    # steps 1-3 trained, 4-6 skipped; the stop saved step 6, whose weights are those of step 3
+    assert latest_tag(run) == "step00000006"
+    checkpoints = run / "checkpoints"
+    assert_same_weights(model_state(checkpoints / "step00000003"), model_state(checkpoints / "step00000006"))
+    records = train_records(run)
+    assert records[6]["nonfinite_steps"] == 3 and torch.isfinite(torch.tensor(records[3]["loss/total"]))
