@@ -15,6 +15,14 @@ from data_tools.errors import UserError, run_cli
 COMMANDS = ("build", "verify", "stats", "merge", "tokenizer", "stream")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: one `data_tools: error: ...` line and exit 2
+    (plain argparse prints the whole usage block first). --help still prints the usage."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
 def parse_size(text: str) -> int:
     """'512M', '2G', '100000' -> bytes (argparse type)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -46,7 +54,7 @@ def add_common_build_arguments(parser: argparse.ArgumentParser, default_name: st
 def build_parser() -> argparse.ArgumentParser:
     from data_tools.builders import FORMATS
 
-    parser = argparse.ArgumentParser(prog="python -m data_tools", description="relalign data plane: build, check and inspect datasets")
+    parser = OneLineParser(prog="python -m data_tools", description="relalign data plane: build, check and inspect datasets")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
     build = commands.add_parser("build", help="build a dataset folder from a source format")
@@ -102,7 +110,7 @@ def run_stream(argv: Sequence[str]) -> int:
         if err.name != "data_tools.stream_cli":
             raise
         raise UserError("stream: not available in this checkout (data_tools/stream_cli.py is missing)") from None
-    parser = argparse.ArgumentParser(prog="python -m data_tools stream")
+    parser = OneLineParser(prog="python -m data_tools stream")
     stream_cli.add_arguments(parser)
     return stream_cli.run(parser.parse_args(argv))
 
@@ -131,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_dataset_tokenizer(args.dataset, args.vocab_size, args.out)
     raise AssertionError(args.command)
+
+
+# run_cli names the program after main's module; under `python -m data_tools` that would be "__main__".
+main.__module__ = "data_tools.__main__"
 
 
 def entry() -> int:

@@ -13,8 +13,6 @@ import os
 import tarfile
 from pathlib import Path
 
-import webdataset as wds
-
 TAR_MTIME = 0
 """Fixed member mtime: a timestamp would make every rebuild differ."""
 
@@ -60,6 +58,8 @@ class ShardWriter:
     """Write one shard: `add(key, {ext: bytes})` per sample, then `finish()`; `abort()` on error."""
 
     def __init__(self, path: str | os.PathLike):
+        import webdataset as wds  # imports torch: only where a shard is actually written
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
