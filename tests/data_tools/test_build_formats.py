@@ -140,3 +140,26 @@ def test_bad_arguments_one_line_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.format(tmp=tmp_path) in err[0], err
     assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (the pixel data is never reached by a header check)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_configured_pixel_limit_decides_not_pils(recwarn):
+    from data_tools.errors import BadSample
+    from data_tools.images import open_image
+
+    huge = png_header_only(20_000, 10_000)  # 200 MP: above PIL's own error threshold (2 x 89 MP)
+    assert open_image(huge, max_pixels=300_000_000).size == (20_000, 10_000)
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+    with pytest.raises(BadSample) as err:
+        open_image(huge, max_pixels=64_000_000)
+    assert err.value.reason == "too_many_pixels" and "20000x10000" in str(err.value)

@@ -71,6 +71,20 @@ def test_verify_names_the_damage(synthetic_dataset, tmp_path, capsys, how, expec
     assert lines[-1].endswith(f"{len(expected)} problems")
 
 
+def test_verify_streams_pipe_locations(synthetic_dataset, tmp_path, capsys):
+    """Shards listed as `pipe:` commands (remote storage) are streamed: size, hash, keys, decoding."""
+    out = tmp_path / "remote"
+    shutil.copytree(synthetic_dataset, out)
+    info = json.loads((out / DATASET_FILE).read_text())
+    for shard in info["shards"]:
+        shard["location"] = f"pipe:cat {out / shard['location']}"
+    (out / DATASET_FILE).write_text(json.dumps(info))
+    assert build("verify", str(out)) == 0
+    (out / "shards" / "synthetic-000002.tar").write_bytes(b"")
+    assert build("verify", str(out)) == 3
+    assert "shard 2 (pipe:cat" in capsys.readouterr().out
+
+
 def test_verify_missing_dataset_json(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert build("verify", str(tmp_path / "empty")) == 2
