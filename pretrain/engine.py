@@ -148,9 +148,35 @@ def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, geometry: BatchGeometry, total_steps: int,
+class TrainModule(torch.nn.Module):
+    """The model and the objective as one module: DeepSpeed's forward runs the whole objective.
+
+    Why: the objective calls several model methods (embed_visual, encode_text, forward, heads), and
+    some read parameters outside their own module's forward (tied word embeddings, logit_scale).
+    ZeRO 3 gathers such partitioned parameters on access only while the engine's forward is running,
+    so the objective must run inside it. Parameter names gain the prefix `model.`.
+
+    forward(batch, progress) -> (total loss, logs); forward(batch, progress, embed=True) -> ITC
+    embeddings (text [B, E], image [B, E]) for the retrieval probe.
+    """
+
+    def __init__(self, model: torch.nn.Module, objective: Any):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict[str, Any], progress: Any, embed: bool = False):
+        if embed:
+            tokens, mask = self.model.embed_visual(batch)
+            return self.model.encode_text(batch["input_ids"], batch["text_mask"]), self.model.encode_image(tokens, mask)
+        out = self.objective(self.model, batch, progress)
+        return out.total, out.logs
+
+
+def build_engine(model: torch.nn.Module, objective: Any, cfg: Config, geometry: BatchGeometry, total_steps: int,
                  load_universal: bool = False):
-    """`deepspeed.initialize` with a client AdamW and a LambdaLR; returns (engine, scheduler)."""
+    """`deepspeed.initialize` of TrainModule(model, objective) with a client AdamW (groups from the
+    model's own parameter names) and a LambdaLR; returns (engine, scheduler)."""
     import deepspeed
 
     promote_scalar_parameters(model)
@@ -162,7 +188,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, geometry: BatchGeometry, t
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        model=TrainModule(model, objective), optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, geometry, load_universal),
     )
     return engine, scheduler

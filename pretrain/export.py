@@ -39,7 +39,8 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         if not files:
             raise UserError(f"export: {checkpoint} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+    prefix = "model."  # engine.TrainModule wraps the model
+    return {k.removeprefix(prefix): v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
 def _model_config(client: dict[str, Any], vocab_size: int) -> dict[str, Any]:

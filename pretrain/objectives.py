@@ -92,9 +92,16 @@ def image_id_codes(image_ids: list[str]) -> torch.Tensor:
     return torch.tensor(codes, dtype=torch.long)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 for the loss (bf16/fp16 logits lose too much in log-softmax); float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    weights = weights.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp(min=1)
+    """Mean of `values` over the rows where `weights` is True; other rows (padding slots, whose
+    values may be inf: every key masked) are selected away, not multiplied by zero."""
+    keep = weights.bool()
+    return torch.where(keep, values, torch.zeros_like(values)).sum() / keep.sum().clamp(min=1).to(values.dtype)
 
 
 # --- ITC -----------------------------------------------------------------------------------------
@@ -125,8 +132,8 @@ def itc_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tenso
     neg_inf = torch.finfo(t2i.dtype).min
     t2i = t2i.masked_fill(excluded, neg_inf)
     i2t = i2t.masked_fill(excluded, neg_inf)
-    per_sample = (F.cross_entropy(t2i.float(), targets, reduction="none")
-                  + F.cross_entropy(i2t.float(), targets, reduction="none")) / 2  # [B]
+    per_sample = (F.cross_entropy(_wide(t2i), targets, reduction="none")
+                  + F.cross_entropy(_wide(i2t), targets, reduction="none")) / 2  # [B]
     local_sim = (text_emb @ image_emb.T).detach()  # [B text, B image]
     return _masked_mean(per_sample, sample_mask), local_sim
 
@@ -204,7 +211,7 @@ class PretrainObjective:
                 logits = model.itm_logits(out)  # [3B, 2]
                 labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
                 weights = torch.cat([sample_mask, has_neg, has_neg])  # [3B]
-                loss = _masked_mean(F.cross_entropy(logits.float(), labels, reduction="none"), weights)
+                loss = _masked_mean(F.cross_entropy(_wide(logits), labels, reduction="none"), weights)
                 total = total + cfg.itm_weight * loss
                 logs["loss/itm"] = loss.detach()
             if iais_on:
@@ -221,7 +228,7 @@ class PretrainObjective:
             out = model(batch["mlm_input_ids"], text_mask, visual_tokens, visual_mask)
             logits = model.mlm_logits(out, positions)  # [N, V]: only masked positions
             if logits.shape[0]:
-                loss = F.cross_entropy(logits.float(), labels[positions])
+                loss = F.cross_entropy(_wide(logits), labels[positions])
             else:  # no masked word in this micro-batch: a zero that keeps the graph connected
                 loss = model.mlm_logits(out).sum() * 0.0
             total = total + cfg.mlm_weight * loss

@@ -28,7 +28,7 @@ from data_tools.loader import Loader, merge_rank_cursors
 from pretrain.checkpoint import CheckpointManager, convert_to_universal, read_client_state, resolve_resume
 from pretrain.config import Config, config_hash, resume_differences, save_config, to_dict
 from pretrain.engine import BatchGeometry, batch_geometry, build_engine
-from pretrain.objectives import Objective, Progress, PretrainObjective
+from pretrain.objectives import Objective, Progress, PretrainObjective, image_id_codes
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def _all_gather_object(obj: Any) -> list[Any]:
 
 
 def _model_dtype(engine: Any) -> torch.dtype:
-    return next(engine.module.parameters()).dtype
+    return next(engine.module.parameters()).dtype  # ZeRO 3 partitions keep their dtype
 
 
 def _cast_floats(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
@@ -155,10 +155,12 @@ class Trainer:
         if self.total_steps < 1:
             raise UserError(f"train: the data gives no optimizer step ({self.loader.batches_per_epoch()} batches "
                             f"per rank per epoch, accumulation {geometry.accumulation}); set train.steps")
+        self.objective = self.objective_override or self._default_objective(model)
         universal = bool(saved) and saved["world_size"] != self.world and cfg.zero.stage > 0
         if universal:
             convert_to_universal(self.resume_path, self.rank)
-        self.engine, self.scheduler = build_engine(model, cfg, geometry, self.total_steps, load_universal=universal)
+        self.engine, self.scheduler = build_engine(model, self.objective, cfg, geometry, self.total_steps,
+                                                   load_universal=universal)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.rank, self.world)
         self.state = TrainState()
         if self.resume_path is not None:
@@ -167,7 +169,6 @@ class Trainer:
                                     samples=client["samples"], nonfinite_total=client.get("nonfinite_total", 0))
             self._say(f"resumed from {self.resume_path} at step {self.state.step} (saved by "
                       f"{client['world_size']} ranks, now {self.world})")
-        self.objective = self.objective_override or self._default_objective(model_cfg)
         from pretrain.metrics import MetricsLogger
 
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, cfg.run.name, self.rank, self.env.local_rank)
@@ -178,10 +179,13 @@ class Trainer:
             (self.run_dir / "keys").mkdir(parents=True, exist_ok=True)
             self.keys_file = open(self.run_dir / "keys" / f"rank{self.rank}.txt", "a", encoding="utf-8", buffering=1)
 
-    def _default_objective(self, model_cfg: Any) -> Objective:
+    def _default_objective(self, model: Any) -> Objective:
         from pretrain.iais import IAISRegularizer
 
-        regularizer = IAISRegularizer(self.cfg.iais, model_cfg.num_layers) if self.cfg.iais.enabled else None
+        regularizer = None
+        if self.cfg.iais.enabled:
+            regularizer = IAISRegularizer(self.cfg.iais, model.config.num_layers)
+            model.set_iais_layers(regularizer.layers)
         return PretrainObjective(self.cfg.objectives, regularizer)
 
     def _say(self, text: str) -> None:
@@ -219,8 +223,7 @@ class Trainer:
             paths = cfg.eval.paths or cfg.data.paths
             eval_cfg = dataclasses.replace(cfg.data, paths=list(paths), train=False, batch_size=self.geometry.per_rank)
             self.eval_loader = Loader(eval_cfg, rank=self.rank, world_size=self.world, epoch=0)
-        module = self.engine.module
-        was_training = module.training
+        was_training = self.engine.module.training
         self.engine.eval()
         sums: dict[str, float] = {}
         count = 0
@@ -233,15 +236,15 @@ class Trainer:
                     if i >= cfg.eval.batches:
                         break
                     batch = _cast_floats(batch, _model_dtype(self.engine))
-                    out = self.objective(module, batch, Progress(self.state.step, self.total_steps))
-                    for key, value in out.logs.items():
+                    _, logs = self.engine(batch, Progress(self.state.step, self.total_steps))
+                    for key, value in logs.items():
                         sums[key] = sums.get(key, 0.0) + float(value)
                     count += 1
                     if cfg.eval.retrieval_probe:
                         keep = batch["sample_mask"]
-                        tokens, tmask = module.embed_visual(batch)
-                        text_embs.append(module.encode_text(batch["input_ids"], batch["text_mask"])[keep].float())
-                        image_embs.append(module.encode_image(tokens, tmask)[keep].float())
+                        text_emb, image_emb = self.engine(batch, None, embed=True)  # [B, E] each
+                        text_embs.append(text_emb[keep].float())
+                        image_embs.append(image_emb[keep].float())
                         ids += [s for s, k in zip(batch["image_id"], keep.tolist()) if k]
         finally:
             torch.set_rng_state(rng)
@@ -261,7 +264,7 @@ class Trainer:
         all_ids = [i for g in gathered for i in g[2]]
         if not all_ids:
             return {}
-        codes = torch.tensor([hash(i) for i in all_ids])
+        codes = image_id_codes(all_ids)
         sim = text @ image.T  # [N texts, N images]; one image per caption row, duplicates allowed
         t2i = (codes[sim.argmax(dim=1)] == codes).float().mean().item()
         i2t = (codes[sim.argmax(dim=0)] == codes).float().mean().item()
@@ -298,8 +301,8 @@ class Trainer:
                     if batch.get("bad_samples"):
                         self.metrics.add_bad_samples(batch["bad_samples"])
                     batch = _cast_floats(batch, dtype)
-                    out = self.objective(engine.module, batch, Progress(state.step, self.total_steps))
-                    bad, stop_flag = _all_reduce([0.0 if torch.isfinite(out.total).item() else 1.0,
+                    total, logs = engine(batch, Progress(state.step, self.total_steps))
+                    bad, stop_flag = _all_reduce([0.0 if torch.isfinite(total).item() else 1.0,
                                                   1.0 if preempt.received else 0.0], dist.ReduceOp.MAX
                                                  if dist.is_initialized() else None)
                     stop = stop or stop_flag > 0
@@ -311,10 +314,10 @@ class Trainer:
                     # DeepSpeed counts micro-steps in step(); the update happens at the boundary. A
                     # skipped micro-batch therefore just drops out: an optimizer update is made from
                     # every `accumulation` finite micro-batches (with accumulation 1: the step is skipped).
-                    engine.backward(out.total)
+                    engine.backward(total)
                     engine.step()
                     backwards += 1
-                    for key, value in out.logs.items():
+                    for key, value in logs.items():
                         logs_sum[key] = logs_sum.get(key, 0.0) + float(value)
                 state.step += 1
                 state.samples += self.geometry.global_batch
