@@ -105,8 +105,8 @@ def _normalise_rows(gathered: Tensor, col_mask: Tensor, normalization: str) -> T
 def _gather_square(matrix: Tensor, index: Tensor) -> Tensor:
     """matrix [P, s, s], index [P, r] -> out [P, r, r] with out[p, i, k] = matrix[p, index[p, i], index[p, k]]."""
     size = matrix.shape[-1]
-    rows = matrix.gather(1, index[:, :, None].expand(-1, -1, size))  # [P, r, s]
-    return rows.gather(2, index[:, None, :].expand(-1, index.shape[1], -1))  # [P, r, r]
+    flat = index[:, :, None] * size + index[:, None, :]  # [P, r, r] positions in the flattened s x s
+    return matrix.flatten(1).gather(1, flat.flatten(1)).view(flat.shape)
 
 
 def pseudo_and_target(blocks: AttentionBlocks, direction: str, mode: str,
@@ -125,45 +125,68 @@ def pseudo_and_target(blocks: AttentionBlocks, direction: str, mode: str,
     return _normalise_rows(_gather_square(other_self, aligned), mask, normalization), target, mask
 
 
+def _symmetric_terms(pseudo: Tensor, attention: Tensor, distributed: bool) -> Tensor:
+    """Elementwise `KL(P || S) + KL(S || P)` terms (any shape; entries already masked to 0).
+
+    Singular: the logged side is log(max(x, 1e-30)), the same function as the target side, so the
+    two KLs sum to (P - S)(log P - log S). Distributed: the logged side is log(x + 1e-6).
+    """
+    log_p, log_s = torch.log(pseudo.clamp_min(LOG_FLOOR)), torch.log(attention.clamp_min(LOG_FLOOR))
+    if not distributed:
+        return (pseudo - attention) * (log_p - log_s)
+    return (pseudo * (log_p - torch.log(attention + DISTRIBUTED_EPS))
+            + attention * (log_s - torch.log(pseudo + DISTRIBUTED_EPS)))
+
+
 def symmetric_kl(pseudo: Tensor, attention: Tensor, mask: Tensor, distributed: bool) -> Tensor:
     """KL(P || S) + KL(S || P) per pair, each summed over real columns and averaged over real rows.
 
     pseudo, attention [P, r, r]; mask [P, r] -> [P]. The logged side is `log(x + 1e-6)` (distributed)
     or `log(max(x, 1e-30))` (singular); the target side is exact (`0 log 0 = 0`), as torch's kl_div.
     """
-    valid = mask[:, :, None] & mask[:, None, :]  # [P, r, r]
+    columns = mask[:, None, :].to(pseudo.dtype)
+    return _masked_mean_rows(_symmetric_terms(pseudo * columns, attention * columns, distributed), mask)
 
-    def log_input(x: Tensor) -> Tensor:
-        return torch.log(x + DISTRIBUTED_EPS) if distributed else torch.log(x.clamp_min(LOG_FLOOR))
 
-    def kl(target: Tensor, inp: Tensor) -> Tensor:
-        term = target * torch.log(target.clamp_min(LOG_FLOOR)) - target * log_input(inp)
-        return torch.where(valid, term, torch.zeros_like(term)).sum(dim=(1, 2))  # [P]
+def _masked_mean_rows(terms: Tensor, mask: Tensor) -> Tensor:
+    # terms [P, r, r] (padded columns already 0), mask [P, r] -> [P]: sum over columns, mean over real rows.
+    per_row = terms.sum(dim=-1) * mask  # [P, r]; padded rows dropped (and get no gradient)
+    return per_row.sum(dim=-1) / mask.sum(dim=-1).clamp_min(1).to(terms.dtype)
 
-    rows = mask.sum(dim=1).clamp_min(1).to(pseudo.dtype)  # [P]
-    return (kl(pseudo, attention) + kl(attention, pseudo)) / rows
+
+def pair_divergences(blocks: AttentionBlocks, mode: str = "singular", normalization: str = "softmax",
+                     directions: tuple[str, ...] = ("L", "V")) -> tuple[Tensor, Tensor]:
+    """Per-pair symmetric KL for several directions: (values [D, P], valid [P] bool).
+
+    Padded columns of the four blocks are zeroed first (a no-op on the model's blocks, whose masked
+    softmax already gives exact zeros), so every pseudo matrix and target is 0 there and each KL
+    term vanishes; padded rows are dropped after the column sum. A pair is valid when it has at
+    least one real word and one real visual token. Float32 (or float64 inputs), outside autocast.
+    """
+    with torch.autocast(device_type=blocks.s_ll.device.type, enabled=False):
+        dtype = torch.promote_types(blocks.s_ll.dtype, torch.float32)
+        words = blocks.word_mask[:, None, :].to(dtype)  # [P, 1, n]
+        visual = blocks.visual_mask[:, None, :].to(dtype)  # [P, 1, m]
+        blocks = dataclasses.replace(blocks, s_ll=blocks.s_ll.to(dtype) * words, s_vv=blocks.s_vv.to(dtype) * visual,
+                                     s_lv=blocks.s_lv.to(dtype) * visual, s_vl=blocks.s_vl.to(dtype) * words)
+        values = []
+        for direction in directions:
+            pseudo, target, mask = pseudo_and_target(blocks, direction, mode, normalization)
+            values.append(_masked_mean_rows(_symmetric_terms(pseudo, target, mode == "distributed"), mask))
+    return torch.stack(values), blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
 
 
 def pair_divergence(blocks: AttentionBlocks, direction: str, mode: str = "singular",
                     normalization: str = "softmax") -> tuple[Tensor, Tensor]:
-    """Per-pair symmetric KL for one direction: (values [P], valid [P] bool).
-
-    A pair is valid when it has at least one real word and one real visual token.
-    """
-    with torch.autocast(device_type=blocks.s_ll.device.type, enabled=False):
-        dtype = torch.promote_types(blocks.s_ll.dtype, torch.float32)
-        blocks = dataclasses.replace(blocks, s_ll=blocks.s_ll.to(dtype), s_vv=blocks.s_vv.to(dtype),
-                                     s_lv=blocks.s_lv.to(dtype), s_vl=blocks.s_vl.to(dtype))
-        pseudo, attention, mask = pseudo_and_target(blocks, direction, mode, normalization)
-        values = symmetric_kl(pseudo, attention, mask, distributed=mode == "distributed")
-    valid = blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
-    return values, valid
+    """Per-pair symmetric KL for one direction: (values [P], valid [P] bool)."""
+    values, valid = pair_divergences(blocks, mode, normalization, (direction,))
+    return values[0], valid
 
 
 def mean_over_valid(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of values [P] over valid pairs; 0 (still in the graph) when there are none."""
+    """Mean of values [..., P] over valid pairs [P]; 0 (still in the graph) when there are none."""
     weights = valid.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+    return (values * weights).sum(dim=-1) / weights.sum().clamp_min(1.0)
 
 
 class IAISRegularizer:
@@ -200,7 +223,6 @@ class IAISRegularizer:
         return (direction,)
 
     def __call__(self, attention: dict[int, AttentionBlocks], step: int, total_steps: int) -> IAISOutput:
-        weight = self.weight(step, total_steps) if self.config.enabled else 0.0
         if not self.config.enabled:
             zero = torch.zeros((), dtype=torch.float32)
             return IAISOutput(loss=zero, raw=zero, isd={"L": zero, "V": zero}, weight=0.0)
@@ -208,15 +230,12 @@ class IAISRegularizer:
         if missing:
             raise ValueError(f"no IAIS attention blocks for layers {missing}: call model.set_iais_layers("
                              f"regularizer.layers) and pass iais_rows to model.forward")
+        weight = self.weight(step, total_steps)
         active = self.active_directions(step)
-        raw, isd = None, {}
-        for direction in ("L", "V"):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and direction in active):
-                per_layer = [mean_over_valid(*pair_divergence(attention[layer], direction, self.config.mode,
-                                                              self.config.normalization))
-                             for layer in self.layers]
-                value = torch.stack(per_layer).mean()
-            isd[direction] = value.detach()
-            if direction in active:
-                raw = value if raw is None else raw + value
+        # Both directions in one pass (the inactive one only for logging: it gets no gradient).
+        per_layer = [mean_over_valid(*pair_divergences(attention[layer], self.config.mode, self.config.normalization))
+                     for layer in self.layers]  # each [2]: (L, V)
+        means = per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer).mean(dim=0)
+        raw = means[0] if active == ("L",) else means[1] if active == ("V",) else means.sum()
+        isd = {"L": means[0].detach(), "V": means[1].detach()}
         return IAISOutput(loss=raw * weight, raw=raw, isd=isd, weight=weight)

@@ -265,3 +265,30 @@ def test_bf16_autocast_loss_is_float32_and_close():
         half = run()
     assert half.loss.dtype == torch.float32 and torch.isfinite(half.loss)
     assert half.loss.item() == pytest.approx(full.loss.item(), rel=0.05)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("direction", ["both", "alternate"])
+def test_no_host_sync_in_blocks_and_loss_on_cuda(mode, direction):
+    query, key, request = make_qk(pad_words=2, pad_visual=3, dtype=torch.float32)
+    cpu_value = IAISRegularizer(IAISConfig(mode=mode, direction=direction), 1)(
+        {0: attention_blocks(query, key, request)}, step=3, total_steps=10).loss.item()
+    device = torch.device("cuda")
+    q, k = (x.detach().to(device).requires_grad_() for x in (query, key))
+    cuda_request = BlockRequest(rows=request.rows.to(device), text_len=request.text_len,
+                                word_mask=request.word_mask.to(device), visual_mask=request.visual_mask.to(device))
+    regularizer = IAISRegularizer(IAISConfig(mode=mode, direction=direction), 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        out = regularizer({0: attention_blocks(q, k, cuda_request)}, step=3, total_steps=10)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.loss.item() == pytest.approx(cpu_value, rel=1e-4)
+    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

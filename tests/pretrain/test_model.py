@@ -242,3 +242,24 @@ def test_set_iais_layers_validates():
     model = tiny()
     with pytest.raises(ConfigError, match=r"iais\.layers=\[2\]"):
         model.set_iais_layers([2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_iais_on_off_identical_and_loss_float32():
+    from pretrain.iais import IAISConfig, IAISRegularizer
+
+    model = tiny(dropout=0.0, attention_dropout=0.0).cuda()
+    batch = {k: v.cuda() for k, v in patch_batch().items()}
+    regularizer = IAISRegularizer(IAISConfig(schedule="constant"), model.config.num_layers)
+    rows = torch.tensor([True, True, False], device="cuda")
+    full = regularizer(run(model, batch, rows).attention, 0, 1).loss
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        off = run(model, batch)
+        on = run(model, batch, rows)
+        loss = regularizer(on.attention, 0, 1).loss
+    assert torch.equal(on.hidden, off.hidden)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert loss.item() == pytest.approx(full.item(), rel=0.05)
+    loss.backward()
+    assert torch.isfinite(model.encoder.layer[-1].attention.self.query.weight.grad).all()
