@@ -415,6 +415,8 @@ def build(source: Source, options: Options, existing_shards: list[str] | None = 
         return 0
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     args_hash = arguments_hash(source.builder, arguments)
+    if existing_shards is None:
+        import webdataset  # noqa: F401  (imports torch: once here, not again in every forked worker)
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     pool = ctx.Pool(options.workers) if options.workers > 1 else None
     try:
@@ -436,6 +438,10 @@ def build(source: Source, options: Options, existing_shards: list[str] | None = 
             results = pool.imap_unordered(run_shard_job, todo) if pool else map(run_shard_job, todo)
             for job_state in results:
                 bar.update(max(1, len(job_state.get("rows", [])) + len(job_state.get("rejected", []))))
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # a bug or Ctrl-C: stop the workers now (finished shards stay done)
+        raise
     finally:
         if pool is not None:
             pool.close()

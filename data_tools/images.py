@@ -99,15 +99,19 @@ def prepare_image(
     """
     image = open_image(data, max_pixels)
     fmt = image.format
-    rgb = decode_image_from(image)
-    width, height = rgb.size
+    width, height = image.size
     if max_side is not None and max(width, height) > max_side:
         ratio = max_side / max(width, height)
         new_size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
-        resized = rgb.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        if fmt == "JPEG":
+            # DCT-domain downscaling while decoding, to no less than twice the target (as
+            # Image.thumbnail does): much less work for large photos, same look after the resize.
+            image.draft("RGB", (2 * new_size[0], 2 * new_size[1]))
+        resized = decode_image_from(image).resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
         return StoredImage(
             encode_jpeg(resized, quality), "jpg", *new_size, (new_size[0] / width, new_size[1] / height)
         )
+    rgb = decode_image_from(image)
     if fmt in STORED_FORMATS:
         return StoredImage(data, STORED_FORMATS[fmt], width, height, (1.0, 1.0))
     return StoredImage(encode_jpeg(rgb, quality), "jpg", width, height, (1.0, 1.0))

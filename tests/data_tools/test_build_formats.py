@@ -163,3 +163,27 @@ def test_configured_pixel_limit_decides_not_pils(recwarn):
     with pytest.raises(BadSample) as err:
         open_image(huge, max_pixels=64_000_000)
     assert err.value.reason == "too_many_pixels" and "20000x10000" in str(err.value)
+
+
+def test_prepare_image_resize_keeps_aspect_and_look():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_tools.images import prepare_image
+
+    coarse = np.random.default_rng(0).integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    photo = Image.fromarray(coarse).resize((800, 600), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    photo.save(out, format="JPEG", quality=95)
+    stored = prepare_image(out.getvalue(), max_side=100, quality=95)  # decoded at 1/4 scale, then resized
+    assert (stored.width, stored.height, stored.extension) == (100, 75, "jpg") and stored.scale == (100 / 800, 75 / 600)
+    got = np.asarray(Image.open(io.BytesIO(stored.data)).convert("RGB"), dtype=np.float64)
+    want = np.asarray(photo.resize((100, 75), Image.Resampling.BICUBIC), dtype=np.float64)
+    assert np.abs(got - want).mean() < 4.0  # same picture, within JPEG noise
+    small = prepare_image(out.getvalue(), max_side=1000)
+    assert small.data == out.getvalue() and small.scale == (1.0, 1.0)  # not enlarged, bytes kept
+    gif = io.BytesIO()
+    photo.save(gif, format="GIF")
+    assert prepare_image(gif.getvalue()).extension == "jpg"  # formats shards do not store are re-encoded
