@@ -1,0 +1,63 @@
+"""`python -m pretrain export RUN --out DIR`: consolidated safetensors + model config + tokenizer,
+loadable by `load_exported`, from ZeRO 0 fp32 and ZeRO 2 bf16 runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.export import consolidated_state_dict, load_exported
+from tests.pretrain.runs import PYTHON, REPO, RUN_TIMEOUT_S, base_args, build_synthetic, env_for, latest_tag
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return build_synthetic(tmp_path_factory.mktemp("data") / "synthetic", samples=64)
+
+
+def _pretrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "pretrain", *args], cwd=REPO, env=env_for(), capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16")])
+def test_export_round_trip(synthetic: Path, tmp_path: Path, stage: int, precision: str) -> None:
+    run = tmp_path / "run"
+    proc = _pretrain(*base_args(synthetic, run, "train.steps=3", f"zero.stage={stage}", f"precision={precision}",
+                                "data.batch_size=8"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "export"
+    proc = _pretrain("export", str(run), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "model_config.json", "tokenizer", "export.json"}
+    info = json.loads((out / "export.json").read_text())
+    assert info["step"] == 3 and info["checkpoint"].endswith(latest_tag(run))
+
+    model, tokenizer = load_exported(out)
+    trained = consolidated_state_dict(run / "checkpoints" / latest_tag(run))
+    state = model.state_dict()
+    assert set(state) == set(trained)
+    for name, value in trained.items():
+        assert value.dtype == torch.float32
+        assert torch.equal(state[name].reshape(value.shape), value), name
+    assert model.config.vocab_size == len(tokenizer)
+    assert not model.training
+
+    encoded = tokenizer(["a small red circle left of a blue square"], return_tensors="pt")
+    with torch.no_grad():
+        pixels = torch.zeros(1, 3, model.config.image_size, model.config.image_size)
+        tokens, mask = model.embed_visual({"pixel_values": pixels})
+        out_ = model(encoded["input_ids"], encoded["attention_mask"].bool(), tokens, mask)
+        logits = model.itm_logits(out_)
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+
+
+def test_export_without_checkpoint_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = _pretrain("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nothing" in lines[0] and "checkpoint" in lines[0], proc.stderr
