@@ -1,7 +1,7 @@
 """The build driver shared by every format: raw records in, a dataset folder out (DESIGN.md 3).
 
-A format's source only lists records (key, image location, captions, annotations); this driver does
-everything else the same way for all of them:
+A format's source only lists records (data_tools.records.Record: key, image location, captions,
+annotations); this driver does everything else the same way for all of them:
 
 1. plan: duplicate keys are rejected; identical images (sha256 of the input bytes) become one record
    with merged captions, boxes and phrase links; records are cut into shards by `shard_samples`
@@ -34,48 +34,11 @@ from tqdm import tqdm
 from data_tools import images
 from data_tools.errors import BadSample, UserError
 from data_tools.merge import STATE_DIR
+from data_tools.records import Record, process_record, read_image_bytes
 from data_tools.schema import DATASET_FILE, SHARD_PATTERN, SHARDS_DIR
-from data_tools.writer import ShardWriter, file_sha256
+from data_tools.writer import ShardWriter
 
 DEFAULT_SHARD_SAMPLES = 10_000
-
-
-@dataclasses.dataclass
-class Record:
-    """One input sample as a source lists it; image bytes are read later, in a worker."""
-
-    key: str
-    """Unique, deterministic, dot-free (webdataset splits key and extension at the first dot)."""
-    origin: str
-    """Where it came from (a path), for rejected.jsonl."""
-    captions: list[Any] = dataclasses.field(default_factory=list)
-    """str, or raw bytes that the driver decodes (non-UTF-8 -> bad_utf8)."""
-    image_path: str | None = None
-    image_data: bytes | None = None
-    scene: tuple[int, int, int] | None = None
-    """Synthetic records: (seed, index, image size), rendered in the worker."""
-    image_id: str | None = None
-    split: str | None = None
-    boxes: list[Any] = dataclasses.field(default_factory=list)
-    phrases: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    negatives: list[list[Any]] = dataclasses.field(default_factory=list)
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """More metadata fields, kept in the sample json as they are."""
-    error: tuple[str, str] | None = None
-    """A BadSample reason found while listing (e.g. a malformed annotation file of this image)."""
-    input_size: int = 0
-    input_hash: str | None = None
-
-    def absorb(self, other: "Record") -> None:
-        """Merge an identical image's annotations into this record (indices shifted to stay valid)."""
-        c, b = len(self.captions), len(self.boxes)
-        self.captions = [*self.captions, *other.captions]
-        self.boxes = [*self.boxes, *other.boxes]
-        self.phrases = [
-            *self.phrases,
-            *({**p, "caption": p["caption"] + c, "boxes": [i + b for i in p["boxes"]]} for p in other.phrases),
-        ]
-        self.negatives = [*self.negatives, *([n[0] + c, n[1]] for n in other.negatives)]
 
 
 @dataclasses.dataclass
@@ -208,126 +171,6 @@ def cut_shards(records: list[Record], shard_samples: int | None, shard_bytes: in
 
 
 # --- step 2: shard jobs --------------------------------------------------------------------------------
-def read_image_bytes(record: Record) -> bytes:
-    if record.image_data is not None:
-        return record.image_data
-    if record.image_path is None:
-        raise BadSample("missing_image", "no image listed")
-    try:
-        with open(record.image_path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise BadSample("missing_image", record.image_path) from None
-    except OSError as err:
-        raise BadSample("decode_error", f"{record.image_path}: {err}") from None
-
-
-def clean_captions(raw: list[Any]) -> tuple[list[str], list[int | None]]:
-    """Decode, drop empty and repeated captions; return the texts and old index -> new index."""
-    texts: list[str] = []
-    mapping: list[int | None] = []
-    bad_utf8 = False
-    for caption in raw:
-        if isinstance(caption, (bytes, bytearray)):
-            try:
-                caption = bytes(caption).decode("utf-8")
-            except UnicodeDecodeError:
-                bad_utf8 = True
-                mapping.append(None)
-                continue
-        if not isinstance(caption, str) or not caption.strip() or caption in texts:
-            mapping.append(texts.index(caption) if isinstance(caption, str) and caption in texts else None)
-            continue
-        mapping.append(len(texts))
-        texts.append(caption)
-    if not texts:
-        raise BadSample("bad_utf8" if bad_utf8 else "empty_caption")
-    return texts, mapping
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def scale_annotations(record: Record, mapping: list[int | None], captions: list[str], scale: tuple[float, float]):
-    """Boxes to stored pixels; phrases and negatives re-indexed to the kept captions; bad_metadata if malformed."""
-    sx, sy = scale
-    boxes = []
-    for box in record.boxes:
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(map(_number, box)) and box[2] >= 0 and box[3] >= 0):
-            raise BadSample("bad_metadata", f"box {box!r} is not [x, y, w, h]")
-        x, y, w, h = box
-        boxes.append([round(x * sx, 2), round(y * sy, 2), round(w * sx, 2), round(h * sy, 2)] if scale != (1.0, 1.0) else list(box))
-    phrases, seen = [], set()
-    for p in record.phrases:
-        try:
-            old, (start, end), idx = p["caption"], p["span"], list(p["boxes"])
-        except (KeyError, TypeError, ValueError):
-            raise BadSample("bad_metadata", f"phrase {p!r}") from None
-        if not (isinstance(old, int) and 0 <= old < len(mapping)) or not all(isinstance(i, int) and 0 <= i < len(boxes) for i in idx):
-            raise BadSample("bad_metadata", f"phrase {p!r} points outside the captions or boxes")
-        new = mapping[old]
-        if new is None or (new, start, end, tuple(idx)) in seen:
-            continue  # its caption was dropped (or merged into an identical one)
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(captions[new])):
-            raise BadSample("bad_metadata", f"phrase span {[start, end]} outside caption {new}")
-        seen.add((new, start, end, tuple(idx)))
-        phrases.append({"caption": new, "span": [start, end], "boxes": idx})
-    negatives = []
-    for n in record.negatives:
-        if not (isinstance(n, (list, tuple)) and len(n) == 2 and isinstance(n[0], int) and 0 <= n[0] < len(mapping) and isinstance(n[1], str)):
-            raise BadSample("bad_metadata", f"negative {n!r}")
-        if mapping[n[0]] is not None and n[1].strip() and [mapping[n[0]], n[1]] not in negatives:
-            negatives.append([mapping[n[0]], n[1]])
-    return boxes, phrases, negatives
-
-
-def process_record(record: Record, options: Options, builder: str) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """One record -> (tar members, manifest fields); BadSample when it cannot be used."""
-    if record.error is not None:
-        raise BadSample(*record.error)
-    if record.scene is not None:
-        from data_tools.synthetic import render_scene
-
-        scene = render_scene(*record.scene)
-        record = dataclasses.replace(
-            record, captions=scene.captions, boxes=scene.boxes, phrases=scene.phrases, negatives=scene.negatives
-        )
-        data = scene.image
-    else:
-        data = read_image_bytes(record)
-    captions, mapping = clean_captions(record.captions)
-    stored = images.prepare_image(data, options.max_pixels, options.resize, options.quality)
-    boxes, phrases, negatives = scale_annotations(record, mapping, captions, stored.scale)
-    meta: dict[str, Any] = {
-        **record.extra,
-        "image_id": record.image_id or record.key,
-        "captions": captions,
-        "width": stored.width,
-        "height": stored.height,
-        "source": builder,
-        "split": record.split,
-    }
-    for name, value in (("boxes", boxes), ("phrases", phrases), ("negatives", negatives)):
-        if value:
-            meta[name] = value
-    members = {
-        stored.extension: stored.data,
-        "txt": captions[0].encode("utf-8"),
-        "json": json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-    }
-    fields = {
-        "image_id": meta["image_id"],
-        "num_captions": len(captions),
-        "width": stored.width,
-        "height": stored.height,
-        "image_bytes": len(stored.data),
-        "content_hash": images.content_hash(stored.data),
-        "split": record.split or "",
-    }
-    return members, fields
-
-
 def run_shard_job(job: ShardJob) -> dict[str, Any]:
     """Build (or index) one shard and write its state file; returns that state."""
     if job.existing is not None:

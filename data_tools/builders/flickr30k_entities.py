@@ -11,7 +11,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from data_tools.build import Record, Source, require_dir, require_file
+from data_tools.build import Source, require_dir, require_file
+from data_tools.records import Record
 
 MENTION = re.compile(r"\[/EN#(\d+)((?:/[^\s\]]+)*)\s+([^\]]*)\]")
 

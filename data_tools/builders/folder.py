@@ -7,7 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
-from data_tools.build import Record, Source, require_dir
+from data_tools.build import Source, require_dir
+from data_tools.records import Record
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from data_tools import images
-from data_tools.build import Options, ShardJob, Source, build as run_build, clean_captions, require_dir
+from data_tools.build import Options, ShardJob, Source, build as run_build, require_dir
+from data_tools.records import clean_captions
 from data_tools.errors import BadSample, UserError
 from data_tools.schema import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
 from data_tools.writer import file_sha256

@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from data_tools.build import Record, Source, read_json_file, require_dir
+from data_tools.build import Source, read_json_file, require_dir
+from data_tools.records import Record
 from data_tools.errors import UserError
 
 SPLITS = ("train", "val", "test", "restval")

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from data_tools.build import Record, Source
+from data_tools.build import Source
+from data_tools.records import Record
 from data_tools.errors import UserError
 from data_tools.schema import TOKENIZER_DIR
 from data_tools.synthetic import GRAMMAR_WORDS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE

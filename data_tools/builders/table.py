@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from data_tools.build import Record, Source, require_dir, require_file
+from data_tools.build import Source, require_dir, require_file
+from data_tools.records import Record
 from data_tools.errors import UserError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet"}
