@@ -49,6 +49,7 @@ def add_common_build_arguments(parser: argparse.ArgumentParser, default_name: st
     group.add_argument("--workers", type=int, default=1, help="processes; the output is identical for any number")
     group.add_argument("--num-parts", type=int, default=1, help="split the build into independent parts (e.g. a Slurm array)")
     group.add_argument("--part", type=int, default=0, help="which part this process builds (0-based); then run merge")
+    group.add_argument("--plan-only", action="store_true", help="list, hash and cut the inputs once for all parts, then stop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +95,7 @@ def run_build(args: argparse.Namespace) -> int:
     options = Options(
         out=args.out, name=args.name, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
         resize=args.resize, quality=args.quality, max_pixels=args.max_pixels, workers=args.workers,
-        num_parts=args.num_parts, part=args.part,
+        num_parts=args.num_parts, part=args.part, plan_only=args.plan_only,
     )
     options.check()
     module = importlib.import_module(FORMATS[args.format])

@@ -69,6 +69,8 @@ class Options:
     workers: int = 1
     num_parts: int = 1
     part: int = 0
+    plan_only: bool = False
+    """Only list, hash and cut the inputs (saved for the parts to share), build nothing."""
 
     def content_arguments(self) -> dict[str, Any]:
         """The options that change the dataset's bytes (workers and parts do not)."""
@@ -170,6 +172,46 @@ def cut_shards(records: list[Record], shard_samples: int | None, shard_bytes: in
     return shards
 
 
+def plan_path(out: str | os.PathLike, args_hash: str) -> Path:
+    return Path(out) / STATE_DIR / f"plan-{args_hash[:16]}.json"
+
+
+def save_plan(path: Path, groups: list[list[Record]]) -> None:
+    """Keep the plan beside the shard states: parts and resumed runs reuse it instead of re-hashing."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps([[dataclasses.asdict(r) for r in group] for group in groups]), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_plan(path: Path) -> list[list[Record]] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    groups = []
+    for group in data:
+        records = []
+        for fields in group:
+            for name in ("scene", "error"):  # JSON turned these tuples into lists
+                if fields.get(name) is not None:
+                    fields[name] = tuple(fields[name])
+            records.append(Record(**fields))
+        groups.append(records)
+    return groups
+
+
+def make_plan(source: Source, options: Options, args_hash: str, pool) -> list[list[Record]]:
+    """The shard plan: loaded when an earlier run or part saved it, else listed, hashed, cut and saved."""
+    path = plan_path(options.out, args_hash)
+    groups = load_plan(path)
+    if groups is None:
+        records = plan_records(list(source.records()), source, pool)
+        groups = cut_shards(records, options.shard_samples, options.shard_bytes)
+        if source.dedup and not any(r.image_data is not None for r in records):  # worth keeping: it read every image
+            save_plan(path, groups)
+    return groups
+
+
 # --- step 2: shard jobs --------------------------------------------------------------------------------
 def run_shard_job(job: ShardJob) -> dict[str, Any]:
     """Build (or index) one shard and write its state file; returns that state."""
@@ -266,8 +308,11 @@ def build(source: Source, options: Options, existing_shards: list[str] | None = 
         if existing_shards is not None:
             groups: list[list[Record]] = [[] for _ in existing_shards]
         else:
-            records = plan_records(list(source.records()), source, pool)
-            groups = cut_shards(records, options.shard_samples, options.shard_bytes)
+            groups = make_plan(source, options, args_hash, pool)
+        if options.plan_only:
+            print(f"{source.builder}: plan of {sum(map(len, groups))} records in {len(groups)} shards saved in "
+                  f"{plan_path(out, args_hash)}; now run the parts (--part 0..{options.num_parts - 1})", file=sys.stderr)
+            return 0
         jobs = [
             ShardJob(str(out), i, group, options, source.builder, arguments, args_hash, len(groups),
                      existing_shards[i] if existing_shards is not None else None)

@@ -40,13 +40,17 @@ def list_pairs(root: Path) -> list[tuple[str, Path | None, Path | None]]:
     return sorted(pairs, key=lambda p: (p[0], str(p[1])))
 
 
-def read_caption_lines(path: Path | None) -> list[bytes]:
+def read_captions(path: Path | None) -> tuple[list[str], tuple[str, str] | None]:
+    """Non-empty lines of a caption file, or the BadSample reason that rejects the sample."""
     if path is None:
-        return []
+        return [], None  # no caption file: rejected later as empty_caption
     try:
-        return [line.strip() for line in path.read_bytes().splitlines() if line.strip()]
-    except OSError:
-        return []
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return [], ("bad_utf8", str(path))
+    except OSError as err:
+        return [], ("empty_caption", f"{path}: {err.strerror}")
+    return [line.strip() for line in text.splitlines() if line.strip()], None
 
 
 def make_source(args: argparse.Namespace) -> Source:
@@ -56,9 +60,10 @@ def make_source(args: argparse.Namespace) -> Source:
 
     def records():
         for i, (stem, image, text) in enumerate(pairs):
+            captions, error = read_captions(text)
             yield Record(
                 key=f"{i:0{width}d}", origin=str(image or text), image_path=None if image is None else str(image),
-                image_id=stem, captions=read_caption_lines(text), split=args.split,
+                image_id=stem, captions=captions, split=args.split, error=error,
             )
 
     return Source("folder", {"folder": str(root), "split": args.split}, records)

@@ -45,6 +45,27 @@ def test_parts_then_merge_equals_one_build(tiny_coco, tmp_path, capsys):
     assert "already merged" in capsys.readouterr().err
 
 
+def test_plan_once_then_parts_reuse_it(tiny_coco, tmp_path, monkeypatch, capsys):
+    import data_tools.build
+
+    args = ["build", "coco", str(tiny_coco), "--shard-samples", "2"]
+    assert build(*args, "--out", str(tmp_path / "one")) == 0
+    parts = tmp_path / "parts"
+    assert build(*args, "--out", str(parts), "--num-parts", "2", "--plan-only", "--workers", "2") == 0
+    assert "plan of 5 records in 3 shards" in capsys.readouterr().err
+    assert len(list((parts / ".build").glob("plan-*.json"))) == 1 and not (parts / "shards").exists()
+
+    def no_hashing(*_):
+        raise AssertionError("the parts must reuse the saved plan")
+
+    monkeypatch.setattr(data_tools.build, "plan_records", no_hashing)
+    for part in ("0", "1"):
+        assert build(*args, "--out", str(parts), "--num-parts", "2", "--part", part) == 0
+    assert build("merge", str(parts)) == 0
+    same_dataset(tmp_path / "one", parts)
+    assert not (parts / ".build").exists()
+
+
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(tmp_path, capsys):
     out = tmp_path / "d"
     assert build("build", "synthetic", "--samples", "20", "--out", str(out)) == 0
