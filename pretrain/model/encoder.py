@@ -43,7 +43,7 @@ class AttentionBlocks:
 class BlockRequest:
     """Which rows the IAIS layers compute blocks for, and where the words and visual tokens are."""
 
-    rows: Tensor  # [B] bool, the matched pairs
+    rows: Tensor  # [P] long, indices of the matched pairs in the batch (index_select: no host sync)
     text_len: int  # Lt: the sequence is [text (Lt) | visual (M)]
     word_mask: Tensor  # [P, n = Lt - 2] bool, for the selected rows
     visual_mask: Tensor  # [P, M] bool, for the selected rows
@@ -142,7 +142,7 @@ class EncoderLayer(nn.Module):
         out = self.output(F.gelu(self.intermediate.dense(attended)), attended)
         blocks = None
         if request is not None:
-            blocks = attention_blocks(query[request.rows], key[request.rows], request)
+            blocks = attention_blocks(query.index_select(0, request.rows), key.index_select(0, request.rows), request)
         return out, blocks
 
 

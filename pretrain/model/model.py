@@ -103,6 +103,8 @@ class RelAlignModel(nn.Module):
 
         input_ids, text_mask [B, Lt]; visual_tokens [B, M, W]; visual_mask [B, M];
         iais_rows [B] bool: rows (matched pairs) whose IAIS blocks are computed; None: none.
+        Turning the mask into row indices is the one host synchronisation of an IAIS step when the
+        mask lives on the GPU; a CPU mask (e.g. the batch's `sample_mask` before moving) avoids it.
         """
         text_len = input_ids.shape[1]
         hidden = torch.cat([self.embeddings(input_ids), visual_tokens.to(self.embeddings.LayerNorm.weight.dtype)],
@@ -110,10 +112,10 @@ class RelAlignModel(nn.Module):
         key_mask = torch.cat([text_mask.bool(), visual_mask.bool()], dim=1)  # [B, Lt + M]
         request = None
         if iais_rows is not None and self.iais_layers and visual_tokens.shape[1] > 0 and text_len > 2:
-            rows = iais_rows.bool()
+            rows = iais_rows.bool().nonzero().flatten().to(hidden.device, non_blocking=True)  # [P]
             words = word_mask_from_text_mask(text_mask.bool())[:, 1:text_len - 1]  # [B, n]
-            request = BlockRequest(rows=rows, text_len=text_len, word_mask=words[rows],
-                                   visual_mask=visual_mask.bool()[rows])
+            request = BlockRequest(rows=rows, text_len=text_len, word_mask=words.index_select(0, rows),
+                                   visual_mask=visual_mask.bool().index_select(0, rows))
         hidden, attention = self.encoder(hidden, key_mask, request, self.iais_layers)
         return EncoderOutput(hidden=hidden, text_len=text_len, attention=attention)
 

@@ -159,7 +159,8 @@ class GridEmbedder(nn.Module):
     def forward(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         pixels = _require(batch, "pixel_values", "grid")  # [B, 3, H, W]
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            fmap = self.backbone.extract_features(pixels.float())  # [B, 1280, rows, cols]
+            # The backbone's own dtype (DeepSpeed may have cast the whole model to bf16).
+            fmap = self.backbone.extract_features(pixels.to(self.backbone._conv_stem.weight.dtype))  # [B, 1280, rows, cols]
         batch_size, _, rows, cols = fmap.shape
         height, width = pixels.shape[-2:]
         boxes = cell_boxes(rows, cols, height / rows, width / cols, fmap.device)  # [M, 4]

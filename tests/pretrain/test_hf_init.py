@@ -112,8 +112,8 @@ def test_minilm_package_loads_into_small_and_matches_transformers():
     folder = minilm.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     enc = tokenizer(["a small red circle left of a blue square", "two dogs"], padding=True, return_tensors="pt")
-    model = RelAlignModel(ModelConfig.preset("small", vocab_size=tokenizer.vocab_size)).eval()
-    load_hf_text_weights(model, folder)
+    model = RelAlignModel(ModelConfig.preset("small", vocab_size=tokenizer.vocab_size, init_from="minilm")).eval()
+    load_hf_text_weights(model, model.config.init_from)  # the packaged name resolves to its folder
     bert = transformers.BertModel.from_pretrained(str(folder)).eval()
     text_mask = enc["attention_mask"].bool()
     with torch.no_grad():

@@ -31,7 +31,7 @@ def make_qk(words=WORDS, visual=VISUAL, heads=2, dim=4, pad_words=0, pad_visual=
     key = torch.randn(len(words), heads, length, dim, generator=g, dtype=dtype) * 1.5
     word_mask = torch.arange(n)[None] < torch.tensor(words)[:, None]  # [P, n]
     visual_mask = torch.arange(m)[None] < torch.tensor(visual)[:, None]  # [P, m]
-    request = BlockRequest(rows=torch.ones(len(words), dtype=torch.bool), text_len=text_len,
+    request = BlockRequest(rows=torch.arange(len(words)), text_len=text_len,
                            word_mask=word_mask, visual_mask=visual_mask)
     return query.requires_grad_(), key.requires_grad_(), request
 
