@@ -60,6 +60,26 @@ def _cast_floats(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
 
 
+def micro_step(engine: Any, batch: dict[str, Any], progress: Progress, stop_requested: bool
+               ) -> tuple[bool, bool, dict[str, torch.Tensor]]:
+    """One micro-batch on every rank: forward (the objective), agree, backward, step.
+
+    One all-reduce (MAX) agrees on two flags: a non-finite loss on any rank makes every rank skip
+    this micro-batch's backward, so no rank steps alone; a preemption signal on any rank stops all.
+    DeepSpeed counts micro-steps in step() and updates at the boundary, so a skipped micro-batch just
+    drops out: an update is made from every `accumulation` finite micro-batches (with accumulation 1
+    the optimizer step is skipped). Returns (finite, stop, logs).
+    """
+    total, logs = engine(batch, progress)
+    bad, stop = _all_reduce([0.0 if torch.isfinite(total).item() else 1.0, 1.0 if stop_requested else 0.0],
+                            dist.ReduceOp.MAX if dist.is_initialized() else None)
+    if bad > 0:
+        return False, stop > 0, logs
+    engine.backward(total)
+    engine.step()
+    return True, stop > 0, logs
+
+
 class PreemptionFlag:
     """Remembers SIGTERM/SIGUSR1; the loop agrees on it across ranks after each micro-batch."""
 
@@ -300,22 +320,14 @@ class Trainer:
                         self.keys_file.write("".join(f"{state.epoch} {state.step} {k}\n" for k in batch["key"] if k))
                     if batch.get("bad_samples"):
                         self.metrics.add_bad_samples(batch["bad_samples"])
-                    batch = _cast_floats(batch, dtype)
-                    total, logs = engine(batch, Progress(state.step, self.total_steps))
-                    bad, stop_flag = _all_reduce([0.0 if torch.isfinite(total).item() else 1.0,
-                                                  1.0 if preempt.received else 0.0], dist.ReduceOp.MAX
-                                                 if dist.is_initialized() else None)
-                    stop = stop or stop_flag > 0
-                    real = int(batch["sample_mask"].sum())
-                    window["samples"] += real
-                    if bad > 0:  # every rank skips this micro-batch: no rank steps alone
+                    finite, stop_flag, logs = micro_step(engine, _cast_floats(batch, dtype),
+                                                         Progress(state.step, self.total_steps),
+                                                         preempt.received is not None)
+                    stop = stop or stop_flag
+                    window["samples"] += int(batch["sample_mask"].sum())
+                    if not finite:
                         nonfinite = True
                         continue
-                    # DeepSpeed counts micro-steps in step(); the update happens at the boundary. A
-                    # skipped micro-batch therefore just drops out: an optimizer update is made from
-                    # every `accumulation` finite micro-batches (with accumulation 1: the step is skipped).
-                    engine.backward(total)
-                    engine.step()
                     backwards += 1
                     for key, value in logs.items():
                         logs_sum[key] = logs_sum.get(key, 0.0) + float(value)
