@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     formats = build.add_subparsers(dest="format", required=True, metavar="{" + ",".join(FORMATS) + "}")
     for name, module_name in FORMATS.items():
         module = importlib.import_module(module_name)
-        sub = formats.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        doc = (module.__doc__ or "").strip()
+        sub = formats.add_parser(name, help=doc.splitlines()[0], description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         add_common_build_arguments(sub, default_name=name)
 

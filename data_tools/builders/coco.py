@@ -1,4 +1,6 @@
-"""`build coco ROOT --split train2017`: COCO's own layout (images/<split>/, annotations/captions_<split>.json,
+"""COCO layout: images/<split>/ + annotations/captions_<split>.json (+ instances_<split>.json boxes).
+
+`build coco ROOT --split train2017`: COCO's own layout (images/<split>/, annotations/captions_<split>.json,
 optional annotations/instances_<split>.json for boxes); one sample per image with all its captions."""
 from __future__ import annotations
 

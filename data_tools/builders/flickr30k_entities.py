@@ -1,4 +1,6 @@
-"""`build flickr30k-entities ROOT --images DIR [--split train]`: Flickr30k Entities, i.e.
+"""Flickr30k Entities: Sentences/*.txt markup + Annotations/*.xml boxes -> phrase-to-box links.
+
+`build flickr30k-entities ROOT --images DIR [--split train]`: Flickr30k Entities, i.e.
 `Sentences/<id>.txt` (one caption per line with `[/EN#18/people A man]` markup) and
 `Annotations/<id>.xml` (PASCAL-VOC-like boxes per entity id) -> captions, `boxes` and `phrases`
 (character spans of each entity mention linked to all of its boxes). Mentions of entities without

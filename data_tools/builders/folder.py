@@ -1,4 +1,6 @@
-"""`build folder DIR`: images beside captions, `name.jpg` + `name.txt` (one caption per non-empty
+"""A folder of name.jpg + name.txt pairs (searched recursively).
+
+`build folder DIR`: images beside captions, `name.jpg` + `name.txt` (one caption per non-empty
 line), searched recursively; an image without a caption file or a caption without an image is
 rejected and listed."""
 from __future__ import annotations

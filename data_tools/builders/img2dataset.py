@@ -1,4 +1,6 @@
-"""`build img2dataset DIR --out OUT`: index an existing img2dataset output (00000.tar, ... with
+"""Index an existing img2dataset output folder in place (its tars are not rewritten).
+
+`build img2dataset DIR --out OUT`: index an existing img2dataset output (00000.tar, ... with
 <key>.jpg/.txt/.json members) without rewriting its tars: dataset.json lists where they are and
 manifest.parquet gives every sample's member offsets.
 

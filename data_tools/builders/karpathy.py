@@ -1,4 +1,6 @@
-"""`build karpathy dataset_coco.json --images DIR --split train`: Karpathy's split files
+"""Karpathy split files (dataset_coco.json, dataset_flickr30k.json, ...) + an images folder.
+
+`build karpathy dataset_coco.json --images DIR --split train`: Karpathy's split files
 (dataset_coco.json, dataset_flickr30k.json, dataset_flickr8k.json); one sample per image with its
 sentences, filtered by split (train, val, test, restval, comma-separated, or all)."""
 from __future__ import annotations

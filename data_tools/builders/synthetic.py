@@ -1,4 +1,6 @@
-"""`build synthetic --samples N --seed S [--image-size PX]`: the relational scenes of DESIGN.md 4
+"""Synthetic relational scenes: exact boxes, phrase-to-box links, hard negatives, own tokenizer.
+
+`build synthetic --samples N --seed S [--image-size PX]`: the relational scenes of DESIGN.md 4
 (data_tools.synthetic), with the grammar's WordPiece tokenizer in `tokenizer/`."""
 from __future__ import annotations
 

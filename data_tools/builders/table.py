@@ -1,4 +1,6 @@
-"""`build table FILE --image-column C --caption-column C [--root DIR]`: a CSV, TSV or Parquet table
+"""A CSV, TSV or Parquet table of image paths and captions.
+
+`build table FILE --image-column C --caption-column C [--root DIR]`: a CSV, TSV or Parquet table
 of image paths (relative to --root, default the table's folder) and captions, one row per pair;
 rows of the same image merge into one sample through the content-hash dedup."""
 from __future__ import annotations
