@@ -42,24 +42,33 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def _tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-    enc = tokenizer(
-        texts,
-        max_length=max_len,
-        padding="max_length",
-        truncation=True,
-        return_offsets_mapping=True,
-        return_special_tokens_mask=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    text_mask = enc["attention_mask"].bool()  # [B, Lt]
-    return {
-        "input_ids": enc["input_ids"].long(),  # [B, Lt]
-        "text_mask": text_mask,
-        "word_mask": text_mask & ~enc["special_tokens_mask"].bool(),  # [B, Lt]
-        "offsets": enc["offset_mapping"],  # [B, Lt, 2]
-    }
+class TextEncoder:
+    """Fixed-length batch tokenisation straight through the Rust `tokenizers` object of a Hugging
+    Face fast tokenizer (a private copy set to truncate and pad to max_len).
+
+    Why not `tokenizer(texts, ...)`: the transformers wrapper's per-encoding Python conversion cost
+    twice the tokenisation itself; the ids, masks and offsets are identical (tested).
+    """
+
+    def __init__(self, tokenizer, max_len: int):
+        from tokenizers import Tokenizer
+
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.mask_token_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._backend.enable_truncation(max_len)
+        self._backend.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        encodings = self._backend.encode_batch(texts)
+        text_mask = torch.from_numpy(np.array([e.attention_mask for e in encodings], dtype=np.bool_))  # [B, Lt]
+        special = torch.from_numpy(np.array([e.special_tokens_mask for e in encodings], dtype=np.bool_))  # [B, Lt]
+        return {
+            "input_ids": torch.from_numpy(np.array([e.ids for e in encodings], dtype=np.int64)),  # [B, Lt]
+            "text_mask": text_mask,
+            "word_mask": text_mask & ~special,  # [B, Lt]
+            "offsets": torch.from_numpy(np.array([e.offsets for e in encodings], dtype=np.int64)).view(len(texts), self.max_len, 2),
+        }
 
 
 def mlm_mask(
@@ -110,14 +119,24 @@ def collate(
     epoch: int,
     visual: str = "pixels",
     image_size: int = 64,
+    defer_normalise: bool = False,
 ) -> dict[str, Any]:
-    """Samples (None = padding slot) -> batch dict (data_tools.batch); B = len(samples)."""
+    """Samples (None = padding slot) -> batch dict (data_tools.batch); B = len(samples).
+
+    tokenizer: a Hugging Face fast tokenizer, or a TextEncoder built from one for max_text_len
+    (the loader builds it once).
+
+    defer_normalise: return uint8 `pixel_uint8` [B, S, S, 3] instead of `pixel_values`, for the
+    loader's worker processes: a quarter of the bytes to pass between processes; the consuming
+    process then calls `transforms.normalise` once per batch.
+    """
+    encode = tokenizer if isinstance(tokenizer, TextEncoder) and tokenizer.max_len == max_text_len else TextEncoder(tokenizer, max_text_len)
     real = [s is not None for s in samples]
     captions = [s["caption"] if s is not None else "" for s in samples]
-    text = _tokenize(tokenizer, captions, max_text_len)
+    text = encode(captions)
     seeds = [sample_seed(seed, epoch, s["key"], "mlm", s["repeat"]) if s is not None else None for s in samples]
     mlm_input_ids, mlm_labels = mlm_mask(
-        text["input_ids"], text["word_mask"], seeds, mlm_probability, tokenizer.mask_token_id, len(tokenizer)
+        text["input_ids"], text["word_mask"], seeds, mlm_probability, encode.mask_token_id, encode.vocab_size
     )
     batch: dict[str, Any] = {
         "input_ids": text["input_ids"],
@@ -137,7 +156,11 @@ def collate(
         for i, s in enumerate(samples):
             if s is not None:
                 pixels[i] = s["pixels"]
-        batch["pixel_values"] = normalise(torch.from_numpy(pixels))  # [B, 3, S, S]
+        pixels = torch.from_numpy(pixels)
+        if defer_normalise:
+            batch["pixel_uint8"] = pixels
+        else:
+            batch["pixel_values"] = normalise(pixels)  # [B, 3, S, S]
 
     batch["boxes"] = [torch.from_numpy(s["boxes"]) if s is not None and s["boxes"] is not None else torch.zeros(0, 4) for s in samples]
     batch["phrase_tokens"], batch["phrase_boxes"] = [], []
@@ -147,7 +170,11 @@ def collate(
         batch["phrase_boxes"].append(links)
 
     negatives = [s["negative"] if s is not None and s["negative"] else "" for s in samples]
-    neg = _tokenize(tokenizer, negatives, max_text_len)
+    if any(negatives):
+        neg = encode(negatives)
+    else:  # no hard negatives in this batch: every row is the empty caption, [CLS] [SEP]
+        neg = encode([""])
+        neg = {k: v.expand(len(samples), *v.shape[1:]).clone() for k, v in neg.items()}
     batch["neg_input_ids"], batch["neg_text_mask"], batch["neg_word_mask"] = neg["input_ids"], neg["text_mask"], neg["word_mask"]
     batch["has_negative"] = torch.tensor([bool(n) for n in negatives], dtype=torch.bool)  # [B]
     return batch

@@ -40,13 +40,13 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from data_tools import order, schema
-from data_tools.collate import collate, load_tokenizer
+from data_tools.collate import TextEncoder, collate, load_tokenizer
 from data_tools.decode import decode_sample
 from data_tools.errors import BadSample, ConfigError, ExitCode, UserError
 from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.manifest import load_dataset_info, load_manifest
 from data_tools.order import merge_rank_cursors  # noqa: F401  (part of this module's interface)
-from data_tools.transforms import transform_sample
+from data_tools.transforms import normalise, transform_sample
 
 
 @dataclasses.dataclass
@@ -352,23 +352,55 @@ class _RankStreams(torch.utils.data.IterableDataset):
     def __init__(self, loader: "Loader", streams: list[int], states: dict[int, dict[str, int]]):
         super().__init__()
         self.plan, self.datasets, self.config = loader._plan, loader.datasets, loader.config
-        self.tokenizer, self.streams, self.states = loader.tokenizer, streams, states
+        self.text, self.streams, self.states = TextEncoder(loader.tokenizer, loader.config.max_text_len), streams, states
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         stream = self.streams[info.id if info is not None else 0]
         pipeline = stream_pipeline(self.plan, self.datasets, self.config, stream, self.states[stream])
+        in_worker = info is not None
         for item in pipeline:
             c = self.config
-            item["batch"] = collate(
-                item.pop("samples"), tokenizer=self.tokenizer, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
-                seed=c.seed, epoch=self.plan.epoch, visual=c.visual, image_size=c.image_size,
+            batch = collate(
+                item.pop("samples"), tokenizer=self.text, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
+                seed=c.seed, epoch=self.plan.epoch, visual=c.visual, image_size=c.image_size, defer_normalise=True,
             )  # fmt: skip
+            item["batch"] = to_wire(batch) if in_worker else batch
             yield item
 
 
 def _as_is(item: Any) -> Any:
     return item
+
+
+def to_wire(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch as a worker process sends it: small tensors as numpy arrays (pickled by value), so
+    that only the pixels take a shared-memory segment; torch would open one per tensor, and a list
+    of per-sample box tensors made that the dominant cost of a batch."""
+    wire: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and key != "pixel_uint8":
+            wire[key] = value.numpy()
+        elif key == "boxes":
+            wire[key] = [b.numpy() for b in value]
+        else:
+            wire[key] = value
+    return wire
+
+
+def from_wire(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch contract again in the consuming process (zero-copy for numpy arrays), pixels normalised."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray):
+            out[key] = torch.from_numpy(value)
+        elif key == "boxes":
+            out[key] = [torch.from_numpy(b) if isinstance(b, np.ndarray) else b for b in value]
+        elif key == "pixel_uint8":
+            out["pixel_values"] = normalise(value)  # [B, 3, S, S]
+        else:
+            out[key] = value
+    return out
 
 
 class Loader:
@@ -446,7 +478,7 @@ class Loader:
             self._cursor["step"] += 1
             for reason, _ in item["bad"]:
                 self.bad_samples[reason] = self.bad_samples.get(reason, 0) + 1
-            batch = item["batch"]
+            batch = from_wire(item["batch"])
             batch["cursor"] = copy.deepcopy(self._cursor)
             batch["bad_samples"] = dict(self.bad_samples)
             yield batch

@@ -119,3 +119,15 @@ def test_mlm_masks_words_only_80_10_10_and_per_key(tokenizer):
     assert 0.75 < mask_share < 0.85 and 0.06 < kept_share < 0.15
     again = collate(samples[5:6], tokenizer=tokenizer, max_text_len=34, mlm_probability=0.15, seed=0, epoch=0, image_size=8)
     assert torch.equal(again["mlm_input_ids"][0], batch["mlm_input_ids"][5])  # the key's generator, not the batch position
+
+
+def test_text_encoder_equals_the_hugging_face_call(tokenizer):
+    from data_tools.collate import TextEncoder
+
+    texts = ["A man in an orange hat, looking at something.", "", "word " * 50, "café naïve 東京"]
+    ours = TextEncoder(tokenizer, 12)(texts)
+    theirs = tokenizer(texts, max_length=12, padding="max_length", truncation=True, return_offsets_mapping=True,
+                       return_special_tokens_mask=True, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"]) and torch.equal(ours["offsets"], theirs["offset_mapping"])
+    assert torch.equal(ours["text_mask"], theirs["attention_mask"].bool())
+    assert torch.equal(ours["word_mask"], theirs["attention_mask"].bool() & ~theirs["special_tokens_mask"].bool())
