@@ -179,7 +179,8 @@ def plan_path(out: str | os.PathLike, args_hash: str) -> Path:
 def save_plan(path: Path, groups: list[list[Record]]) -> None:
     """Keep the plan beside the shard states: parts and resumed runs reuse it instead of re-hashing."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps([[dataclasses.asdict(r) for r in group] for group in groups]), encoding="utf-8")
+    names = [f.name for f in dataclasses.fields(Record)]  # shallow: dataclasses.asdict deep-copies every list
+    tmp.write_text(json.dumps([[{n: getattr(r, n) for n in names} for r in group] for group in groups]), encoding="utf-8")
     os.replace(tmp, path)
 
 

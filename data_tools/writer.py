@@ -63,7 +63,7 @@ class ShardWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self._file = open(self.tmp, "wb")
+        self._file = open(self.tmp, "wb", buffering=1 << 20)
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=TAR_MTIME, user="relalign", group="relalign")
         self.count = 0
 
