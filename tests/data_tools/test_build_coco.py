@@ -80,3 +80,18 @@ def test_coco_mini_real(coco_mini, tmp_path):
     for s in with_boxes:
         w, h = s["meta"]["width"], s["meta"]["height"]
         assert all(0 <= x and 0 <= y and x + bw <= w + 0.5 and y + bh <= h + 0.5 for x, y, bw, bh in s["meta"]["boxes"])
+
+
+def test_shard_bytes_cut_by_input_bytes(tiny_coco, tmp_path):
+    sizes = sorted(p.stat().st_size for p in (tiny_coco / "images" / "train2017").glob("*.jpg") if p.stat().st_size > 100)
+    limit = sizes[0] + sizes[1]  # room for the two smallest images together, not for two larger ones
+    out = tmp_path / "o"
+    assert build("build", "coco", str(tiny_coco), "--shard-bytes", str(limit), "--out", str(out)) == 0
+    info, table = load_dataset(out)
+    inputs = {k: (tiny_coco / "images" / "train2017" / f"{k}.jpg").stat().st_size for k in table.column("key").to_pylist()}
+    per_shard: dict[int, int] = {}
+    for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):
+        per_shard[shard] = per_shard.get(shard, 0) + inputs[key]
+    assert len(info.shards) >= 2 and all(v <= limit for v in per_shard.values())
+    assert build("build", "coco", str(tiny_coco), "--shard-bytes", "1K", "--out", str(tmp_path / "k")) == 0
+    assert [s.samples for s in load_dataset(tmp_path / "k")[0].shards] == [1, 1, 1]  # every image > 1 KiB: one per shard
