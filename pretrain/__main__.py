@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # every check before any process group starts
+    from pretrain.train import check_resume
+
+    check_resume(cfg)
     return _run(cfg)
 
 
@@ -70,15 +73,11 @@ def _run(cfg) -> int:
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     dist_env.init_distributed(env, timeout_s=cfg.train.lost_rank_timeout_s)
-    watchdog = None
-    code: int = ExitCode.FAILURE
-    try:
-        from pretrain.watchdog import RankWatchdog
+    from pretrain.watchdog import RankWatchdog
 
-        watchdog = RankWatchdog(env, cfg.train.lost_rank_timeout_s)
-        watchdog.start()
-    except ImportError:  # the watchdog module is optional until it lands
-        watchdog = None
+    watchdog = RankWatchdog(env, cfg.train.lost_rank_timeout_s)  # a dead peer: exit LOST_RANK, never hang
+    watchdog.start()
+    code: int = ExitCode.FAILURE
     try:
         from pretrain.train import train
 
@@ -86,9 +85,12 @@ def _run(cfg) -> int:
     except UserError as err:
         code = int(err.exit_code)
         print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
+    except RuntimeError as err:  # a collective failed: most likely a peer died
+        if env.world_size > 1:
+            watchdog.on_comm_error(err)  # exits with LOST_RANK naming the rank, or raises err again
+        raise
     finally:
-        if watchdog is not None:
-            watchdog.stop()
+        watchdog.stop()
     dist_env.shutdown(barrier=code in (ExitCode.OK, ExitCode.PREEMPTED, ExitCode.NONFINITE))
     dist_env.exit_process(code)
 

@@ -115,6 +115,19 @@ class TrainState:
     nonfinite_total: int = 0
 
 
+def check_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start); UserError when it cannot continue this
+    run: missing, incomplete, or trained with a configuration that differs beyond RESUME_MUTABLE."""
+    path = resolve_resume(cfg.resume, cfg.run.path)
+    if path is None:
+        return None
+    diffs = resume_differences(read_client_state(path)["config"], cfg)
+    if diffs:
+        raise UserError(f"resume: {path} was trained with a different configuration; only the world size and "
+                        f"the fields in pretrain.config.RESUME_MUTABLE may change: {'; '.join(diffs)}")
+    return path
+
+
 def _data_stream(loader: Loader, epoch: int, cursor: dict[str, Any] | None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(epoch, batch) forever: an epoch resumed from `cursor`, then whole epochs after it."""
     loader.set_epoch(epoch)
@@ -139,15 +152,8 @@ class Trainer:
 
     # --- setup -----------------------------------------------------------------------------------
     def _resume_source(self) -> tuple[Path | None, dict[str, Any] | None]:
-        path = resolve_resume(self.cfg.resume, self.run_dir)
-        if path is None:
-            return None, None
-        state = read_client_state(path)
-        diffs = resume_differences(state["config"], self.cfg)
-        if diffs:
-            raise UserError(f"resume: {path} was trained with a different configuration; only world size and "
-                            f"the fields in pretrain.config.RESUME_MUTABLE may change: {'; '.join(diffs)}")
-        return path, state
+        path = check_resume(self.cfg)
+        return (path, read_client_state(path)) if path is not None else (None, None)
 
     def setup(self) -> None:
         cfg = self.cfg

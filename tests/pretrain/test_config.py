@@ -168,3 +168,40 @@ def test_param_groups_decay_and_multipliers(dataset: Path) -> None:
     bad = load_config(TINY, [f"data.paths=[{dataset}]", "optimizer.lr_multipliers={nothing: 0.1}"])
     with pytest.raises(ConfigError, match="optimizer.lr_multipliers.nothing"):
         param_groups(model, bad.optimizer)
+
+
+def _fake_checkpoint(root: Path, cfg) -> Path:
+    """A committed checkpoint folder as far as resume validation reads it (client_state.json)."""
+    tag = root / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / "client_state.json").write_text(json.dumps({"step": 4, "config": to_dict(cfg), "world_size": 2}))
+    (root / "checkpoints" / "latest").write_text("step00000004\n")
+    return tag
+
+
+def test_resume_with_changed_training_fields_is_refused(capsys, dataset: Path, tmp_path: Path) -> None:
+    saved = load_config(TINY, [f"data.paths=[{dataset}]", "optimizer.lr=1e-3"])
+    _fake_checkpoint(tmp_path / "old", saved)
+    code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{dataset}]", "optimizer.lr=2e-3",
+                                     "--resume", str(tmp_path / "old")])
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "different configuration" in err and "optimizer.lr: 0.001 -> 0.002" in err
+    code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{dataset}]",
+                                     "--resume", str(tmp_path / "missing")])
+    assert code == 2 and "not a complete checkpoint" in err and len(err.splitlines()) == 1
+    torn = tmp_path / "old" / "checkpoints" / ".tmp-step00000008"
+    torn.mkdir()
+    code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{dataset}]", "--resume", str(torn)])
+    assert code == 2 and "incomplete checkpoint" in err
+
+
+def test_resume_auto_picks_latest_complete_and_ignores_torn(dataset: Path, tmp_path: Path) -> None:
+    from pretrain.train import check_resume
+
+    run = tmp_path / "run"
+    cfg = load_config(TINY, [f"data.paths=[{dataset}]", f"run.dir={run}", "resume=auto"])
+    assert check_resume(cfg) is None  # a fresh run: nothing to resume
+    tag = _fake_checkpoint(run, cfg)
+    (run / "checkpoints" / ".tmp-step00000008").mkdir()  # a crash during the next save
+    (run / "checkpoints" / "step00000012").mkdir()  # no client_state.json: never committed
+    assert check_resume(cfg) == tag
