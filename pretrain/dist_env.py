@@ -92,6 +92,19 @@ def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
     return env
 
 
+def launcher_deepspeed_config(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The DeepSpeed JSON a launcher asked for, if any: `accelerate launch` with a DeepSpeed config
+    exports its `deepspeed_config_file` as ACCELERATE_DEEPSPEED_CONFIG_FILE (cluster/accelerate/
+    deepspeed.yaml names cluster/deepspeed/zero2.json). The trainer merges it like
+    `zero.deepspeed_config` when that is not set, so the launcher's ZeRO settings take effect."""
+    path = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
+    if not path or path.lower() == "none":
+        return None
+    if not os.path.isfile(path):
+        raise UserError(f"environment: ACCELERATE_DEEPSPEED_CONFIG_FILE={path!r} is not a file")
+    return path
+
+
 def _int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
     value = environ.get(name)
     if value is None:

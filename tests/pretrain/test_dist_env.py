@@ -110,6 +110,16 @@ def test_contradictory_environments_are_user_errors(environ, needle):
         detect(environ)
 
 
+def test_accelerate_deepspeed_config_file_is_found_and_checked(tmp_path):
+    config = tmp_path / "zero2.json"
+    config.write_text("{}")
+    assert dist_env.launcher_deepspeed_config({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}) == str(config)
+    assert dist_env.launcher_deepspeed_config({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "None"}) is None
+    assert dist_env.launcher_deepspeed_config({}) is None
+    with pytest.raises(UserError, match="ACCELERATE_DEEPSPEED_CONFIG_FILE='/nowhere.json' is not a file"):
+        dist_env.launcher_deepspeed_config({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "/nowhere.json"})
+
+
 def test_backend_is_gloo_on_cpu(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert dist_env.backend() == "gloo"
