@@ -58,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # every check before any process group starts
+    from pretrain import dist_env
+
+    launcher_json = dist_env.launcher_deepspeed_config()  # e.g. accelerate's deepspeed_config_file
+    if launcher_json and cfg.zero.deepspeed_config is None:
+        cfg = load_config(args.config, [*overrides, f"zero.deepspeed_config={launcher_json}"])
     from pretrain.train import check_resume
 
     check_resume(cfg)

@@ -421,11 +421,26 @@ def check_environment(cfg: Config) -> None:
         except ValueError as err:
             raise ConfigError("zero.deepspeed_config", str(p), f"valid JSON ({err})") from None
         _check("zero.deepspeed_config", str(p), isinstance(data, dict), "a JSON object")
+        adopt_raw_deepspeed(cfg, data)
     if cfg.precision == "fp16":
         import torch
 
         _check("precision", "fp16", torch.cuda.is_available(),
                "fp32 or bf16 on this machine (fp16 needs a CUDA device)")
+
+
+def adopt_raw_deepspeed(cfg: Config, data: dict[str, Any]) -> None:
+    """The raw DeepSpeed JSON is merged over the generated one, so where it sets the ZeRO stage or
+    the precision, those win; copy them into the config so config.yaml, logs and checkpoints say
+    what actually runs."""
+    stage = (data.get("zero_optimization") or {}).get("stage")
+    if stage is not None:
+        _check("zero.deepspeed_config", f"{cfg.zero.deepspeed_config}: zero_optimization.stage={stage!r}",
+               stage in (0, 1, 2, 3), "a ZeRO stage 0, 1, 2 or 3")
+        cfg.zero.stage = stage
+    for precision in ("bf16", "fp16"):
+        if (data.get(precision) or {}).get("enabled") is True:
+            cfg.precision = precision
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

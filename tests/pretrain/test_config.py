@@ -205,3 +205,17 @@ def test_resume_auto_picks_latest_complete_and_ignores_torn(dataset: Path, tmp_p
     (run / "checkpoints" / ".tmp-step00000008").mkdir()  # a crash during the next save
     (run / "checkpoints" / "step00000012").mkdir()  # no client_state.json: never committed
     assert check_resume(cfg) == tag
+
+
+def test_raw_deepspeed_json_settings_win_and_show_in_config(dataset: Path, tmp_path: Path) -> None:
+    from pretrain.engine import deepspeed_config
+
+    raw = tmp_path / "ds.json"
+    raw.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True},
+                               "gradient_clipping": 0.5}))
+    cfg = load_config(TINY, [f"data.paths=[{dataset}]", "zero.stage=0", f"zero.deepspeed_config={raw}"])
+    assert (cfg.zero.stage, cfg.precision) == (2, "bf16")
+    ds = deepspeed_config(cfg, batch_geometry(cfg, 2))
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert ds["train_batch_size"] == cfg.data.batch_size * 2 and ds["gradient_accumulation_steps"] == 1
