@@ -27,7 +27,7 @@ from torch import Tensor
 
 from data_tools.errors import ConfigError
 
-from .model.encoder import AttentionBlocks
+from .model.encoder import AttentionBlocks, key_bias
 
 MODES = ("singular", "distributed")
 DIRECTIONS = ("L", "V", "both", "alternate")
@@ -97,7 +97,7 @@ def schedule_factor(schedule: str, progress: float) -> float:
 def _normalise_rows(gathered: Tensor, col_mask: Tensor, normalization: str) -> Tensor:
     # gathered [P, r, r] probabilities, col_mask [P, r]: each row -> a distribution over real columns.
     if normalization == "softmax":
-        return gathered.masked_fill(~col_mask[:, None, :], torch.finfo(gathered.dtype).min).softmax(dim=-1)
+        return (gathered + key_bias(col_mask, gathered.dtype)[:, None, :]).softmax(dim=-1)
     kept = gathered * col_mask[:, None, :]
     return kept / kept.sum(dim=-1, keepdim=True).clamp_min(LOG_FLOOR)
 
@@ -121,7 +121,7 @@ def pseudo_and_target(blocks: AttentionBlocks, direction: str, mode: str,
     if mode == "distributed":
         return cross @ back, target, mask  # [P, r, s] @ [P, s, r]: row-stochastic over real columns
     # The argmax over real tokens of the other modality; an index, so it carries no gradient.
-    aligned = cross.masked_fill(~other_mask[:, None, :], -1.0).argmax(dim=-1)  # [P, r]
+    aligned = (cross.detach() - 2.0 * (~other_mask[:, None, :])).argmax(dim=-1)  # [P, r], over real tokens
     return _normalise_rows(_gather_square(other_self, aligned), mask, normalization), target, mask
 
 
