@@ -71,6 +71,9 @@ def run_job(launcher: str, zero: int, precision: str, dataset: Path, tmp_path: P
             f"zero.stage={zero}", f"precision={precision}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
             f"data.batch_size={BATCH}", "checkpoint.every_steps=0", "checkpoint.at_end=false", "metrics.port=0",
             "train.lost_rank_timeout_s=300"]
+    if launcher == "accelerate":
+        # the ZeRO file of cluster/ for this stage (the yaml names zero2.json), merged by the trainer
+        args.append(f"zero.deepspeed_config={REPO / 'cluster' / 'deepspeed' / f'zero{zero}.json'}")
     logs = [tmp_path / f"{launcher}-{i}.log" for i in range(2)]
     procs = []
     for cmd, log in zip(commands(launcher, free_port(), args, tmp_path), logs):
