@@ -130,3 +130,21 @@ def test_elastic_resume_exactly_once(synthetic: Path, reference: Path, tmp_path:
     assert len(everything) == 256
     assert set(counts) == everything and max(counts.values()) == 1, counts.most_common(3)
     assert train_records(run)[STEPS]["samples"] == STEPS * 12
+
+
+@pytest.mark.full_matrix
+def test_elastic_resume_zero3_two_to_one(synthetic: Path, tmp_path: Path) -> None:
+    """ZeRO 3 converts to a universal checkpoint too (DeepSpeed 0.19.8): 2 ranks -> 1."""
+    settings = ("zero.stage=3", "data.batch_size=6", "train.global_batch_size=12", "train.steps=6",
+                "checkpoint.every_steps=3", "train.record_keys=true")
+    source = tmp_path / "source"
+    codes = run_ranks(2, base_args(synthetic, source, *settings), free_port(), tmp_path / "logs1")
+    assert codes == [0, 0], logs_text(tmp_path / "logs1")
+    run = tmp_path / "run"
+    args = base_args(synthetic, run, *settings, "--resume", str(source / "checkpoints" / "step00000003"))
+    codes = run_ranks(1, args, free_port(), tmp_path / "logs2")
+    assert codes == [0], logs_text(tmp_path / "logs2")
+    assert "saved by 2 ranks, now 1" in (tmp_path / "logs2" / "rank0.log").read_text()
+    before = [key for _, step, key in read_keys(source) if step < 3]
+    after = [key for _, _, key in read_keys(run)]
+    assert len(before) + len(after) == len(set(before + after)) == 6 * 12
