@@ -9,7 +9,7 @@ can be followed live (Prometheus scrapes each rank) and read afterwards (one JSO
 Series (every one also carries `rank` and `run`):
 
     relalign_steps_total                              optimiser steps done (counter)
-    relalign_samples_total                            samples consumed, cumulative (counter)
+    relalign_samples_total                            samples consumed, the trainer's cumulative count (counter)
     relalign_loss{objective}                          last training loss: itc|itm|mlm|iais|hinge|total
     relalign_samples_per_second                       throughput over the last logging interval
     relalign_step_seconds                             mean wall time of a step in the interval
@@ -127,7 +127,7 @@ class _Series:
             return Counter(name, doc, base + extra, registry=registry)
 
         self.steps = counter("relalign_steps_total", "Optimiser steps done.")
-        self.samples = counter("relalign_samples_total", "Samples consumed (padding slots excluded).")
+        self.samples = counter("relalign_samples_total", "Samples consumed: the trainer's cumulative count.")
         self.loss = gauge("relalign_loss", "Last logged training loss by objective.", "objective")
         self.step_gauges = {key: gauge(name, doc) for key, (name, doc) in STEP_GAUGES.items()}
         self.nonfinite = counter("relalign_nonfinite_steps_total", "Steps skipped because the loss was not finite.")

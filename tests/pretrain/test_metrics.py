@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from data_tools.errors import ConfigError, UserError
 from pretrain.metrics import METRICS_FILE, MetricsConfig, MetricsLogger, read_jsonl
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -219,3 +222,68 @@ def test_push_failure_does_not_stop_training(tmp_path):
     metrics.log_step(2, {"samples": 2})
     assert value(scrape(metrics.url), "relalign_steps_total") == 2
     metrics.close()
+
+
+# --- end to end: a real training run ---------------------------------------------------------------
+PLANTED = {"decode_error": 1, "empty_caption": 1, "bad_utf8": 1}
+
+
+@pytest.fixture
+def planted_dataset(tmp_path) -> Path:
+    """23 good samples and one bad sample per PLANTED reason, in 3 shards, with the synthetic tokenizer."""
+    from tests.data_tools.test_loader import good, jpeg, write_dataset
+
+    synthetic = tmp_path / "synthetic"
+    proc = subprocess.run([sys.executable, "-m", "data_tools", "build", "synthetic", "--samples", "8", "--out",
+                           str(synthetic)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shards = [[(f"g{s}{i}", good(10 * s + i, caption="a red circle left of a blue square")) for i in range(8)]
+              for s in range(3)]
+    shards[0].insert(3, ("bad_jpeg", {"jpg": b"\xff\xd8 not really", "txt": b"broken"}))
+    shards[1].insert(5, ("empty", {"jpg": jpeg(99), "txt": b"   "}))
+    shards[2][7:] = [("latin", {"jpg": jpeg(98), "txt": b"caf\xe9"})]
+    root = write_dataset(tmp_path / "planted", shards)
+    shutil.copytree(synthetic / "tokenizer", root / "tokenizer")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_scrape_a_training_run_and_count_planted_bad_samples(tmp_path, planted_dataset, pushgateway, port):
+    """Scrapes `python -m pretrain` while it trains (the step counter moves between scrapes); the final
+    push and metrics.jsonl carry exactly the bad samples planted in the shards."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pretrain", "--config", "configs/tiny.yaml", f"data.paths=[{planted_dataset}]",
+            f"run.dir={run_dir}", "run.name=scraped", "data.batch_size=2", "data.image_size=32", "train.epochs=1",
+            "train.log_every=1", f"metrics.port={port}", f"metrics.pushgateway={pushgateway}",
+            "metrics.push_interval_s=1000", "checkpoint.at_end=false"]
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(args, cwd=REPO, env=dict(environ, OMP_NUM_THREADS="1"), stdout=log,
+                                stderr=subprocess.STDOUT)
+    url, steps_seen = f"http://127.0.0.1:{port}/metrics", []
+    try:
+        while proc.poll() is None:
+            try:
+                samples = scrape(url)
+            except OSError:  # not serving yet, or already closed
+                time.sleep(0.05)
+                continue
+            key = ("relalign_steps_total", (("rank", "0"), ("run", "scraped")))
+            if key in samples and (not steps_seen or samples[key] != steps_seen[-1]):
+                steps_seen.append(samples[key])
+        assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(steps_seen) >= 2 and steps_seen == sorted(steps_seen), steps_seen  # values moved during the run
+    final = scrape(f"{pushgateway}/metrics")
+    group = (("instance", ""), ("job", "relalign"), ("rank", "0"))
+    bad = {dict(labels)["reason"]: value for (name, labels), value in final.items()
+           if name == "relalign_bad_samples_total" and dict(labels).get("run") == "scraped"}
+    assert bad == PLANTED
+    records = read_jsonl(run_dir)
+    steps_total = final[("relalign_steps_total", tuple(sorted(group + (("run", "scraped"),))))]
+    assert steps_total == records[-1]["step"] >= steps_seen[-1]
+    assert {k[len("bad_samples/"):]: v for k, v in records[-1].items() if k.startswith("bad_samples/")} == PLANTED
+    assert final[("relalign_samples_total", tuple(sorted(group + (("run", "scraped"),))))] == records[-1]["samples"] > 0
