@@ -113,7 +113,7 @@ def itc_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tenso
     codes [B] image-id codes; sample_mask [B] bool.
     A key with the same image id as the query (another caption of the same image) is not a negative;
     padding keys are masked out, padding queries weigh zero. Returns (loss, local similarity [B, B]
-    detached, text x image, for hard-negative sampling).
+    detached, text x image, scaled by the temperature as ALBEF samples from, for hard negatives).
     """
     rank, _ = _world()
     b = text_emb.shape[0]
@@ -134,7 +134,7 @@ def itc_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tenso
     i2t = i2t.masked_fill(excluded, neg_inf)
     per_sample = (F.cross_entropy(_wide(t2i), targets, reduction="none")
                   + F.cross_entropy(_wide(i2t), targets, reduction="none")) / 2  # [B]
-    local_sim = (text_emb @ image_emb.T).detach()  # [B text, B image]
+    local_sim = (scale * text_emb @ image_emb.T).detach()  # [B text, B image], temperature-scaled
     return _masked_mean(per_sample, sample_mask), local_sim
 
 
@@ -145,8 +145,8 @@ def sample_hard_negatives(similarity: torch.Tensor | None, codes: torch.Tensor,
 
     similarity [B text, B image] (None: uniform). Candidates exclude the same image id and padding;
     drawn with probability softmax(similarity) from the torch RNG (saved in checkpoints, so a resumed
-    run draws the same). Returns (neg_text_for_image [B], neg_image_for_text [B], valid [B, 2]) where
-    valid is False where no candidate exists (weight zero).
+    run draws the same). Returns (neg_text_for_image [B], neg_image_for_text [B], valid [B]) where
+    valid is False for a sample without any candidate (its two negative rows weigh zero).
     """
     b = codes.shape[0]
     allowed = (codes[:, None] != codes[None, :]) & sample_mask[:, None] & sample_mask[None, :]  # [B, B]

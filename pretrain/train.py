@@ -159,11 +159,10 @@ class Trainer:
         cfg = self.cfg
         # DeepSpeed 0.19.8 calls deprecated c10d functions every step: one warning per call otherwise.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-        torch.manual_seed(cfg.train.seed + self.rank)
         self.resume_path, saved = self._resume_source()
         geometry = batch_geometry(cfg, self.world, saved["global_batch"] if saved else None)
         self.geometry: BatchGeometry = geometry
-        data_cfg = dataclasses.replace(cfg.data, batch_size=geometry.per_rank, seed=cfg.data.seed)
+        data_cfg = dataclasses.replace(cfg.data, batch_size=geometry.per_rank)
         self.loader = Loader(data_cfg, rank=self.rank, world_size=self.world, epoch=0)
         self.tokenizer = self.loader.tokenizer
         model_cfg = dataclasses.replace(cfg.model, vocab_size=len(self.tokenizer))

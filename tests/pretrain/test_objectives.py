@@ -50,7 +50,7 @@ def test_itc_matches_reference_and_masks_same_image_captions() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
     plain = (F.cross_entropy(10 * text @ image.T, torch.arange(6)) + F.cross_entropy(10 * image @ text.T, torch.arange(6))) / 2
     assert abs(loss.item() - plain.item()) > 1e-3  # the masking changes the value
-    assert torch.allclose(sim, (text @ image.T))
+    assert torch.allclose(sim, 10 * (text @ image.T))  # temperature-scaled, for hard-negative sampling
 
 
 def test_itc_padding_slots_weigh_nothing() -> None:
