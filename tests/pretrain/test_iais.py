@@ -292,3 +292,15 @@ def test_no_host_sync_in_blocks_and_loss_on_cuda(mode, direction):
         torch.cuda.set_sync_debug_mode(0)
     assert out.loss.item() == pytest.approx(cpu_value, rel=1e-4)
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+def test_batch_without_matched_pairs_gives_zero_loss_that_backpropagates():
+    model = tiny_model()
+    regularizer = IAISRegularizer(IAISConfig(), model.config.num_layers)
+    batch = features_batch()
+    tokens, mask = model.embed_visual(batch)
+    out = model(batch["input_ids"], batch["text_mask"], tokens, mask, iais_rows=torch.zeros(4, dtype=torch.bool))
+    assert out.attention[1].s_ll.shape[0] == 0
+    result = regularizer(out.attention, step=5, total_steps=10)
+    assert result.loss.item() == 0.0 and result.loss.requires_grad
+    (result.loss + model.itm_logits(out).sum()).backward()  # a step with only negatives still trains
