@@ -29,6 +29,8 @@ Present where the samples carry them (lists are per sample, padding slots hold e
 - `neg_input_ids`  long [B, Lt], `neg_text_mask` bool [B, Lt], `neg_word_mask` bool [B, Lt],
   `has_negative`   bool [B]               the hard negative caption of the chosen caption, if any.
 - `cursor`         dict                   the loader state after this batch (see `data_tools.loader`).
+- `bad_samples`    dict[str, int]         bad samples by reason found so far on this rank (cumulative;
+                                          set by `data_tools.loader.Loader`, like `cursor`).
 """
 from __future__ import annotations
 

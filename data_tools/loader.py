@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import os
 import tarfile
 from pathlib import Path
@@ -359,6 +360,8 @@ class _RankStreams(torch.utils.data.IterableDataset):
         stream = self.streams[info.id if info is not None else 0]
         pipeline = stream_pipeline(self.plan, self.datasets, self.config, stream, self.states[stream])
         in_worker = info is not None
+        if in_worker:  # the forked worker's inherited objects (torch, transformers) need no garbage
+            gc.freeze()  # collection: freezing them keeps each collection small (~5% of a sample's time)
         for item in pipeline:
             c = self.config
             batch = collate(

@@ -223,12 +223,6 @@ class Plan:
             skip = max(0, start - b * blk)
             yield b * blk + skip, positions[skip:]
 
-    def consumed_positions(self, stream: int, position: int) -> np.ndarray:
-        """Epoch-list positions of the first `position` entries of a stream's delivery order."""
-        parts = [p for off, p in self.delivery(stream) if off < position]
-        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        return flat[:position]
-
     # --- cursors ---------------------------------------------------------------------------------
     def new_cursor(self, rank: int | None = None) -> dict[str, Any]:
         """The cursor before any batch: every stream at position 0 (only this rank's streams if rank is given)."""

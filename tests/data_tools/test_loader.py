@@ -187,9 +187,10 @@ def test_resume_at_another_layout_skips_and_repeats_nothing(synthetic, world, wo
     assert sorted(consumed + remaining) == sorted(f"{i:09d}" for i in range(SYNTHETIC_SAMPLES))
 
 
-def test_bad_samples_skipped_counted_and_batches_stay_equal(planted):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_skipped_counted_and_batches_stay_equal(planted, workers):
     path, marker = planted
-    cfg = config(path, batch_size=2, shuffle_block=4, max_pixels=10_000, tokenizer=minilm())
+    cfg = config(path, batch_size=2, shuffle_block=4, max_pixels=10_000, tokenizer=minilm(), workers=workers)
     ranks = run_ranks(cfg, world=2)
     assert len(ranks[0]) == len(ranks[1]) == Loader(cfg, rank=0, world_size=2).batches_per_epoch()
     keys = sorted(k for r in ranks for k in real_keys(r))
