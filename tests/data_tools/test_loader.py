@@ -313,3 +313,32 @@ def test_read_sample_by_key_and_user_errors(synthetic, tmp_path):
     loader = Loader(config(synthetic), world_size=2)
     with pytest.raises(UserError, match="merge_rank_cursors"):
         loader.load_state_dict(loader.state_dict())
+
+
+def npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    return buf.getvalue()
+
+
+def test_precomputed_features_are_padded_with_a_mask(tmp_path):
+    """visual="features": feat.npy / pos.npy per sample, padded to the batch's largest region count;
+    an object array (which only unpickling could read) is a bad sample, not a pickle load."""
+    samples = []
+    for i, m in enumerate((3, 5, 2)):
+        feats = np.full((m, 6), i + 1, dtype=np.float16)
+        pos = np.tile(np.linspace(0, 1, 7, dtype=np.float32), (m, 1))
+        samples.append((f"f{i}", {"txt": f"regions {i}".encode(), "feat.npy": npy(feats), "pos.npy": npy(pos)}))
+    samples.append(("objects", {"txt": b"evil", "feat.npy": npy(np.array([{"a": 1}], dtype=object)), "pos.npy": npy(np.zeros((1, 7)))}))
+    path = write_dataset(tmp_path / "feats", [samples])
+    batches = list(Loader(config(path, tokenizer=minilm(), visual="features", batch_size=4)))
+    assert len(batches) == 1
+    b = batches[0]
+    assert "pixel_values" not in b and b["visual_feats"].shape == (4, 5, 6) and b["visual_pos"].shape == (4, 5, 7)
+    by_key = {k: i for i, k in enumerate(b["key"]) if k}
+    assert set(by_key) == {"f0", "f1", "f2"} and b["bad_samples"] == {"bad_metadata": 1}
+    for key, m in (("f0", 3), ("f1", 5), ("f2", 2)):
+        row = by_key[key]
+        assert b["visual_mask"][row].tolist() == [True] * m + [False] * (5 - m)
+        assert (b["visual_feats"][row, :m] == int(key[1]) + 1).all() and (b["visual_feats"][row, m:] == 0).all()
+    assert not b["visual_mask"][b["key"].index("")].any()
