@@ -1,0 +1,177 @@
+"""Reading samples out of tar shards: dataset folders as the loader sees them, a sequential shard
+reader that skips unwanted samples by their tar headers, and one sample by key through the manifest.
+
+Why apart from the loader: this is the only code that touches shard bytes (local files, URLs and
+`pipe:` commands through webdataset's gopen); the loader's stages and `read_sample` share it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from data_tools import order, schema
+from data_tools.errors import BadSample, ExitCode, UserError
+from data_tools.images import DEFAULT_MAX_PIXELS
+from data_tools.manifest import load_dataset_info, load_manifest
+
+
+@dataclasses.dataclass
+class DatasetRef:
+    """One dataset folder as the loader needs it: shard locations and the order's view of it."""
+
+    path: str
+    locations: list[str]
+    source: order.Source
+
+
+def open_datasets(paths: list[str], weights: list[float] | None = None) -> list[DatasetRef]:
+    """dataset.json of each folder (UserError naming the folder when missing or malformed)."""
+    refs = []
+    for i, path in enumerate(paths):
+        info = load_dataset_info(path)
+        if info.total_samples == 0:
+            raise UserError(f"{Path(path) / schema.DATASET_FILE}: the dataset has no samples", ExitCode.DATA)
+        refs.append(
+            DatasetRef(
+                path=str(path),
+                locations=[info.resolve(path, s.location) for s in info.shards],
+                source=order.Source(tuple(s.samples for s in info.shards), info.sha256, float(weights[i]) if weights else 1.0),
+            )
+        )
+    return refs
+
+
+def is_local(location: str) -> bool:
+    return "://" not in location and not location.startswith("pipe:")
+
+
+class ShardReader:
+    """Sequential reader of one dataset's shards.
+
+    `fetch(shard, index)` returns the raw sample (extension -> bytes, `__key__`); calls for one
+    shard come in increasing index order (reopening otherwise). Samples in between are skipped by
+    their tar headers, without reading their data into Python (local files seek past it).
+    """
+
+    def __init__(self, locations: list[str]):
+        self.locations = locations
+        self._shard: int | None = None
+        self._stream = self._tar = self._head = None
+        self._index = 0  # sample index of the member at _head
+        self._broken: str | None = None
+
+    def close(self) -> None:
+        for handle in (self._tar, self._stream):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:
+                pass
+        self._stream = self._tar = self._head = None
+
+    def _open(self, shard: int) -> None:
+        self.close()
+        self._shard, self._index, self._broken = shard, 0, None
+        location = self.locations[shard]
+        try:
+            if is_local(location):
+                self._stream = open(location, "rb")
+                self._tar = tarfile.open(fileobj=self._stream, mode="r:")
+            else:
+                self._stream = gopen(location, "rb")
+                self._tar = tarfile.open(fileobj=self._stream, mode="r|*")
+        except (OSError, tarfile.TarError) as err:
+            self._broken = f"{location}: {type(err).__name__}: {err}"
+            return
+        self._advance()
+
+    def _advance(self) -> None:
+        """Move _head to the next regular member (skipping webdataset's __meta__ members)."""
+        try:
+            while True:
+                info = self._tar.next()
+                if info is None:
+                    self._head = None
+                    return
+                self._tar.members = []  # streaming: keep no member history
+                if info.isreg() and not (info.name.startswith("__") and info.name.endswith("__")):
+                    key, ext = base_plus_ext(info.name)
+                    if key is not None:
+                        self._head = (info, key, ext)
+                        return
+        except (OSError, tarfile.TarError, EOFError) as err:
+            self._head = None
+            self._broken = f"{self.locations[self._shard]}: {type(err).__name__}: {err}"
+
+    def fetch(self, shard: int, index: int) -> dict[str, Any]:
+        if shard != self._shard or index < self._index or self._tar is None and self._broken is None:
+            self._open(shard)
+        while self._head is not None and self._index < index:  # skip whole samples by header
+            key = self._head[1]
+            while self._head is not None and self._head[1] == key:
+                self._advance()
+            self._index += 1
+        if self._head is None:
+            reason = self._broken or f"{self.locations[shard]} ends before sample {index}"
+            raise BadSample("decode_error", reason)
+        info, key, _ = self._head
+        raw: dict[str, Any] = {"__key__": key}
+        while self._head is not None and self._head[1] == key:
+            member, _, ext = self._head
+            try:
+                raw[ext] = self._tar.extractfile(member).read()
+            except (OSError, tarfile.TarError, EOFError) as err:
+                self._broken = f"{self.locations[shard]}: {type(err).__name__}: {err}"
+                self._head = None
+                raise BadSample("decode_error", self._broken) from None
+            self._advance()
+        self._index += 1
+        return raw
+
+
+def read_sample(dataset_dir: str | os.PathLike, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """One sample by key through the manifest's member offsets (seeks in local shards).
+
+    Returns {key, image_id, image (PIL RGB), captions (all), meta (the json, parsed)}; UserError
+    when the key is not in the manifest; BadSample when the stored sample is unusable.
+    """
+    import pyarrow.compute as pc
+
+    from data_tools.decode import _image_member, parse_meta, refuse_pickles
+    from data_tools.images import decode_image
+
+    info = load_dataset_info(dataset_dir)
+    table = load_manifest(dataset_dir)
+    rows = table.filter(pc.equal(table.column("key"), key))
+    if rows.num_rows == 0:
+        raise UserError(f"{Path(dataset_dir) / schema.MANIFEST_FILE}: no sample with key {key!r}")
+    shard = int(rows.column("shard")[0].as_py())
+    members = json.loads(rows.column("members")[0].as_py())
+    location = info.resolve(dataset_dir, info.shards[shard].location)
+    raw: dict[str, Any] = {"__key__": key}
+    if is_local(location):
+        with open(location, "rb") as f:
+            for ext, (offset, size) in members.items():
+                f.seek(offset)
+                raw[ext] = f.read(size)
+    else:  # remote: stream the shard up to the sample
+        shard_keys = table.filter(pc.equal(table.column("shard"), shard)).column("key").to_pylist()
+        reader = ShardReader([location])
+        try:
+            raw = reader.fetch(0, shard_keys.index(key))
+        finally:
+            reader.close()
+    refuse_pickles(raw)
+    meta = parse_meta(raw)
+    image_bytes = _image_member(raw)
+    if image_bytes is None:
+        raise BadSample("missing_image", key)
+    captions = meta.get("captions") or ([raw["txt"].decode("utf-8", "replace")] if "txt" in raw else [])
+    return {"key": key, "image_id": str(meta.get("image_id", key)), "image": decode_image(image_bytes, max_pixels), "captions": captions, "meta": meta}
