@@ -1,10 +1,11 @@
 """Trainer overhead: samples/s of the trainer's step (DeepSpeed engine + objective module + the loop's
 flag all-reduce, `pretrain.train.micro_step`) against a plain PyTorch loop with the same model, batch,
 objective, AdamW parameter groups, LR schedule and gradient clipping. One process, CPU, no data
-loading (one in-memory batch reused). Prints one JSON object per measurement; `ratio` =
-trainer samples/s / plain samples/s (aim: >= 0.9).
+loading (one in-memory batch reused). The two loops alternate step by step and the medians of the
+step times are compared, so load from other processes hits both alike. Prints one JSON object;
+`ratio` = trainer samples/s / plain samples/s (aim: >= 0.9).
 
-    python bench/bench_engine.py [--preset tiny] [--batch 16] [--steps 20] [--rounds 3]
+    python bench/bench_engine.py [--preset tiny] [--batch 16] [--steps 40]
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -96,20 +98,25 @@ def trainer_loop(cfg, batch: dict, vocab: int, steps: int, total_steps: int):
     return step
 
 
-def timed(step, first: int, steps: int) -> float:
-    start = time.perf_counter()
+def interleaved(plain, trainer, first: int, steps: int) -> tuple[list[float], list[float]]:
+    """Per-step seconds of both loops, alternating step by step so that load from other processes
+    on a shared machine hits both alike; medians are compared."""
+    plain_s, trainer_s = [], []
     for i in range(first, first + steps):
-        step(i)
-    return time.perf_counter() - start
+        for step, out in ((plain, plain_s), (trainer, trainer_s)) if i % 2 else ((trainer, trainer_s), (plain, plain_s)):
+            start = time.perf_counter()
+            step(i)
+            out.append(time.perf_counter() - start)
+    return plain_s, trainer_s
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each side counts")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of each loop (interleaved)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--zero", type=int, default=0, help="ZeRO stage of the trainer (fp32; one process)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(args.threads)
@@ -125,25 +132,21 @@ def main() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     tree = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{args.preset}.yaml").read_text())
     tree["data"]["batch_size"] = args.batch
+    tree["zero"]["stage"] = args.zero
     cfg = config_from_dict(tree)  # no dataset needed: the batch is built in memory
     vocab = 1000
     batch = make_batch(args.batch, cfg.data.max_text_len, cfg.model.image_size, vocab)
     env = dist_env.detect()
     dist_env.init_distributed(env)
-    total = args.rounds * (args.steps + 3) + 10
+    total = args.steps + 10
     plain, trainer = plain_loop(cfg, batch, vocab, args.steps, total), trainer_loop(cfg, batch, vocab, args.steps, total)
-    timed(plain, 0, 3)  # warm-up (allocator, first-call paths)
-    timed(trainer, 0, 3)
-    best = {"plain": float("inf"), "trainer": float("inf")}
-    for r in range(args.rounds):
-        first = 3 + r * args.steps
-        best["plain"] = min(best["plain"], timed(plain, first, args.steps))
-        best["trainer"] = min(best["trainer"], timed(trainer, first, args.steps))
-    plain_sps = args.batch * args.steps / best["plain"]
-    trainer_sps = args.batch * args.steps / best["trainer"]
+    interleaved(plain, trainer, 0, 3)  # warm-up (allocator, first-call paths)
+    plain_s, trainer_s = interleaved(plain, trainer, 3, args.steps)
+    plain_sps = args.batch / statistics.median(plain_s)
+    trainer_sps = args.batch / statistics.median(trainer_s)
     print(json.dumps({
         "benchmark": "engine_overhead", "preset": args.preset, "batch": args.batch, "steps": args.steps,
-        "rounds": args.rounds, "threads": args.threads, "zero_stage": cfg.zero.stage, "precision": cfg.precision,
+        "threads": args.threads, "zero_stage": cfg.zero.stage, "precision": cfg.precision,
         "plain_samples_per_second": round(plain_sps, 2), "trainer_samples_per_second": round(trainer_sps, 2),
         "ratio": round(trainer_sps / plain_sps, 3),
     }))
