@@ -14,12 +14,18 @@ Interface (what the trainer codes against)::
     loader.set_epoch(epoch + 1)      # the next epoch starts from its first batch
     read_sample(dataset_dir, key)    # one sample by key through the manifest offsets
 
+After the last batch of an epoch the loader yields nothing more until `set_epoch`; after
+`load_state_dict`, `batches_remaining()` says how many batches the resumed epoch still has.
+With workers > 0, pixels cross the process boundary as uint8 and are normalised in the
+consuming process (one vectorised op per batch).
+
 Why this shape: the order (which sample goes to which rank, worker and batch) is computed by
 `data_tools.order` from dataset.json counts alone, so every rank agrees without talking and a cursor
 can be re-cut for another layout. Each stream is read by one composable pipeline (webdataset's
-DataPipeline of small stages: plan blocks -> read tar members -> decode -> transform -> batch ->
-collate). With workers > 0, DataLoader worker w serves one stream of this rank; torch's round-robin
-over workers makes the batch order deterministic, and the worker assignment is rotated on resume so
+DataPipeline of small stages: plan blocks -> read tar members (`data_tools.shard_reader`) ->
+decode (`decode`) -> transform (`transforms`) -> fixed-count batches -> collate (`collate`)).
+With workers > 0, DataLoader worker w serves one stream of this rank; torch's round-robin over
+workers makes the batch order deterministic, and the worker assignment is rotated on resume so
 that it continues exactly where the saved cursor stopped. Worker processes report their stream's
 state with every batch; the cursor is updated in the trainer's process when the trainer takes the
 batch, so it counts what was consumed, not what workers prefetched.

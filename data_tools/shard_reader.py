@@ -83,7 +83,7 @@ class ShardReader:
         try:
             if is_local(location):
                 self._stream = open(location, "rb")
-                self._tar = tarfile.open(fileobj=self._stream, mode="r:")
+                self._tar = tarfile.open(fileobj=self._stream, mode="r:*")  # seekable: skipped data is never read
             else:
                 self._stream = gopen(location, "rb")
                 self._tar = tarfile.open(fileobj=self._stream, mode="r|*")
