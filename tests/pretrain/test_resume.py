@@ -129,7 +129,9 @@ def test_elastic_resume_exactly_once(synthetic: Path, reference: Path, tmp_path:
     counts = collections.Counter(before + after)
     assert len(everything) == 256
     assert set(counts) == everything and max(counts.values()) == 1, counts.most_common(3)
-    assert train_records(run)[STEPS]["samples"] == STEPS * 12
+    records, theirs = train_records(run), train_records(reference)
+    assert records[STEPS]["samples"] == STEPS * 12
+    assert [records[s]["lr"] for s in (7, STEPS)] == [theirs[s]["lr"] for s in (7, STEPS)]  # scheduler restored
 
 
 @pytest.mark.full_matrix
