@@ -342,3 +342,24 @@ def test_precomputed_features_are_padded_with_a_mask(tmp_path):
         assert b["visual_mask"][row].tolist() == [True] * m + [False] * (5 - m)
         assert (b["visual_feats"][row, :m] == int(key[1]) + 1).all() and (b["visual_feats"][row, m:] == 0).all()
     assert not b["visual_mask"][b["key"].index("")].any()
+
+
+@pytest.mark.parametrize("resume_workers", [2, 0])
+def test_resume_among_bad_samples_counts_each_bad_sample_once(planted, resume_workers):
+    """Bad samples skipped before the cursor are not read again after it (same layout: the same
+    batches; another layout: the same good keys), so their counts add up to one uninterrupted epoch."""
+    path, _ = planted
+    cfg = config(path, batch_size=1, shuffle_block=2, max_pixels=10_000, tokenizer=minilm(), workers=2)
+    full = run_ranks(cfg, world=2)
+    first = run_ranks(cfg, world=2, limit=2)
+    cursor = merge_rank_cursors([r[-1]["cursor"] for r in first])
+    rest = run_ranks(config(path, batch_size=1, shuffle_block=2, max_pixels=10_000, tokenizer=minilm(), workers=resume_workers), world=2, cursor=cursor)
+
+    def bad_total(ranks):
+        return sum(n for r in ranks if r for n in r[-1]["bad_samples"].values())
+
+    assert bad_total(first) + bad_total(rest) == bad_total(full) == 6
+    assert sorted(real_keys([b for r in first + rest for b in r])) == sorted(real_keys([b for r in full for b in r]))
+    if resume_workers == 2:
+        for rank in range(2):
+            assert [b["key"] for b in first[rank] + rest[rank]] == [b["key"] for b in full[rank]]
