@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,35 @@ def test_nonfinite_losses_stop_with_last_good_state(synthetic: Path, tmp_path: P
     assert_same_weights(model_state(checkpoints / "step00000003"), model_state(checkpoints / "step00000006"))
     records = train_records(run)
     assert records[6]["nonfinite_steps"] == 3 and torch.isfinite(torch.tensor(records[3]["loss/total"]))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_loader_workers(synthetic: Path, tmp_path: Path) -> None:
+    """Slurm signals every process of the job step, DataLoader workers too: the run still
+    checkpoints and exits 75 (workers keep the signal blocked), and leaves no process behind."""
+    import os
+    import signal
+
+    from tests.pretrain.runs import kill_all, start_ranks, wait_all, wait_for_line
+
+    run = tmp_path / "run"
+    procs = start_ranks(1, base_args(synthetic, run, "train.steps=40", "data.workers=2"), 0, tmp_path / "logs")
+    wait_for_line(tmp_path / "logs" / "rank0.log", "step 2/40 ", procs)
+    os.killpg(procs[0].pid, signal.SIGTERM)
+    try:
+        codes = wait_all(procs)
+    finally:
+        kill_all(procs)
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert codes == [ExitCode.PREEMPTED], log[-3000:]
+    assert "preempted (SIGTERM)" in log and latest_tag(run).startswith("step")
+    stopped = int(latest_tag(run)[4:])
+    assert 2 <= stopped < 40
+    for _ in range(100):  # the workers end with the trainer (within the loader's liveness check)
+        try:
+            os.killpg(procs[0].pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("DataLoader workers outlived the preempted trainer")
