@@ -3,7 +3,6 @@ across ranks with the right gradient), ITM hard-negative sampling rules, and the
 the real tiny model."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
