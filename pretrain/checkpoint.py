@@ -213,8 +213,10 @@ def universal_path(path: Path) -> Path:
 
 
 def convert_to_universal(path: Path, rank: int) -> Path:
-    """Rank 0 converts `<tag>` to `<tag>.universal` (once; reused later); all ranks wait for it."""
+    """Rank 0 converts `<tag>` to `<tag>.universal` (once; reused later); every rank learns the
+    outcome, so a conversion DeepSpeed refuses is one clear error on all ranks, not a hang."""
     target = universal_path(path)
+    failure = None
     if rank == 0 and not (target / "zero").is_dir():
         from deepspeed.checkpoint import ds_to_universal
 
@@ -224,11 +226,15 @@ def convert_to_universal(path: Path, rank: int) -> Path:
                          num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         try:
             ds_to_universal.main(args)
-        except Exception as err:  # DeepSpeed's own limits, e.g. a stage it cannot convert
-            raise UserError(f"resume: DeepSpeed cannot convert {path} to a universal checkpoint for a "
-                            f"different world size ({type(err).__name__}: {err}); resume with the same "
-                            f"world size") from None
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    _barrier()
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        except Exception as err:  # DeepSpeed's own limits, e.g. a layout it cannot convert
+            failure = f"{type(err).__name__}: {err}"
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure is not None:
+        raise UserError(f"resume: DeepSpeed cannot convert {path} to a universal checkpoint for another world "
+                        f"size ({failure}); resume with the world size that wrote it")
     return target

@@ -219,3 +219,15 @@ def test_raw_deepspeed_json_settings_win_and_show_in_config(dataset: Path, tmp_p
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
     assert ds["train_batch_size"] == cfg.data.batch_size * 2 and ds["gradient_accumulation_steps"] == 1
+
+
+def test_checkpoint_deepspeed_cannot_convert_is_one_clear_error(tmp_path: Path) -> None:
+    from data_tools.errors import UserError
+    from pretrain.checkpoint import convert_to_universal
+
+    broken = tmp_path / "checkpoints" / "step00000003"
+    broken.mkdir(parents=True)  # no optimizer shards: nothing DeepSpeed can convert
+    with pytest.raises(UserError, match="cannot convert .*step00000003 to a universal checkpoint") as err:
+        convert_to_universal(broken, rank=0)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "checkpoints" / "step00000003.universal").exists()
