@@ -56,11 +56,10 @@ def build(cfg, vocab: int):
 
 def plain_loop(cfg, batch: dict, vocab: int, steps: int, total_steps: int):
     """The same training step written directly in PyTorch."""
-    from pretrain.engine import lr_lambda, param_groups, promote_scalar_parameters
+    from pretrain.engine import lr_lambda, param_groups
     from pretrain.objectives import Progress
 
     model, objective = build(cfg, vocab)
-    promote_scalar_parameters(model)
     model.train()
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, cfg.optimizer)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)

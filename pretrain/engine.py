@@ -133,21 +133,6 @@ def deepspeed_config(cfg: Config, geometry: BatchGeometry, load_universal: bool 
     return ds
 
 
-def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
-    """Reshape 0-dim parameters (e.g. `logit_scale`) to shape [1], in place; returns their names.
-
-    Why: DeepSpeed 0.19.8's `_broadcast_model` sends `p.data.view(torch.uint8)`, which raises for a
-    0-dim float tensor ("self.dim() cannot be 0 to view Float as Byte"). Shape [1] broadcasts the
-    same way in every use; `pretrain.export.load_exported` reshapes back to the model's own shapes.
-    """
-    names = []
-    for name, param in model.named_parameters():
-        if param.ndim == 0:
-            param.data = param.data.reshape(1)
-            names.append(name)
-    return names
-
-
 class TrainModule(torch.nn.Module):
     """The model and the objective as one module: DeepSpeed's forward runs the whole objective.
 
@@ -179,7 +164,6 @@ def build_engine(model: torch.nn.Module, objective: Any, cfg: Config, geometry: 
     model's own parameter names) and a LambdaLR; returns (engine, scheduler)."""
     import deepspeed
 
-    promote_scalar_parameters(model)
     groups = param_groups(model, cfg.optimizer)
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],

@@ -89,10 +89,6 @@ def load_exported(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
     config = ModelConfig(**json.loads((folder / MODEL_CONFIG).read_text()))
     model = RelAlignModel(config)
     state = load_file(str(folder / WEIGHTS))
-    own = model.state_dict()
-    for name, value in state.items():  # training held 0-dim parameters as [1] (engine.promote_scalar_parameters)
-        if name in own and own[name].shape != value.shape and own[name].numel() == value.numel():
-            state[name] = value.reshape(own[name].shape)
     model.load_state_dict(state, strict=True)
     model.eval()
     tokenizer = None

@@ -55,7 +55,9 @@ class RelAlignModel(nn.Module):
         self.itm = ITMHead(config)
         self.mlm = MLMHead(config)
         self.itc = ContrastiveHead(config)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.itc_temperature)))
+        # Shape [1], not 0-dim: DeepSpeed 0.19.8 broadcasts parameters as `p.data.view(torch.uint8)`,
+        # which raises for a 0-dim tensor; [1] broadcasts against [B, B] similarities the same way.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / config.itc_temperature)))  # [1]
         self._init_fresh_weights()
         self.iais_layers: frozenset[int] = frozenset({config.num_layers - 1})
 
@@ -142,5 +144,5 @@ class RelAlignModel(nn.Module):
         return self.itc.image(hidden, visual_mask.bool())
 
     def itc_scale(self) -> Tensor:
-        """exp(logit_scale) clamped to model.itc_max_scale: multiply cosine similarities by it."""
+        """exp(logit_scale) clamped to model.itc_max_scale, shape [1]: multiply cosine similarities by it."""
         return self.logit_scale.clamp(max=math.log(self.config.itc_max_scale)).exp()

@@ -233,6 +233,9 @@ def test_heads_shapes_tying_and_itc():
     padded = model.encode_text(F.pad(batch["input_ids"], (0, 3)), F.pad(batch["text_mask"], (0, 3)))
     torch.testing.assert_close(padded, text, atol=1e-5, rtol=1e-5)
     assert model.itc_scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    # DeepSpeed 0.19.8 cannot broadcast 0-dim parameters (uint8 view): no parameter may be 0-dim.
+    assert model.logit_scale.shape == (1,)
+    assert [n for n, p in model.named_parameters() if p.ndim == 0] == []
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     assert model.itc_scale().item() == pytest.approx(100.0, rel=1e-5)
