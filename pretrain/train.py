@@ -149,6 +149,13 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = RelAlignModel(model_cfg)
+        if cfg.model.init_from is not None and not saved:
+            # A fresh start only: a resumed run's checkpoint holds every weight. Every rank loads the
+            # same files before the engine exists (ZeRO 3 partitions the loaded weights).
+            from pretrain.model import load_hf_text_weights
+
+            loaded = load_hf_text_weights(model, cfg.model.init_from)
+            self._say(f"model.init_from={cfg.model.init_from}: {len(loaded)} text tensors loaded")
         torch.manual_seed(cfg.train.seed + 1000 * (self.rank + 1))  # per-rank dropout / sampling streams
         if saved:
             self.total_steps = int(saved["total_steps"])

@@ -69,6 +69,30 @@ def read_checkpoint(folder: str | Path) -> dict[str, Tensor]:
     return tensors
 
 
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+
+
+def checkpoint_vocab_size(folder: str | Path) -> int:
+    """Rows of the checkpoint's word-embedding table, read from the file header where possible.
+
+    Why: the model's vocab_size is the data tokenizer's size, so a checkpoint trained with another
+    vocabulary cannot load; config validation compares the two before any process group starts.
+    """
+    path = resolve_init_folder(folder)
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:  # header only, no tensor reads
+            for name in f.keys():
+                if name.endswith(WORD_EMBEDDINGS):
+                    return int(f.get_slice(name).get_shape()[0])
+        raise UserError(f"model.init_from={folder}: checkpoint has no {WORD_EMBEDDINGS} (not a BERT-family model)")
+    tensors = read_checkpoint(folder)  # pytorch_model.bin (or the one-line error when nothing is there)
+    if WORD_EMBEDDINGS not in tensors:
+        raise UserError(f"model.init_from={folder}: checkpoint has no {WORD_EMBEDDINGS} (not a BERT-family model)")
+    return int(tensors[WORD_EMBEDDINGS].shape[0])
+
+
 def _expected_keys(model) -> list[str]:
     """Model parameters that must come from the checkpoint: text embeddings and every encoder layer."""
     names = [f"embeddings.{n}" for n, _ in model.embeddings.named_parameters()]

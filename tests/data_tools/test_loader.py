@@ -315,6 +315,18 @@ def test_read_sample_by_key_and_user_errors(synthetic, tmp_path):
         loader.load_state_dict(loader.state_dict())
 
 
+def test_tokenizer_alias_minilm_is_the_packaged_folder(synthetic):
+    """data.tokenizer=minilm (the vocabulary of model.init_from=minilm) reads the package's folder."""
+    from data_tools.loader import tokenizer_folder
+
+    assert tokenizer_folder(DataConfig(paths=[str(synthetic)])) == synthetic / "tokenizer"
+    assert tokenizer_folder(DataConfig(paths=[str(synthetic)], tokenizer="minilm")) == Path(minilm())
+    by_alias = Loader(config(synthetic, tokenizer="minilm", batch_size=4))
+    by_path = Loader(config(synthetic, tokenizer=minilm(), batch_size=4))
+    assert len(by_alias.tokenizer) == len(by_path.tokenizer) == 30522
+    assert torch.equal(next(iter(by_alias))["input_ids"], next(iter(by_path))["input_ids"])
+
+
 def npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=True)

@@ -1,5 +1,11 @@
-"""Loading a Hugging Face BERT-family folder into the encoder reproduces transformers' text output."""
+"""Loading a Hugging Face BERT-family folder into the encoder reproduces transformers' text output;
+`model.init_from` starts a training run from it, and a checkpoint with another vocabulary than the
+data tokenizer is refused before training starts."""
 from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +126,74 @@ def test_minilm_package_loads_into_small_and_matches_transformers():
         want = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         got = text_only(model, enc["input_ids"], text_mask)
     torch.testing.assert_close(got[text_mask], want[text_mask], atol=1e-4, rtol=1e-4)
+
+
+# --- model.init_from through the trainer ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    from tests.pretrain.runs import build_synthetic
+
+    return build_synthetic(tmp_path_factory.mktemp("data") / "synthetic", samples=64)
+
+
+def tiny_bert_folder(synthetic: Path, out: Path, extra_vocab: int = 0) -> Path:
+    """A random BertModel of the tiny preset's shape, saved with the synthetic dataset's tokenizer
+    (vocabulary sized to it, plus `extra_vocab` rows to make a mismatch)."""
+    shutil.copytree(synthetic / "tokenizer", out)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(str(out)))
+    torch.manual_seed(123)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=vocab + extra_vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, max_position_embeddings=80, type_vocab_size=2, layer_norm_eps=1e-12))
+    bert.save_pretrained(out)
+    return out
+
+
+def _pretrain(*args: str) -> subprocess.CompletedProcess:
+    from tests.pretrain.runs import PYTHON, REPO, RUN_TIMEOUT_S, env_for
+
+    return subprocess.run([PYTHON, "-m", "pretrain", *args], cwd=REPO, env=env_for(), capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_training_starts_from_init_from_weights(synthetic: Path, tmp_path: Path) -> None:
+    """One step with the text tower's learning rate at 0: the saved text weights must be the
+    checkpoint's exactly (a run that ignored init_from keeps its own random initialisation)."""
+    from safetensors.torch import load_file
+
+    from tests.pretrain.runs import base_args, latest_tag, model_state
+
+    folder = tiny_bert_folder(synthetic, tmp_path / "bert")
+    run = tmp_path / "run"
+    proc = _pretrain(*base_args(synthetic, run, f"model.init_from={folder}", f"data.tokenizer={folder}",
+                                "train.steps=1", "data.batch_size=8",
+                                "optimizer.lr_multipliers={embeddings: 0.0, encoder: 0.0}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"model.init_from={folder}: " in proc.stderr
+    hf = load_file(str(folder / "model.safetensors"))
+    trained = model_state(run / "checkpoints" / latest_tag(run))
+    text = sorted(k for k in trained if k.startswith(("embeddings.", "encoder.")))
+    assert len(text) == 5 + 2 * 16  # word/position/type tables + LayerNorm (2), 16 tensors per layer
+    position = "embeddings.position_embeddings.weight"
+    assert trained[position].shape == (64, 64) and hf[position].shape == (80, 64)  # cut to model.max_text_len
+    hf[position] = hf[position][:64]
+    for name in text:
+        assert torch.equal(trained[name], hf[name]), name
+    # The trainable pooler started from the checkpoint too and has taken one step away from it.
+    assert not torch.equal(trained["itm.pooler.dense.weight"], hf["pooler.dense.weight"])
+    torch.testing.assert_close(trained["itm.pooler.dense.weight"], hf["pooler.dense.weight"], atol=2e-3, rtol=0)
+
+
+def test_init_from_with_another_vocabulary_is_one_line_exit_2(synthetic: Path, tmp_path: Path) -> None:
+    from tests.pretrain.runs import base_args
+
+    folder = tiny_bert_folder(synthetic, tmp_path / "bert", extra_vocab=7)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(str(synthetic / "tokenizer")))
+    proc = _pretrain(*base_args(synthetic, tmp_path / "run", f"model.init_from={folder}", "train.steps=1"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"model.init_from={folder}" in lines[0] and "data.tokenizer" in lines[0]
+    assert f"{vocab + 7} rows" in lines[0] and f"has {vocab} tokens" in lines[0]
+    assert not (tmp_path / "run").exists()  # refused before the run directory or any process group
