@@ -133,6 +133,8 @@ def main() -> None:
         for i in range(args.runs):
             run = one_run(mode, args.launcher, args.timeout)
             counts[run["outcome"]] += 1
+            if (i + 1) % 10 == 0:  # progress on stderr: a full measurement takes about an hour on 2 busy cores
+                print(f"{mode}: {i + 1}/{args.runs} runs, {counts}", file=sys.stderr, flush=True)
             if run["outcome"] != "ok" and args.samples_out:
                 with open(args.samples_out, "a") as out:
                     out.write(json.dumps({"mode": mode, "run": i, **run}) + "\n")
