@@ -28,6 +28,11 @@ Present where the samples carry them (lists are per sample, padding slots hold e
                                           (phrases whose boxes all left the crop are dropped).
 - `neg_input_ids`  long [B, Lt], `neg_text_mask` bool [B, Lt], `neg_word_mask` bool [B, Lt],
   `has_negative`   bool [B]               the hard negative caption of the chosen caption, if any.
+- `image_hw`       long [B, 2]            height, width in pixels of the image `boxes` refer to. Pixel
+                                          batches: always, [S, S] (the transformed `pixel_values` size).
+                                          Feature batches: the stored image's json `height`, `width`,
+                                          when every real sample has them ([0, 0] in padding slots); the
+                                          `features` embedder scales its normalised region geometry by it.
 - `cursor`         dict                   the loader state after this batch (see `data_tools.loader`).
 - `bad_samples`    dict[str, int]         bad samples by reason found so far on this rank (cumulative;
                                           set by `data_tools.loader.Loader`, like `cursor`).

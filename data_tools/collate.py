@@ -151,7 +151,12 @@ def collate(
     }
     if visual == "features":
         batch.update(_collate_features(samples))
+        sizes = [s.get("image_hw") for s in samples if s is not None]
+        if sizes and all(hw is not None for hw in sizes):  # else absent: ISDa says which key it needs
+            batch["image_hw"] = torch.tensor([s["image_hw"] if s is not None else (0, 0) for s in samples],
+                                             dtype=torch.long)  # [B, 2] stored height, width; padding 0, 0
     else:
+        batch["image_hw"] = torch.tensor([[image_size, image_size]], dtype=torch.long).expand(len(samples), 2).clone()  # [B, 2]
         pixels = np.zeros((len(samples), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
         for i, s in enumerate(samples):
             if s is not None:

@@ -13,6 +13,8 @@ The decoded sample (consumed by transforms and collate):
   phrases                    [{"span": [start, end], "boxes": [i, ...]}] of the chosen caption, or None
   negative                   the chosen caption's hard negative, or None
   feats, pos                 float32 [m, D], [m, 7] precomputed features (visual="features"), else None
+  image_hw                   (height, width) of the stored image from the json (visual="features", when
+                             the json has both), else None: the pixels `boxes` and region boxes refer to
 """
 from __future__ import annotations
 
@@ -71,6 +73,24 @@ def parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def stored_image_hw(meta: dict[str, Any], key: str) -> tuple[int, int] | None:
+    """(height, width) from the json's `width`/`height`, or None when it has neither.
+
+    Why: feature samples carry no image, yet ISDa must scale their normalised region geometry to
+    the pixels their annotated boxes are in; the stored image's size is that scale.
+    """
+    width, height = meta.get("width"), meta.get("height")
+    if width is None and height is None:
+        return None
+
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and float(v).is_integer()
+
+    if not (positive_int(width) and positive_int(height)):
+        raise BadSample("bad_metadata", f"{key}: width and height must be positive integers, got {width!r} and {height!r}")
+    return int(height), int(width)
+
+
 def _image_member(raw: dict[str, Any]) -> bytes | None:
     for ext in schema.IMAGE_EXTENSIONS:
         if ext in raw:
@@ -112,8 +132,9 @@ def decode_sample(
     caption_index = usable[choose(len(usable), sample_seed(seed, epoch, key, "caption", repeat))]
     caption = captions[caption_index]
 
-    feats = pos = image = None
+    feats = pos = image = image_hw = None
     if visual == "features":
+        image_hw = stored_image_hw(meta, key)
         if schema.FEATURE_EXTENSION not in raw or schema.GEOMETRY_EXTENSION not in raw:
             raise BadSample("missing_image", f"{key}: no {schema.FEATURE_EXTENSION} and {schema.GEOMETRY_EXTENSION}")
         feats = _npy(raw[schema.FEATURE_EXTENSION], schema.FEATURE_EXTENSION)
@@ -160,4 +181,5 @@ def decode_sample(
         "negative": negative,
         "feats": feats,
         "pos": pos,
+        "image_hw": image_hw,
     }

@@ -336,24 +336,45 @@ def npy(array: np.ndarray) -> bytes:
 def test_precomputed_features_are_padded_with_a_mask(tmp_path):
     """visual="features": feat.npy / pos.npy per sample, padded to the batch's largest region count;
     an object array (which only unpickling could read) is a bad sample, not a pickle load."""
+    sizes = {"f0": (480, 640), "f1": (300, 200), "f2": (64, 64)}  # stored (height, width) in the json
     samples = []
     for i, m in enumerate((3, 5, 2)):
         feats = np.full((m, 6), i + 1, dtype=np.float16)
         pos = np.tile(np.linspace(0, 1, 7, dtype=np.float32), (m, 1))
-        samples.append((f"f{i}", {"txt": f"regions {i}".encode(), "feat.npy": npy(feats), "pos.npy": npy(pos)}))
+        height, width = sizes[f"f{i}"]
+        meta = json.dumps({"width": width, "height": height}).encode()
+        samples.append((f"f{i}", {"txt": f"regions {i}".encode(), "json": meta, "feat.npy": npy(feats), "pos.npy": npy(pos)}))
     samples.append(("objects", {"txt": b"evil", "feat.npy": npy(np.array([{"a": 1}], dtype=object)), "pos.npy": npy(np.zeros((1, 7)))}))
+    samples.append(("badsize", {"txt": b"size", "json": b'{"width": "wide", "height": 10}',
+                                "feat.npy": npy(np.ones((1, 6), np.float16)), "pos.npy": npy(np.zeros((1, 7), np.float32))}))
     path = write_dataset(tmp_path / "feats", [samples])
-    batches = list(Loader(config(path, tokenizer=minilm(), visual="features", batch_size=4)))
+    batches = list(Loader(config(path, tokenizer=minilm(), visual="features", batch_size=5)))
     assert len(batches) == 1
     b = batches[0]
-    assert "pixel_values" not in b and b["visual_feats"].shape == (4, 5, 6) and b["visual_pos"].shape == (4, 5, 7)
+    assert "pixel_values" not in b and b["visual_feats"].shape == (5, 5, 6) and b["visual_pos"].shape == (5, 5, 7)
     by_key = {k: i for i, k in enumerate(b["key"]) if k}
-    assert set(by_key) == {"f0", "f1", "f2"} and b["bad_samples"] == {"bad_metadata": 1}
+    assert set(by_key) == {"f0", "f1", "f2"} and b["bad_samples"] == {"bad_metadata": 2}
     for key, m in (("f0", 3), ("f1", 5), ("f2", 2)):
         row = by_key[key]
         assert b["visual_mask"][row].tolist() == [True] * m + [False] * (5 - m)
         assert (b["visual_feats"][row, :m] == int(key[1]) + 1).all() and (b["visual_feats"][row, m:] == 0).all()
-    assert not b["visual_mask"][b["key"].index("")].any()
+        assert b["image_hw"][row].tolist() == list(sizes[key])
+    pad = b["key"].index("")
+    assert not b["visual_mask"][pad].any() and b["image_hw"][pad].tolist() == [0, 0]
+    assert b["image_hw"].dtype == torch.long and b["image_hw"].shape == (5, 2)
+
+    # The features embedder puts region boxes in those pixels (what ISDa compares annotated boxes with).
+    from pretrain.model import ModelConfig, RelAlignModel
+
+    model = RelAlignModel(ModelConfig(vocab_size=30522, visual_embedder="features", feature_dim=6, max_text_len=16))
+    _, _, boxes = model.visual(b)  # [B, M, 4]
+    row = by_key["f0"]
+    torch.testing.assert_close(boxes[row, 0], b["visual_pos"][row, 0, :4] * torch.tensor([640.0, 480.0, 640.0, 480.0]))
+
+    # Without width/height in some sample's json the key is absent (ISDa then names it), never guessed.
+    unsized = write_dataset(tmp_path / "unsized", [samples[:2] + [(k, {n: v for n, v in m.items() if n != "json"}) for k, m in samples[2:3]]])
+    (plain,) = list(Loader(config(unsized, tokenizer=minilm(), visual="features", batch_size=4)))
+    assert "image_hw" not in plain and "visual_feats" in plain
 
 
 @pytest.mark.parametrize("resume_workers", [2, 0])
