@@ -166,11 +166,11 @@ def test_training_starts_from_init_from_weights(synthetic: Path, tmp_path: Path)
 
     folder = tiny_bert_folder(synthetic, tmp_path / "bert")
     run = tmp_path / "run"
-    proc = _pretrain(*base_args(synthetic, run, f"model.init_from={folder}", f"data.tokenizer={folder}",
-                                "train.steps=1", "data.batch_size=8",
-                                "optimizer.lr_multipliers={embeddings: 0.0, encoder: 0.0}"))
+    args = base_args(synthetic, run, f"model.init_from={folder}", f"data.tokenizer={folder}", "train.steps=1",
+                     "data.batch_size=8", "optimizer.lr_multipliers={embeddings: 0.0, encoder: 0.0}")
+    proc = _pretrain(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"model.init_from={folder}: " in proc.stderr
+    assert f"model.init_from={folder}: 39 text tensors loaded" in proc.stderr  # 37 + pooler
     hf = load_file(str(folder / "model.safetensors"))
     trained = model_state(run / "checkpoints" / latest_tag(run))
     text = sorted(k for k in trained if k.startswith(("embeddings.", "encoder.")))
@@ -183,6 +183,11 @@ def test_training_starts_from_init_from_weights(synthetic: Path, tmp_path: Path)
     # The trainable pooler started from the checkpoint too and has taken one step away from it.
     assert not torch.equal(trained["itm.pooler.dense.weight"], hf["pooler.dense.weight"])
     torch.testing.assert_close(trained["itm.pooler.dense.weight"], hf["pooler.dense.weight"], atol=2e-3, rtol=0)
+
+    # A resumed run takes every weight from its checkpoint: init_from is not read again.
+    resumed = _pretrain(*args, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "text tensors loaded" not in resumed.stderr
 
 
 def test_init_from_with_another_vocabulary_is_one_line_exit_2(synthetic: Path, tmp_path: Path) -> None:
