@@ -54,11 +54,16 @@ def _model_dtype(engine: Any) -> torch.dtype:
     return next(engine.module.parameters()).dtype  # ZeRO 3 partitions keep their dtype
 
 
-def _cast_floats(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """Floating tensors of the batch in the model's dtype (bf16/fp16 engines hold half weights)."""
-    if dtype == torch.float32:
-        return batch
-    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+def _to_engine(batch: dict[str, Any], dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """The batch on the engine's device, floating tensors in the model's dtype (bf16/fp16 engines
+    hold half weights). Lists of tensors (per-sample boxes) move too; other values stay as they are."""
+    def move(v: Any) -> Any:
+        if torch.is_tensor(v):
+            return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+        if isinstance(v, list) and v and all(torch.is_tensor(x) for x in v):
+            return [move(x) for x in v]
+        return v
+    return {k: move(v) for k, v in batch.items()}
 
 
 def micro_step(engine: Any, batch: dict[str, Any], progress: Progress, stop_requested: bool
@@ -246,7 +251,7 @@ class Trainer:
                 for i, batch in enumerate(self.eval_loader):
                     if i >= cfg.eval.batches:
                         break
-                    batch = _cast_floats(batch, _model_dtype(self.engine))
+                    batch = _to_engine(batch, _model_dtype(self.engine), self.engine.device)
                     _, logs = self.engine(batch, Progress(self.state.step, self.total_steps))
                     for key, value in logs.items():
                         sums[key] = sums.get(key, 0.0) + float(value)
@@ -311,7 +316,7 @@ class Trainer:
                         self.keys_file.write("".join(f"{state.epoch} {state.step} {k}\n" for k in batch["key"] if k))
                     if batch.get("bad_samples"):
                         self.metrics.add_bad_samples(batch["bad_samples"])
-                    finite, stop_flag, logs = micro_step(engine, _cast_floats(batch, dtype),
+                    finite, stop_flag, logs = micro_step(engine, _to_engine(batch, dtype, engine.device),
                                                          Progress(state.step, self.total_steps),
                                                          preempt.received is not None)
                     stop = stop or stop_flag
