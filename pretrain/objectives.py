@@ -121,11 +121,11 @@ def itc_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tenso
     all_image = gather_with_grad(image_emb)  # [W*B, E]
     all_codes = gather_no_grad(codes)  # [W*B]
     all_valid = gather_no_grad(sample_mask)  # [W*B]
-    targets = torch.arange(b) + rank * b  # [B]
+    targets = torch.arange(b, device=codes.device) + rank * b  # [B]
     # A key is excluded when it is padding or shares the query's image without being its own pair.
     same_image = codes[:, None] == all_codes[None, :]  # [B, W*B]
     own = torch.zeros_like(same_image)
-    own[torch.arange(b), targets] = True
+    own[torch.arange(b, device=codes.device), targets] = True
     excluded = (same_image & ~own) | ~all_valid[None, :]
     t2i = scale * text_emb @ all_image.T  # [B, W*B]
     i2t = scale * image_emb @ all_text.T  # [B, W*B]
@@ -150,7 +150,7 @@ def sample_hard_negatives(similarity: torch.Tensor | None, codes: torch.Tensor,
     """
     b = codes.shape[0]
     allowed = (codes[:, None] != codes[None, :]) & sample_mask[:, None] & sample_mask[None, :]  # [B, B]
-    sim = torch.zeros(b, b) if similarity is None else similarity.float()
+    sim = torch.zeros(b, b, device=codes.device) if similarity is None else similarity.float()
     weights = torch.softmax(sim.masked_fill(~allowed, float("-inf")), dim=1)  # rows: text -> images
     has = allowed.any(dim=1)  # [B]
     weights = torch.where(has[:, None], weights, torch.ones_like(weights))
@@ -178,7 +178,7 @@ class PretrainObjective:
         cfg = self.config
         model = getattr(model, "module", model)
         sample_mask = batch["sample_mask"]  # [B]
-        codes = image_id_codes(batch["image_id"])  # [B]
+        codes = image_id_codes(batch["image_id"]).to(batch["input_ids"].device)  # [B]
         input_ids, text_mask = batch["input_ids"], batch["text_mask"]  # [B, Lt]
         visual_tokens, visual_mask = model.embed_visual(batch)  # [B, M, D], [B, M]
         b = input_ids.shape[0]
@@ -205,11 +205,11 @@ class PretrainObjective:
             else:
                 ids, tmask, vis, vmask = input_ids, text_mask, visual_tokens, visual_mask
             # IAIS on the matched pairs only: the first B rows, padding slots excluded.  # [len(ids)] bool
-            iais_rows = torch.cat([sample_mask, torch.zeros(ids.shape[0] - b, dtype=torch.bool)]) if iais_on else None
+            iais_rows = torch.cat([sample_mask, torch.zeros(ids.shape[0] - b, dtype=torch.bool, device=sample_mask.device)]) if iais_on else None
             out = model(ids, tmask, vis, vmask, iais_rows=iais_rows)
             if cfg.itm:
                 logits = model.itm_logits(out)  # [3B, 2]
-                labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
+                labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
                 weights = torch.cat([sample_mask, has_neg, has_neg])  # [3B]
                 loss = _masked_mean(F.cross_entropy(_wide(logits), labels, reduction="none"), weights)
                 total = total + cfg.itm_weight * loss
