@@ -1,14 +1,21 @@
-"""User-facing errors and the one table of process exit codes shared by every relalign command.
+"""The bottom layer every relalign package uses: user errors, the one table of process exit codes,
+`run_cli`, config-value checks and the one atomic-write helper.
 
 Errors for users are one line that names the thing (file, field, value) and what would be valid;
 `run_cli` turns them into that line on stderr and the matching exit code, never a traceback.
 Bugs are ordinary exceptions and keep their traceback.
+
+    check("train.steps", steps, steps >= 0, "an integer >= 0")      # ConfigError when not ok
+    with atomic_write(path, "w") as fh: fh.write(text)               # readers see old or new, never half
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Sequence
 
 
 class ExitCode(enum.IntEnum):
@@ -48,6 +55,62 @@ class ConfigError(UserError):
     def __init__(self, field: str, value: object, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"config: {field}={value!r} is not allowed: expected {allowed}")
+
+
+def check(field: str, value: object, ok: bool, allowed: str) -> None:
+    """The one range/choice check of config dataclasses: ConfigError(field, value, allowed) unless ok."""
+    if not ok:
+        raise ConfigError(field, value, allowed)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Write `path` all or nothing: a temporary name in the same folder, fsync, `os.replace`, fsync
+    of the folder (so the rename itself survives a power loss). On an exception the temporary file
+    is removed and `path` keeps its old content. Mode "w" (text) or "wb" (bytes)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    binary = "b" in mode
+    try:
+        with open(tmp, mode, encoding=None if binary else encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+
+
+def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished temporary file or folder over `path` and fsync the folder (for writers that
+    produce the temporary themselves, e.g. pyarrow, tar writers, DeepSpeed checkpoint folders)."""
+    tmp_path = Path(tmp)
+    if tmp_path.is_file():
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp_path, path)
+    fsync_dir(Path(path).parent)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder (durable renames); a no-op where the platform cannot open folders."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
