@@ -42,16 +42,13 @@ def make_batch(b: int, text_len: int, image_size: int, vocab: int, seed: int = 0
 
 
 def build(cfg, vocab: int):
-    from pretrain.iais import IAISRegularizer
-    from pretrain.model import RelAlignModel
-    from pretrain.objectives import PretrainObjective
+    """The pretraining task's model and objective (what the trainer trains), fresh weights."""
+    from pretrain.task import PretrainTask
 
+    task = PretrainTask(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None)))
     torch.manual_seed(0)
-    model = RelAlignModel(dataclasses.replace(cfg.model, vocab_size=vocab))
-    regularizer = IAISRegularizer(cfg.iais, model.config.num_layers) if cfg.iais.enabled else None
-    if regularizer:
-        model.set_iais_layers(regularizer.layers)
-    return model, PretrainObjective(cfg.objectives, regularizer)
+    model = task.build_model(range(vocab), fresh=True, say=print)
+    return model, task.objective()
 
 
 def plain_loop(cfg, batch: dict, vocab: int, steps: int, total_steps: int):
@@ -81,16 +78,17 @@ def plain_loop(cfg, batch: dict, vocab: int, steps: int, total_steps: int):
 
 def trainer_loop(cfg, batch: dict, vocab: int, steps: int, total_steps: int):
     """The trainer's own micro-step on a DeepSpeed engine built by pretrain.engine."""
-    from pretrain.engine import batch_geometry, build_engine
+    from pretrain.engine import EngineSpec, batch_geometry, build_engine
     from pretrain.objectives import Progress
     from pretrain.train import micro_step
 
     model, objective = build(cfg, vocab)
-    engine, _ = build_engine(model, objective, cfg, batch_geometry(cfg, 1), total_steps)
+    spec = EngineSpec(cfg.optimizer, cfg.schedule, cfg.zero, cfg.precision, cfg.train.grad_clip)
+    engine, _ = build_engine(model, objective, spec, batch_geometry(cfg.data.batch_size, 1, 1), total_steps)
     engine.train()
 
     def step(i: int) -> None:
-        finite, _, _ = micro_step(engine, batch, Progress(i, total_steps), False)
+        finite, _ = micro_step(engine, batch, Progress(i, total_steps))
         if not finite:
             raise RuntimeError("non-finite loss in the trainer loop")
 

@@ -83,7 +83,7 @@ def main() -> None:
                                     feature_dim=FEATURE_DIM[preset])
         model = RelAlignModel(config).to(args.device).train()
         regularizer = IAISRegularizer(IAISConfig(mode="singular", direction="both"), config.num_layers)
-        model.set_iais_layers(regularizer.layers)
+        regularizer.attach(model)
         batch = {k: v.to(args.device) for k, v in
                  make_batch(args.batch, args.words, args.regions, VOCAB[preset], FEATURE_DIM[preset]).items()}
         batch["matched_cpu"] = batch["itm_labels"].cpu().bool()

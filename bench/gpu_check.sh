@@ -90,7 +90,7 @@ cuda = torch.cuda.is_available() and dist_env.backend() == "nccl"
 def overrides(run_dir, n_steps, log_every):
     return [f"data.paths=[{work}/data]", f"run.dir={run_dir}", f"precision={precision}", "zero.stage=2",
             f"train.steps={n_steps}", f"data.batch_size={batch}", f"train.global_batch_size={batch}",
-            f"train.log_every={log_every}", "train.eval_every=0", "checkpoint.every_steps=0",
+            f"train.log_every={log_every}", "eval.every_steps=0", "checkpoint.every_steps=0",
             "checkpoint.at_end=false", "metrics.port=0", f"data.workers={workers}"]
 
 

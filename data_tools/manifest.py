@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_tools.errors import UserError
+from data_tools.errors import ExitCode, UserError
 from data_tools.schema import (
     DATASET_FILE,
     MANIFEST_FILE,
@@ -37,9 +37,9 @@ def load_dataset_info(directory: str | os.PathLike) -> DatasetInfo:
         data = json.loads(path.read_text(encoding="utf-8"))
         info = DatasetInfo.from_json(data)
     except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise UserError(f"{path}: malformed dataset.json ({type(err).__name__}: {err})") from None
+        raise UserError(f"{path}: malformed dataset.json ({type(err).__name__}: {err})", ExitCode.DATA) from None
     if not isinstance(info.shards, list) or info.total_samples != sum(s.samples for s in info.shards):
-        raise UserError(f"{path}: malformed dataset.json (total_samples does not match the shards)")
+        raise UserError(f"{path}: malformed dataset.json (total_samples does not match the shards)", ExitCode.DATA)
     return info
 
 

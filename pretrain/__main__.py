@@ -63,13 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     launcher_json = dist_env.launcher_deepspeed_config()  # e.g. accelerate's deepspeed_config_file
     if launcher_json and cfg.zero.deepspeed_config is None:
         cfg = load_config(args.config, [*overrides, f"zero.deepspeed_config={launcher_json}"])
-    from pretrain.train import check_resume
+    from pretrain.config import check_resume
 
-    check_resume(cfg)
-    return _run(cfg)
+    resume_path = check_resume(cfg)  # the one resume check, before any process group starts
+    return run_training(cfg, resume_path)
 
 
-def _run(cfg) -> int:
+def run_training(cfg, resume_path, task_factory=None) -> int:
+    """Start the process group, train `task_factory(cfg)` (default: pretraining), tear down and exit
+    the process with the run's code. Shared by `python -m pretrain` and `python -m finetune`."""
     from pretrain import dist_env
 
     env = dist_env.detect()
@@ -86,7 +88,7 @@ def _run(cfg) -> int:
     try:
         from pretrain.train import train
 
-        code = int(train(cfg, env))
+        code = int(train(cfg, env, task_factory(cfg) if task_factory else None, resume_path))
     except UserError as err:
         code = int(err.exit_code)
         print(f"pretrain: error: {err}", file=sys.stderr, flush=True)

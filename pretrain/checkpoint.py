@@ -20,6 +20,7 @@ loads at any world size directly.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -32,9 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from data_tools.errors import UserError
+from data_tools.errors import UserError, atomic_replace, atomic_write_text, check
+from pretrain.distributed import barrier, broadcast_object
 
 LATEST = "latest"
 CLIENT_STATE = "client_state.json"
@@ -45,22 +46,24 @@ FAULT_ENV = "RELALIGN_KILL_DURING_SAVE"
 itself after writing its part of that checkpoint and before the commit."""
 
 
+@dataclasses.dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = 0
+    """Steps between checkpoints (0 = only at the end, on preemption and on non-finite stops)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are removed after each save."""
+    at_end: bool = True
+    """Save after the last step."""
+
+    def __post_init__(self) -> None:
+        check("checkpoint.every_steps", self.every_steps, self.every_steps >= 0, "an integer >= 0 (0 = off)")
+        check("checkpoint.keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --- RNG -----------------------------------------------------------------------------------------
@@ -136,12 +139,24 @@ def read_client_state(path: Path) -> dict[str, Any]:
 
 # --- the manager ---------------------------------------------------------------------------------
 class CheckpointManager:
-    """Saves and loads the checkpoints of one run; every method is called by every rank."""
+    """Saves and loads the checkpoints of one run, and decides when a step saves (its policy:
+    `every_steps`, `at_end`, and always on a stop). Every method is called by every rank."""
 
-    def __init__(self, run_dir: Path, keep_last: int, rank: int, world_size: int):
+    def __init__(self, config: CheckpointConfig, run_dir: Path, rank: int, world_size: int):
+        self.config = config
         self.root = Path(run_dir) / "checkpoints"
-        self.keep_last = keep_last
+        self.keep_last = config.keep_last
         self.rank, self.world_size = rank, world_size
+
+    def due(self, step: int, last_step: int, stop: bool = False) -> bool:
+        """Whether `step` saves: a stop (preemption, non-finite limit) always does; the last step when
+        `at_end` (or a cadence is set); otherwise every `every_steps`."""
+        every = self.config.every_steps
+        if stop:
+            return True
+        if step >= last_step:
+            return self.config.at_end or bool(every)
+        return bool(every) and step % every == 0
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any], tokenizer: Any = None) -> Path:
         """All ranks: DeepSpeed state + RNG into `.tmp-<tag>`, barrier, rank 0 commits. Returns the tag path."""
@@ -154,7 +169,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # left by a crash during an earlier save of this step
                 shutil.rmtree(tmp)
-        _barrier()
+        barrier()
         # DeepSpeed keeps the client state in its own model-states file too (torch pickle); ours is
         # the JSON below. UNIVERSAL_CHECKPOINT_INFO lets ds_to_universal convert this checkpoint.
         engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False, client_state={
@@ -165,18 +180,18 @@ class CheckpointManager:
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
             state = dict(client_state, world_size=self.world_size, saved_at=time.time(), tag=tag)
-            _write_atomic(tmp / CLIENT_STATE, json.dumps(state, indent=1))
+            atomic_write_text(tmp / CLIENT_STATE, json.dumps(state, indent=1))
         if os.environ.get(FAULT_ENV) == tag:  # fault injection for tests: die with the save half done
             os.kill(os.getpid(), signal.SIGKILL)
-        _barrier()  # every rank has written its part
+        barrier()  # every rank has written its part
         final = self.root / tag
         if self.rank == 0:
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic(self.root / LATEST, tag + "\n")
+            atomic_replace(tmp, final)
+            atomic_write_text(self.root / LATEST, tag + "\n")
             self._prune(keep=final)
-        _barrier()
+        barrier()
         return final
 
     def _prune(self, keep: Path) -> None:
@@ -227,13 +242,10 @@ def convert_to_universal(path: Path, rank: int) -> Path:
         try:
             ds_to_universal.main(args)
             shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            atomic_replace(tmp, target)
         except Exception as err:  # DeepSpeed's own limits, e.g. a layout it cannot convert
             failure = f"{type(err).__name__}: {err}"
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [failure]
-        dist.broadcast_object_list(box, src=0)
-        failure = box[0]
+    failure = broadcast_object(failure)
     if failure is not None:
         raise UserError(f"resume: DeepSpeed cannot convert {path} to a universal checkpoint for another world "
                         f"size ({failure}); resume with the world size that wrote it")

@@ -1,14 +1,16 @@
-"""The one configuration schema of `python -m pretrain`: YAML presets, dotted overrides, validation.
-
-The schema assembles the owners' dataclasses (`data`, `model`, `iais`, `metrics`) with the trainer's
-own sections below. Everything is checked before any process group starts: an unknown key, a wrong
-type, an out-of-range value, a missing dataset folder or fp16 without CUDA each raise one
-`ConfigError` naming the dotted field, the value and what is allowed (exit code 2 via `run_cli`).
+"""The one configuration of `python -m pretrain` (and `python -m finetune`): it assembles the
+sections that the components own, and checks what needs files or hardware.
 
     cfg = load_config("configs/tiny.yaml", ["train.steps=50", "optimizer.lr=1e-3"])
 
-YAML typing applies to overrides (`x=[a, b]` is a list, `x=null` is None); a string that reads as a
-number is accepted for a float field because PyYAML reads `1e-4` as a string.
+Sections and their owners: data (data_tools.loader), model (pretrain.model), iais (pretrain.iais),
+objectives (pretrain.objectives: one section per registered term), optimizer / schedule / zero
+(pretrain.engine), train / run (pretrain.train), eval (pretrain.evaluator), checkpoint
+(pretrain.checkpoint), metrics (pretrain.metrics), finetune (finetune.config, present only in
+finetuning runs). The machinery (types, overrides, messages) is pretrain.config_schema.
+Everything is checked before any process group starts: a configuration mistake is one ConfigError
+naming the dotted field (exit code 2); a dataset folder whose dataset.json is missing or malformed
+is a data error (exit code 3).
 """
 from __future__ import annotations
 
@@ -16,191 +18,37 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
 
-from data_tools.errors import ConfigError, UserError
+from data_tools.errors import ConfigError, ExitCode, UserError, atomic_write_text, check
 from data_tools.loader import DataConfig
+from pretrain.checkpoint import CheckpointConfig, read_client_state, resolve_resume
+from pretrain.config_schema import apply_override, build, read_yaml, to_dict
+from pretrain.engine import OptimizerConfig, ScheduleConfig, ZeroConfig
+from pretrain.evaluator import EvalConfig
 from pretrain.iais import IAISConfig
 from pretrain.metrics import MetricsConfig
 from pretrain.model import ModelConfig
+from pretrain.objectives import build_sections, import_plugins
+from pretrain.train import RunConfig, TrainConfig
 
-
-def _check(field: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(field, value, allowed)
-
-
-@dataclasses.dataclass
-class ObjectivesConfig:
-    """Which pretraining losses run and how they are weighted (IAIS: `iais.enabled`, `iais.weight`)."""
-
-    itc: bool = True
-    """Image-text contrastive loss (symmetric InfoNCE over features gathered from every rank)."""
-    itc_weight: float = 1.0
-    itm: bool = True
-    """Image-text matching with hard negatives drawn from the ITC similarities (ALBEF)."""
-    itm_weight: float = 1.0
-    mlm: bool = True
-    """Masked language modelling on `mlm_input_ids`/`mlm_labels`."""
-    mlm_weight: float = 1.0
-    itm_hard_negatives: bool = True
-    """Sample ITM negatives by ITC similarity; False draws them uniformly among other images."""
-
-    def __post_init__(self) -> None:
-        for name in ("itc_weight", "itm_weight", "mlm_weight"):
-            value = getattr(self, name)
-            _check(f"objectives.{name}", value, value >= 0, "a weight >= 0")
-        _check("objectives", "all off", self.itc or self.itm or self.mlm, "at least one of itc, itm, mlm on")
-
-
-@dataclasses.dataclass
-class OptimizerConfig:
-    """AdamW (a client optimizer: no fused_adam JIT) with parameter groups."""
-
-    lr: float = 1e-4
-    """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    """Applied to weight matrices only: never to norms, biases or position tables."""
-    lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Module-name prefix -> learning-rate multiplier (longest prefix wins), e.g. {text: 0.1}."""
-
-    def __post_init__(self) -> None:
-        _check("optimizer.lr", self.lr, self.lr > 0, "a learning rate > 0")
-        _check("optimizer.betas", self.betas, all(0 <= b < 1 for b in self.betas), "two values in [0, 1)")
-        _check("optimizer.eps", self.eps, self.eps > 0, "a value > 0")
-        _check("optimizer.weight_decay", self.weight_decay, self.weight_decay >= 0, "a value >= 0")
-        for prefix, mult in self.lr_multipliers.items():
-            _check(f"optimizer.lr_multipliers.{prefix}", mult, mult >= 0, "a multiplier >= 0")
-
-
-@dataclasses.dataclass
-class ScheduleConfig:
-    """Linear warm-up from 0 to the peak, then decay to `min_lr_ratio` x peak at the last step."""
-
-    warmup_steps: int = 0
-    decay: Literal["linear", "cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check("schedule.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "an integer >= 0")
-        _check("schedule.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "a ratio in [0, 1]")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Length of the run, batch geometry, clipping, seeding and the loop's intervals."""
-
-    steps: int = 0
-    """Optimizer steps; 0 = derived from `epochs`."""
-    epochs: int = 1
-    """Used when `steps` is 0: that many passes over the data."""
-    global_batch_size: int = 0
-    """Samples per optimizer step over all ranks; 0 = data.batch_size x world size x grad_accumulation.
-    Kept fixed on an elastic resume: the per-rank batch or the accumulation adapts."""
-    grad_accumulation: int = 1
-    grad_clip: float = 1.0
-    """Global gradient-norm clip; 0 disables."""
-    seed: int = 0
-    log_every: int = 10
-    """Steps between progress lines and metric records."""
-    eval_every: int = 0
-    """Steps between validations (and one at the end); 0 disables validation."""
-    max_nonfinite_steps: int = 5
-    """Stop (exit code NONFINITE, last good state saved) after this many non-finite steps in a row."""
-    record_keys: bool = False
-    """Append every consumed sample key to <run>/keys/rank<r>.txt ("epoch step key" lines): an audit of
-    exactly-once data order across resumes."""
-    lost_rank_timeout_s: float = 300.0
-    """A rank that stops answering for this long makes the others exit naming it (watchdog)."""
-
-    def __post_init__(self) -> None:
-        _check("train.steps", self.steps, self.steps >= 0, "an integer >= 0 (0 = use train.epochs)")
-        _check("train.epochs", self.epochs, self.epochs >= 1, "an integer >= 1")
-        _check("train.global_batch_size", self.global_batch_size, self.global_batch_size >= 0, "an integer >= 0")
-        _check("train.grad_accumulation", self.grad_accumulation, self.grad_accumulation >= 1, "an integer >= 1")
-        _check("train.grad_clip", self.grad_clip, self.grad_clip >= 0, "a norm >= 0 (0 = off)")
-        _check("train.log_every", self.log_every, self.log_every >= 1, "an integer >= 1")
-        _check("train.eval_every", self.eval_every, self.eval_every >= 0, "an integer >= 0 (0 = off)")
-        _check("train.max_nonfinite_steps", self.max_nonfinite_steps, self.max_nonfinite_steps >= 1, "an integer >= 1")
-        _check("train.lost_rank_timeout_s", self.lost_rank_timeout_s, self.lost_rank_timeout_s > 0, "seconds > 0")
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    """Validation inside the loop: held-out losses and an optional R@1 probe by ITC."""
-
-    paths: list[str] = dataclasses.field(default_factory=list)
-    """Validation dataset folders; empty = the training folders read in eval mode."""
-    batches: int = 4
-    """Batches per rank for the held-out losses."""
-    retrieval_probe: bool = False
-    """Also compute text->image and image->text R@1 by ITC on the validation batches."""
-
-    def __post_init__(self) -> None:
-        _check("eval.batches", self.batches, self.batches >= 1, "an integer >= 1")
-
-
-@dataclasses.dataclass
-class ZeroConfig:
-    """DeepSpeed ZeRO stage and an optional raw DeepSpeed JSON merged over the generated config."""
-
-    stage: int = 0
-    deepspeed_config: str | None = None
-    """Path of a DeepSpeed JSON; its keys override the generated ones (nested dicts merge)."""
-
-    def __post_init__(self) -> None:
-        _check("zero.stage", self.stage, self.stage in (0, 1, 2, 3), "0, 1, 2 or 3")
-
-
-@dataclasses.dataclass
-class CheckpointConfig:
-    """When checkpoints are written and how many are kept."""
-
-    every_steps: int = 0
-    """Steps between checkpoints (0 = only at the end, on preemption and on non-finite stops)."""
-    keep_last: int = 3
-    at_end: bool = True
-
-    def __post_init__(self) -> None:
-        _check("checkpoint.every_steps", self.every_steps, self.every_steps >= 0, "an integer >= 0 (0 = off)")
-        _check("checkpoint.keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """The run directory (config.yaml, checkpoints/, metrics.jsonl, eval/) and the run's label."""
-
-    dir: str = "runs/run"
-    """The run directory itself; `--resume auto` looks for checkpoints in it."""
-    name: str = ""
-    """Label of the run in metrics (`run` label); empty = the directory's name."""
-
-    def __post_init__(self) -> None:
-        _check("run.dir", self.dir, bool(self.dir), "a directory path")
-        if not self.name:
-            self.name = Path(self.dir).resolve().name
-
-    @property
-    def path(self) -> Path:
-        return Path(self.dir)
+__all__ = ["Config", "RESUME_MUTABLE", "apply_override", "build", "to_dict", "config_from_dict", "load_config",
+           "check_environment", "save_config", "config_hash", "resume_differences", "check_resume"]
 
 
 @dataclasses.dataclass
 class Config:
-    """The resolved configuration of a pretraining run (saved as `<run>/config.yaml`)."""
+    """The resolved configuration of a run (saved as `<run>/config.yaml`)."""
 
     data: DataConfig
     model: ModelConfig
     iais: IAISConfig = dataclasses.field(default_factory=IAISConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
-    objectives: ObjectivesConfig = dataclasses.field(default_factory=ObjectivesConfig)
+    objectives: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """One section per registered objective term (pretrain.objectives), e.g. objectives.itm.weight."""
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -211,191 +59,53 @@ class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     resume: str | None = None
     """None = fresh run, `auto` = newest complete checkpoint of the run if any, or a checkpoint path."""
+    plugins: list[str] = dataclasses.field(default_factory=list)
+    """Modules imported before validation (e.g. ones that register objective terms)."""
+    finetune: Any = None
+    """The finetuning task's section (finetune.config.FinetuneConfig); None in pretraining."""
 
 
 RESUME_MUTABLE = (
     "data.paths", "data.workers", "data.batch_size", "data.weights", "data.tokenizer",
-    "metrics", "run", "resume", "eval", "train.log_every", "train.eval_every", "train.lost_rank_timeout_s", "train.record_keys",
-    "train.grad_accumulation", "checkpoint", "zero.deepspeed_config",
+    "metrics", "run", "resume", "eval", "train.log_every", "train.lost_rank_timeout_s", "train.record_keys",
+    "train.grad_accumulation", "checkpoint", "zero.deepspeed_config", "finetune.init",
 )
 """Fields that may differ between a checkpoint's config and the resuming run's (world size too).
 Any other difference is refused: the resumed run would not continue the same training."""
 
-
-# --- building dataclasses from plain data ---------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, field: str) -> Any:
-    """Check `value` against the annotation `tp` and convert lists/strings where YAML is loose."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, field)
-            except ConfigError:
-                continue
-        raise ConfigError(field, value, _type_name(tp))
-    if origin is Literal:
-        _check(field, value, value in args, " | ".join(repr(a) for a in args))
-        return value
-    if dataclasses.is_dataclass(tp):
-        _check(field, value, isinstance(value, dict), f"a mapping of {tp.__name__} fields")
-        return build(tp, value, field)
-    if tp is bool:
-        _check(field, value, isinstance(value, bool), "true or false")
-        return value
-    if tp is int:
-        _check(field, value, isinstance(value, int) and not isinstance(value, bool), "an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _check(field, value, isinstance(value, (int, float)) and not isinstance(value, bool), "a number")
-        return float(value)
-    if tp is str:
-        _check(field, value, isinstance(value, str), "a string")
-        return value
-    if origin in (list, tuple, Sequence):
-        if isinstance(value, str) and origin is list:
-            value = [value]  # `data.paths=/x` means one path
-        _check(field, value, isinstance(value, (list, tuple)), f"a list ({_type_name(tp)})")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            _check(field, value, len(value) == len(args), f"{len(args)} values ({_type_name(tp)})")
-            return tuple(_coerce(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{field}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        _check(field, value, isinstance(value, dict), f"a mapping ({_type_name(tp)})")
-        key_tp, val_tp = args if args else (Any, Any)
-        return {_coerce(k, key_tp, field): _coerce(v, val_tp, f"{field}.{k}") for k, v in value.items()}
-    if isinstance(tp, type):
-        _check(field, value, isinstance(value, tp), _type_name(tp))
-    return value
-
-
-def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping: unknown keys and wrong types are ConfigErrors.
-
-    A `preset` key is passed to `cls.preset(name, **rest)` where the class offers one (ModelConfig).
-    A ConfigError raised by the class's own validation gets the dotted prefix added to its field.
-    """
-    values = dict(values)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    preset = values.pop("preset", None) if hasattr(cls, "preset") else None
-    kwargs = {}
-    for key, value in values.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            allowed = ", ".join(sorted(fields)) + (", preset" if hasattr(cls, "preset") else "")
-            raise ConfigError(name, value, f"one of the keys {allowed}")
-        kwargs[key] = _coerce(value, hints[key], name)
-    try:
-        if preset is not None:
-            _check(f"{prefix}.preset", preset, isinstance(preset, str), "a preset name")
-            return cls.preset(preset, **kwargs)
-        return cls(**kwargs)
-    except ConfigError as err:
-        if prefix and not err.field.startswith(prefix + ".") and err.field != prefix:
-            raise ConfigError(f"{prefix}.{err.field}", err.value, err.allowed) from None
-        raise
-    except TypeError as err:  # a required field is missing
-        raise ConfigError(prefix or cls.__name__, values, f"all required fields of {cls.__name__} ({err})") from None
-    except ValueError as err:  # an owner's validation that is not a ConfigError
-        raise ConfigError(prefix or cls.__name__, values, str(err)) from None
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain YAML/JSON data of a config (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-# --- loading --------------------------------------------------------------------------------------
-def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"config file {path}: cannot be read ({err.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"config file {path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def apply_override(tree: dict[str, Any], override: str) -> None:
-    """Apply `a.b.c=value` (value read as YAML) to a nested dict in place."""
-    if "=" not in override:
-        raise UserError(f"override {override!r}: expected dotted.field=value")
-    path, raw = override.split("=", 1)
-    keys = path.strip().split(".")
-    if not all(keys):
-        raise UserError(f"override {override!r}: expected dotted.field=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    node = tree
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(".".join(keys[: i + 1]), child, "a section (it has no sub-fields)")
-        node = child
-    node[keys[-1]] = value
+SECTION_BUILDERS: dict[str, Any] = {}
+"""Top-level sections built by another owner (name -> function(tree, build) -> section), e.g. the
+finetuning section registered by `finetune.config`."""
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """Validate a nested mapping into a Config (types, ranges, cross-field rules; no file checks)."""
+    tree = dict(tree)
     if "data" not in tree or "model" not in tree:
         missing = "data" if "data" not in tree else "model"
         raise ConfigError(missing, None, "a section (data and model are required)")
+    plugins = tree.get("plugins") or []
+    check("plugins", plugins, isinstance(plugins, list) and all(isinstance(p, str) for p in plugins),
+          "a list of module names")
+    import_plugins(plugins)
+    objectives = build_sections(tree.pop("objectives", None), build)
+    special = {name: tree.pop(name) for name in list(tree) if name in SECTION_BUILDERS}
     cfg = build(Config, tree)
-    _check("data.max_text_len", cfg.data.max_text_len, cfg.data.max_text_len <= cfg.model.max_text_len,
-           f"at most model.max_text_len={cfg.model.max_text_len}")
+    cfg.objectives = objectives
+    for name, value in special.items():
+        setattr(cfg, name, SECTION_BUILDERS[name](value, build))
+    check("data.max_text_len", cfg.data.max_text_len, cfg.data.max_text_len <= cfg.model.max_text_len,
+          f"at most model.max_text_len={cfg.model.max_text_len}")
     if cfg.train.global_batch_size:
-        _check("train.global_batch_size", cfg.train.global_batch_size,
-               cfg.train.global_batch_size % cfg.train.grad_accumulation == 0,
-               f"a multiple of train.grad_accumulation={cfg.train.grad_accumulation}")
+        check("train.global_batch_size", cfg.train.global_batch_size,
+              cfg.train.global_batch_size % cfg.train.grad_accumulation == 0,
+              f"a multiple of train.grad_accumulation={cfg.train.grad_accumulation}")
     return cfg
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML preset, apply the overrides in order, validate (including files on disk)."""
-    tree = _read_yaml(path) if path else {}
+    tree = read_yaml(path) if path else {}
     for override in overrides:
         apply_override(tree, override)
     cfg = config_from_dict(tree)
@@ -403,41 +113,49 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+def _is_remote(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
 def check_environment(cfg: Config) -> None:
-    """Checks that need the file system or the hardware: dataset folders, DeepSpeed JSON, fp16."""
+    """Checks that need the file system or the hardware: dataset folders and their dataset.json,
+    the DeepSpeed JSON, the init checkpoint's vocabulary, fp16."""
+    from data_tools.manifest import load_dataset_info
+
+    check("data.paths", cfg.data.paths, len(cfg.data.paths) > 0, "at least one dataset folder")
     for section, paths in (("data.paths", cfg.data.paths), ("eval.paths", cfg.eval.paths)):
-        if section == "data.paths":
-            _check(section, paths, len(paths) > 0, "at least one dataset folder")
         for i, p in enumerate(paths):
-            if "://" in p or p.startswith("pipe:"):
+            if _is_remote(p):
                 continue
-            _check(f"{section}[{i}]", p, (Path(p) / "dataset.json").is_file(),
-                   "an existing dataset folder with dataset.json (build one with `python -m data_tools build`)")
+            check(f"{section}[{i}]", p, (Path(p) / "dataset.json").is_file(),
+                  "an existing dataset folder with dataset.json (build one with `python -m data_tools build`)")
+            try:
+                load_dataset_info(p)
+            except UserError as err:  # present but malformed: the data is wrong, not the configuration
+                raise UserError(f"{section}[{i}]: {err}", ExitCode.DATA) from None
     if cfg.zero.deepspeed_config is not None:
         p = Path(cfg.zero.deepspeed_config)
-        _check("zero.deepspeed_config", str(p), p.is_file(), "an existing DeepSpeed JSON file")
+        check("zero.deepspeed_config", str(p), p.is_file(), "an existing DeepSpeed JSON file")
         try:
             data = json.loads(p.read_text())
         except ValueError as err:
             raise ConfigError("zero.deepspeed_config", str(p), f"valid JSON ({err})") from None
-        _check("zero.deepspeed_config", str(p), isinstance(data, dict), "a JSON object")
+        check("zero.deepspeed_config", str(p), isinstance(data, dict), "a JSON object")
         adopt_raw_deepspeed(cfg, data)
     if cfg.model.init_from is not None:
         check_init_vocabulary(cfg)
     if cfg.precision == "fp16":
         import torch
 
-        _check("precision", "fp16", torch.cuda.is_available(),
-               "fp32 or bf16 on this machine (fp16 needs a CUDA device)")
+        check("precision", "fp16", torch.cuda.is_available(), "fp32 or bf16 on this machine (fp16 needs a CUDA device)")
 
 
 def check_init_vocabulary(cfg: Config) -> None:
     """`model.init_from` must have been trained with the data tokenizer's vocabulary.
 
-    The model's vocab_size is the tokenizer's size (Trainer.setup), so a checkpoint whose word
-    embedding table has another number of rows cannot load; say so here, before any process group
-    starts, instead of in every rank's setup. A tokenizer that is not a local folder (a remote
-    dataset without data.tokenizer) is left to the loader's own error.
+    The model's vocab_size is the tokenizer's size, so a checkpoint whose word embedding table has
+    another number of rows cannot load; say so here, before any process group starts. A tokenizer
+    that is not a local folder (a remote dataset without data.tokenizer) is left to the loader.
     """
     from data_tools.collate import load_tokenizer
     from data_tools.loader import tokenizer_folder
@@ -461,8 +179,8 @@ def adopt_raw_deepspeed(cfg: Config, data: dict[str, Any]) -> None:
     what actually runs."""
     stage = (data.get("zero_optimization") or {}).get("stage")
     if stage is not None:
-        _check("zero.deepspeed_config", f"{cfg.zero.deepspeed_config}: zero_optimization.stage={stage!r}",
-               stage in (0, 1, 2, 3), "a ZeRO stage 0, 1, 2 or 3")
+        check("zero.deepspeed_config", f"{cfg.zero.deepspeed_config}: zero_optimization.stage={stage!r}",
+              stage in (0, 1, 2, 3), "a ZeRO stage 0, 1, 2 or 3")
         cfg.zero.stage = stage
     for precision in ("bf16", "fp16"):
         if (data.get(precision) or {}).get("enabled") is True:
@@ -473,9 +191,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _strip(tree: dict[str, Any], dotted: str) -> None:
@@ -516,3 +232,17 @@ def resume_differences(saved: dict[str, Any], current: Config) -> list[str]:
 
     walk(a, b, "")
     return out
+
+
+def check_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), checked once before any process group
+    starts; UserError when it cannot continue this run: missing, incomplete, or trained with a
+    configuration that differs beyond RESUME_MUTABLE."""
+    path = resolve_resume(cfg.resume, cfg.run.path)
+    if path is None:
+        return None
+    diffs = resume_differences(read_client_state(path)["config"], cfg)
+    if diffs:
+        raise UserError(f"resume: {path} was trained with a different configuration; only the world size and "
+                        f"the fields in pretrain.config.RESUME_MUTABLE may change: {'; '.join(diffs)}")
+    return path

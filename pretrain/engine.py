@@ -11,12 +11,58 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from data_tools.errors import ConfigError
-from pretrain.config import Config, OptimizerConfig, ScheduleConfig
+from data_tools.errors import ConfigError, check
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """AdamW (a client optimizer: no fused_adam JIT) with parameter groups."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    """Applied to weight matrices only: never to norms, biases or position tables."""
+    lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Module-name prefix -> learning-rate multiplier (longest prefix wins), e.g. {text: 0.1}."""
+
+    def __post_init__(self) -> None:
+        check("optimizer.lr", self.lr, self.lr > 0, "a learning rate > 0")
+        check("optimizer.betas", self.betas, all(0 <= b < 1 for b in self.betas), "two values in [0, 1)")
+        check("optimizer.eps", self.eps, self.eps > 0, "a value > 0")
+        check("optimizer.weight_decay", self.weight_decay, self.weight_decay >= 0, "a value >= 0")
+        for prefix, mult in self.lr_multipliers.items():
+            check(f"optimizer.lr_multipliers.{prefix}", mult, mult >= 0, "a multiplier >= 0")
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Linear warm-up from 0 to the peak, then decay to `min_lr_ratio` x peak at the last step."""
+
+    warmup_steps: int = 0
+    decay: Literal["linear", "cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check("schedule.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "an integer >= 0")
+        check("schedule.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "a ratio in [0, 1]")
+
+
+@dataclasses.dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO stage and an optional raw DeepSpeed JSON merged over the generated config."""
+
+    stage: int = 0
+    deepspeed_config: str | None = None
+    """Path of a DeepSpeed JSON; its keys override the generated ones (nested dicts merge)."""
+
+    def __post_init__(self) -> None:
+        check("zero.stage", self.stage, self.stage in (0, 1, 2, 3), "0, 1, 2 or 3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,17 +75,16 @@ class BatchGeometry:
     world_size: int
 
 
-def batch_geometry(cfg: Config, world_size: int, global_batch: int | None = None) -> BatchGeometry:
-    """Split the global batch over `world_size` ranks.
+def batch_geometry(per_rank: int, accumulation: int, world_size: int, global_batch: int = 0) -> BatchGeometry:
+    """Split the global batch (0: per_rank x world x accumulation) over `world_size` ranks.
 
     The configured per-rank batch and accumulation are kept when they fit; otherwise (an elastic
     resume) the per-rank batch is the largest one <= the configured size for which the global batch
     divides evenly, and the accumulation makes up the rest.
     """
-    per_rank, accum = cfg.data.batch_size, cfg.train.grad_accumulation
-    target = global_batch or cfg.train.global_batch_size or per_rank * world_size * accum
-    if per_rank * world_size * accum == target:
-        return BatchGeometry(target, per_rank, accum, world_size)
+    target = global_batch or per_rank * world_size * accumulation
+    if per_rank * world_size * accumulation == target:
+        return BatchGeometry(target, per_rank, accumulation, world_size)
     if target % world_size:
         raise ConfigError("train.global_batch_size", target, f"a multiple of the world size {world_size}")
     for size in range(min(per_rank, target // world_size), 0, -1):
@@ -108,28 +153,40 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: Config, geometry: BatchGeometry, load_universal: bool = False) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """The sections the engine is built from (precision and clipping come from the top level and
+    `train`, where users set them)."""
+
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+    zero: ZeroConfig
+    precision: str = "fp32"
+    grad_clip: float = 1.0
+
+
+def deepspeed_config(spec: EngineSpec, geometry: BatchGeometry, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON for this run; `zero.deepspeed_config` is merged over it."""
     ds: dict[str, Any] = {
         "train_batch_size": geometry.global_batch,
         "train_micro_batch_size_per_gpu": geometry.per_rank,
         "gradient_accumulation_steps": geometry.accumulation,
-        "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": cfg.zero.stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": {"stage": spec.zero.stage},
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "fp16": {"enabled": spec.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if cfg.zero.stage == 3:
+    if spec.zero.stage == 3:
         # Small models: gather whole layers rather than prefetch tiny pieces.
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
-    if cfg.zero.deepspeed_config:
-        ds = _merge(ds, json.loads(Path(cfg.zero.deepspeed_config).read_text()))
+    if spec.zero.deepspeed_config:
+        ds = _merge(ds, json.loads(Path(spec.zero.deepspeed_config).read_text()))
     return ds
 
 
@@ -158,21 +215,41 @@ class TrainModule(torch.nn.Module):
         return out.total, out.logs
 
 
-def build_engine(model: torch.nn.Module, objective: Any, cfg: Config, geometry: BatchGeometry, total_steps: int,
+def build_engine(model: torch.nn.Module, objective: Any, spec: EngineSpec, geometry: BatchGeometry, total_steps: int,
                  load_universal: bool = False):
     """`deepspeed.initialize` of TrainModule(model, objective) with a client AdamW (groups from the
     model's own parameter names) and a LambdaLR; returns (engine, scheduler)."""
     import deepspeed
 
-    groups = param_groups(model, cfg.optimizer)
+    groups = param_groups(model, spec.optimizer)
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
-        lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
-        weight_decay=cfg.optimizer.weight_decay,
+        lr=spec.optimizer.lr, betas=spec.optimizer.betas, eps=spec.optimizer.eps,
+        weight_decay=spec.optimizer.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
         model=TrainModule(model, objective), optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, geometry, load_universal),
+        config=deepspeed_config(spec, geometry, load_universal),
     )
     return engine, scheduler
+
+
+def model_dtype(engine: Any) -> torch.dtype:
+    """The dtype of the engine's weights (bf16/fp16 engines hold half weights; ZeRO 3 partitions
+    keep their dtype)."""
+    return next(engine.module.parameters()).dtype
+
+
+def to_engine(batch: dict[str, Any], engine: Any) -> dict[str, Any]:
+    """The batch on the engine's device, floating tensors in the model's dtype. Lists of tensors
+    (per-sample boxes) move too; other values stay as they are."""
+    dtype, device = model_dtype(engine), engine.device
+
+    def move(v: Any) -> Any:
+        if torch.is_tensor(v):
+            return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+        if isinstance(v, list) and v and all(torch.is_tensor(x) for x in v):
+            return [move(x) for x in v]
+        return v
+    return {k: move(v) for k, v in batch.items()}

@@ -10,41 +10,75 @@ start from it. Safetensors: loading exported weights never unpickles anything.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from data_tools.errors import UserError
+from data_tools.errors import ExitCode, UserError
 from pretrain.checkpoint import read_client_state, resolve_resume
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer"
 
 
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """fp32 full state dict from a DeepSpeed checkpoint folder of any ZeRO stage."""
-    zero_files = list(checkpoint.glob("*optim_states.pt"))
-    if zero_files and any("zero" in f.name for f in zero_files):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside (DeepSpeed's own included, which pass weights_only=False) loads with
+    weights_only=True: a run folder copied from elsewhere cannot run code while it is read. The few
+    non-tensor types DeepSpeed writes into its state files are allow-listed by name."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    except pickle.UnpicklingError as err:
+        raise UserError(f"export: refusing to unpickle a checkpoint object that is not plain data "
+                        f"({str(err).splitlines()[0]})", ExitCode.DATA) from None
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    else:  # ZeRO 0 in fp32: the full module is in the model-states file (written by our own save)
-        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise UserError(f"export: {checkpoint} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """Plain-data classes that DeepSpeed 0.19 pickles into model/optimizer state files."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, argparse.Namespace]
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 full state dict from a DeepSpeed checkpoint folder of any ZeRO stage (weights_only loads)."""
+    zero_files = list(checkpoint.glob("*optim_states.pt"))
+    with weights_only_loads():
+        if zero_files and any("zero" in f.name for f in zero_files):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        else:  # ZeRO 0 in fp32: the full module is in the model-states file (written by our own save)
+            files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise UserError(f"export: {checkpoint} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
+            state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     prefix = "model."  # engine.TrainModule wraps the model
     return {k.removeprefix(prefix): v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
 def _model_config(client: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    from pretrain.config import build
+    from pretrain.config_schema import build
     from pretrain.model import ModelConfig
 
     model_cfg = build(ModelConfig, client["config"]["model"], "model")

@@ -192,9 +192,10 @@ def mean_over_valid(values: Tensor, valid: Tensor) -> Tensor:
 class IAISRegularizer:
     """Callable loss: attention blocks of the regularised layers -> weighted IAIS loss and ISD.
 
-    The model must compute blocks for `self.layers`: the trainer calls
-    `model.set_iais_layers(regularizer.layers)` once, and passes `iais_rows` (matched pairs) to
-    `model.forward` on steps that regularise.
+    The one owner of "which layers does IAIS read": `layers` (resolved, non-negative) and
+    `attach(model)`, which makes exactly those layers of the model compute attention blocks for the
+    rows passed as `iais_rows` to `model.forward`. It exists only when IAIS is on
+    (`from_config` returns None for `iais.enabled=false`), so nothing else checks `enabled`.
     """
 
     def __init__(self, config: IAISConfig, num_layers: int):
@@ -205,7 +206,15 @@ class IAISRegularizer:
             if not 0 <= layer < num_layers:
                 raise ConfigError("iais.layers", config.layers, f"indices in [-{num_layers}, {num_layers})")
             resolved.append(layer)
-        self.layers: list[int] = sorted(set(resolved)) if config.enabled else []
+        self.layers: list[int] = sorted(set(resolved))
+
+    @classmethod
+    def from_config(cls, config: IAISConfig, num_layers: int) -> "IAISRegularizer | None":
+        return cls(config, num_layers) if config.enabled else None
+
+    def attach(self, model: "torch.nn.Module") -> None:
+        """Make the model compute attention blocks at this regulariser's layers."""
+        model.set_iais_layers(self.layers)
 
     def weight(self, step: int, total_steps: int) -> float:
         """lambda * s(step / total_steps), p clamped to [0, 1]."""
@@ -223,13 +232,10 @@ class IAISRegularizer:
         return (direction,)
 
     def __call__(self, attention: dict[int, AttentionBlocks], step: int, total_steps: int) -> IAISOutput:
-        if not self.config.enabled:
-            zero = torch.zeros((), dtype=torch.float32)
-            return IAISOutput(loss=zero, raw=zero, isd={"L": zero, "V": zero}, weight=0.0)
         missing = [layer for layer in self.layers if layer not in attention]
         if missing:
-            raise ValueError(f"no IAIS attention blocks for layers {missing}: call model.set_iais_layers("
-                             f"regularizer.layers) and pass iais_rows to model.forward")
+            raise ValueError(f"no IAIS attention blocks for layers {missing}: call regularizer.attach(model) "
+                             f"and pass iais_rows to model.forward")
         weight = self.weight(step, total_steps)
         active = self.active_directions(step)
         # Both directions in one pass (the inactive one only for logging: it gets no gradient).

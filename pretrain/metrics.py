@@ -10,7 +10,8 @@ Series (every one also carries `rank` and `run`):
 
     relalign_steps_total                              optimiser steps done (counter)
     relalign_samples_total                            samples consumed, the trainer's cumulative count (counter)
-    relalign_loss{objective}                          last training loss: itc|itm|mlm|iais|hinge|total
+    relalign_loss{objective}                          last training loss: every `loss/<name>` key (itc, itm,
+                                                      mlm, iais, hinge, total, or a plugin term's name)
     relalign_samples_per_second                       throughput over the last logging interval
     relalign_step_seconds                             mean wall time of a step in the interval
     relalign_data_wait_seconds                        mean time a step waited for its batch
@@ -39,6 +40,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -47,11 +49,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, start_http_server
 
 from data_tools.errors import BAD_SAMPLE_REASONS, ConfigError, UserError
+from pretrain.distributed import all_reduce_floats, world_info
+from pretrain.throughput import ThroughputMeter, hms
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("itc", "itm", "mlm", "iais", "hinge", "total")
-"""Values of the `objective` label; other `loss/<name>` keys go to metrics.jsonl only."""
 RECALL_DIRECTIONS = ("t2i", "i2t")
 RECALL_KS = ("1", "5", "10")
 ISD_DIRECTIONS = ("L", "V")
@@ -158,6 +160,7 @@ class MetricsLogger:
         self.registry = CollectorRegistry(auto_describe=True)
         self._series = _Series(self.registry)
         self._labels = {"rank": str(rank), "run": run_name}
+        self._world = world_info()[1]
         self._last_step = 0
         self._last_samples = 0.0
         self._last_nonfinite = 0.0
@@ -237,7 +240,7 @@ class MetricsLogger:
                 s.nonfinite.labels(**labels).inc(values["nonfinite_steps"] - self._last_nonfinite)
                 self._last_nonfinite = values["nonfinite_steps"]
             for key, value in values.items():
-                if key.startswith("loss/") and key[5:] in OBJECTIVES:
+                if key.startswith("loss/"):
                     s.loss.labels(objective=key[5:], **labels).set(value)
                 elif key in s.step_gauges:
                     s.step_gauges[key].labels(**labels).set(value)
@@ -248,12 +251,30 @@ class MetricsLogger:
             bad = {f"bad_samples/{reason}": n for reason, n in sorted(self._bad_counts.items())}
         self._write({"kind": "train", "step": step, "time": round(now, 3), **values, **bad})
 
+    def log_training(self, step: int, total_steps: int, loss_sums: dict[str, float], count: int,
+                     meter: ThroughputMeter, extra: dict[str, float]) -> dict[str, float]:
+        """Close a logging window: the mean of each summed log over micro-batches and ranks, the
+        window's throughput (one all-reduce in all), plus `extra` (lr, grad norm, ...); records it
+        and prints the progress line on rank 0. Every rank calls it at the same steps."""
+        keys = sorted(loss_sums)
+        reduced = all_reduce_floats([loss_sums[k] / max(count, 1) for k in keys] + [meter.samples, meter.wait_s])
+        world = max(self._world, 1)
+        values = {k: v / world for k, v in zip(keys, reduced[: len(keys)])}
+        window = meter.close_window(reduced[len(keys)], reduced[len(keys) + 1] / world, step, total_steps)
+        values.update({k: window[k] for k in ("samples_per_second", "step_seconds", "data_wait_seconds")}, **extra)
+        self.log_step(step, values)
+        if self.rank == 0:
+            losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in values.items() if k.startswith("loss/"))
+            print(f"step {step}/{total_steps} | {losses} | {window['samples_per_second']:.1f} samples/s | data wait "
+                  f"{100 * window['data_wait_fraction']:.0f}% | eta {hms(window['eta_seconds'])}", file=sys.stderr, flush=True)
+        return values
+
     def log_eval(self, step: int, values: dict[str, float]) -> None:
         """Record a validation pass: "loss/<objective>", "recall/t2i@1|5|10", "recall/i2t@...", "isd/L|V"."""
         s, labels = self._series, self._labels
         with self._lock:
             for key, value in values.items():
-                if key.startswith("loss/") and key[5:] in OBJECTIVES:
+                if key.startswith("loss/"):
                     s.eval_loss.labels(objective=key[5:], **labels).set(value)
                 elif key.startswith("recall/"):
                     direction, _, k = key[7:].partition("@")

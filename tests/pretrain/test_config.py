@@ -20,10 +20,10 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
-    """A folder that passes the dataset-folder check (only dataset.json's presence is checked here)."""
+    """A folder that passes the dataset-folder check: a well-formed dataset.json (no shards needed here)."""
     folder = tmp_path / "ds"
     folder.mkdir()
-    (folder / "dataset.json").write_text("{}")
+    (folder / "dataset.json").write_text(json.dumps({"builder": "test", "arguments": {}, "shards": [], "total_samples": 0}))
     return folder
 
 
@@ -92,6 +92,20 @@ def test_missing_config_file_and_bad_yaml(capsys, tmp_path: Path) -> None:
     assert code == 2 and "not valid YAML" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"builder": "x", "arguments": {}, "total_samples": 3}),
+                                     json.dumps({"builder": "x", "arguments": {}, "shards": [], "total_samples": 3})])
+def test_malformed_dataset_json_is_a_data_error_before_any_process_group(capsys, tmp_path: Path, content: str) -> None:
+    """Defect: a malformed dataset.json was found only after the process group started, with exit 2.
+    It is read with the configuration now: one line naming the file, exit 3 (data)."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "dataset.json").write_text(content)
+    code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{folder}]", f"run.dir={tmp_path / 'run'}"])
+    assert code == ExitCode.DATA == 3, err
+    assert len(err.splitlines()) == 1 and "data.paths[0]" in err and str(folder / "dataset.json") in err, err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
 def test_raw_deepspeed_json_must_exist(capsys, dataset: Path, tmp_path: Path) -> None:
     code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{dataset}]",
                                      f"zero.deepspeed_config={tmp_path}/ds.json"])
@@ -126,14 +140,18 @@ def test_apply_override_rejects_malformed() -> None:
         apply_override(tree, "train.steps.x=1")
 
 
+def _geometry(cfg, world: int):
+    return batch_geometry(cfg.data.batch_size, cfg.train.grad_accumulation, world, cfg.train.global_batch_size)
+
+
 @pytest.mark.parametrize("world, per_rank, accum", [(2, 6, 1), (1, 6, 2), (3, 4, 1), (4, 3, 1), (6, 2, 1)])
 def test_global_batch_fixed_across_world_sizes(dataset: Path, world: int, per_rank: int, accum: int) -> None:
     cfg = load_config(TINY, [f"data.paths=[{dataset}]", "data.batch_size=6", "train.global_batch_size=12"])
-    geometry = batch_geometry(cfg, world)
+    geometry = _geometry(cfg, world)
     assert (geometry.per_rank, geometry.accumulation) == (per_rank, accum)
     assert geometry.per_rank * geometry.world_size * geometry.accumulation == 12
     with pytest.raises(ConfigError, match="multiple of the world size 5"):
-        batch_geometry(cfg, 5)
+        _geometry(cfg, 5)
 
 
 def test_schedule_warmup_then_decay(dataset: Path) -> None:
@@ -196,7 +214,7 @@ def test_resume_with_changed_training_fields_is_refused(capsys, dataset: Path, t
 
 
 def test_resume_auto_picks_latest_complete_and_ignores_torn(dataset: Path, tmp_path: Path) -> None:
-    from pretrain.train import check_resume
+    from pretrain.config import check_resume
 
     run = tmp_path / "run"
     cfg = load_config(TINY, [f"data.paths=[{dataset}]", f"run.dir={run}", "resume=auto"])
@@ -208,14 +226,15 @@ def test_resume_auto_picks_latest_complete_and_ignores_torn(dataset: Path, tmp_p
 
 
 def test_raw_deepspeed_json_settings_win_and_show_in_config(dataset: Path, tmp_path: Path) -> None:
-    from pretrain.engine import deepspeed_config
+    from pretrain.engine import EngineSpec, deepspeed_config
 
     raw = tmp_path / "ds.json"
     raw.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True},
                                "gradient_clipping": 0.5}))
     cfg = load_config(TINY, [f"data.paths=[{dataset}]", "zero.stage=0", f"zero.deepspeed_config={raw}"])
     assert (cfg.zero.stage, cfg.precision) == (2, "bf16")
-    ds = deepspeed_config(cfg, batch_geometry(cfg, 2))
+    spec = EngineSpec(cfg.optimizer, cfg.schedule, cfg.zero, cfg.precision, cfg.train.grad_clip)
+    ds = deepspeed_config(spec, _geometry(cfg, 2))
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
     assert ds["train_batch_size"] == cfg.data.batch_size * 2 and ds["gradient_accumulation_steps"] == 1

@@ -61,3 +61,34 @@ def test_export_without_checkpoint_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nothing" in lines[0] and "checkpoint" in lines[0], proc.stderr
+
+
+class _Trap:
+    """An object whose unpickling runs code (creates a file): what a hostile checkpoint could hold."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("zero_files", [False, True])
+def test_export_never_unpickles_code_from_a_copied_run(tmp_path: Path, zero_files: bool) -> None:
+    """Defect: export loaded model states with weights_only=False, so a run folder copied from
+    elsewhere could run code. Both the ZeRO 0 path and DeepSpeed's ZeRO consolidation are covered."""
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step00000001"
+    checkpoint.mkdir(parents=True)
+    payload = {"module": {"model.w": torch.zeros(2)}, "trap": _Trap(str(marker))}
+    torch.save(payload, checkpoint / "mp_rank_00_model_states.pt")
+    if zero_files:  # the ZeRO path: DeepSpeed's zero_to_fp32 reads these with weights_only=False itself
+        torch.save(payload, checkpoint / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (checkpoint / "client_state.json").write_text(json.dumps({"step": 1, "config": {}, "config_hash": "x"}))
+    (checkpoint.parent / "latest").write_text("step00000001\n")
+    proc = _pretrain("export", str(tmp_path / "run"), "--out", str(tmp_path / "out"))
+    assert not marker.exists(), "unpickling ran code from the checkpoint"
+    assert proc.returncode in (2, 3), proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing to unpickle" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -287,3 +287,43 @@ def test_scrape_a_training_run_and_count_planted_bad_samples(tmp_path, planted_d
     assert steps_total == records[-1]["step"] >= steps_seen[-1]
     assert {k[len("bad_samples/"):]: v for k, v in records[-1].items() if k.startswith("bad_samples/")} == PLANTED
     assert final[("relalign_samples_total", tuple(sorted(group + (("run", "scraped"),))))] == records[-1]["samples"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_toy_objective_from_a_test_file_trains_and_reaches_metrics(tmp_path, pushgateway, port):
+    """A new objective is one file: registered by a module named in `plugins`, configured as
+    objectives.toy, trained on 2 ranks, its loss in metrics.jsonl and on the Prometheus endpoints."""
+    from tests.pretrain.runs import base_args, build_synthetic, start_ranks, wait_all
+
+    data = build_synthetic(tmp_path / "data", samples=32)
+    run = tmp_path / "run"
+    args = [a for a in base_args(data, run) if a != "metrics.enabled=false"]
+    args += ["train.steps=2", "data.batch_size=4", "plugins=[tests.pretrain.toy_objective]",
+             "objectives.toy.weight=2.0", "objectives.toy.target=0.25", f"metrics.port={port}",
+             f"metrics.pushgateway={pushgateway}", "metrics.push_interval_s=1000"]
+    procs = start_ranks(2, args, free_port(), tmp_path / "logs")
+    scraped: set[str] = set()
+    while any(p.poll() is None for p in procs):  # scrape both ranks' endpoints while they train
+        for rank in (0, 1):
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port + rank}/metrics", timeout=2).read().decode()
+            except OSError:
+                continue
+            if 'relalign_loss{objective="toy"' in body:
+                scraped.add(f"rank{rank}")
+        time.sleep(0.05)
+    codes = wait_all(procs)
+    logs = "".join((tmp_path / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
+    assert codes == [0, 0], logs[-3000:]
+    records = read_jsonl(run)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["loss/toy"] > 0 for r in records)
+    expected = sum(records[-1][k] * w for k, w in (("loss/itc", 1), ("loss/itm", 1), ("loss/mlm", 1), ("loss/toy", 2)))
+    assert records[-1]["loss/total"] == pytest.approx(expected + records[-1]["loss/iais"] * records[-1]["iais_weight"],
+                                                      rel=1e-4)
+    pushed = urllib.request.urlopen(f"{pushgateway}/metrics", timeout=5).read().decode()
+    for rank in (0, 1):  # the final push of each rank carries the toy loss
+        assert any('objective="toy"' in line and f'rank="{rank}"' in line and line.startswith("relalign_loss{")
+                   for line in pushed.splitlines()), pushed[-2000:]
+    assert scraped, "the toy loss never showed on a rank's live endpoint"

@@ -27,7 +27,7 @@ def synthetic(tmp_path_factory) -> Path:
 def test_torchrun_two_ranks_zero2_learns(synthetic: Path, tmp_path: Path, port: int) -> None:
     run = tmp_path / "run"
     args = base_args(synthetic, run, "train.steps=24", "zero.stage=2", "data.batch_size=8", "optimizer.lr=2e-3",
-                     "schedule.warmup_steps=2", "checkpoint.every_steps=12", "train.eval_every=12",
+                     "schedule.warmup_steps=2", "checkpoint.every_steps=12", "eval.every_steps=12",
                      "eval.batches=2", "eval.retrieval_probe=true")
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), "-m", "pretrain", *args]
@@ -64,25 +64,27 @@ NAN_AFTER = textwrap.dedent("""
     from pretrain.__main__ import main as _unused  # noqa: F401  (same import path as the CLI)
     from pretrain import dist_env
     from pretrain.config import load_config
-    from pretrain.objectives import ObjectiveOutput, PretrainObjective
+    from pretrain.objectives import ObjectiveOutput
+    from pretrain.task import PretrainTask
     from pretrain.train import train
     from data_tools.errors import UserError
 
-    class NanAfter:
-        '''The pretraining objective, whose loss turns NaN from step `start` on (a pluggable objective).'''
-        def __init__(self, inner, start):
-            self.inner, self.start = inner, start
-        def __call__(self, model, batch, progress):
-            out = self.inner(model, batch, progress)
-            if progress.step >= self.start:
-                out = ObjectiveOutput(out.total * float("nan"), out.logs)
-            return out
+    class NanAfter(PretrainTask):
+        '''Pretraining whose loss turns NaN from step `start` on (a task with its own objective).'''
+        def objective(self):
+            inner = super().objective()
+            def objective(model, batch, progress):
+                out = inner(model, batch, progress)
+                if progress.step >= 3:
+                    out = ObjectiveOutput(out.total * float("nan"), out.logs)
+                return out
+            return objective
 
     cfg = load_config(sys.argv[1], sys.argv[2:])
     env = dist_env.detect()
     dist_env.init_distributed(env)
     try:
-        train(cfg, env, objective=NanAfter(PretrainObjective(cfg.objectives), start=3))
+        train(cfg, env, NanAfter(cfg))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         dist_env.shutdown()
@@ -138,3 +140,25 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(synthetic: Path,
         time.sleep(0.1)
     else:
         pytest.fail("DataLoader workers outlived the preempted trainer")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_during_a_step_stops_after_that_step(synthetic: Path, tmp_path: Path) -> None:
+    """Defect: a SIGTERM during step N stopped the run after step N+1 (the flag was agreed inside the
+    next micro-step). Rank 1 signals itself inside step 3 (after its forward, before backward): both
+    ranks finish step 3, save it and exit 75."""
+    from tests.conftest import free_port
+    from tests.pretrain.runs import start_ranks, wait_all
+
+    from pretrain.train import SIGNAL_DURING_STEP_ENV
+
+    run = tmp_path / "run"
+    args = base_args(synthetic, run, "train.steps=10", "data.batch_size=4", "train.grad_accumulation=2")
+    procs = start_ranks(2, args, free_port(), tmp_path / "logs", extra_env={1: {SIGNAL_DURING_STEP_ENV: "3"}})
+    codes = wait_all(procs)
+    log = "".join((tmp_path / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
+    assert codes == [ExitCode.PREEMPTED, ExitCode.PREEMPTED], log[-3000:]
+    assert latest_tag(run) == "step00000003", log[-3000:]
+    assert max(train_records(run)) == 3
+    assert "preempted (a peer's signal) at step 3" in log

@@ -1,0 +1,33 @@
+"""MLM: masked words predicted from the joint pass over the matched pairs (words masked by the
+loader: `mlm_input_ids`, `mlm_labels`)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from data_tools.batch import IGNORE_INDEX
+
+from .base import StepContext, Term, TermConfig, register, wide
+
+
+@dataclasses.dataclass
+class MLMConfig(TermConfig):
+    """Masked language modelling on `mlm_input_ids`/`mlm_labels`."""
+
+
+@register("mlm", order=40)
+class MLM(Term):
+    Config = MLMConfig
+
+    def loss(self, ctx: StepContext) -> Tensor:
+        batch, model = ctx.batch, ctx.model
+        visual_tokens, visual_mask = ctx.visual
+        labels = batch["mlm_labels"].masked_fill(~ctx.sample_mask[:, None], IGNORE_INDEX)  # [B, Lt]
+        positions = labels != IGNORE_INDEX  # [B, Lt] bool
+        out = ctx.joint(batch["mlm_input_ids"], batch["text_mask"], visual_tokens, visual_mask)
+        logits = model.mlm_logits(out, positions)  # [N, V]: only masked positions
+        if logits.shape[0]:
+            return F.cross_entropy(wide(logits), labels[positions])
+        return model.mlm_logits(out).sum() * 0.0  # no masked word in this micro-batch: keeps the graph connected

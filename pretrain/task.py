@@ -1,0 +1,78 @@
+"""The task seam: what a run trains, given to the one training loop.
+
+A task bundles what differs between pretraining and finetuning; the loop (pretrain.train) owns
+everything else (engine, checkpoints, resume, preemption, metrics, launchers):
+
+    loader = task.train_loader(per_rank_batch, rank, world)      # its batches (and so its batch kind)
+    model = task.build_model(loader.tokenizer, fresh, say)       # weights a fresh run starts from
+    objective = task.objective()                                 # objective(model, batch, progress)
+    evaluator = task.evaluator(per_rank_batch, rank, world)      # due(step, last) / evaluate(...), or None
+
+`build_model` is also where the task tells the model what its objective needs from it (the IAIS
+regulariser attaches its layers: the one owner of that decision).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import torch
+
+from data_tools.loader import Loader
+from pretrain.evaluator import Evaluator, HeldOutEvaluator
+from pretrain.iais import IAISRegularizer
+from pretrain.objectives import Objective, pretraining_objective
+
+
+class Task(Protocol):
+    name: str
+
+    def train_loader(self, batch_size: int, rank: int, world_size: int) -> Loader: ...
+
+    def build_model(self, tokenizer: Any, fresh: bool, say: Callable[[str], None]) -> torch.nn.Module: ...
+
+    def objective(self) -> Objective: ...
+
+    def evaluator(self, batch_size: int, rank: int, world_size: int) -> Evaluator | None: ...
+
+
+def new_model(model_config: Any, tokenizer: Any) -> torch.nn.Module:
+    """A freshly initialised RelAlignModel sized to the tokenizer's vocabulary."""
+    from pretrain.model import RelAlignModel
+
+    return RelAlignModel(dataclasses.replace(model_config, vocab_size=len(tokenizer)))
+
+
+class PretrainTask:
+    """ITC + ITM + MLM (+ IAIS) over the `data` stream, held-out losses as evaluation."""
+
+    name = "pretrain"
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.regularizer: IAISRegularizer | None = None
+
+    def train_loader(self, batch_size: int, rank: int, world_size: int) -> Loader:
+        return Loader(dataclasses.replace(self.cfg.data, batch_size=batch_size), rank=rank, world_size=world_size, epoch=0)
+
+    def build_model(self, tokenizer: Any, fresh: bool, say: Callable[[str], None]) -> torch.nn.Module:
+        model = new_model(self.cfg.model, tokenizer)
+        if self.cfg.model.init_from is not None and fresh:
+            # A fresh start only: a resumed run's checkpoint holds every weight. Every rank loads the
+            # same files before the engine exists (ZeRO 3 partitions the loaded weights).
+            from pretrain.model import load_hf_text_weights
+
+            loaded = load_hf_text_weights(model, self.cfg.model.init_from)
+            say(f"model.init_from={self.cfg.model.init_from}: {len(loaded)} text tensors loaded")
+        self.regularizer = IAISRegularizer.from_config(self.cfg.iais, model.config.num_layers)
+        if self.regularizer is not None:
+            self.regularizer.attach(model)
+        return model
+
+    def objective(self) -> Objective:
+        return pretraining_objective(self.cfg.objectives, self.regularizer)
+
+    def evaluator(self, batch_size: int, rank: int, world_size: int) -> Evaluator | None:
+        if not self.cfg.eval.every_steps:
+            return None
+        return HeldOutEvaluator(self.cfg.eval, self.cfg.data, batch_size, rank, world_size)
