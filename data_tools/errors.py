@@ -113,13 +113,26 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a command's `main`, mapping UserError to one stderr line and its exit code."""
+def is_local_leader() -> bool:
+    """This process is the first of its node under a launcher (or there is no launcher): the one
+    that prints a mistake every rank finds alike before any process group starts."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(name)
+        if value is not None:
+            return value.strip() == "0"
+    return True
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+            quiet: bool = False) -> int:
+    """Run a command's `main`, mapping UserError to one stderr line and its exit code (`quiet`: the
+    code only, for the other ranks of a launcher, which would print the same line)."""
     try:
         code = main(argv)
     except UserError as err:
-        prog = getattr(main, "__module__", "relalign").split(".")[0]
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        if not quiet:
+            prog = getattr(main, "__module__", "relalign").split(".")[0]
+            print(f"{prog}: error: {err}", file=sys.stderr)
         return int(err.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Sequence
 
-from data_tools.errors import ExitCode, UserError, run_cli
+from data_tools.errors import ExitCode, UserError, is_local_leader, run_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,7 +106,8 @@ main.__module__ = "pretrain.__main__"  # run_cli names the program after it; und
 
 
 def entry() -> int:
-    return run_cli(main)
+    # Every rank of a launcher validates the same configuration: one of them per node says what is wrong.
+    return run_cli(main, quiet=not is_local_leader())
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ def weights_only_loads() -> Iterator[None]:
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             yield
     except pickle.UnpicklingError as err:
-        raise UserError(f"export: refusing to unpickle a checkpoint object that is not plain data "
-                        f"({str(err).splitlines()[0]})", ExitCode.DATA) from None
+        found = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        what = found[0].split(" was not")[0] if found else str(err).splitlines()[0]
+        raise UserError(f"export: refusing to unpickle a checkpoint object that is not plain data ({what})",
+                        ExitCode.DATA) from None
     finally:
         if previous is None:
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)
@@ -54,10 +56,11 @@ def weights_only_loads() -> Iterator[None]:
 
 def _deepspeed_safe_globals() -> list[Any]:
     """Plain-data classes that DeepSpeed 0.19 pickles into model/optimizer state files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, fragment_address, argparse.Namespace]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, argparse.Namespace]
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:

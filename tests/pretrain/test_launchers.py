@@ -11,6 +11,7 @@ launcher at least once; the whole launcher x stage x precision matrix carries `f
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def run_job(launcher: str, zero: int, precision: str, dataset: Path, tmp_path: P
     records = read_jsonl(run_dir)
     assert [r["step"] for r in records] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
     losses = [r["loss/total"] for r in records]
-    assert all(isinstance(loss, float) for loss in losses), losses
+    assert all(isinstance(loss, float) and math.isfinite(loss) and loss > 0 for loss in losses), losses
     return losses, output
 
 
