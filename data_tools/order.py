@@ -33,6 +33,7 @@ Vocabulary:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Iterator, Sequence
 
@@ -57,8 +58,9 @@ class Source:
     sha256: str = ""
     weight: float = 1.0
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
+        """Samples in the dataset (summed once: a LAION-scale dataset has 600,000 shards)."""
         return int(sum(self.shard_samples))
 
     @property
@@ -116,19 +118,19 @@ class EpochList:
             raise UserError("data: no dataset given")
         self.sources, self.seed, self.epoch = list(sources), int(seed), int(epoch)
         self._counts = [s.contribution for s in self.sources]
-        self._perms: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._perms: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._plain = len(self.sources) == 1 and self._counts[0] == self.sources[0].size
 
     def __len__(self) -> int:
         return int(sum(self._counts))
 
-    def _shard_table(self, dataset: int, repeat: int) -> tuple[np.ndarray, np.ndarray]:
-        """(permuted shard ids, cumulative sample ends in that order) for one dataset and repeat."""
+    def _shard_table(self, dataset: int, repeat: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(permuted shard ids, their sample counts, cumulative sample ends in that order) for one dataset and repeat."""
         key = (dataset, repeat)
         if key not in self._perms:
             counts = np.asarray(self.sources[dataset].shard_samples, dtype=np.int64)
             perm = shard_permutation(len(counts), self.seed, self.epoch, dataset, repeat)
-            self._perms[key] = (perm, np.cumsum(counts[perm]))
+            self._perms[key] = (perm, counts[perm], np.cumsum(counts[perm]))
         return self._perms[key]
 
     def locate(self, positions: np.ndarray) -> Located:
@@ -146,10 +148,10 @@ class EpochList:
         index = np.empty(len(positions), dtype=np.int64)
         for d, r in sorted(set(zip(dataset.tolist(), repeat.tolist()))):
             sel = (dataset == d) & (repeat == r)
-            perm, ends = self._shard_table(d, r)
+            perm, counts, ends = self._shard_table(d, r)
             slot = np.searchsorted(ends, within[sel], side="right")  # which permuted shard
             shard[sel] = perm[slot]
-            index[sel] = within[sel] - (ends[slot] - np.asarray(self.sources[d].shard_samples)[perm[slot]])
+            index[sel] = within[sel] - (ends[slot] - counts[slot])
         return Located(dataset, repeat, shard, index)
 
 
@@ -360,12 +362,15 @@ class Plan:
         after = np.where(partial, np.minimum(hi, full + blk), full)  # untouched from here to hi
         pieces = [np.stack([after, hi], axis=1)]
         if partial.any():
-            firsts = runs_take(self.base, full[partial], self._base_ends)
-            for s, first in zip(np.flatnonzero(partial).tolist(), firsts.tolist()):
-                length = int(after[s] - full[s])
-                kept = np.ones(length, dtype=bool)
-                kept[self._block_permutation(first, length)[: taken[s]]] = False
-                pieces.append(runs_from_positions(np.flatnonzero(kept) + full[s]))
+            ps = np.flatnonzero(partial)  # [partial blocks]
+            lengths = after[ps] - full[ps]
+            offsets = np.cumsum(lengths) - lengths  # where each block's entries start in `kept`
+            kept = np.ones(int(lengths.sum()), dtype=bool)  # [entries of partly consumed blocks]
+            firsts = runs_take(self.base, full[ps], self._base_ends).tolist()
+            for first, length, offset, count in zip(firsts, lengths.tolist(), offsets.tolist(), taken[ps].tolist()):
+                kept[offset + self._block_permutation(first, length)[:count]] = False
+            index = np.repeat(full[ps] - offsets, lengths) + np.arange(len(kept))  # base index of each entry
+            pieces.append(runs_from_positions(index[kept]))
         index_runs = np.concatenate(pieces)
         index_runs = index_runs[np.argsort(index_runs[:, 0], kind="stable")]
         return take_runs(self.base, coalesce(index_runs), self._base_ends)

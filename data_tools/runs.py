@@ -98,7 +98,7 @@ def encode_runs(runs: np.ndarray) -> dict[str, Any]:
     """Compact, JSON-safe form of runs for a cursor (see RUNS_ENCODING)."""
     flat = np.asarray(runs, dtype=np.int64).reshape(-1)
     deltas = np.diff(flat, prepend=np.int64(0)).astype("<i8")
-    return {"encoding": RUNS_ENCODING, "runs": int(len(flat) // 2), "data": base64.b64encode(zlib.compress(deltas.tobytes(), 6)).decode("ascii")}
+    return {"encoding": RUNS_ENCODING, "runs": int(len(flat) // 2), "data": base64.b64encode(zlib.compress(deltas.tobytes(), 1)).decode("ascii")}
 
 
 def decode_runs(stored: Any) -> np.ndarray:
