@@ -3,7 +3,15 @@
 Why a module of its own: the loader's worker processes, the `stream` command and the tests must
 agree on exactly which sample goes where; they all call this code, and nothing here reads a file.
 
-Vocabulary (positions are int64 numpy arrays, so million-sample epochs stay vectorised):
+Cost: nothing here is linear in the number of samples. Positions are int64 numpy arrays built one
+block at a time; whole ranges (the base, what a cursor consumed, what is left) are runs (runs.py);
+the mixture's interleave is computed by counting (see `mix_locate`), not by sorting the epoch. So
+planning, resume and re-cuts cost time and memory in the number of shards, streams and partly
+consumed blocks: milliseconds to about a second at billions of samples and thousands of streams
+(bench/bench_order.py). tests/data_tools/order_reference.py keeps the direct per-sample version
+that the tests compare this one with.
+
+Vocabulary:
 - epoch list: the samples of one epoch in order. One dataset: its shards permuted by
   (seed, epoch), samples in stored order. A weighted mixture: each dataset contributes
   round(weight x size) samples (weights above 1 repeat the dataset with a fresh shard
@@ -19,19 +27,25 @@ Vocabulary (positions are int64 numpy arrays, so million-sample epochs stay vect
   position of the block's first entry).
 - cursor: per stream, `position` (entries of its delivery order already consumed by the trainer,
   bad ones included) and `batches` (batches it delivered), with the layout, seed, epoch, the
-  datasets' sha256 and the base. See `Plan.resume`.
+  datasets' sha256 and the base (encoded compactly, runs.encode_runs; CURSOR_FORMAT 1 cursors,
+  which stored it as a list of [start, end] pairs, load as well). See `resume`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from data_tools.errors import UserError
+from data_tools.runs import coalesce, decode_runs, encode_runs, runs_ends, take_runs
+from data_tools.runs import full_runs, runs_from_positions, runs_length, runs_take  # noqa: F401  (also used from here)
 
-CURSOR_FORMAT = 1
+CURSOR_FORMAT = 2
+READABLE_CURSOR_FORMATS = (1, 2)
+"""2 stores the base encoded (runs.RUNS_ENCODING); 1 stored a list of [start, end] pairs and still loads."""
 _TAG_SHARDS, _TAG_BLOCK = 0x5AD5, 0xB10C
 """Distinct first words of the seed sequences, so shard permutations and block shuffles never share a stream."""
 
@@ -44,8 +58,9 @@ class Source:
     sha256: str = ""
     weight: float = 1.0
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
+        """Samples in the dataset (summed once: a LAION-scale dataset has 600,000 shards)."""
         return int(sum(self.shard_samples))
 
     @property
@@ -103,38 +118,29 @@ class EpochList:
             raise UserError("data: no dataset given")
         self.sources, self.seed, self.epoch = list(sources), int(seed), int(epoch)
         self._counts = [s.contribution for s in self.sources]
-        self._perms: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        plain = len(self.sources) == 1 and self._counts[0] == self.sources[0].size
-        if plain:
-            self._mix_dataset = self._mix_local = None
-        else:
-            ids = np.concatenate([np.full(c, d, dtype=np.int32) for d, c in enumerate(self._counts)])
-            local = np.concatenate([np.arange(c, dtype=np.int64) for c in self._counts])
-            frac = np.concatenate([(np.arange(c) + 0.5) / max(c, 1) for c in self._counts])
-            order = np.lexsort((ids, frac))  # by fraction, ties by dataset index
-            self._mix_dataset, self._mix_local = ids[order], local[order]
+        self._perms: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._plain = len(self.sources) == 1 and self._counts[0] == self.sources[0].size
 
     def __len__(self) -> int:
         return int(sum(self._counts))
 
-    def _shard_table(self, dataset: int, repeat: int) -> tuple[np.ndarray, np.ndarray]:
-        """(permuted shard ids, cumulative sample ends in that order) for one dataset and repeat."""
+    def _shard_table(self, dataset: int, repeat: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(permuted shard ids, their sample counts, cumulative sample ends in that order) for one dataset and repeat."""
         key = (dataset, repeat)
         if key not in self._perms:
             counts = np.asarray(self.sources[dataset].shard_samples, dtype=np.int64)
             perm = shard_permutation(len(counts), self.seed, self.epoch, dataset, repeat)
-            self._perms[key] = (perm, np.cumsum(counts[perm]))
+            self._perms[key] = (perm, counts[perm], np.cumsum(counts[perm]))
         return self._perms[key]
 
     def locate(self, positions: np.ndarray) -> Located:
         """Dataset, repeat, shard and in-shard index of each epoch-list position."""
         positions = np.asarray(positions, dtype=np.int64)
-        if self._mix_dataset is None:
+        if self._plain:
             dataset = np.zeros(len(positions), dtype=np.int64)
             local = positions
         else:
-            dataset = self._mix_dataset[positions].astype(np.int64)
-            local = self._mix_local[positions]
+            dataset, local = mix_locate(self._counts, positions)
         sizes = np.asarray([s.size for s in self.sources], dtype=np.int64)
         repeat = local // sizes[dataset]
         within = local % sizes[dataset]
@@ -142,39 +148,100 @@ class EpochList:
         index = np.empty(len(positions), dtype=np.int64)
         for d, r in sorted(set(zip(dataset.tolist(), repeat.tolist()))):
             sel = (dataset == d) & (repeat == r)
-            perm, ends = self._shard_table(d, r)
+            perm, counts, ends = self._shard_table(d, r)
             slot = np.searchsorted(ends, within[sel], side="right")  # which permuted shard
             shard[sel] = perm[slot]
-            index[sel] = within[sel] - (ends[slot] - np.asarray(self.sources[d].shard_samples)[perm[slot]])
+            index[sel] = within[sel] - (ends[slot] - counts[slot])
         return Located(dataset, repeat, shard, index)
 
 
-# --- runs of positions ---------------------------------------------------------------------------
-def full_runs(length: int) -> np.ndarray:
-    return np.asarray([[0, length]] if length else np.zeros((0, 2)), dtype=np.int64).reshape(-1, 2)
+# --- the mixture's interleave, by counting ------------------------------------------------------
+# Entry k of dataset d (contributing c_d entries) sits at fraction (2k + 1) / (2 c_d); the list is
+# sorted by (fraction, dataset). Its position is k plus, for every other dataset e, the number of
+# e's entries before it: the odd numbers o = 2j + 1 with o c_d < (2k + 1) c_e (<= when e < d, as
+# ties go to the lower index), i.e. floor/ceil of (2k + 1) c_e / c_d, halved. Exact integers, so
+# the order is the rule's, not rounding's; identical to sorting the float fractions wherever those
+# are distinct (always while the product of two datasets' counts stays below about 2^52).
+def _mul_divmod(a: np.ndarray, b: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (a*b // c, a*b % c) for int64 a >= 0, ints b >= 0 and c > 0, also where a*b overflows int64.
+
+    Beyond int64 the quotient is estimated in float64 (off by at most one for quotients below
+    2^40) and corrected with the remainder, which is small, so int64 wrap-around leaves it exact.
+    """
+    if len(a) == 0 or int(a.max()) * b < 2**63:
+        x = a * b
+        return x // c, x % c
+    q = np.floor(a.astype(np.float64) * (b / c)).astype(np.int64)
+    with np.errstate(over="ignore"):
+        r = a * np.int64(b) - q * np.int64(c)  # exact modulo 2^64, and |r| < 3c
+    for _ in range(2):
+        low, high = r < 0, r >= c
+        q, r = q - low + high, r + c * low - c * high
+    return q, r
 
 
-def runs_length(runs: np.ndarray) -> int:
-    return int((runs[:, 1] - runs[:, 0]).sum())
+def _entries_before(c_e: int, c_d: int, k: np.ndarray, ties_before: bool) -> np.ndarray:
+    """How many of dataset e's c_e entries sort before entry k of dataset d (c_d entries)."""
+    whole, rest = _mul_divmod(2 * k + 1, c_e, c_d)  # (2k + 1) c_e / c_d
+    largest_odd_bound = whole if ties_before else whole - (rest == 0)  # o <= this
+    return np.minimum((largest_odd_bound + 1) // 2, c_e)
 
 
-def runs_take(runs: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Epoch-list positions of the given indices into the list that `runs` describe."""
-    lengths = runs[:, 1] - runs[:, 0]
-    ends = np.cumsum(lengths)
-    slot = np.searchsorted(ends, indices, side="right")
-    return runs[slot, 0] + indices - (ends[slot] - lengths[slot])
+def mix_position(counts: Sequence[int], d: int, k: np.ndarray) -> np.ndarray:
+    """Epoch-list positions of entries k (int64 array) of dataset d in the interleave of `counts`."""
+    k = np.asarray(k, dtype=np.int64)
+    position = k.copy()
+    for e, c_e in enumerate(counts):
+        if e != d and c_e > 0:
+            position += _entries_before(int(c_e), int(counts[d]), k, ties_before=e < d)
+    return position
 
 
-def runs_from_positions(positions: np.ndarray) -> np.ndarray:
-    """Sorted, distinct positions -> runs [start, end)."""
+def _first_at_or_after(counts: list[int], d: int, positions: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per position p, the first k in [lo, hi] with mix_position(d, k) >= p (k = counts[d] means none), by bisection."""
+    c = counts[d]
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            return lo
+        mid = (lo + hi) // 2
+        ahead = mix_position(counts, d, np.minimum(mid, c - 1)) >= positions
+        hi = np.where(open_ & ahead, mid, hi)
+        lo = np.where(open_ & ~ahead, mid + 1, lo)
+
+
+def mix_locate(counts: Sequence[int], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset, entry index in that dataset) of each position of the interleave of `counts`.
+
+    Per dataset d, the first entry k with mix_position(d, k) >= p, found by bisection inside a
+    bracket of a few entries (entry k's position is within datasets/2 of its fraction times the
+    total); the dataset whose entry lands exactly on p holds it. Cost: per position, datasets^2
+    times the log of the number of datasets; nothing depends on the sample count.
+    """
     positions = np.asarray(positions, dtype=np.int64)
-    if len(positions) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-    starts = positions[np.concatenate([[0], breaks])]
-    ends = positions[np.concatenate([breaks - 1, [len(positions) - 1]])] + 1
-    return np.stack([starts, ends], axis=1)
+    counts = [int(c) for c in counts]
+    total, live = sum(counts), [d for d, c in enumerate(counts) if c > 0]
+    if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= total):
+        raise IndexError(f"mix_locate: positions outside [0, {total})")
+    if len(live) == 1:
+        return np.full(len(positions), live[0], dtype=np.int64), positions.copy()
+    dataset = np.full(len(positions), -1, dtype=np.int64)
+    local = np.zeros(len(positions), dtype=np.int64)
+    p, half = positions.astype(np.float64), len(live) / 2
+    for d in live:
+        c = counts[d]
+        lo = np.clip(np.floor((p - half) * (c / total) - 0.5).astype(np.int64) - 1, 0, c)
+        hi = np.clip(np.ceil((p + half) * (c / total) - 0.5).astype(np.int64) + 1, 0, c)
+        k = _first_at_or_after(counts, d, positions, lo, hi)
+        before = mix_position(counts, d, np.clip(k - 1, 0, c - 1))
+        missed = (k > 0) & (before >= positions)  # the answer lies below the bracket (the bounds say never)
+        if missed.any():
+            raise RuntimeError(f"mix_locate: bracket missed for dataset {d} of counts {counts} at positions {positions[missed][:5].tolist()}")
+        hit = (k < c) & (mix_position(counts, d, np.minimum(k, c - 1)) == positions)
+        dataset[hit], local[hit] = d, k[hit]
+    if (dataset < 0).any():
+        raise RuntimeError(f"mix_locate: no dataset holds positions {positions[dataset < 0][:5].tolist()} of counts {counts}")
+    return dataset, local
 
 
 # --- one layout over a base ----------------------------------------------------------------------
@@ -184,7 +251,9 @@ class Plan:
     def __init__(self, epoch_list: EpochList, layout: Layout, base: np.ndarray | None = None):
         self.epoch_list, self.layout = epoch_list, layout
         self.base = full_runs(len(epoch_list)) if base is None else np.asarray(base, dtype=np.int64).reshape(-1, 2)
-        total = runs_length(self.base)
+        self._base_ends = runs_ends(self.base)  # [runs], so a block's lookup is a binary search, not a pass over the base
+        self._encoded_base: dict[str, Any] | None = None
+        total = int(self._base_ends[-1]) if len(self.base) else 0
         n = layout.num_streams
         sizes = np.full(n, total // n, dtype=np.int64)
         sizes[: total % n] += 1
@@ -211,9 +280,19 @@ class Plan:
         blk = self.layout.shuffle_block
         lo = int(self._starts[stream]) + block * blk
         hi = min(lo + blk, int(self._starts[stream + 1]))
-        positions = runs_take(self.base, np.arange(lo, hi, dtype=np.int64))
-        seq = np.random.SeedSequence([_TAG_BLOCK, self.seed, self.epoch, int(positions[0])])
-        return positions[np.random.Generator(np.random.PCG64(seq)).permutation(hi - lo)]
+        positions = runs_take(self.base, np.arange(lo, hi, dtype=np.int64), self._base_ends)
+        return positions[self._block_permutation(int(positions[0]), hi - lo)]
+
+    def _block_permutation(self, first_position: int, length: int) -> np.ndarray:
+        """Delivery order inside a block, seeded by (seed, epoch, epoch-list position of its first entry)."""
+        seq = np.random.SeedSequence([_TAG_BLOCK, self.seed, self.epoch, first_position])
+        return np.random.Generator(np.random.PCG64(seq)).permutation(length)
+
+    def encoded_base(self) -> dict[str, Any]:
+        """The base as a cursor stores it (encoded once per plan)."""
+        if self._encoded_base is None:
+            self._encoded_base = encode_runs(self.base)
+        return self._encoded_base
 
     def delivery(self, stream: int, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """(stream offset of the first entry, positions) per block from `start` on, in delivery order."""
@@ -237,7 +316,7 @@ class Plan:
             "epoch": self.epoch,
             "datasets": [{"sha256": s.sha256, "samples": s.size, "weight": s.weight} for s in self.epoch_list.sources],
             "layout": self.layout.to_json(),
-            "base": self.base.tolist(),
+            "base": self.encoded_base(),
             "streams": streams,
         }
         if rank is not None:
@@ -252,17 +331,13 @@ class Plan:
         `rank * workers + (offset + w) % workers` (see `worker_streams`).
         """
         k = self.layout.workers
-        done = [cursor["streams"][rank * k + w]["batches"] for w in range(k)]
-        left = [self.batches_per_stream - d for d in done]
-        offset = sum(done) % k
-        order: list[int] = []
-        while any(left):
-            for i in range(k):
-                w = (offset + i) % k
-                if left[w] > 0:
-                    order.append(rank * k + w)
-                    left[w] -= 1
-        return order
+        done = np.asarray([cursor["streams"][rank * k + w]["batches"] for w in range(k)], dtype=np.int64)
+        offset = int(done.sum()) % k
+        worker = (offset + np.arange(k)) % k  # [k] in the order the round visits them
+        left = np.maximum(self.batches_per_stream - done[worker], 0)
+        slot = np.repeat(np.arange(k), left)  # one entry per remaining batch
+        round_ = np.arange(len(slot)) - np.repeat(np.cumsum(left) - left, left)
+        return (rank * k + worker[slot[np.lexsort((slot, round_))]]).tolist()
 
     def worker_streams(self, cursor: dict[str, Any], rank: int) -> list[int]:
         """Stream served by each DataLoader worker of a rank, rotated so its round-robin continues the schedule."""
@@ -271,29 +346,41 @@ class Plan:
         return [rank * k + (offset + w) % k for w in range(k)]
 
     def remaining_runs(self, cursor: dict[str, Any]) -> np.ndarray:
-        """Runs of the epoch-list positions that no stream of a global cursor has consumed yet."""
-        blk = self.layout.shuffle_block
-        keep: list[np.ndarray] = []
-        for s in range(self.layout.num_streams):
-            position = int(cursor["streams"][s]["position"])
-            lo, hi = int(self._starts[s]), int(self._starts[s + 1])
-            full = min(hi, lo + (position // blk) * blk)  # whole blocks consumed up to here
-            partial_hi = min(hi, full + blk)
-            if position % blk and full < hi:
-                taken = set(self.block(s, (full - lo) // blk)[: position % blk].tolist())
-                block_positions = runs_take(self.base, np.arange(full, partial_hi, dtype=np.int64))
-                keep.append(np.asarray([p for p in block_positions.tolist() if p not in taken], dtype=np.int64))
-                keep.append(runs_take(self.base, np.arange(partial_hi, hi, dtype=np.int64)))
-            else:
-                keep.append(runs_take(self.base, np.arange(full, hi, dtype=np.int64)))
-        flat = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
-        return runs_from_positions(np.sort(flat))
+        """Runs of the epoch-list positions that no stream of a global cursor has consumed yet.
+
+        Worked out as runs of base indices, then mapped through the base: per stream, what is past
+        its consumed whole blocks, less the entries taken from a partly consumed block (the only
+        place that looks at single entries, a block at a time). Cost: streams + base runs +
+        partly consumed blocks x shuffle_block.
+        """
+        blk, n = self.layout.shuffle_block, self.layout.num_streams
+        position = np.asarray([int(cursor["streams"][s]["position"]) for s in range(n)], dtype=np.int64)
+        lo, hi = self._starts[:-1], self._starts[1:]  # [streams] base-index range of each stream
+        full = np.minimum(hi, lo + (position // blk) * blk)  # whole blocks consumed up to here
+        taken = position % blk
+        partial = (taken > 0) & (full < hi)
+        after = np.where(partial, np.minimum(hi, full + blk), full)  # untouched from here to hi
+        pieces = [np.stack([after, hi], axis=1)]
+        if partial.any():
+            ps = np.flatnonzero(partial)  # [partial blocks]
+            lengths = after[ps] - full[ps]
+            offsets = np.cumsum(lengths) - lengths  # where each block's entries start in `kept`
+            kept = np.ones(int(lengths.sum()), dtype=bool)  # [entries of partly consumed blocks]
+            firsts = runs_take(self.base, full[ps], self._base_ends).tolist()
+            for first, length, offset, count in zip(firsts, lengths.tolist(), offsets.tolist(), taken[ps].tolist()):
+                kept[offset + self._block_permutation(first, length)[:count]] = False
+            index = np.repeat(full[ps] - offsets, lengths) + np.arange(len(kept))  # base index of each entry
+            pieces.append(runs_from_positions(index[kept]))
+        index_runs = np.concatenate(pieces)
+        index_runs = index_runs[np.argsort(index_runs[:, 0], kind="stable")]
+        return take_runs(self.base, coalesce(index_runs), self._base_ends)
 
 
 def check_cursor(cursor: dict[str, Any], epoch_list: EpochList) -> None:
     """Refuse a cursor that belongs to other data or another seed, with one clear line."""
-    if not isinstance(cursor, dict) or cursor.get("format") != CURSOR_FORMAT:
-        raise UserError(f"cursor: format={cursor.get('format') if isinstance(cursor, dict) else cursor!r} is not allowed: expected {CURSOR_FORMAT}")
+    if not isinstance(cursor, dict) or cursor.get("format") not in READABLE_CURSOR_FORMATS:
+        shown = cursor.get("format") if isinstance(cursor, dict) else cursor
+        raise UserError(f"cursor: format={shown!r} is not allowed: expected one of {list(READABLE_CURSOR_FORMATS)}")
     if int(cursor["seed"]) != epoch_list.seed:
         raise UserError(f"cursor: seed={cursor['seed']} does not match the configured seed {epoch_list.seed}")
     mine = [{"sha256": s.sha256, "samples": s.size, "weight": s.weight} for s in epoch_list.sources]
@@ -313,9 +400,10 @@ def resume(epoch_list: EpochList, layout: Layout, cursor: dict[str, Any]) -> tup
     epoch-list order, become the new base, cut into the new layout's streams from position 0.
     """
     check_cursor(cursor, epoch_list)
-    old = Plan(epoch_list, Layout(**cursor["layout"]), np.asarray(cursor["base"], dtype=np.int64))
+    old = Plan(epoch_list, Layout(**cursor["layout"]), decode_runs(cursor["base"]))
     if old.layout == layout:
-        return old, {**cursor, "streams": [dict(s) for s in cursor["streams"]]}
+        # a format-1 cursor continues as format 2: same streams, base re-encoded
+        return old, {**cursor, "format": CURSOR_FORMAT, "base": old.encoded_base(), "streams": [dict(s) for s in cursor["streams"]]}
     plan = Plan(epoch_list, layout, old.remaining_runs(cursor))
     return plan, plan.new_cursor()
 

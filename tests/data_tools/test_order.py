@@ -8,6 +8,7 @@ import pytest
 
 from data_tools import order
 from data_tools.errors import UserError
+from data_tools.runs import decode_runs
 
 UNEVEN = order.Source((7, 3, 11, 1, 9), sha256="a" * 64)  # 31 samples in uneven shards
 
@@ -75,7 +76,7 @@ def test_recut_takes_the_rest_in_epoch_list_order_none_skipped_none_repeated(new
     new_plan, new_cursor = order.resume(epoch_list, new_layout, cursor)
     rest = all_delivered(new_plan)
     assert sorted(taken + rest.tolist()) == list(range(31))
-    base = np.concatenate([np.arange(a, b) for a, b in new_cursor["base"]])
+    base = np.concatenate([np.arange(a, b) for a, b in decode_runs(new_cursor["base"]).tolist()])
     assert base.tolist() == sorted(set(range(31)) - set(taken))  # epoch-list order
     assert all(s == {"position": 0, "batches": 0} for s in new_cursor["streams"])
 
