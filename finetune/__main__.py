@@ -1,18 +1,61 @@
-"""`python -m finetune`: retrieval finetuning and evaluation (on the roadmap, not built yet)."""
+"""`python -m finetune`: retrieval finetuning on the one training loop, and evaluation.
+
+    python -m finetune --config configs/tiny.yaml --init runs/tiny [overrides] [--resume auto|PATH]
+    torchrun --nproc_per_node 2 -m finetune --config ...        (also deepspeed --module, srun, accelerate launch -m)
+    python -m finetune evaluate WEIGHTS --data DATASET [--mode full|rerank|embedding] [--k K]
+
+The preset's `finetune:` section gives the recipe and its optimiser values (finetune.overrides);
+everything is validated before any process group starts. Exit codes: data_tools.errors.ExitCode.
+"""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Sequence
 
-from data_tools.errors import UserError, run_cli
+from data_tools.errors import ExitCode, UserError, is_local_leader, run_cli
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit code 2 through run_cli
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m finetune", allow_abbrev=False,
+                     description="Finetune for retrieval (the paper's hard-negative recipe with IAIS), or `evaluate`.")
+    parser.add_argument("--config", help="YAML preset with a finetune: section, e.g. configs/tiny.yaml")
+    parser.add_argument("--init", help="pretraining run directory, checkpoint or export to start from (finetune.init)")
+    parser.add_argument("--resume", help="auto (newest complete checkpoint of this finetuning run) or a checkpoint path")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.hard=7 train.steps=100")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    raise UserError("retrieval finetuning is not implemented yet (see the roadmap in README.md)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if argv and argv[0] == "evaluate":
+        from finetune.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
+    args = _train_parser().parse_args(argv)
+    if args.config is None and not args.overrides:
+        raise UserError("python -m finetune: give --config FILE (e.g. configs/tiny.yaml) and --init RUN")
+    from finetune.config import load_finetune_config
+    from finetune.task import FinetuneTask
+    from pretrain.__main__ import prepare, run_training
+
+    overrides = list(args.overrides) + ([f"finetune.init={args.init}"] if args.init else []) \
+        + ([f"resume={args.resume}"] if args.resume else [])
+    cfg, resume_path = prepare(load_finetune_config, args.config, overrides)
+    return run_training(cfg, resume_path, FinetuneTask)
+
+
+main.__module__ = "finetune.__main__"
 
 
 def entry() -> int:
-    return run_cli(main)
+    return run_cli(main, quiet=not is_local_leader())
 
 
 if __name__ == "__main__":

@@ -57,16 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pretrain.config import load_config
 
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config, overrides)  # every check before any process group starts
-    from pretrain import dist_env
+    cfg, resume_path = prepare(load_config, args.config, overrides)
+    return run_training(cfg, resume_path)
 
-    launcher_json = dist_env.launcher_deepspeed_config()  # e.g. accelerate's deepspeed_config_file
-    if launcher_json and cfg.zero.deepspeed_config is None:
-        cfg = load_config(args.config, [*overrides, f"zero.deepspeed_config={launcher_json}"])
+
+def prepare(load, config: str | None, overrides: list[str]):
+    """Every check before any process group starts: the configuration (with the DeepSpeed JSON a
+    launcher names, e.g. accelerate's deepspeed_config_file, where zero.deepspeed_config is unset)
+    and the one resume check. Returns (cfg, checkpoint to resume or None)."""
+    from pretrain import dist_env
     from pretrain.config import check_resume
 
-    resume_path = check_resume(cfg)  # the one resume check, before any process group starts
-    return run_training(cfg, resume_path)
+    cfg = load(config, overrides)
+    launcher_json = dist_env.launcher_deepspeed_config()
+    if launcher_json and cfg.zero.deepspeed_config is None:
+        cfg = load(config, [*overrides, f"zero.deepspeed_config={launcher_json}"])
+    return cfg, check_resume(cfg)
 
 
 def run_training(cfg, resume_path, task_factory=None) -> int:
@@ -91,7 +97,7 @@ def run_training(cfg, resume_path, task_factory=None) -> int:
         code = int(train(cfg, env, task_factory(cfg) if task_factory else None, resume_path))
     except UserError as err:
         code = int(err.exit_code)
-        print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
+        print(f"{'finetune' if task_factory else 'pretrain'}: error: {err}", file=sys.stderr, flush=True)
     except RuntimeError as err:  # a collective failed: most likely a peer died
         if env.world_size > 1:
             watchdog.on_comm_error(err)  # exits with LOST_RANK naming the rank, or raises err again

@@ -223,21 +223,24 @@ class IAISRegularizer:
         progress = min(max(step / total_steps, 0.0), 1.0)
         return self.config.weight * schedule_factor(self.config.schedule, progress)
 
-    def active_directions(self, step: int) -> tuple[str, ...]:
-        direction = self.config.direction
+    def active_directions(self, step: int, direction: str | None = None) -> tuple[str, ...]:
+        """The directions regularised at `step` (`direction` overrides iais.direction, e.g. the
+        finetuning recipe's V on image-built batches)."""
+        direction = direction or self.config.direction
         if direction == "both":
             return ("L", "V")
         if direction == "alternate":
             return ("L",) if step % 2 == 0 else ("V",)
         return (direction,)
 
-    def __call__(self, attention: dict[int, AttentionBlocks], step: int, total_steps: int) -> IAISOutput:
+    def __call__(self, attention: dict[int, AttentionBlocks], step: int, total_steps: int,
+                 direction: str | None = None) -> IAISOutput:
         missing = [layer for layer in self.layers if layer not in attention]
         if missing:
             raise ValueError(f"no IAIS attention blocks for layers {missing}: call regularizer.attach(model) "
                              f"and pass iais_rows to model.forward")
         weight = self.weight(step, total_steps)
-        active = self.active_directions(step)
+        active = self.active_directions(step, direction)
         # Both directions in one pass (the inactive one only for logging: it gets no gradient).
         per_layer = [mean_over_valid(*pair_divergences(attention[layer], self.config.mode, self.config.normalization))
                      for layer in self.layers]  # each [2]: (L, V)

@@ -165,6 +165,8 @@ class StepContext:
         """[B text, B image] temperature-scaled similarities left by ITC (hard-negative sampling)."""
         self.matched_attention: dict[int, Any] | None = None
         """IAIS attention blocks of the matched pairs, left by the first joint pass that computed them."""
+        self.iais_direction: str | None = None
+        """A term may choose the IAIS direction of this micro-batch (finetuning: V on image-built batches)."""
         self._codes: Tensor | None = None
         self._visual: tuple[Tensor, Tensor] | None = None
 

@@ -35,7 +35,7 @@ class IAISTerm(Term):
             visual_tokens, visual_mask = ctx.visual
             ctx.joint(batch["input_ids"], batch["text_mask"], visual_tokens, visual_mask, matched_rows=ctx.sample_mask)
         progress = ctx.progress
-        reg = self.regularizer(ctx.matched_attention, progress.step, progress.total_steps)
+        reg = self.regularizer(ctx.matched_attention, progress.step, progress.total_steps, ctx.iais_direction)
         ctx.logs["iais_weight"] = torch.as_tensor(float(reg.weight))
         for direction, value in reg.isd.items():
             ctx.logs[f"isd/{direction}"] = value.detach().float()

@@ -42,15 +42,15 @@ def base_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
             "train.log_every=1", "train.lost_rank_timeout_s=60", *overrides]
 
 
-def start_ranks(world: int, args: Sequence[str], port: int, logs: Path, extra_env: dict[int, dict[str, str]] | None = None
-                ) -> list[subprocess.Popen]:
-    """`world` processes of `python -m pretrain args`, rank r's stderr+stdout in logs/rank<r>.log."""
+def start_ranks(world: int, args: Sequence[str], port: int, logs: Path, extra_env: dict[int, dict[str, str]] | None = None,
+                module: str = "pretrain") -> list[subprocess.Popen]:
+    """`world` processes of `python -m <module> args`, rank r's stderr+stdout in logs/rank<r>.log."""
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world):
         env = env_for(rank, world, port, **(extra_env or {}).get(rank, {}))
         out = open(logs / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([PYTHON, "-m", "pretrain", *args], cwd=REPO, env=env, stdout=out,
+        procs.append(subprocess.Popen([PYTHON, "-m", module, *args], cwd=REPO, env=env, stdout=out,
                                       stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 
