@@ -50,7 +50,7 @@ from data_tools.errors import BadSample, ConfigError, UserError
 from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.manifest import load_manifest
 from data_tools.order import merge_rank_cursors  # noqa: F401  (part of this module's interface)
-from data_tools.shard_reader import DatasetRef, ShardReader, open_datasets, read_sample  # noqa: F401  (interface)
+from data_tools.shard_reader import DatasetRef, ShardReader, duplicate_positions, open_datasets, read_sample  # noqa: F401  (interface)
 from data_tools.transforms import normalise, transform_sample
 
 
@@ -164,6 +164,7 @@ def manifest_keys(epoch_list: order.EpochList, datasets: list[DatasetRef]):
     """Stage replacing read_members when nothing is decoded: the sample keys from the manifests."""
     tables = [load_manifest(d.path) for d in datasets]
     keys = [np.asarray(t.column("key").to_pylist(), dtype=object) for t in tables]
+    duplicate = [duplicate_positions(t.column("key").to_pylist(), t.column("shard").to_pylist()) for t in tables]
     shard_starts = [np.concatenate([[0], np.cumsum(d.source.shard_samples)]) for d in datasets]
     for d, ref in enumerate(datasets):
         if len(keys[d]) != ref.source.size:
@@ -174,7 +175,11 @@ def manifest_keys(epoch_list: order.EpochList, datasets: list[DatasetRef]):
             where = epoch_list.locate(positions)
             for i in range(len(positions)):
                 d = int(where.dataset[i])
-                yield offset + i, {"key": keys[d][shard_starts[d][where.shard[i]] + where.index[i]], "repeat": int(where.repeat[i])}
+                row = shard_starts[d][where.shard[i]] + where.index[i]
+                if duplicate[d][row]:  # what read_members finds there: the reader skips a key's second copy
+                    yield offset + i, BadSample("duplicate_key", f"{datasets[d].path}: key {keys[d][row]} again in shard {int(where.shard[i])}")
+                else:
+                    yield offset + i, {"key": keys[d][row], "repeat": int(where.repeat[i])}
 
     return stage
 

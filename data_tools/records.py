@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from data_tools import images
 from data_tools.errors import BadSample
-
-if TYPE_CHECKING:
-    from data_tools.build import Options
 
 
 @dataclasses.dataclass
@@ -132,8 +129,11 @@ def scale_annotations(record: Record, mapping: list[int | None], captions: list[
     return boxes, phrases, negatives
 
 
-def process_record(record: Record, options: "Options", builder: str) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """One record -> (tar members, manifest fields); BadSample when it cannot be used."""
+def process_record(
+    record: Record, builder: str, *, max_pixels: int, resize: int | None, quality: int
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """One record -> (tar members, manifest fields); BadSample when it cannot be used. The image
+    options are the build's (--max-pixels, --resize, --quality)."""
     if record.error is not None:
         raise BadSample(*record.error)
     if record.scene is not None:
@@ -147,7 +147,7 @@ def process_record(record: Record, options: "Options", builder: str) -> tuple[di
     else:
         data = read_image_bytes(record)
     captions, mapping = clean_captions(record.captions)
-    stored = images.prepare_image(data, options.max_pixels, options.resize, options.quality)
+    stored = images.prepare_image(data, max_pixels, resize, quality)
     boxes, phrases, negatives = scale_annotations(record, mapping, captions, stored.scale)
     meta: dict[str, Any] = {
         **record.extra,
