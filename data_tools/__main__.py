@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_build(args: argparse.Namespace) -> int:
     from data_tools.build import Options, build
-    from data_tools.builders import FORMATS
+    from data_tools.builders import load
 
     options = Options(
         out=args.out, name=args.name, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
@@ -99,10 +99,7 @@ def run_build(args: argparse.Namespace) -> int:
         num_parts=args.num_parts, part=args.part, plan_only=args.plan_only,
     )
     options.check()
-    module = importlib.import_module(FORMATS[args.format])
-    if hasattr(module, "build"):  # formats that index existing shards
-        return module.build(args, options)
-    return build(module.make_source(args), options)
+    return build(load(args.format).make_source(args), options)
 
 
 def run_stream(argv: Sequence[str]) -> int:
@@ -133,9 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return stats(args.dataset, as_json=args.json)
     if args.command == "merge":
+        from data_tools.builders import finish_for
         from data_tools.merge import merge
 
-        return merge(args.dataset)
+        return merge(args.dataset, finish_for)
     if args.command == "tokenizer":
         from data_tools.wordpiece import train_dataset_tokenizer
 

@@ -1,18 +1,19 @@
 """The build driver shared by every format: raw records in, a dataset folder out (DESIGN.md 3).
 
 A format's source only lists records (data_tools.records.Record: key, image location, captions,
-annotations); this driver does everything else the same way for all of them:
+annotations), or the shards that already exist with the step that indexes one (img2dataset: its
+tars are not rewritten); this driver does everything else the same way for all of them:
 
 1. plan: duplicate keys are rejected; identical images (sha256 of the input bytes) become one record
    with merged captions, boxes and phrase links; records are cut into shards by `shard_samples`
    and/or `shard_bytes` counted over *input* records and bytes. The plan depends on the inputs only,
    never on what a worker later finds bad, so shard i holds the same samples whether it is built by
    worker 0 or 3, in part 1 of 4 or in a single process, first time or after a resume;
-2. shard jobs (one process each, `workers` at a time): read, validate, optionally resize, write the
-   tar atomically, then a small state file `.build/shard-NNNNNN.json` (rows, rejects, hash) that
-   marks the shard done: a rerun skips it;
-3. finalize (data_tools.merge): manifest.parquet, rejected.jsonl, the builder's extras (synthetic
-   tokenizer), dataset.json last. A parts build (`num_parts > 1`) stops before this step and
+2. shard jobs (one process each, `workers` at a time): the source's shard step, by default
+   `write_shard` (read, validate, optionally resize, write the tar atomically), then a small state
+   file `.build/shard-NNNNNN.json` (rows, rejects, hash) that marks the shard done: a rerun skips it;
+3. finalize (data_tools.merge): manifest.parquet, rejected.jsonl, the source's `finish` extras
+   (synthetic tokenizer), dataset.json last. A parts build (`num_parts > 1`) stops before this step and
    `python -m data_tools merge` runs it once all parts are done.
 
 Bad input never stops a build (BadSample: skipped, counted, listed); bad arguments raise UserError
@@ -32,7 +33,7 @@ from typing import Any, Callable, Iterable
 from tqdm import tqdm
 
 from data_tools import images
-from data_tools.errors import BadSample, UserError
+from data_tools.errors import BadSample, UserError, atomic_write_text
 from data_tools.merge import STATE_DIR
 from data_tools.records import Record, process_record, read_image_bytes
 from data_tools.schema import DATASET_FILE, SHARD_PATTERN, SHARDS_DIR
@@ -53,6 +54,14 @@ class Source:
     """Hash input images to merge identical ones (synthetic scenes skip it: they are rendered, not read)."""
     sized: bool = True
     """Whether input sizes are known (needed for --shard-bytes)."""
+    existing: list[str] | None = None
+    """Locations of shards that exist already (one job each, no records planned), for `make_shard`
+    to index instead of writing new ones; options that shape new shards then do not apply."""
+    make_shard: Callable[[ShardJob], dict[str, Any]] | None = None
+    """A shard job -> its state (location, samples, size, sha256, rows, rejected); None: `write_shard`.
+    A module-level function (jobs are pickled to the worker processes)."""
+    finish: Callable[[Path, dict[str, Any]], None] | None = None
+    """Extra files in the dataset folder before dataset.json (the synthetic tokenizer)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +117,8 @@ class ShardJob:
     args_hash: str
     num_shards: int
     existing: str | None = None
-    """img2dataset: an existing tar to index instead of writing one."""
+    """The existing shard this job indexes (Source.existing), else None."""
+    make_shard: Callable[[ShardJob], dict[str, Any]] | None = None
 
 
 def arguments_hash(builder: str, arguments: dict[str, Any]) -> str:
@@ -178,10 +188,8 @@ def plan_path(out: str | os.PathLike, args_hash: str) -> Path:
 
 def save_plan(path: Path, groups: list[list[Record]]) -> None:
     """Keep the plan beside the shard states: parts and resumed runs reuse it instead of re-hashing."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     names = [f.name for f in dataclasses.fields(Record)]  # shallow: dataclasses.asdict deep-copies every list
-    tmp.write_text(json.dumps([[{n: getattr(r, n) for n in names} for r in group] for group in groups]), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps([[{n: getattr(r, n) for n in names} for r in group] for group in groups]))
 
 
 def load_plan(path: Path) -> list[list[Record]] | None:
@@ -215,29 +223,23 @@ def make_plan(source: Source, options: Options, args_hash: str, pool) -> list[li
 
 # --- step 2: shard jobs --------------------------------------------------------------------------------
 def run_shard_job(job: ShardJob) -> dict[str, Any]:
-    """Build (or index) one shard and write its state file; returns that state."""
-    if job.existing is not None:
-        from data_tools.builders.img2dataset import index_shard
-
-        state = index_shard(job)
-    else:
-        state = _write_shard(job)
+    """Build (or index) one shard through the source's step and write its state file; returns that state."""
+    state = (job.make_shard or write_shard)(job)
     state.update(builder=job.builder, arguments=job.arguments, args_hash=job.args_hash, num_shards=job.num_shards, index=job.index)
-    path = state_path(job.out, job.index)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(state), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(state_path(job.out, job.index), json.dumps(state))
     return state
 
 
-def _write_shard(job: ShardJob) -> dict[str, Any]:
+def write_shard(job: ShardJob) -> dict[str, Any]:
+    """The default shard step: the job's records -> a new tar (bad ones rejected), its rows and hash."""
+    o = job.options
     rows, rejected = [], []
     location = f"{SHARDS_DIR}/{SHARD_PATTERN.format(name=job.options.name, index=job.index)}"
     writer: ShardWriter | None = None
     try:
         for record in job.records:
             try:
-                members, fields = process_record(record, job.options, job.builder)
+                members, fields = process_record(record, job.builder, max_pixels=o.max_pixels, resize=o.resize, quality=o.quality)
             except BadSample as bad:
                 rejected.append({"key": record.key, "source": record.origin, "reason": bad.reason, "detail": bad.detail})
                 continue
@@ -289,11 +291,14 @@ def check_out_folder(out: Path, builder: str, arguments: dict[str, Any]) -> bool
     raise UserError(f"--out {out}: already holds a dataset built with other arguments; choose an empty folder")
 
 
-def build(source: Source, options: Options, existing_shards: list[str] | None = None) -> int:
+def build(source: Source, options: Options) -> int:
     """Run a build end to end (or one part of it); returns the exit code."""
     options.check()
     if options.shard_bytes is not None and not source.sized:
         raise UserError(f"--shard-bytes: not available for {source.builder} (cut its shards with --shard-samples)")
+    existing_shards = source.existing
+    if existing_shards is not None and (options.resize is not None or options.shard_samples is not None or options.shard_bytes is not None):
+        raise UserError(f"{source.builder}: its tars are indexed as they are; --resize, --shard-samples and --shard-bytes do not apply")
     out = Path(options.out)
     arguments = {**source.arguments, **options.content_arguments()}
     if check_out_folder(out, source.builder, arguments):
@@ -316,7 +321,7 @@ def build(source: Source, options: Options, existing_shards: list[str] | None = 
             return 0
         jobs = [
             ShardJob(str(out), i, group, options, source.builder, arguments, args_hash, len(groups),
-                     existing_shards[i] if existing_shards is not None else None)
+                     existing_shards[i] if existing_shards is not None else None, source.make_shard)
             for i, group in enumerate(groups)
             if i % options.num_parts == options.part
         ]
@@ -345,7 +350,7 @@ def build(source: Source, options: Options, existing_shards: list[str] | None = 
         return 0
     from data_tools.merge import finalize
 
-    return finalize(out, args_hash)
+    return finalize(out, args_hash, source.finish)
 
 
 

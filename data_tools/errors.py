@@ -157,6 +157,7 @@ BAD_SAMPLE_REASONS = (
     "missing_image",  # no image file / member
     "decode_error",  # not an image, truncated, unreadable
     "too_many_pixels",  # more pixels than the configured limit (decompression bomb)
+    "too_large",  # an input file over the builder's byte limit (read stops there)
     "empty_caption",  # no caption, or only whitespace
     "bad_utf8",  # caption or metadata not UTF-8
     "bad_metadata",  # json member that does not parse or has wrong field types

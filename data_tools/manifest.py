@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_tools.errors import ExitCode, UserError
+from data_tools.errors import ExitCode, UserError, atomic_write
 from data_tools.schema import (
     DATASET_FILE,
     MANIFEST_FILE,
@@ -82,11 +82,9 @@ def manifest_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
 
 
 def write_manifest(directory: str | os.PathLike, table: pa.Table) -> None:
-    """Write manifest.parquet atomically (temporary name, then rename)."""
-    path = Path(directory) / MANIFEST_FILE
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    """Write manifest.parquet atomically (errors.atomic_write: temporary name, fsync, rename)."""
+    with atomic_write(Path(directory) / MANIFEST_FILE, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
 
 
 def write_dataset_info(directory: str | os.PathLike, info: DatasetInfo) -> None:

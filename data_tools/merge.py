@@ -9,15 +9,14 @@ build equals a one-process build byte for byte.
 from __future__ import annotations
 
 import collections
-import importlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from data_tools.errors import ExitCode, UserError
+from data_tools.errors import ExitCode, UserError, atomic_write
 from data_tools.manifest import manifest_table, write_dataset_info, write_manifest
 from data_tools.schema import DATASET_FILE, REJECTED_FILE, SHARDS_DIR, DatasetInfo, ShardInfo
 
@@ -52,15 +51,16 @@ def read_states(out: Path, args_hash: str | None = None) -> list[dict[str, Any]]
 
 
 def write_rejected(out: Path, rejected: list[dict[str, Any]]) -> None:
-    path = out / REJECTED_FILE
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(out / REJECTED_FILE, "w") as f:
         for entry in rejected:
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
-def finalize(out: str | os.PathLike, args_hash: str | None = None) -> int:
+Finish = Callable[[Path, dict[str, Any]], None]
+"""A builder's extra files (e.g. synthetic writes tokenizer/), written before dataset.json."""
+
+
+def finalize(out: str | os.PathLike, args_hash: str | None = None, finish: Finish | None = None) -> int:
     """Write the index files of a fully built dataset; returns the exit code."""
     out = Path(out)
     states = read_states(out, args_hash)
@@ -80,7 +80,8 @@ def finalize(out: str | os.PathLike, args_hash: str | None = None) -> int:
     if not shards:
         raise UserError(f"{out}: no usable samples ({len(rejected)} rejected, see {out / REJECTED_FILE})", ExitCode.DATA)
     write_manifest(out, manifest_table(rows))
-    finish_builder(builder, out, arguments)
+    if finish is not None:
+        finish(out, arguments)
     info = DatasetInfo(
         builder=builder,
         arguments=arguments,
@@ -101,22 +102,14 @@ def finalize(out: str | os.PathLike, args_hash: str | None = None) -> int:
     return 0
 
 
-def finish_builder(builder: str, out: Path, arguments: dict[str, Any]) -> None:
-    """A builder's own extra files (e.g. synthetic writes tokenizer/), before dataset.json."""
-    from data_tools.builders import FORMATS
-
-    module = importlib.import_module(FORMATS[builder])
-    finish = getattr(module, "finish", None)
-    if finish is not None:
-        finish(out, arguments)
-
-
-def merge(directory: str | os.PathLike) -> int:
-    """`python -m data_tools merge DIR`: finalize a parts build once all parts are done."""
+def merge(directory: str | os.PathLike, finish_for: Callable[[str], Finish | None]) -> int:
+    """`python -m data_tools merge DIR`: finalize a parts build once all parts are done.
+    `finish_for(builder name)`: that builder's Finish (the command line looks it up in data_tools.builders)."""
     out = Path(directory)
     if not out.is_dir():
         raise UserError(f"{out}: no such folder")
     if (out / DATASET_FILE).is_file() and not (out / STATE_DIR).is_dir():
         print(f"{out}: already merged", file=sys.stderr)
         return 0
-    return finalize(out)
+    states = read_states(out)
+    return finalize(out, states[0]["args_hash"], finish_for(states[0]["builder"]))

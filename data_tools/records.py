@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+import os
+import stat
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from data_tools import images
 from data_tools.errors import BadSample
-
-if TYPE_CHECKING:
-    from data_tools.build import Options
 
 
 @dataclasses.dataclass
@@ -56,20 +56,56 @@ class Record:
         self.negatives = [*self.negatives, *([n[0] + c, n[1]] for n in other.negatives)]
 
 
+def inside_folder(folder: str | os.PathLike, name: str) -> Path:
+    """`folder / name` for a file name taken from input data (an annotation file, a table, a split
+    list); BadSample("bad_metadata") when the name is absolute, climbs out with `..` or holds a NUL.
+
+    Why: the user chose the folder, the annotation file's author chose the names; a build must not
+    ingest files outside the folder it was given. The check is on the name, so links that the user
+    placed inside the folder still work."""
+    pure = PurePosixPath(name)
+    if not name or "\0" in name or pure.is_absolute() or os.path.isabs(name) or ".." in pure.parts:
+        raise BadSample("bad_metadata", f"file name {name!r} is outside {folder} (absolute or with ..)")
+    return Path(folder) / pure
 
 
-def read_image_bytes(record: Record) -> bytes:
+MAX_IMAGE_FILE_BYTES = 256 << 20
+"""Input image files larger than this are rejected as `too_large` (read stops at one byte more)."""
+MAX_TEXT_FILE_BYTES = 16 << 20
+"""Caption and annotation side files larger than this are rejected the same way."""
+
+
+def read_input_file(path: str | os.PathLike, max_bytes: int, missing: str) -> bytes:
+    """The bytes of an input file, if it is a regular file (after following links) of at most
+    `max_bytes`; else BadSample(`missing`) (absent, a folder, a FIFO, a device) or `too_large`.
+
+    Why this way: a FIFO named x.jpg would block `open` forever and a link to /dev/zero would never
+    end, so the file is opened without blocking, checked with fstat on the open descriptor (no race
+    with a rename in between) and read at most max_bytes + 1 bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise BadSample(missing, str(path)) from None
+    except OSError as err:
+        raise BadSample("decode_error", f"{path}: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadSample(missing, f"{path}: not a regular file")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as err:
+            raise BadSample("decode_error", f"{path}: {err.strerror}") from None
+    if len(data) > max_bytes:
+        raise BadSample("too_large", f"{path}: more than {max_bytes} bytes")
+    return data
+
+
+def read_image_bytes(record: Record, max_bytes: int = MAX_IMAGE_FILE_BYTES) -> bytes:
     if record.image_data is not None:
         return record.image_data
     if record.image_path is None:
         raise BadSample("missing_image", "no image listed")
-    try:
-        with open(record.image_path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise BadSample("missing_image", record.image_path) from None
-    except OSError as err:
-        raise BadSample("decode_error", f"{record.image_path}: {err}") from None
+    return read_input_file(record.image_path, max_bytes, "missing_image")
 
 
 def clean_captions(raw: list[Any]) -> tuple[list[str], list[int | None]]:
@@ -132,8 +168,11 @@ def scale_annotations(record: Record, mapping: list[int | None], captions: list[
     return boxes, phrases, negatives
 
 
-def process_record(record: Record, options: "Options", builder: str) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """One record -> (tar members, manifest fields); BadSample when it cannot be used."""
+def process_record(
+    record: Record, builder: str, *, max_pixels: int, resize: int | None, quality: int
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """One record -> (tar members, manifest fields); BadSample when it cannot be used. The image
+    options are the build's (--max-pixels, --resize, --quality)."""
     if record.error is not None:
         raise BadSample(*record.error)
     if record.scene is not None:
@@ -147,7 +186,7 @@ def process_record(record: Record, options: "Options", builder: str) -> tuple[di
     else:
         data = read_image_bytes(record)
     captions, mapping = clean_captions(record.captions)
-    stored = images.prepare_image(data, options.max_pixels, options.resize, options.quality)
+    stored = images.prepare_image(data, max_pixels, resize, quality)
     boxes, phrases, negatives = scale_annotations(record, mapping, captions, stored.scale)
     meta: dict[str, Any] = {
         **record.extra,

@@ -14,6 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from data_tools.errors import atomic_write
+
 # --- shard members -------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 """Image member extensions, in order of preference when a sample has several."""
@@ -110,11 +112,6 @@ def fingerprint(shard_hashes: list[str]) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary name and rename it over `path` (readers see old or new, never half)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write JSON through errors.atomic_write (readers see old or new, never half)."""
+    with atomic_write(path, "w") as f:
         json.dump(data, f, indent=1, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -2,7 +2,15 @@
 reader that skips unwanted samples by their tar headers, and one sample by key through the manifest.
 
 Why apart from the loader: this is the only code that touches shard bytes (local files, URLs and
-`pipe:` commands through webdataset's gopen); the loader's stages and `read_sample` share it.
+`pipe:` commands through webdataset's gopen); the loader's stages and `read_sample` share it. It
+also owns the one rule that splits a tar member name into sample key and extension (`member_key`),
+which the shard writer and the img2dataset indexer use too, so that what the build counts as a
+sample is what the reader delivers.
+
+Exactly once within a shard: a key that a shard holds twice (img2dataset tars can) is one sample;
+its second copy keeps its position (the indexer lists it as `duplicate_key`) and every reading path
+skips it as the bad sample `duplicate_key`: the reader remembers the keys it has passed in the
+shard, skipped ones included, so a range that starts inside the shard or a resumed stream agrees.
 """
 from __future__ import annotations
 
@@ -12,9 +20,6 @@ import os
 import tarfile
 from pathlib import Path
 from typing import Any
-
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext
 
 from data_tools import order, schema
 from data_tools.errors import BadSample, ExitCode, UserError
@@ -52,6 +57,47 @@ def is_local(location: str) -> bool:
     return "://" not in location and not location.startswith("pipe:")
 
 
+def member_key(name: str) -> tuple[str, str] | None:
+    """A tar member name -> (sample key, extension) as webdataset splits it: the extension starts at
+    the first dot of the base name (`d/k.feat.npy` -> (`d/k`, `feat.npy`)). None for a member that
+    belongs to no sample: no dot, an empty stem, or webdataset's `__name__` bookkeeping members."""
+    if name.startswith("__") and name.endswith("__"):
+        return None
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{directory}/{stem}" if directory else stem), ext
+
+
+def sample_members(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """The samples of a local tar as the reader groups them: consecutive regular members sharing a
+    key, in stored order, each {extension: (data offset, size)} from the headers (no data read).
+    A key stored twice apart gives two entries (the second is a `duplicate_key` when read)."""
+    groups: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            split = member_key(info.name) if info.isreg() else None
+            if split is None:
+                continue
+            key, ext = split
+            if not groups or groups[-1][0] != key:
+                groups.append((key, {}))
+            groups[-1][1][ext] = (info.offset_data, info.size)
+    return groups
+
+
+def duplicate_positions(keys: list[str], shards: list[int]) -> list[bool]:
+    """Per manifest row (rows in dataset order): True when an earlier row of the same shard has the
+    same key, i.e. the copy every reading path skips as `duplicate_key`."""
+    seen: set[tuple[int, str]] = set()
+    out = []
+    for key, shard in zip(keys, shards):
+        out.append((shard, key) in seen)
+        seen.add((shard, key))
+    return out
+
+
 class ShardReader:
     """Sequential reader of one dataset's shards.
 
@@ -66,6 +112,7 @@ class ShardReader:
         self._stream = self._tar = self._head = None
         self._index = 0  # sample index of the member at _head
         self._broken: str | None = None
+        self._seen: set[str] = set()  # keys passed in the open shard (delivered or skipped)
 
     def close(self) -> None:
         for handle in (self._tar, self._stream):
@@ -78,13 +125,15 @@ class ShardReader:
 
     def _open(self, shard: int) -> None:
         self.close()
-        self._shard, self._index, self._broken = shard, 0, None
+        self._shard, self._index, self._broken, self._seen = shard, 0, None, set()
         location = self.locations[shard]
         try:
             if is_local(location):
                 self._stream = open(location, "rb")
                 self._tar = tarfile.open(fileobj=self._stream, mode="r:*")  # seekable: skipped data is never read
             else:
+                from webdataset.gopen import gopen  # imports torch: only for remote shards
+
                 self._stream = gopen(location, "rb")
                 self._tar = tarfile.open(fileobj=self._stream, mode="r|*")
         except (OSError, tarfile.TarError) as err:
@@ -101,11 +150,10 @@ class ShardReader:
                     self._head = None
                     return
                 self._tar.members = []  # streaming: keep no member history
-                if info.isreg() and not (info.name.startswith("__") and info.name.endswith("__")):
-                    key, ext = base_plus_ext(info.name)
-                    if key is not None:
-                        self._head = (info, key, ext)
-                        return
+                split = member_key(info.name) if info.isreg() else None
+                if split is not None:
+                    self._head = (info, *split)
+                    return
         except (OSError, tarfile.TarError, EOFError) as err:
             self._head = None
             self._broken = f"{self.locations[self._shard]}: {type(err).__name__}: {err}"
@@ -114,14 +162,15 @@ class ShardReader:
         if shard != self._shard or index < self._index or self._tar is None and self._broken is None:
             self._open(shard)
         while self._head is not None and self._index < index:  # skip whole samples by header
-            key = self._head[1]
-            while self._head is not None and self._head[1] == key:
-                self._advance()
-            self._index += 1
+            self._skip_sample()
         if self._head is None:
             reason = self._broken or f"{self.locations[shard]} ends before sample {index}"
             raise BadSample("decode_error", reason)
-        info, key, _ = self._head
+        key = self._head[1]
+        if key in self._seen:
+            self._skip_sample()
+            raise BadSample("duplicate_key", f"{self.locations[shard]}: key {key} already delivered from this shard")
+        self._seen.add(key)
         raw: dict[str, Any] = {"__key__": key}
         while self._head is not None and self._head[1] == key:
             member, _, ext = self._head
@@ -134,6 +183,14 @@ class ShardReader:
             self._advance()
         self._index += 1
         return raw
+
+    def _skip_sample(self) -> None:
+        """Move past the sample at _head by its headers, remembering its key."""
+        key = self._head[1]
+        self._seen.add(key)
+        while self._head is not None and self._head[1] == key:
+            self._advance()
+        self._index += 1
 
 
 def read_sample(dataset_dir: str | os.PathLike, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from data_tools.manifest import load_dataset
+from data_tools.shard_reader import member_key
 
 
 def iter_metadata(directory: str | os.PathLike) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
@@ -70,10 +71,8 @@ def _stream_metadata(location: str, rows: list[dict[str, Any]]) -> Iterator[tupl
     found: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
     with wds.gopen(location, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
-            directory, _, base = member.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            key = f"{directory}/{stem}" if directory else stem
-            if key in wanted and ext in ("json", "txt"):
+            key, ext = member_key(member.name) or (None, None)
+            if key in wanted and ext in ("json", "txt") and ext not in found[key]:  # a key's first copy, as the reader
                 found[key][ext] = tar.extractfile(member).read()
     for row in rows:
         yield row, _metadata(found[row["key"]].get)

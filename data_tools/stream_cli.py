@@ -22,24 +22,22 @@ from data_tools.loader import DataConfig, open_datasets, stream_pipeline
 from data_tools.schema import write_json_atomic
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: expected an integer >= 1")
-    return value
+def int_at_least(low: int):
+    """argparse type: an integer >= low (the message says what is allowed)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: expected an integer >= {low}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: expected an integer >= 0")
-    return value
+_positive, _non_negative = int_at_least(1), int_at_least(0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from data_tools import images
 from data_tools.errors import BadSample, ExitCode
 from data_tools.manifest import load_dataset
 from data_tools.schema import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS, REJECTED_FILE
+from data_tools.shard_reader import member_key
 
 
 @dataclasses.dataclass
@@ -94,11 +95,10 @@ def check_shard(check: ShardCheck) -> list[str]:
             reader = _HashingReader(raw)
             with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
                 for info in tar:
-                    if not info.isfile():
+                    split = member_key(info.name) if info.isfile() else None
+                    if split is None:  # not part of a sample for the reader either
                         continue
-                    directory, _, base = info.name.rpartition("/")
-                    stem, dot, ext = base.partition(".")
-                    key = f"{directory}/{stem}" if directory else stem
+                    key, ext = split
                     if not groups or groups[-1][0] != key:
                         groups.append((key, {}, {}))
                     groups[-1][1][ext] = [info.offset_data, info.size]

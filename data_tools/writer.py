@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tarfile
 from pathlib import Path
+
+from data_tools.errors import atomic_replace
+from data_tools.shard_reader import sample_members
 
 TAR_MTIME = 0
 """Fixed member mtime: a timestamp would make every rebuild differ."""
@@ -36,22 +38,9 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def member_offsets(path: str | os.PathLike) -> dict[str, dict[str, list[int]]]:
-    """{key: {extension: [data offset, size]}} from a tar's headers, keys in stored order.
-
-    The key/extension split is webdataset's: the extension starts at the first dot of the base name.
-    """
-    out: dict[str, dict[str, list[int]]] = {}
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            directory, _, base = info.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            key = f"{directory}/{stem}" if directory else stem
-            out.setdefault(key, {})[ext] = [info.offset_data, info.size]
-    return out
+    """{key: {extension: [data offset, size]}} from a tar's headers, keys in stored order (the
+    key/extension split is the reader's, `shard_reader.member_key`)."""
+    return {key: {ext: list(span) for ext, span in members.items()} for key, members in sample_members(path)}
 
 
 class ShardWriter:
@@ -75,10 +64,8 @@ class ShardWriter:
     def finish(self) -> WrittenShard:
         """Close, fsync and rename into place; return size, sha256 and member offsets."""
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp, self.path)
+        atomic_replace(self.tmp, self.path)  # fsyncs the tar and the folder
         return WrittenShard(self.path, self.path.stat().st_size, file_sha256(self.path), member_offsets(self.path))
 
     def abort(self) -> None:

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from typing import Mapping, NoReturn
 
+import hostlist
+
 from data_tools.errors import UserError
 
 LAUNCHERS = ("single", "torchrun", "deepspeed", "slurm", "accelerate")
@@ -57,15 +59,6 @@ class DistEnv:
     """Port of the rendezvous store."""
     launcher: str
     """single | torchrun | deepspeed | slurm | accelerate."""
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: writes run-level files (config, metrics.jsonl, the `latest` marker)."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
@@ -200,60 +193,20 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     return counts
 
 
-def expand_hostlist(hostlist: str) -> list[str]:
-    """A Slurm hostlist "node[01-03,7],gpu7,r[1-2]-n[1-2]" -> every host name, in order.
-
-    Our own parser, so that deriving MASTER_ADDR needs no `scontrol` on the compute node.
-    Zero padding of ranges is kept ("node[08-10]" -> node08, node09, node10).
-    """
-    hosts: list[str] = []
-    for item in _split_top_level(hostlist):
-        expanded = [""]
-        for literal, bracket in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", item):
-            choices = [literal]
-            if bracket:
-                choices = [literal + value for value in _expand_ranges(bracket, hostlist)]
-            expanded = [prefix + choice for prefix in expanded for choice in choices]
-        hosts += [h for h in expanded if h]
+def expand_hostlist(nodelist: str) -> list[str]:
+    """A Slurm hostlist "node[01-03,7],gpu7,r[1-2]-n[1-2]" -> every host name, in order, zero
+    padding kept; python-hostlist does the parsing (so deriving MASTER_ADDR needs no `scontrol`)."""
+    try:
+        hosts = hostlist.expand_hostlist(nodelist)
+    except hostlist.BadHostlist as err:
+        raise UserError(f"environment: SLURM_JOB_NODELIST={nodelist!r}: {err}") from None
     if not hosts:
-        raise UserError(f"environment: SLURM_JOB_NODELIST={hostlist!r} names no host")
+        raise UserError(f"environment: SLURM_JOB_NODELIST={nodelist!r} names no host")
     return hosts
 
 
-def _split_top_level(hostlist: str) -> list[str]:
-    """Split on commas outside brackets."""
-    items, depth, current = [], 0, ""
-    for char in hostlist:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise UserError(f"environment: SLURM_JOB_NODELIST={hostlist!r} has an unbalanced ']'")
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    if depth:
-        raise UserError(f"environment: SLURM_JOB_NODELIST={hostlist!r} has an unbalanced '['")
-    return [i.strip() for i in items + [current] if i.strip()]
-
-
-def _expand_ranges(bracket: str, hostlist: str) -> list[str]:
-    values = []
-    for part in bracket.split(","):
-        match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
-        if not match:
-            raise UserError(f"environment: SLURM_JOB_NODELIST={hostlist!r}: cannot read range {part!r}")
-        low, high = match.group(1), match.group(2) or match.group(1)
-        width = len(low)
-        values += [str(n).zfill(width) for n in range(int(low), int(high) + 1)]
-    return values
-
-
 def first_host(hostlist: str) -> str:
-    """The first host of a Slurm hostlist: `scontrol show hostnames` where present, else our parser."""
+    """The first host of a Slurm hostlist: `scontrol show hostnames` where present, else python-hostlist."""
     scontrol = shutil.which("scontrol")
     if scontrol:
         try:
@@ -263,7 +216,7 @@ def first_host(hostlist: str) -> str:
             if out:
                 return out[0]
         except (OSError, subprocess.SubprocessError):
-            pass  # fall back to our parser
+            pass  # fall back to python-hostlist
     return expand_hostlist(hostlist)[0]
 
 

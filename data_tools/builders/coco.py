@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.build import Source, read_json_file, require_dir
-from data_tools.records import Record
-from data_tools.errors import UserError
+from data_tools.errors import BadSample, UserError
+from data_tools.records import Record, inside_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +60,16 @@ def make_source(args: argparse.Namespace) -> Source:
     def records():
         for key, image in sorted(((_key(im.get("id")), im) for im in images), key=lambda t: t[0]):
             image_id, file_name = image.get("id"), image.get("file_name")
-            path = images_dir / str(file_name)
+            path, error = None, None
+            if not isinstance(file_name, str):
+                error = ("bad_metadata", f"image {image_id}: no file_name")
+            else:
+                try:
+                    path = str(inside_folder(images_dir, file_name))
+                except BadSample as bad:
+                    error = (bad.reason, f"image {image_id}: {bad.detail}")
             record = Record(
-                key=key, origin=str(path), image_path=str(path), image_id=str(image_id), split=args.split,
+                key=key, origin=path or f"{captions_path}: image {image_id}", image_path=path, image_id=str(image_id), split=args.split, error=error,
                 captions=[c for _, c in sorted(captions.get(image_id, []), key=lambda t: t[0])],
                 extra={"coco_id": image_id, "file_name": file_name},
             )
@@ -70,8 +77,6 @@ def make_source(args: argparse.Namespace) -> Source:
             if image_boxes:
                 record.boxes = [b for _, b, _ in image_boxes]
                 record.extra["box_labels"] = [label for _, _, label in image_boxes]
-            if not isinstance(file_name, str):
-                record.error = ("bad_metadata", f"image {image_id}: no file_name")
             yield record
 
     arguments = {

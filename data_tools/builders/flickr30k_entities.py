@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.build import Source, require_dir, require_file
-from data_tools.records import Record
+from data_tools.errors import BadSample
+from data_tools.records import MAX_TEXT_FILE_BYTES, Record, inside_folder, read_input_file
 
 MENTION = re.compile(r"\[/EN#(\d+)((?:/[^\s\]]+)*)\s+([^\]]*)\]")
 
@@ -68,18 +69,22 @@ def parse_annotation(path: Path) -> tuple[list[list[float]], dict[str, list[int]
 
 
 def make_record(image_id: str, root: Path, images: Path, split: str) -> Record:
-    sentences_path = root / "Sentences" / f"{image_id}.txt"
-    image = images / f"{image_id}.jpg"
+    try:  # ids come from the split file: none may lead out of the folders
+        sentences_path = inside_folder(root / "Sentences", f"{image_id}.txt")
+        annotation = inside_folder(root / "Annotations", f"{image_id}.xml")
+        image = inside_folder(images, f"{image_id}.jpg")
+    except BadSample as bad:
+        return Record(key=image_id.replace(".", "_"), origin=f"{root}: id {image_id}", image_id=image_id,
+                      split=split, error=(bad.reason, bad.detail))
     record = Record(key=image_id.replace(".", "_"), origin=str(image), image_path=str(image), image_id=image_id, split=split)
     try:
-        lines = sentences_path.read_bytes().decode("utf-8").splitlines()
+        lines = read_input_file(sentences_path, MAX_TEXT_FILE_BYTES, "empty_caption").decode("utf-8").splitlines()
     except UnicodeDecodeError:
         record.error = ("bad_utf8", str(sentences_path))
         return record
-    except OSError as err:
-        record.error = ("empty_caption", f"{sentences_path}: {err.strerror}")
+    except BadSample as bad:
+        record.error = (bad.reason, bad.detail)
         return record
-    annotation = root / "Annotations" / f"{image_id}.xml"
     boxes: list[list[float]] = []
     entity_boxes: dict[str, list[int]] = {}
     if annotation.is_file():

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from data_tools.build import Source, require_dir
-from data_tools.records import Record
+from data_tools.errors import BadSample
+from data_tools.records import MAX_TEXT_FILE_BYTES, Record, read_input_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -47,11 +48,11 @@ def read_captions(path: Path | None) -> tuple[list[str], tuple[str, str] | None]
     if path is None:
         return [], None  # no caption file: rejected later as empty_caption
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_input_file(path, MAX_TEXT_FILE_BYTES, "empty_caption").decode("utf-8")
     except UnicodeDecodeError:
         return [], ("bad_utf8", str(path))
-    except OSError as err:
-        return [], ("empty_caption", f"{path}: {err.strerror}")
+    except BadSample as bad:
+        return [], (bad.reason, bad.detail)
     return [line.strip() for line in text.splitlines() if line.strip()], None
 
 

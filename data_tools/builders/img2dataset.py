@@ -7,22 +7,26 @@ manifest.parquet gives every sample's member offsets.
 The tars stay as they are, so nothing can be removed from them: a sample found bad while indexing
 is still counted in its shard (the loader's positions count every stored sample) and is listed in
 rejected.jsonl and the rejected counts; the loader skips it when it meets it. For the same reason
-identical images are not merged and --resize is refused.
+identical images are not merged and --resize is refused. A key that one tar holds twice is listed
+as `duplicate_key` for its second copy, which every reading path skips (data_tools.shard_reader).
+
+This module hands the driver the existing tars and `index_shard`, its shard step
+(`Source.existing`, `Source.make_shard`): the driver knows no format.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import tarfile
 from pathlib import Path
 from typing import Any
 
 from data_tools import images
-from data_tools.build import Options, ShardJob, Source, build as run_build, require_dir
-from data_tools.records import clean_captions
+from data_tools.build import ShardJob, Source, require_dir
 from data_tools.errors import BadSample, UserError
+from data_tools.records import clean_captions
 from data_tools.schema import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
+from data_tools.shard_reader import sample_members
 from data_tools.writer import file_sha256
 
 
@@ -35,24 +39,6 @@ def shard_location(tar: Path, out: Path) -> str:
     """Relative to the dataset folder when the tar lies inside it, else absolute."""
     tar, out = tar.resolve(), out.resolve()
     return os.path.relpath(tar, out) if out in tar.parents else str(tar)
-
-
-def group_members(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Samples as webdataset groups them: consecutive members sharing a key, in stored order."""
-    groups: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            directory, _, base = info.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            key = f"{directory}/{stem}" if directory else stem
-            if not groups or groups[-1][0] != key:
-                groups.append((key, {}))
-            groups[-1][1][ext] = (info.offset_data, info.size)
-    return groups
 
 
 def check_sample(read, members: dict[str, tuple[int, int]], max_pixels: int, split: str) -> dict[str, Any]:
@@ -97,7 +83,7 @@ def index_shard(job: ShardJob) -> dict[str, Any]:
             f.seek(span[0])
             return f.read(span[1])
 
-        for key, members in group_members(path):
+        for key, members in sample_members(path):
             fields = {"image_id": key, "num_captions": 0, "width": 0, "height": 0, "image_bytes": 0, "content_hash": "", "split": job.arguments["split"]}
             try:
                 if key in seen:
@@ -111,14 +97,12 @@ def index_shard(job: ShardJob) -> dict[str, Any]:
     return {"location": job.existing, "samples": len(rows), "size": os.path.getsize(path), "sha256": file_sha256(path), "rows": rows, "rejected": rejected}
 
 
-def build(args: argparse.Namespace, options: Options) -> int:
+def make_source(args: argparse.Namespace) -> Source:
     folder = require_dir(args.folder, "img2dataset")
-    if options.resize is not None or options.shard_samples is not None or options.shard_bytes is not None:
-        raise UserError("img2dataset: its tars are indexed as they are; --resize, --shard-samples and --shard-bytes do not apply")
     tars = sorted(folder.glob("*.tar"))
     if not tars:
         raise UserError(f"img2dataset {folder}: no .tar files in this folder")
-    out = Path(options.out)
+    out = Path(args.out)
     locations = [shard_location(t, out) for t in tars]
-    source = Source("img2dataset", {"folder": str(folder), "split": args.split}, lambda: [], dedup=False)
-    return run_build(source, options, existing_shards=locations)
+    arguments = {"folder": str(folder), "split": args.split}
+    return Source("img2dataset", arguments, lambda: [], dedup=False, existing=locations, make_shard=index_shard)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.build import Source, read_json_file, require_dir
-from data_tools.records import Record
-from data_tools.errors import UserError
+from data_tools.errors import BadSample, UserError
+from data_tools.records import Record, inside_folder
 
 SPLITS = ("train", "val", "test", "restval")
 
@@ -31,13 +31,15 @@ def parse_splits(text: str) -> tuple[str, ...]:
 
 
 def image_path(images: Path, entry: dict[str, Any]) -> Path:
-    """COCO entries carry `filepath` (train2014/val2014); Flickr ones only `filename`."""
+    """COCO entries carry `filepath` (train2014/val2014); Flickr ones only `filename`. BadSample
+    when the names lead outside the images folder (records.inside_folder)."""
     name = str(entry.get("filename"))
+    flat = inside_folder(images, name)
     if entry.get("filepath"):
-        nested = images / str(entry["filepath"]) / name
-        if nested.is_file() or not (images / name).is_file():
+        nested = inside_folder(images, f"{entry['filepath']}/{name}")
+        if nested.is_file() or not flat.is_file():
             return nested
-    return images / name
+    return flat
 
 
 def sentence_text(sentence: Any) -> Any:
@@ -67,12 +69,15 @@ def make_source(args: argparse.Namespace) -> Source:
             if entry.get("split") not in splits:
                 continue
             imgid = entry.get("imgid", n)
-            path = image_path(images, entry)
+            try:
+                path, error = str(image_path(images, entry)), None
+            except BadSample as bad:
+                path, error = None, (bad.reason, bad.detail)
             image_id = entry.get("cocoid", Path(str(entry.get("filename"))).stem)
             sentences = entry.get("sentences") if isinstance(entry.get("sentences"), list) else []
             yield Record(
                 key=f"{imgid:09d}" if isinstance(imgid, int) else str(imgid).replace(".", "_"),
-                origin=str(path), image_path=str(path), image_id=str(image_id), split=entry["split"],
+                origin=path or f"{args.json}: images[{n}]", image_path=path, image_id=str(image_id), split=entry["split"], error=error,
                 captions=[sentence_text(s) for s in sentences],
                 extra={"karpathy_dataset": dataset, "sentids": [s.get("sentid") for s in sentences if isinstance(s, dict)]},
             )

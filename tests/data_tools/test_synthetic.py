@@ -37,6 +37,31 @@ def phrase_referent(phrase: str, shapes: list[synthetic.Shape]) -> list[int]:
     ]
 
 
+def swap_kind(caption: str, negative: str) -> str | None:
+    """"relation" when the negative is the caption with its relation replaced by the converse,
+    "colour" when it is the caption with the two phrases' colours exchanged (the same multiset of
+    words, up to a/an), else None."""
+    rel = RELATION_RE.search(caption).group(1)
+    if negative == caption.replace(f" {rel} ", f" {synthetic.RELATIONS[rel]} ", 1):
+        return "relation"
+    words, other = ([w if w != "an" else "a" for w in t.split()] for t in (caption, negative))  # a/an follows the colour
+    changed = [(w, o) for w, o in zip(words, other) if w != o]
+    if (len(words) == len(other) and sorted(words) == sorted(other) and len(changed) == 2
+            and changed[0] == changed[1][::-1] and all(w in synthetic.COLOURS for w in changed[0])):
+        return "colour"
+    return None
+
+
+def test_swap_kind_tells_the_two_negatives_from_anything_else():
+    caption = "a small red circle left of a blue square"
+    assert swap_kind(caption, "a small red circle right of a blue square") == "relation"
+    assert swap_kind(caption, "a small blue circle left of a red square") == "colour"
+    assert swap_kind("an orange circle above a red square", "a red circle above an orange square") == "colour"
+    for other in (caption, "a small red square left of a blue circle", "a small red circle above a blue square",
+                  "a large red circle left of a blue square", "a blue square right of a small red circle"):
+        assert swap_kind(caption, other) is None, other
+
+
 @pytest.mark.parametrize("index", range(40))
 def test_scene_captions_true_negatives_false_and_boxes_exact(index):
     scene = synthetic.render_scene(seed=7, index=index, image_size=64)
@@ -60,7 +85,7 @@ def test_scene_captions_true_negatives_false_and_boxes_exact(index):
         a, b = (scene.boxes[link["boxes"][0]] for link in links)
         assert holds(rel, a, b), caption
         (neg_index, negative), = [n for n in scene.negatives if n[0] == ci]
-        assert negative != caption and sorted(negative.split()) != [] and len(negative.split()) == len(caption.split())
+        assert negative != caption and swap_kind(caption, negative) in ("relation", "colour"), (caption, negative)
         # the negative is false: its phrases name no shape, or the relation fails between them
         neg_rel = RELATION_RE.search(negative).group(1)
         head, tail = RELATION_RE.split(negative)[0], RELATION_RE.split(negative)[2]

@@ -1,4 +1,7 @@
-"""The `relalign` console script: `relalign data|pretrain|finetune ...` mirrors `python -m <package> ...`."""
+"""The `relalign` console script: `relalign data|pretrain|finetune ...` mirrors `python -m <package> ...`.
+
+It lives in finetune, the top package (finetune -> pretrain -> data_tools), because it reaches all
+three; nothing below may import upwards (tests/test_layers.py)."""
 from __future__ import annotations
 
 import importlib
