@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"finetune.init={args.init}"] if args.init else []) \
         + ([f"resume={args.resume}"] if args.resume else [])
     cfg, resume_path = prepare(load_finetune_config, args.config, overrides)
-    return run_training(cfg, resume_path, FinetuneTask)
+    return run_training(cfg, resume_path, FinetuneTask, prog="finetune")
 
 
 main.__module__ = "finetune.__main__"

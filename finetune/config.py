@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from data_tools.errors import UserError, check
-from pretrain.config import SECTION_BUILDERS, Config, check_environment, config_from_dict
+from pretrain.config import Config, check_environment, config_from_dict, register_section
 from pretrain.config_schema import apply_override, read_yaml
 
 RECIPES = ("hard_negative", "itc_itm")
@@ -67,7 +67,7 @@ def _build_section(value: Any, build: Any) -> FinetuneConfig | None:
     return None if value is None else build(FinetuneConfig, value, "finetune")
 
 
-SECTION_BUILDERS["finetune"] = _build_section
+register_section("finetune", _build_section, mutable=("init",))
 
 
 def load_finetune_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:

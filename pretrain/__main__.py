@@ -75,9 +75,9 @@ def prepare(load, config: str | None, overrides: list[str]):
     return cfg, check_resume(cfg)
 
 
-def run_training(cfg, resume_path, task_factory=None) -> int:
+def run_training(cfg, resume_path, task_factory=None, prog: str = "pretrain") -> int:
     """Start the process group, train `task_factory(cfg)` (default: pretraining), tear down and exit
-    the process with the run's code. Shared by `python -m pretrain` and `python -m finetune`."""
+    the process with the run's code. Shared by every training command (`prog` names it in errors)."""
     from pretrain import dist_env
 
     env = dist_env.detect()
@@ -97,7 +97,7 @@ def run_training(cfg, resume_path, task_factory=None) -> int:
         code = int(train(cfg, env, task_factory(cfg) if task_factory else None, resume_path))
     except UserError as err:
         code = int(err.exit_code)
-        print(f"{'finetune' if task_factory else 'pretrain'}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
     except RuntimeError as err:  # a collective failed: most likely a peer died
         if env.world_size > 1:
             watchdog.on_comm_error(err)  # exits with LOST_RANK naming the rank, or raises err again

@@ -6,8 +6,8 @@ sections that the components own, and checks what needs files or hardware.
 Sections and their owners: data (data_tools.loader), model (pretrain.model), iais (pretrain.iais),
 objectives (pretrain.objectives: one section per registered term), optimizer / schedule / zero
 (pretrain.engine), train / run (pretrain.train), eval (pretrain.evaluator), checkpoint
-(pretrain.checkpoint), metrics (pretrain.metrics), finetune (finetune.config, present only in
-finetuning runs). The machinery (types, overrides, messages) is pretrain.config_schema.
+(pretrain.checkpoint), metrics (pretrain.metrics), and sections registered by a higher layer
+(`register_section`: finetuning's). The machinery (types, overrides, messages): pretrain.config_schema.
 Everything is checked before any process group starts: a configuration mistake is one ConfigError
 naming the dotted field (exit code 2); a dataset folder whose dataset.json is missing or malformed
 is a data error (exit code 3).
@@ -34,10 +34,6 @@ from pretrain.metrics import MetricsConfig
 from pretrain.model import ModelConfig
 from pretrain.objectives import build_sections, import_plugins
 from pretrain.train import RunConfig, TrainConfig
-
-__all__ = ["Config", "RESUME_MUTABLE", "apply_override", "build", "to_dict", "config_from_dict", "load_config",
-           "check_environment", "save_config", "config_hash", "resume_differences", "check_resume"]
-
 
 @dataclasses.dataclass
 class Config:
@@ -68,22 +64,29 @@ class Config:
 RESUME_MUTABLE = (
     "data.paths", "data.workers", "data.batch_size", "data.weights", "data.tokenizer",
     "metrics", "run", "resume", "eval", "train.log_every", "train.lost_rank_timeout_s", "train.record_keys",
-    "train.grad_accumulation", "checkpoint", "zero.deepspeed_config", "finetune.init",
+    "train.grad_accumulation", "checkpoint", "zero.deepspeed_config",
 )
 """Fields that may differ between a checkpoint's config and the resuming run's (world size too).
 Any other difference is refused: the resumed run would not continue the same training."""
 
 SECTION_BUILDERS: dict[str, Any] = {}
-"""Top-level sections built by another owner (name -> function(tree, build) -> section), e.g. the
-finetuning section registered by `finetune.config`."""
+"""Top-level sections built by a higher layer (name -> function(tree, build) -> section), e.g. the
+finetuning section: `register_section` adds them, so this module never imports upwards."""
+EXTRA_MUTABLE: list[str] = []
+"""Dotted fields of registered sections that a resume may change (beside RESUME_MUTABLE)."""
+
+
+def register_section(name: str, builder: Any, mutable: Sequence[str] = ()) -> None:
+    """A top-level section owned by a higher layer; `mutable`: its fields a resume may change."""
+    SECTION_BUILDERS[name] = builder
+    EXTRA_MUTABLE.extend(f"{name}.{field}" for field in mutable if f"{name}.{field}" not in EXTRA_MUTABLE)
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """Validate a nested mapping into a Config (types, ranges, cross-field rules; no file checks)."""
     tree = dict(tree)
-    if "data" not in tree or "model" not in tree:
-        missing = "data" if "data" not in tree else "model"
-        raise ConfigError(missing, None, "a section (data and model are required)")
+    for required in ("data", "model"):
+        check(required, None, required in tree, "a section (data and model are required)")
     plugins = tree.get("plugins") or []
     check("plugins", plugins, isinstance(plugins, list) and all(isinstance(p, str) for p in plugins),
           "a list of module names")
@@ -195,19 +198,17 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def _strip(tree: dict[str, Any], dotted: str) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        node = node.get(key, {})
-        if not isinstance(node, dict):
-            return
-    node.pop(keys[-1], None)
+    *parents, last = dotted.split(".")
+    for key in parents:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    if isinstance(tree, dict):
+        tree.pop(last, None)
 
 
 def training_identity(cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    """The config without the fields a resume may change (RESUME_MUTABLE)."""
+    """The config without the fields a resume may change (RESUME_MUTABLE, EXTRA_MUTABLE)."""
     tree = json.loads(json.dumps(to_dict(cfg) if not isinstance(cfg, dict) else cfg))
-    for dotted in RESUME_MUTABLE:
+    for dotted in (*RESUME_MUTABLE, *EXTRA_MUTABLE):
         _strip(tree, dotted)
     return tree
 
