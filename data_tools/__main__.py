@@ -10,17 +10,9 @@ import importlib
 import sys
 from typing import Sequence
 
-from data_tools.errors import UserError, run_cli
+from data_tools.errors import OneLineParser, UserError, run_cli
 
 COMMANDS = ("build", "verify", "stats", "merge", "tokenizer", "stream")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are UserErrors: one `data_tools: error: ...` line and exit 2
-    (plain argparse prints the whole usage block first). --help still prints the usage."""
-
-    def error(self, message: str):
-        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def parse_size(text: str) -> int:

@@ -10,6 +10,7 @@ Bugs are ordinary exceptions and keep their traceback.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import enum
 import os
@@ -111,6 +112,14 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: one `<prog>: error: ...` line and exit 2 through
+    run_cli (plain argparse prints the whole usage block first). --help still prints the usage."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def is_local_leader() -> bool:

@@ -16,18 +16,12 @@ from typing import Sequence
 from data_tools.errors import ExitCode, UserError, is_local_leader, run_cli
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2 through run_cli
-        raise UserError(f"{self.prog}: {message}")
-
-
 def _train_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m finetune", allow_abbrev=False,
-                     description="Finetune for retrieval (the paper's hard-negative recipe with IAIS), or `evaluate`.")
-    parser.add_argument("--config", help="YAML preset with a finetune: section, e.g. configs/tiny.yaml")
+    from pretrain.__main__ import training_parser
+
+    parser = training_parser("python -m finetune",
+                             "Finetune for retrieval (the paper's hard-negative recipe with IAIS), or `evaluate`.")
     parser.add_argument("--init", help="pretraining run directory, checkpoint or export to start from (finetune.init)")
-    parser.add_argument("--resume", help="auto (newest complete checkpoint of this finetuning run) or a checkpoint path")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.hard=7 train.steps=100")
     return parser
 
 

@@ -15,17 +15,12 @@ import os
 import sys
 from typing import Sequence
 
-from data_tools.errors import ExitCode, UserError, is_local_leader, run_cli
+from data_tools.errors import ExitCode, OneLineParser, UserError, is_local_leader, run_cli
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2 through run_cli
-        raise UserError(f"{self.prog}: {message}")
-
-
-def _train_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pretrain", allow_abbrev=False,
-                     description="Pretrain a single-stream image-text encoder (see configs/).")
+def training_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments every training command takes: --config, --resume, dotted overrides."""
+    parser = OneLineParser(prog=prog, allow_abbrev=False, description=description)
     parser.add_argument("--config", help="YAML preset, e.g. configs/tiny.yaml")
     parser.add_argument("--resume", help="auto (newest complete checkpoint of the run, if any) or a checkpoint path")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optimizer.lr=1e-4")
@@ -33,7 +28,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pretrain export", allow_abbrev=False,
+    parser = OneLineParser(prog="python -m pretrain export", allow_abbrev=False,
                      description="Consolidated safetensors weights + model config + tokenizer of a run.")
     parser.add_argument("run", help="run folder, checkpoints folder or checkpoint tag folder")
     parser.add_argument("--out", required=True, help="output folder")
@@ -51,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = export_run(args.run, args.out)
         print(f"exported {path}")
         return ExitCode.OK
-    args = _train_parser().parse_args(argv)
+    args = training_parser("python -m pretrain", "Pretrain a single-stream image-text encoder (see configs/).").parse_args(argv)
     if args.config is None and not args.overrides:
         raise UserError("python -m pretrain: give --config FILE (e.g. configs/tiny.yaml) and/or overrides")
     from pretrain.config import load_config

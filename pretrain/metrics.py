@@ -19,6 +19,8 @@ Series (every one also carries `rank` and `run`):
     relalign_grad_norm                                global gradient norm before clipping
     relalign_loss_scale                               dynamic loss scale (fp16; 1 otherwise)
     relalign_iais_weight                              lambda * s(p), the IAIS weight in force
+    relalign_mining_seconds                           hard-negative mining time per micro-batch (finetuning)
+    relalign_mining_candidates_per_second             candidates scored per second while mining (finetuning)
     relalign_nonfinite_steps_total                    steps skipped for a non-finite loss (counter)
     relalign_last_step_timestamp_seconds              Unix time of the last logged step (stall alerts)
     relalign_bad_samples_total{reason}                bad samples skipped by the loader (counter)
@@ -71,6 +73,9 @@ STEP_GAUGES = {
     "grad_norm": ("relalign_grad_norm", "Global gradient norm before clipping."),
     "loss_scale": ("relalign_loss_scale", "Dynamic loss scale (fp16); 1 in bf16 and fp32."),
     "iais_weight": ("relalign_iais_weight", "IAIS weight lambda * s(p) in force at this step."),
+    "mining_seconds": ("relalign_mining_seconds", "Hard-negative mining time per micro-batch (finetuning)."),
+    "candidates_per_second": ("relalign_mining_candidates_per_second",
+                              "Candidates scored per second by hard-negative mining (finetuning)."),
 }
 
 
