@@ -62,7 +62,8 @@ def test_scrape_names_labels_and_values_that_move(tmp_path, port):
         assert value(first, "relalign_checkpoints_total", outcome="ok") == 1
         assert value(first, "relalign_checkpoint_last_success_timestamp_seconds") > 1.7e9
 
-        metrics.log_step(20, {**STEP, "loss/itc": 2.0, "samples": 160, "nonfinite_steps": 1})
+        metrics.log_step(20, {**STEP, "loss/itc": 2.0, "samples": 160, "nonfinite_steps": 1, "loss/hinge": 0.125,
+                              "mining_seconds": 0.5, "candidates_per_second": 1200.0})
         metrics.add_bad_samples({"decode_error": 5, "empty_caption": 1})  # cumulative: +3 and +1
         metrics.checkpoint_saved(3.0, ok=False)
         metrics.log_eval(20, {"loss/itm": 0.5, "recall/t2i@1": 0.25, "recall/i2t@10": 0.75, "isd/L": 0.2})
@@ -70,6 +71,9 @@ def test_scrape_names_labels_and_values_that_move(tmp_path, port):
         assert value(second, "relalign_steps_total") == 20
         assert value(second, "relalign_samples_total") == 160
         assert value(second, "relalign_loss", objective="itc") == 2.0
+        assert value(second, "relalign_loss", objective="hinge") == 0.125  # any loss/<name>, no list to edit
+        assert value(second, "relalign_mining_seconds") == 0.5
+        assert value(second, "relalign_mining_candidates_per_second") == 1200.0
         assert value(second, "relalign_nonfinite_steps_total") == 1
         assert value(second, "relalign_bad_samples_total", reason="decode_error") == 5
         assert value(second, "relalign_bad_samples_total", reason="empty_caption") == 1
