@@ -1,4 +1,7 @@
-"""`python -m finetune`: retrieval finetuning and evaluation (on the roadmap, not built yet)."""
+"""`python -m finetune`: retrieval evaluation (`evaluate`); finetuning itself is on the roadmap.
+
+    python -m finetune evaluate WEIGHTS --data DATASET [--mode full|rerank|embedding] [--k K] ...
+"""
 from __future__ import annotations
 
 import sys
@@ -8,6 +11,11 @@ from data_tools.errors import UserError, run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "evaluate":
+        from finetune.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     raise UserError("retrieval finetuning is not implemented yet (see the roadmap in README.md)")
 
 
