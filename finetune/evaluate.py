@@ -1,0 +1,315 @@
+"""`python -m finetune evaluate WEIGHTS --data DATASET ...`: retrieval recall, relation sensitivity,
+ISD/ISDa and attention plots of a model, written to `<out>/report.json`, `report.md` and PNGs.
+
+WEIGHTS is a run directory (its newest complete checkpoint), a checkpoint folder, or an export
+folder (`python -m pretrain export`). The default output is `<run>/eval/<name>` for a run
+directory; otherwise `--out` is required. Everything is checked (weights against their config,
+dataset, pairs files, images, k) before any scoring, and the report is written by rank 0 only,
+each file atomically, so a failed evaluation leaves nothing half-written.
+
+Under torchrun (or any launcher setting RANK/WORLD_SIZE) the process group is started with gloo
+and pair scoring is split across ranks (`scoring.PairScorer`); the result equals one process's.
+
+`evaluate_model(model, tokenizer, dataset, ...)` is the same evaluation as a function, for the
+training loop: it returns flat metrics ("recall/i2t@1" ... "recall/t2i@10" in 0..1, "recall/mean",
+"relation/<kind>", "isd/L", "isd/V", "isda").
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from data_tools.errors import ExitCode, UserError
+
+from . import isd_eval, plots, recall, relation, report, scoring
+from .eval_data import EvalSet, read_eval_set
+
+DEFAULT_K = 16
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    run_dir: Path | None
+    max_text_len: int | None  # the training run's data.max_text_len, where known
+    source: str
+
+
+def _load_state(model, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Strict load; a mismatch is one line naming the first offending tensors (exit 2)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
+        raise UserError(f"{where}: weights do not match the model config: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state, strict=True)
+
+
+def load_weights(path: str | Path) -> Loaded:
+    """A run directory, checkpoint folder or export folder -> model (eval mode) and tokenizer."""
+    from data_tools.collate import load_tokenizer
+    from pretrain.export import MODEL_CONFIG, TOKENIZER, WEIGHTS, consolidated_state_dict
+    from pretrain.model import ModelConfig, RelAlignModel
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"WEIGHTS {path}: no such file or folder (a run directory, a checkpoint or an export)")
+    if (path / WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        if not (path / MODEL_CONFIG).is_file():
+            raise UserError(f"{path}: an export needs {MODEL_CONFIG} beside {WEIGHTS}")
+        try:
+            values = json.loads((path / MODEL_CONFIG).read_text())
+            config = ModelConfig(**values)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise UserError(f"{path / MODEL_CONFIG}: not a model config ({err})".splitlines()[0]) from None
+        model = RelAlignModel(config)
+        _load_state(model, load_file(str(path / WEIGHTS)), path / WEIGHTS)
+        tokenizer = load_tokenizer(path / TOKENIZER) if (path / TOKENIZER).is_dir() else None
+        return Loaded(model.eval(), tokenizer, None, None, str(path))
+
+    from pretrain.checkpoint import read_client_state, resolve_resume
+    from pretrain.config import build
+
+    checkpoint = resolve_resume(str(path), path)  # UserError when it is neither a run nor a checkpoint
+    run_dir = path if (path / "checkpoints").is_dir() else None
+    client = read_client_state(checkpoint)
+    state = consolidated_state_dict(checkpoint)
+    embedding = state.get("embeddings.word_embeddings.weight")
+    if embedding is None:
+        raise UserError(f"{checkpoint}: no embeddings.word_embeddings.weight; not a RelAlignModel checkpoint")
+    config = dataclasses.replace(build(ModelConfig, dict(client["config"]["model"]), "model"),
+                                 vocab_size=int(embedding.shape[0]))
+    model = RelAlignModel(config)
+    _load_state(model, state, checkpoint)
+    tokenizer = load_tokenizer(checkpoint / TOKENIZER) if (checkpoint / TOKENIZER).is_dir() else None
+    max_text_len = (client["config"].get("data") or {}).get("max_text_len")
+    return Loaded(model.eval(), tokenizer, run_dir, max_text_len, str(checkpoint))
+
+
+@dataclasses.dataclass
+class Options:
+    """What one evaluation measures (the command line's flags; `evaluate_model`'s keywords)."""
+
+    mode: str = "full"
+    k: int = DEFAULT_K
+    score: str = "logit"
+    batch_size: int = 128
+    layers: list[int] | None = None  # None: the last layer
+    iais_mode: str = "singular"
+    normalization: str = "softmax"
+    plots: int = 4
+    folds: int | None = None  # None: 5 when the gallery has 5,000 images (COCO 5K -> 1K), else none
+    max_text_len: int | None = None
+    progress: bool = False
+
+    def check(self, num_layers: int) -> None:
+        if self.mode not in scoring.MODES:
+            raise UserError(f"--mode {self.mode}: expected one of {' | '.join(scoring.MODES)}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
+            raise UserError(f"--k {self.k}: expected an integer >= 1 (candidates re-ranked by ITM per query)")
+        if self.score not in scoring.SCORES:
+            raise UserError(f"--score {self.score}: expected one of {' | '.join(scoring.SCORES)}")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size {self.batch_size}: expected an integer >= 1")
+        if self.plots < 0:
+            raise UserError(f"--plots {self.plots}: expected an integer >= 0")
+        if self.folds is not None and self.folds <= 0:
+            raise UserError(f"--folds {self.folds}: expected an integer >= 1")
+        try:
+            isd_eval.resolve_layers(self.layers, num_layers)
+        except ValueError as err:
+            raise UserError(f"--layers {self.layers}: {err} (the model has {num_layers} layers)") from None
+
+
+def _visual_input(model) -> tuple[str, int]:
+    config = model.config
+    return ("features" if config.visual_embedder == "features" else "pixels"), config.image_size
+
+
+def run_evaluation(model, tokenizer, eval_set: EvalSet, options: Options,
+                   pair_images: list[dict] | None = None, pair_triples: list | None = None) -> tuple[dict, dict]:
+    """The whole evaluation on every rank -> (report dict, {plot name: PNG bytes}).
+
+    The model is put in eval mode for the duration and its training mode and IAIS layers restored.
+    """
+    model = scoring.unwrap(model)
+    options.check(model.config.num_layers)
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary {model.config.vocab_size}: "
+                        f"not the tokenizer these weights were trained with")
+    visual, image_size = _visual_input(model)
+    max_text_len = min(options.max_text_len or model.config.max_text_len, model.config.max_text_len)
+    layers = isd_eval.resolve_layers(options.layers, model.config.num_layers)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        gallery = scoring.score_gallery(model, eval_set, tokenizer, mode=options.mode, k=options.k,
+                                        batch_size=options.batch_size, max_text_len=max_text_len, visual=visual,
+                                        image_size=image_size, score=options.score, progress=options.progress)
+        result = recall.recall(gallery.scores_i2t, eval_set.caption_image, gallery.scores_t2i)
+        images = len(eval_set.images)
+        folds = options.folds or (5 if images == 5000 else None)
+        folded = recall.fold_average(gallery.scores_i2t, eval_set.caption_image, gallery.scores_t2i, folds) \
+            if folds and folds > 1 and images % folds == 0 else None
+        kw = dict(max_text_len=max_text_len, visual=visual, image_size=image_size, batch_size=options.batch_size,
+                  score=options.score)
+        relations = {"dataset": relation.relation_sensitivity(model, eval_set.images, eval_set.triples, tokenizer, **kw)}
+        if pair_triples is not None:
+            relations["pairs"] = relation.relation_sensitivity(model, pair_images, pair_triples, tokenizer, **kw)
+        isd = isd_eval.measure(model, eval_set, tokenizer, layers=layers, max_text_len=max_text_len, visual=visual,
+                               image_size=image_size, batch_size=min(options.batch_size, 64), mode=options.iais_mode,
+                               normalization=options.normalization)
+        figures = {}
+        if options.plots and scoring.rank_and_world()[0] == 0:
+            figures = plots.attention_plots(model, eval_set, tokenizer, count=options.plots, layer=layers[-1],
+                                            max_text_len=max_text_len, visual=visual, image_size=image_size,
+                                            mode=options.iais_mode, normalization=options.normalization)
+    finally:
+        model.train(was_training)
+    wall = time.perf_counter() - start
+    relation_forwards = sum(r["pair_forwards"] for r in relations.values())
+    report_dict = {
+        "mode": options.mode, "k": options.k, "score": options.score, "images": images,
+        "captions": len(eval_set.captions), "bad_samples": eval_set.bad_samples,
+        "recall": result, "folds": folds if folded else None, "recall_folds": folded,
+        "relation": {name: {"itm": r["itm"], "embedding": r["embedding"]} for name, r in relations.items()},
+        "isd": {**isd, "layers": {str(k): v for k, v in isd["layers"].items()}},
+        "cost": {"pair_forwards": gallery.pair_forwards, "relation_pair_forwards": relation_forwards,
+                 "pair_seconds": gallery.pair_seconds,
+                 "pairs_per_second": gallery.pair_forwards / gallery.pair_seconds if gallery.pair_seconds else 0.0,
+                 "scoring_seconds": gallery.seconds, "wall_seconds": wall,
+                 "world_size": scoring.rank_and_world()[1]},
+        "plots": sorted(figures),
+    }
+    return report_dict, figures
+
+
+def flat_metrics(report_dict: dict[str, Any]) -> dict[str, float]:
+    """The report's headline numbers under metric names (recalls and shares in 0..1)."""
+    out = {f"recall/{key}": value for key, value in report_dict["recall"].items() if key != "rsum"}
+    out["recall/rsum"] = report_dict["recall"]["rsum"]
+    for source, result in report_dict["relation"].items():
+        prefix = "relation" if source == "dataset" else f"relation_{source}"
+        for kind, values in result["itm"].items():
+            out[f"{prefix}/{kind}"] = values["accuracy"]
+        for kind, values in result["embedding"].items():
+            out[f"{prefix}_embedding/{kind}"] = values["accuracy"]
+    isd = report_dict["isd"]
+    out["isd/L"], out["isd/V"] = isd["L"], isd["V"]
+    if isd["isda"] is not None:
+        out["isda"] = isd["isda"]
+    out["eval/pair_forwards"] = float(report_dict["cost"]["pair_forwards"])
+    out["eval/seconds"] = report_dict["cost"]["wall_seconds"]
+    return out
+
+
+def evaluate_model(model, tokenizer, dataset: str | Path | EvalSet, **options: Any) -> dict[str, float]:
+    """Evaluate `model` on `dataset` (a folder or an EvalSet); flat metrics (see `flat_metrics`).
+
+    Keywords are `Options` fields (mode, k, score, batch_size, layers, plots=0 by default here, ...);
+    `out_dir` additionally writes the report there (rank 0).
+    """
+    out_dir = options.pop("out_dir", None)
+    options.setdefault("plots", 0)
+    opts = Options(**options)
+    inner = scoring.unwrap(model)
+    if not isinstance(dataset, EvalSet):
+        visual, image_size = _visual_input(inner)
+        dataset = read_eval_set(dataset, image_size=image_size, visual=visual)
+    report_dict, figures = run_evaluation(inner, tokenizer, dataset, opts)
+    if out_dir is not None and scoring.rank_and_world()[0] == 0:
+        report_dict.update(name=Path(out_dir).name, weights="(in memory)", data=dataset.name)
+        report.write_report(out_dir, report_dict, figures)
+    return flat_metrics(report_dict)
+
+
+# --- command line ----------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m finetune evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", help="run directory, checkpoint folder or export folder")
+    p.add_argument("--data", required=True, help="dataset folder (dataset.json, shards) to evaluate on")
+    p.add_argument("--mode", default="full", help="full (ITM of every pair, default) | rerank | embedding")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="rerank: candidates per query re-scored by ITM")
+    p.add_argument("--score", default="logit", help="ITM score: logit (log-odds, default) | prob (softmax p(matched))")
+    p.add_argument("--pairs", nargs="+", default=None, metavar="FILE", help="SugarCrepe-format files (stem = kind)")
+    p.add_argument("--images", default=None, help="folder of the images the --pairs files name")
+    p.add_argument("--out", default=None, help="report folder (default for a run directory: <run>/eval/<name>)")
+    p.add_argument("--name", default=None, help="report name (default: <dataset folder>-<mode>)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers for ISD/ISDa (default: the last, -1)")
+    p.add_argument("--iais-mode", default="singular", choices=("singular", "distributed"),
+                   help="alignment of the pseudo matrices for ISD and plots")
+    p.add_argument("--batch-size", type=int, default=128, help="pairs per ITM forward")
+    p.add_argument("--plots", type=int, default=4, help="pairs to plot (0: none)")
+    p.add_argument("--folds", type=int, default=None, help="also average recall over N image folds (COCO 1K: 5)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def _init_distributed() -> None:
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # env:// from the launcher; pair scores are gathered on CPU
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    options = Options(mode=args.mode, k=args.k, score=args.score, batch_size=args.batch_size, layers=args.layers,
+                      iais_mode=args.iais_mode, plots=args.plots, folds=args.folds, progress=not args.no_progress)
+    if args.pairs and not args.images:
+        raise UserError("--pairs needs --images DIR (the folder of the images the files name)")
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit {args.limit}: expected an integer >= 1")
+    loaded = load_weights(args.weights)
+    model = loaded.model
+    options.max_text_len = loaded.max_text_len
+    options.check(model.config.num_layers)
+    name = args.name or f"{Path(args.data).name}-{args.mode}" + (f"-k{args.k}" if args.mode == "rerank" else "")
+    if args.out:
+        out_dir = Path(args.out)
+    elif loaded.run_dir is not None:
+        out_dir = loaded.run_dir / "eval" / name
+    else:
+        raise UserError(f"--out is required when WEIGHTS ({args.weights}) is not a run directory")
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        from data_tools.collate import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(args.data) / "tokenizer")
+    visual, image_size = _visual_input(model)
+    pair_images = pair_triples = None
+    if args.pairs:
+        if visual != "pixels":
+            raise UserError("--pairs needs a model that reads pixels (model.visual_embedder patch or grid)")
+        paths, pair_triples = relation.load_sugarcrepe(args.pairs, args.images)
+        pair_images = relation.load_images(paths, image_size)
+    eval_set = read_eval_set(args.data, image_size=image_size, visual=visual, limit=args.limit)
+    _init_distributed()
+    report_dict, figures = run_evaluation(model, tokenizer, eval_set, options, pair_images, pair_triples)
+    report_dict = {"name": name, "weights": loaded.source, "data": str(args.data), **report_dict}
+    if scoring.rank_and_world()[0] == 0:
+        report.write_report(out_dir, report_dict, figures)
+        r = report_dict["recall"]
+        print(f"evaluate: {name}: R@1 text {100 * r['i2t@1']:.2f} image {100 * r['t2i@1']:.2f}, rsum "
+              f"{r['rsum']:.2f}; {report_dict['cost']['pair_forwards']} pair forwards in "
+              f"{report_dict['cost']['wall_seconds']:.1f} s -> {out_dir}", file=sys.stderr)
+    return int(ExitCode.OK)
