@@ -11,7 +11,6 @@ the random_n step as the baseline of the ratio.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -37,7 +36,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    from data_tools.loader import Loader
     from finetune.config import load_finetune_config
     from finetune.task import FinetuneTask
     from pretrain.objectives import Progress

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from data_tools.errors import ExitCode, UserError, is_local_leader, run_cli
+from data_tools.errors import UserError, is_local_leader, run_cli
 
 
 def _train_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np

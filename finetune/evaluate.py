@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
-from data_tools.errors import ExitCode, UserError
+from data_tools.errors import ExitCode, OneLineParser, UserError
 
 from . import isd_eval, plots, recall, relation, report, scoring
 from .eval_data import EvalSet, read_eval_set
@@ -44,62 +42,24 @@ class Loaded:
     source: str
 
 
-def _load_state(model, state: dict[str, torch.Tensor], where: Path) -> None:
-    """Strict load; a mismatch is one line naming the first offending tensors (exit 2)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-                 f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
-        raise UserError(f"{where}: weights do not match the model config: " + "; ".join(p for p in parts if p))
-    model.load_state_dict(state, strict=True)
-
-
 def load_weights(path: str | Path) -> Loaded:
     """A run directory, checkpoint folder or export folder -> model (eval mode) and tokenizer."""
     from data_tools.collate import load_tokenizer
-    from pretrain.export import MODEL_CONFIG, TOKENIZER, WEIGHTS, consolidated_state_dict
-    from pretrain.model import ModelConfig, RelAlignModel
+    from finetune.weights import resolve_weights
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"WEIGHTS {path}: no such file or folder (a run directory, a checkpoint or an export)")
-    if (path / WEIGHTS).is_file():
-        from safetensors.torch import load_file
-
-        if not (path / MODEL_CONFIG).is_file():
-            raise UserError(f"{path}: an export needs {MODEL_CONFIG} beside {WEIGHTS}")
-        try:
-            values = json.loads((path / MODEL_CONFIG).read_text())
-            config = ModelConfig(**values)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise UserError(f"{path / MODEL_CONFIG}: not a model config ({err})".splitlines()[0]) from None
-        model = RelAlignModel(config)
-        _load_state(model, load_file(str(path / WEIGHTS)), path / WEIGHTS)
-        tokenizer = load_tokenizer(path / TOKENIZER) if (path / TOKENIZER).is_dir() else None
-        return Loaded(model.eval(), tokenizer, None, None, str(path))
-
-    from pretrain.checkpoint import read_client_state, resolve_resume
-    from pretrain.config import build
-
-    checkpoint = resolve_resume(str(path), path)  # UserError when it is neither a run nor a checkpoint
+    source = resolve_weights(path)
+    model = source.build_model()
+    tokenizer = load_tokenizer(source.tokenizer_folder) if source.tokenizer_folder is not None else None
     run_dir = path if (path / "checkpoints").is_dir() else None
-    client = read_client_state(checkpoint)
-    state = consolidated_state_dict(checkpoint)
-    embedding = state.get("embeddings.word_embeddings.weight")
-    if embedding is None:
-        raise UserError(f"{checkpoint}: no embeddings.word_embeddings.weight; not a RelAlignModel checkpoint")
-    config = dataclasses.replace(build(ModelConfig, dict(client["config"]["model"]), "model"),
-                                 vocab_size=int(embedding.shape[0]))
-    model = RelAlignModel(config)
-    _load_state(model, state, checkpoint)
-    tokenizer = load_tokenizer(checkpoint / TOKENIZER) if (checkpoint / TOKENIZER).is_dir() else None
-    max_text_len = (client["config"].get("data") or {}).get("max_text_len")
-    return Loaded(model.eval(), tokenizer, run_dir, max_text_len, str(checkpoint))
+    max_text_len = None
+    if source.kind == "checkpoint":
+        from pretrain.checkpoint import read_client_state
+
+        max_text_len = (read_client_state(source.path)["config"].get("data") or {}).get("max_text_len")
+    return Loaded(model, tokenizer, run_dir, max_text_len, str(source.path))
 
 
 @dataclasses.dataclass
@@ -242,8 +202,8 @@ def evaluate_model(model, tokenizer, dataset: str | Path | EvalSet, **options: A
 
 # --- command line ----------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m finetune evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m finetune evaluate", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", help="run directory, checkpoint folder or export folder")
     p.add_argument("--data", required=True, help="dataset folder (dataset.json, shards) to evaluate on")
     p.add_argument("--mode", default="full", help="full (ITM of every pair, default) | rerank | embedding")

@@ -27,10 +27,10 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from data_tools.collate import TextEncoder
+from pretrain.distributed import gather_uneven, world_info
 
 from .eval_data import EvalSet, collate_samples
 
@@ -55,9 +55,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return world_info()
 
 
 @dataclasses.dataclass
@@ -171,23 +169,10 @@ class PairScorer:
                 bar.update(max(0, min(b, pairs - index * b)))
         if bar is not None:
             bar.close()
-        scores = self._gather(mine, batches, world) if world > 1 else mine  # [batches * b]
+        scores = gather_uneven(mine)  # [batches * b], every rank's slice in rank order
         self.pair_forwards += pairs
         self.seconds += time.perf_counter() - start
         return scores[:pairs].cpu()
-
-    @staticmethod
-    def _gather(mine: Tensor, batches: int, world: int) -> Tensor:
-        """Every rank's slice concatenated in rank order (slices differ in length by one batch at most)."""
-        length = torch.tensor([mine.shape[0]], device=mine.device)
-        lengths = [torch.zeros_like(length) for _ in range(world)]
-        dist.all_gather(lengths, length)
-        longest = max(int(n) for n in lengths)
-        buffer = torch.zeros(longest, dtype=mine.dtype, device=mine.device)
-        buffer[:mine.shape[0]] = mine
-        parts = [torch.zeros_like(buffer) for _ in range(world)]
-        dist.all_gather(parts, buffer)
-        return torch.cat([part[:int(n)] for part, n in zip(parts, lengths)])
 
 
 def full_scores(scorer: PairScorer, images: int, captions: int) -> Tensor:

@@ -6,6 +6,7 @@ evaluation need, each the identity on one process (no caller checks `is_initiali
     parts = all_gather_object(cursor)                        # one entry per rank, rank order
     value = broadcast_object(value_on_rank0)                 # rank 0's value everywhere
     features = gather_with_grad(local)                       # [world * B, ...], gradient flows back
+    scores = gather_uneven(mine)                             # rank order, row counts may differ
     barrier()
 
 Why gather_with_grad is hand-written: gloo has no reduce-scatter, and torch.distributed.nn's
@@ -103,9 +104,18 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's [n_r, ...] rows in rank order when the row counts differ (evaluation
-    galleries); detached, through all_gather_object (small tensors, CPU)."""
+    scores split by batches); detached. Two all-gathers: the lengths, then padded rows."""
     if not is_distributed():
         return tensor
-    return torch.cat([t for t in all_gather_object(tensor.detach().cpu())])
+    world = dist.get_world_size()
+    length = torch.tensor([tensor.shape[0]], device=tensor.device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    longest = max(int(n) for n in lengths)
+    buffer = tensor.new_zeros((longest, *tensor.shape[1:]))
+    buffer[:tensor.shape[0]] = tensor
+    parts = [torch.zeros_like(buffer) for _ in range(world)]
+    dist.all_gather(parts, buffer.contiguous())
+    return torch.cat([part[:int(n)] for part, n in zip(parts, lengths)])

@@ -103,5 +103,5 @@ def test_pairs_naming_a_missing_image(exported, synthetic, sugarcrepe, tmp_path,
     assert not (tmp_path / "o").exists()
 
 
-def test_other_finetune_invocations_are_not_implemented(capsys):
-    _fails([], capsys, 2, "not implemented")
+def test_finetune_without_a_config_is_one_line(capsys):
+    _fails([], capsys, 2, "--config")
