@@ -85,7 +85,7 @@ class RetrievalEvaluator:
         try:
             with _gathered(engine):
                 results = evaluate_model(model.eval(), self.tokenizer, paths[0], mode=self.cfg.finetune.eval_mode,
-                                         k=self.cfg.finetune.eval_k, data=self.cfg.data)
+                                         k=self.cfg.finetune.eval_k, max_text_len=self.cfg.data.max_text_len)
         finally:
             torch.set_rng_state(rng)
             model.train(was_training)

@@ -30,6 +30,8 @@ Series (every one also carries `rank` and `run`):
     relalign_eval_loss{objective}                     held-out losses
     relalign_eval_recall_ratio{direction,k}           retrieval recall R@k, t2i|i2t, k 1|5|10 (0..1)
     relalign_isd{direction,phase}                     IAIS symmetric KL, direction L|V, phase train|eval
+    relalign_eval_relation_accuracy_ratio{kind}       relation sensitivity: true caption scored above its negative
+    relalign_eval_isda                                ISDa over the annotated evaluation pairs
 
 Why a registry per logger and not prometheus_client's global one: several loggers can live in one
 process (tests, finetuning after pretraining) without "duplicated timeseries" errors.
@@ -148,6 +150,9 @@ class _Series:
         self.eval_loss = gauge("relalign_eval_loss", "Held-out loss by objective.", "objective")
         self.recall = gauge("relalign_eval_recall_ratio", "Retrieval recall R@k (0..1).", "direction", "k")
         self.isd = gauge("relalign_isd", "IAIS symmetric KL (ISD) by direction.", "direction", "phase")
+        self.relation = gauge("relalign_eval_relation_accuracy_ratio",
+                              "Share of (image, caption, negative) triples scored right, by negative kind.", "kind")
+        self.isda = gauge("relalign_eval_isda", "ISDa: phrase-level relation disagreement on annotated pairs.")
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -287,6 +292,10 @@ class MetricsLogger:
                         s.recall.labels(direction=direction, k=k, **labels).set(value)
                 elif key.startswith("isd/") and key[4:] in ISD_DIRECTIONS:
                     s.isd.labels(direction=key[4:], phase="eval", **labels).set(value)
+                elif key.startswith("relation/") and value is not None:
+                    s.relation.labels(kind=key[9:], **labels).set(value)
+                elif key == "isda" and value is not None:
+                    s.isda.labels(**labels).set(value)
         self._write({"kind": "eval", "step": step, "time": round(time.time(), 3), **values})
 
     def add_bad_samples(self, counts: dict[str, int]) -> None:

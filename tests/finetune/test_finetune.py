@@ -13,6 +13,7 @@ import torch
 
 from data_tools.errors import ExitCode
 from finetune.candidates import draw_candidates, hardest
+from pretrain.metrics import read_jsonl
 from tests.conftest import free_port
 from tests.pretrain.runs import (PYTHON, REPO, RUN_TIMEOUT_S, TINY, assert_same_weights, build_synthetic, env_for,
                                  kill_all, latest_tag, logs_text, model_state, run_ranks, start_ranks, train_records,
@@ -101,11 +102,18 @@ def test_itc_itm_recipe_trains_itc_and_itm_only(pretrained, tmp_path: Path) -> N
     data, init = pretrained
     run = tmp_path / "run"
     proc = subprocess.run([PYTHON, "-m", "finetune", *_args(data, init, run, "finetune.recipe=itc_itm", "zero.stage=0",
-                                                             "train.steps=2")],
+                                                             "train.steps=2", "eval.every_steps=2",
+                                                             f"eval.paths=[{data}]", "finetune.eval_mode=rerank",
+                                                             "finetune.eval_k=4")],
                           cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = train_records(run)[2]
     assert {"loss/itc", "loss/itm", "loss/iais"} <= set(record) and "loss/mlm" not in record and "loss/hinge" not in record
+    evals = read_jsonl(run, "eval")  # the retrieval evaluator of the finetuning task, at the last step
+    assert [e["step"] for e in evals] == [2]
+    assert all(0.0 <= evals[0][f"recall/{d}@{k}"] <= 1.0 for d in ("t2i", "i2t") for k in (1, 5, 10))
+    assert evals[0]["recall/t2i@10"] >= evals[0]["recall/t2i@1"]
+    assert any(k.startswith("relation/") for k in evals[0])  # relation sensitivity from the samples' negatives
 
 
 def test_weights_of_another_model_are_one_line_exit_2(pretrained, tmp_path: Path) -> None:

@@ -66,7 +66,8 @@ def test_scrape_names_labels_and_values_that_move(tmp_path, port):
                               "mining_seconds": 0.5, "candidates_per_second": 1200.0})
         metrics.add_bad_samples({"decode_error": 5, "empty_caption": 1})  # cumulative: +3 and +1
         metrics.checkpoint_saved(3.0, ok=False)
-        metrics.log_eval(20, {"loss/itm": 0.5, "recall/t2i@1": 0.25, "recall/i2t@10": 0.75, "isd/L": 0.2})
+        metrics.log_eval(20, {"loss/itm": 0.5, "recall/t2i@1": 0.25, "recall/i2t@10": 0.75, "isd/L": 0.2,
+                              "relation/relation": 0.625, "isda": 0.3})
         second = scrape(metrics.url)
         assert value(second, "relalign_steps_total") == 20
         assert value(second, "relalign_samples_total") == 160
@@ -83,6 +84,8 @@ def test_scrape_names_labels_and_values_that_move(tmp_path, port):
         assert value(second, "relalign_eval_recall_ratio", direction="t2i", k="1") == 0.25
         assert value(second, "relalign_eval_recall_ratio", direction="i2t", k="10") == 0.75
         assert value(second, "relalign_isd", direction="L", phase="eval") == 0.2
+        assert value(second, "relalign_eval_relation_accuracy_ratio", kind="relation") == 0.625
+        assert value(second, "relalign_eval_isda") == 0.3
         names = {name for name, _ in second}
         assert all(n.startswith("relalign_") for n in names)
         assert {l for _, labels in second for l, _ in labels} >= {"rank", "run"}
