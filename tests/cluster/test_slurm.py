@@ -186,3 +186,42 @@ def test_dry_run_prints_the_command_and_submits_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "python -m pretrain --config configs/tiny.yaml --resume auto run.dir=runs/x" in proc.stdout
     assert proc.stdout.rstrip().endswith("train.steps=3") and not (tmp_path / "logs").exists()
+
+
+def test_build_shards_array_then_merge_after_ok_equals_one_build(slurm, tmp_path):
+    from tests.data_tools.test_merge_resume import same_dataset
+
+    out, args = tmp_path / "parts", "--samples 24 --shard-samples 4 --seed 3"
+    env = job_env(FORMAT="synthetic", ARGS=args, OUT=str(out), SLURM_CONF=str(slurm.conf))
+    proc = slurm.run("sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--chdir={tmp_path}",
+                     f"--output={tmp_path}/shards-%A_%a.out", str(SHARDS_TEMPLATE), env=env)
+    array_id = proc.stdout.strip().split(";")[0]
+    for task in (0, 1):
+        assert wait_job(slurm, f"{array_id}_{task}") == "COMPLETED", job_output(tmp_path, f"{array_id}_{task}")
+    first = (tmp_path / f"shards-{array_id}_0.out").read_text()
+    merge_id = first.split("Submitted batch job ")[1].split()[0]
+    assert wait_job(slurm, merge_id) == "COMPLETED", (tmp_path / "logs").iterdir()
+    assert slurm.job_field(merge_id, "JobName") == "relalign-shards-merge"
+    # the merge started only after both parts ended (afterok on the whole array)
+    ends = [slurm.job_field(f"{array_id}_{t}", "EndTime") for t in (0, 1)]
+    assert slurm.job_field(merge_id, "StartTime") >= max(ends)
+    verify = subprocess.run([sys.executable, "-m", "data_tools", "verify", str(out)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "data_tools", "build", "synthetic", *args.split(), "--out", str(one)],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    same_dataset(one, out)
+
+
+def test_build_shards_dry_run_prints_the_merge_and_the_build(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "FORMAT": "synthetic", "OUT": "data/x", "ARGS": "--samples 8",
+           "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "41"}
+    proc = subprocess.run(["bash", str(SHARDS_TEMPLATE)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    merge, build = proc.stdout.splitlines()
+    assert merge.startswith("sbatch --dependency=afterok:41 --job-name=relalign-shards-merge")
+    assert build.strip() == ("srun python -m data_tools build synthetic --samples 8 --out data/x --workers 1 "
+                             "--num-parts 2 --part 0")
+    assert not (tmp_path / "logs").exists()
