@@ -42,3 +42,17 @@ def slurm() -> SlurmCluster:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def sshd():
+    """An sshd on 127.0.0.2 and 127.0.0.3 (port 2222) accepting a throwaway key; see sshd_server.py."""
+    from tests.cluster.sshd_server import SshServer
+
+    require_root("an sshd for the deepspeed launcher's pdsh runner")
+    require_programs("sshd", "ssh", "ssh-keygen", "pdsh")
+    server = SshServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
