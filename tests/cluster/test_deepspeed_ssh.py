@@ -33,10 +33,9 @@ def test_deepspeed_launcher_trains_on_two_hosts_over_ssh(sshd, tmp_path):
                       f"TORCH_EXTENSIONS_DIR={os.environ['TORCH_EXTENSIONS_DIR']}\n")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
-    env.update(DS_ENV_FILE=str(ds_env), PYTHONUNBUFFERED="1",
-               PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    env.update(DS_ENV_FILE=str(ds_env), PYTHONUNBUFFERED="1")
     run_dir = tmp_path / "run"
-    cmd = ["deepspeed", "--hostfile", str(hostfile), "--ssh_port", str(sshd.port), "--master_addr", HOSTS[0],
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--ssh_port", str(sshd.port), "--master_addr", HOSTS[0],
            "--master_port", str(free_port()), "--module", "pretrain", "--config", "configs/tiny.yaml",
            f"data.paths=[{data}]", f"run.dir={run_dir}", f"data.batch_size={BATCH}", f"train.steps={STEPS}",
            "train.log_every=5", "metrics.enabled=false", "train.lost_rank_timeout_s=120"]

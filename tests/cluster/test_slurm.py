@@ -37,11 +37,13 @@ SMALL = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-ta
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    """The submitting environment (sbatch exports it to the job): this venv first on PATH, CPU, 1 thread."""
+    """The submitting environment (sbatch exports it to the job): CPU, 1 thread, PYTHON = this interpreter.
+
+    PATH stays as the other tests have it: the venv's pip `ninja` differs from the system's, and
+    DeepSpeed's JIT-built CPU comm op is rebuilt (minutes) each time the ninja version changes."""
     env = env_for()
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", PYTHON=sys.executable, CONFIG="configs/tiny.yaml",
-               PYTHONPATH=str(REPO))
+    env.update(PYTHON=sys.executable, CONFIG="configs/tiny.yaml", PYTHONPATH=str(REPO))
     env.update(extra)
     return env
 
@@ -225,3 +227,40 @@ def test_build_shards_dry_run_prints_the_merge_and_the_build(tmp_path):
     assert build.strip() == ("srun python -m data_tools build synthetic --samples 8 --out data/x --workers 1 "
                              "--num-parts 2 --part 0")
     assert not (tmp_path / "logs").exists()
+
+
+def trainer_pid(job_id: str, rank: int) -> int | None:
+    """The `python -m pretrain` process of one rank of one job (read from /proc: our job's variables)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"pretrain" not in cmdline or b"-m" not in cmdline:
+                continue
+            environ = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if environ.get(b"SLURM_JOB_ID") == job_id.encode() and environ.get(b"SLURM_PROCID") == str(rank).encode():
+            return int(proc.name)
+    return None
+
+
+def test_a_rank_killed_with_sigkill_ends_the_job_with_137_and_no_requeue(slurm, dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id, _ = submit(slurm, tmp_path, job_env(RUN_DIR=str(run_dir)),
+                       overrides(dataset, "metrics.enabled=false", "train.steps=200"), wait=False)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and slurm.job_field(job_id, "JobState") in ("PENDING", "RUNNING"), \
+            job_output(tmp_path, job_id)
+        time.sleep(0.2)
+    pid = trainer_pid(job_id, 1)
+    assert pid is not None
+    os.kill(pid, 9)
+    state = wait_job(slurm, job_id)
+    output = job_output(tmp_path, job_id)
+    assert state == "FAILED" and slurm.job_field(job_id, "ExitCode") == "137:0", output
+    assert slurm.job_field(job_id, "Restarts") == "0" and "requeueing" not in output
+    assert (run_dir / "ranks" / "rank1.exit").read_text().strip() == "137"
