@@ -2,7 +2,7 @@
 reader that skips unwanted samples by their tar headers, and one sample by key through the manifest.
 
 Why apart from the loader: this is the only code that touches shard bytes (local files, URLs and
-`pipe:` commands through webdataset's gopen); the loader's stages and `read_sample` share it. It
+`pipe:` commands through data_tools.remote); the loader's stages and `read_sample` share it. It
 also owns the one rule that splits a tar member name into sample key and extension (`member_key`),
 which the shard writer and the img2dataset indexer use too, so that what the build counts as a
 sample is what the reader delivers.
@@ -25,6 +25,7 @@ from data_tools import order, schema
 from data_tools.errors import BadSample, ExitCode, UserError
 from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.manifest import load_dataset_info, load_manifest
+from data_tools.remote import open_shard
 
 
 @dataclasses.dataclass
@@ -132,9 +133,7 @@ class ShardReader:
                 self._stream = open(location, "rb")
                 self._tar = tarfile.open(fileobj=self._stream, mode="r:*")  # seekable: skipped data is never read
             else:
-                from webdataset.gopen import gopen  # imports torch: only for remote shards
-
-                self._stream = gopen(location, "rb")
+                self._stream = open_shard(location)  # http(s): resumes a dropped connection
                 self._tar = tarfile.open(fileobj=self._stream, mode="r|*")
         except (OSError, tarfile.TarError) as err:
             self._broken = f"{location}: {type(err).__name__}: {err}"

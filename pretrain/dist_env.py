@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from typing import Mapping, NoReturn
 
 import hostlist
 
-from data_tools.errors import UserError
+from data_tools.errors import UserError, atomic_write_text
 
 LAUNCHERS = ("single", "torchrun", "deepspeed", "slurm", "accelerate")
 
@@ -179,6 +180,30 @@ def _check(env: DistEnv) -> None:
         raise UserError(f"environment: local rank {env.local_rank} is outside local world size {env.local_world_size}")
     if not 0 < env.master_port < 65536:
         raise UserError(f"environment: MASTER_PORT={env.master_port} is not a TCP port (1..65535)")
+
+
+def record_rank_host(run_dir: str | os.PathLike, environ: Mapping[str, str] = os.environ) -> str:
+    """Write `<run_dir>/ranks/rank<r>.json`: where this rank runs (host name, Slurm node, job, restart).
+
+    Two Slurm "nodes" may share one machine (the cluster tests do) and a requeued job may land on
+    other nodes, so the host name alone does not say which allocation a rank used: SLURMD_NODENAME
+    does. cluster/slurm/pretrain.sbatch calls this once per task before the trainer starts; the
+    rank is RANK, else SLURM_PROCID, else 0. Returns the file's path.
+    """
+    rank = environ.get("RANK") or environ.get("SLURM_PROCID") or "0"
+    if not rank.isdigit():
+        raise UserError(f"environment: rank {rank!r} (RANK/SLURM_PROCID) is not an integer")
+    record = {
+        "rank": int(rank),
+        "hostname": socket.gethostname(),
+        "slurmd_nodename": environ.get("SLURMD_NODENAME"),
+        "slurm_job_id": environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": int(environ.get("SLURM_RESTART_COUNT") or 0),
+    }
+    path = os.path.join(os.fspath(run_dir), "ranks", f"rank{int(rank)}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(record, sort_keys=True) + "\n")
+    return path
 
 
 # --- Slurm list syntax ---------------------------------------------------------------------------

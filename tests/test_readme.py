@@ -21,3 +21,16 @@ def test_readme_exit_code_table_matches_exit_code_enum():
     table = text.split("## Exit codes", 1)[1].split("##", 1)[0]
     documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.M)}
     assert documented == {int(code) for code in ExitCode}
+
+
+def test_readme_cluster_section_names_what_the_cluster_tests_run():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
+    for path in set(re.findall(r"\bcluster/[\w./-]+\.(?:sbatch|yaml|yml|json)\b", section)):
+        assert (REPO / path).is_file(), path
+    slurm_test = (REPO / "tests" / "cluster" / "test_slurm.py").read_text()
+    for option in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"):
+        assert option in section and f'"{option}"' in slurm_test, option
+    assert "scancel --signal=USR1" in section and '"scancel", "--signal=USR1"' in slurm_test
+    ssh_test = (REPO / "tests" / "cluster" / "test_deepspeed_ssh.py").read_text()
+    assert "--hostfile hostfile --ssh_port 2222" in section and '"--ssh_port"' in ssh_test

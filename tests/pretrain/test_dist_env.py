@@ -110,6 +110,23 @@ def test_contradictory_environments_are_user_errors(environ, needle):
         detect(environ)
 
 
+def test_record_rank_host_names_the_slurm_node_of_each_rank(tmp_path):
+    import json
+    import socket
+
+    path = dist_env.record_rank_host(tmp_path, {"SLURM_PROCID": "1", "SLURMD_NODENAME": "n2", "SLURM_JOB_ID": "7",
+                                                "SLURM_RESTART_COUNT": "2"})
+    assert path == str(tmp_path / "ranks" / "rank1.json")
+    assert json.loads((tmp_path / "ranks" / "rank1.json").read_text()) == {
+        "rank": 1, "hostname": socket.gethostname(), "slurmd_nodename": "n2", "slurm_job_id": "7",
+        "slurm_restart_count": 2}
+    # RANK (torchrun, deepspeed) wins over SLURM_PROCID; outside Slurm the node is null
+    dist_env.record_rank_host(tmp_path, {"RANK": "0", "SLURM_PROCID": "5"})
+    assert json.loads((tmp_path / "ranks" / "rank0.json").read_text())["slurmd_nodename"] is None
+    with pytest.raises(UserError, match="rank 'x'"):
+        dist_env.record_rank_host(tmp_path, {"RANK": "x"})
+
+
 def test_accelerate_deepspeed_config_file_is_found_and_checked(tmp_path):
     config = tmp_path / "zero2.json"
     config.write_text("{}")

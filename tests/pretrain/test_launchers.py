@@ -130,3 +130,22 @@ def matrix():
 def test_two_ranks_train_under_every_launcher(launcher, zero, precision, dataset, tmp_path):
     losses, _ = run_job(launcher, zero, precision, dataset, tmp_path)
     assert_learns(losses)
+
+
+def test_accelerate_uses_the_zero_file_its_yaml_names(dataset, tmp_path):
+    """No zero.deepspeed_config on the command line: cluster/accelerate/deepspeed.yaml names
+    cluster/deepspeed/zero2.json, accelerate exports it (ACCELERATE_DEEPSPEED_CONFIG_FILE) and the
+    trainer merges it, so a preset saying ZeRO 0 trains with ZeRO 2 partitions."""
+    run_dir = tmp_path / "run"
+    args = ["--config", "configs/tiny.yaml", f"data.paths=[{dataset}]", f"run.dir={run_dir}", "zero.stage=0",
+            "train.steps=4", f"data.batch_size={BATCH}", "metrics.enabled=false", "train.lost_rank_timeout_s=300"]
+    [cmd] = commands("accelerate", free_port(), args, tmp_path)
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    import yaml
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["zero"]["deepspeed_config"] == "cluster/deepspeed/zero2.json"
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    partitions = sorted(p.name for p in (run_dir / "checkpoints" / tag).glob("*zero_pp_rank_*optim_states.pt"))
+    assert len(partitions) == 2, partitions  # one optimizer partition per rank: ZeRO >= 1, not the preset's 0
