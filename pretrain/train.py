@@ -28,6 +28,7 @@ import torch
 from data_tools.errors import ExitCode, UserError, check
 from data_tools.loader import Loader, merge_rank_cursors
 from pretrain.checkpoint import CheckpointManager, convert_to_universal, read_client_state
+from pretrain.dist_env import record_rank_host
 from pretrain.distributed import all_gather_object, any_rank
 from pretrain.engine import BatchGeometry, EngineSpec, batch_geometry, build_engine, to_engine
 from pretrain.objectives import Progress
@@ -173,6 +174,7 @@ class Trainer:
         self.engine, self.scheduler = build_engine(model, self.task.objective(), spec, self.geometry,
                                                    self.total_steps, load_universal=universal)
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.rank, self.world)
+        record_rank_host(self.run_dir)  # <run>/ranks/rank<r>.json: host and Slurm node of this rank
         self.state = TrainState()
         if self.resume_path is not None:
             client = self.checkpoints.load(self.engine, self.resume_path, universal)

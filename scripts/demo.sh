@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+# One ninja for every process: DeepSpeed rebuilds its CPU comm op whenever the ninja on PATH changes.
+export PATH="$PWD/.venv/bin:$PATH"
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
