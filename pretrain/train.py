@@ -187,6 +187,8 @@ class Trainer:
         from pretrain.metrics import MetricsLogger
 
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, cfg.run.name, self.rank, self.env.local_rank)
+        if self.metrics.url:
+            print(f"metrics: rank {self.rank} serves Prometheus metrics at {self.metrics.url}", file=sys.stderr, flush=True)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         self.keys_file = None

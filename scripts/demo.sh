@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The demo of README.md: on the embedded synthetic dataset, build shards, verify them, stream one
-# epoch through the loader, pretrain the `tiny` model with IAIS on CPU, and export its weights.
-# Everything lands in ${DEMO_OUT:-demo_out}/.
+# The demo of README.md, from a fresh machine to an evaluated model, on the embedded synthetic scenes:
+#   environment -> build train + held-out sets -> verify -> pretrain `tiny` with IAIS on 2 processes
+#   (DeepSpeed ZeRO 2, bf16) -> finetune with the paper's hard-negative recipe (2 processes) ->
+#   evaluate (R@1/5/10 both ways, relation sensitivity, ISD/ISDa, plots) -> export -> headline numbers.
+# Everything lands in ${DEMO_OUT:-demo_out}/. A second run reuses the environment and the data and skips
+# finished stages (each leaves a marker in $OUT/.done/); a failing stage stops the demo with its exit code
+# and one line naming the stage and its log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -9,22 +13,42 @@ bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-demo_out}
-mkdir -p "$OUT"
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-300}
+FINETUNE_STEPS=${FINETUNE_STEPS:-40}
+PORT=${METRICS_PORT:-9400}
+mkdir -p "$OUT/.done" "$OUT/logs"
 
-echo "== 1/5 build the synthetic relational-scenes dataset"
-$PY -m data_tools build synthetic --samples 1024 --seed 0 --shard-samples 256 --out "$OUT/synthetic"
-echo "== 2/5 verify it against dataset.json"
-$PY -m data_tools verify "$OUT/synthetic"
-echo "== 3/5 stream one epoch as 2 ranks x 2 workers would see it (exactly-once check)"
-$PY -m data_tools stream "$OUT/synthetic" --world-size 2 --workers 2 --batch-size 16 > "$OUT/stream.txt"
-total=$(wc -l < "$OUT/stream.txt"); unique=$(cut -d' ' -f3 "$OUT/stream.txt" | sort -u | wc -l)
-echo "streamed $total samples, $unique distinct keys"
-[ "$total" = "$unique" ]
-echo "== 4/5 pretrain the tiny model with IAIS (1 process, CPU)"
-$PY -m pretrain --config configs/tiny.yaml "data.paths=[$OUT/synthetic]" "run.dir=$OUT/run" metrics.port_in_use=next --resume auto
-echo "== 5/5 export consolidated weights"
-$PY -m pretrain export "$OUT/run" --out "$OUT/export"
-echo "demo done: see $OUT/run/metrics.jsonl and $OUT/export"
+stage() {  # stage NAME COMMAND...: run once (marker in $OUT/.done), log to $OUT/logs/NAME.log, stop on failure
+  local name=$1; shift
+  if [ -f "$OUT/.done/$name" ]; then echo "== $name: done before (remove $OUT/.done/$name to redo)"; return; fi
+  echo "== $name"
+  set +e
+  "$@" 2>&1 | tee "$OUT/logs/$name.log"
+  local code=${PIPESTATUS[0]}
+  set -e
+  if [ "$code" -ne 0 ]; then
+    echo "demo: stage '$name' failed with exit code $code: $(grep -m1 -E 'error:|Error' "$OUT/logs/$name.log" || tail -n1 "$OUT/logs/$name.log") (log: $OUT/logs/$name.log)" >&2
+    exit "$code"
+  fi
+  touch "$OUT/.done/$name"
+}
+
+TRAIN="$OUT/data/train" TEST="$OUT/data/test"
+stage build-train $PY -m data_tools build synthetic --samples 2048 --seed 0 --split train --shard-samples 512 --out "$TRAIN"
+stage build-test $PY -m data_tools build synthetic --samples 200 --seed 1 --split test --out "$TEST"
+stage verify $PY -m data_tools verify "$TRAIN"
+
+common=(--config configs/tiny.yaml "data.paths=[$TRAIN]" zero.stage=2 precision=bf16 metrics.port_in_use=next
+        "metrics.port=$PORT" train.log_every=20)
+echo "   (while training, Prometheus metrics: http://127.0.0.1:$PORT/metrics for rank 0, port $((PORT + 1)) for rank 1;"
+echo "    or the next free ports: each rank prints its \"metrics:\" line)"
+stage pretrain $PY -m torch.distributed.run --nproc_per_node 2 --master_port "$(( (RANDOM % 20000) + 30000 ))" \
+  -m pretrain "${common[@]}" "run.dir=$OUT/pretrain" "train.steps=$PRETRAIN_STEPS" --resume auto
+stage finetune $PY -m torch.distributed.run --nproc_per_node 2 --master_port "$(( (RANDOM % 20000) + 30000 ))" \
+  -m finetune "${common[@]}" --init "$OUT/pretrain" "run.dir=$OUT/finetune" "train.steps=$FINETUNE_STEPS" --resume auto
+stage evaluate $PY -m finetune evaluate "$OUT/finetune" --data "$TEST" --mode rerank --k 16 --name heldout --no-progress
+stage export $PY -m pretrain export "$OUT/finetune" --out "$OUT/export"
+$PY scripts/demo_summary.py "$OUT"
