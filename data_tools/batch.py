@@ -28,6 +28,8 @@ Present where the samples carry them (lists are per sample, padding slots hold e
                                           (phrases whose boxes all left the crop are dropped).
 - `neg_input_ids`  long [B, Lt], `neg_text_mask` bool [B, Lt], `neg_word_mask` bool [B, Lt],
   `has_negative`   bool [B]               the hard negative caption of the chosen caption, if any.
+- `negative_kind`  list[str]              its kind as the json records it ("relation", "attribute"; ""
+                                          when the negative has no kind or there is no negative).
 - `image_hw`       long [B, 2]            height, width in pixels of the image `boxes` refer to. Pixel
                                           batches: always, [S, S] (the transformed `pixel_values` size).
                                           Feature batches: the stored image's json `height`, `width`,

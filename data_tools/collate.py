@@ -182,6 +182,7 @@ def collate(
         neg = {k: v.expand(len(samples), *v.shape[1:]).clone() for k, v in neg.items()}
     batch["neg_input_ids"], batch["neg_text_mask"], batch["neg_word_mask"] = neg["input_ids"], neg["text_mask"], neg["word_mask"]
     batch["has_negative"] = torch.tensor([bool(n) for n in negatives], dtype=torch.bool)  # [B]
+    batch["negative_kind"] = [(s.get("negative_kind") or "") if s is not None and s["negative"] else "" for s in samples]
     return batch
 
 

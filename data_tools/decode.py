@@ -12,6 +12,7 @@ The decoded sample (consumed by transforms and collate):
   boxes                      float32 [k, 4] x, y, w, h in stored-image pixels, or None
   phrases                    [{"span": [start, end], "boxes": [i, ...]}] of the chosen caption, or None
   negative                   the chosen caption's hard negative, or None
+  negative_kind              its kind from the json's [index, text, kind] (e.g. relation), or None
   feats, pos                 float32 [m, D], [m, 7] precomputed features (visual="features"), else None
   image_hw                   (height, width) of the stored image from the json (visual="features", when
                              the json has both), else None: the pixels `boxes` and region boxes refer to
@@ -161,14 +162,15 @@ def decode_sample(
                     phrases.append({"span": span, "boxes": links})
             except (TypeError, KeyError, ValueError, IndexError, AttributeError) as err:
                 raise BadSample("bad_metadata", f"phrases: {err}") from None
-    negative = None
+    negative = negative_kind = None
     if meta.get("negatives"):
         try:
-            mine = [str(text) for idx, text in meta["negatives"] if int(idx) == caption_index]
-        except (TypeError, ValueError) as err:
+            # [caption index, text] or [caption index, text, kind] (kind: e.g. "relation", "attribute")
+            mine = [(str(n[1]), str(n[2]) if len(n) > 2 else None) for n in meta["negatives"] if int(n[0]) == caption_index]
+        except (TypeError, ValueError, IndexError, KeyError) as err:
             raise BadSample("bad_metadata", f"negatives: {err}") from None
         if mine:
-            negative = mine[choose(len(mine), sample_seed(seed, epoch, key, "negative", repeat))]
+            negative, negative_kind = mine[choose(len(mine), sample_seed(seed, epoch, key, "negative", repeat))]
     return {
         "key": key,
         "image_id": str(meta.get("image_id", key)),
@@ -179,6 +181,7 @@ def decode_sample(
         "boxes": boxes,
         "phrases": phrases,
         "negative": negative,
+        "negative_kind": negative_kind,
         "feats": feats,
         "pos": pos,
         "image_hw": image_hw,

@@ -53,7 +53,7 @@ class Record:
             *self.phrases,
             *({**p, "caption": p["caption"] + c, "boxes": [i + b for i in p["boxes"]]} for p in other.phrases),
         ]
-        self.negatives = [*self.negatives, *([n[0] + c, n[1]] for n in other.negatives)]
+        self.negatives = [*self.negatives, *([n[0] + c, *n[1:]] for n in other.negatives)]
 
 
 def inside_folder(folder: str | os.PathLike, name: str) -> Path:
@@ -160,11 +160,13 @@ def scale_annotations(record: Record, mapping: list[int | None], captions: list[
         seen.add((new, start, end, tuple(idx)))
         phrases.append({"caption": new, "span": [start, end], "boxes": idx})
     negatives = []
-    for n in record.negatives:
-        if not (isinstance(n, (list, tuple)) and len(n) == 2 and isinstance(n[0], int) and 0 <= n[0] < len(mapping) and isinstance(n[1], str)):
-            raise BadSample("bad_metadata", f"negative {n!r}")
-        if mapping[n[0]] is not None and n[1].strip() and [mapping[n[0]], n[1]] not in negatives:
-            negatives.append([mapping[n[0]], n[1]])
+    for n in record.negatives:  # [caption index, text] or [caption index, text, kind]
+        if not (isinstance(n, (list, tuple)) and len(n) in (2, 3) and isinstance(n[0], int) and 0 <= n[0] < len(mapping)
+                and all(isinstance(x, str) for x in n[1:])):
+            raise BadSample("bad_metadata", f"negative {n!r} is not [caption index, text] or [caption index, text, kind]")
+        entry = [mapping[n[0]], *n[1:]]
+        if mapping[n[0]] is not None and n[1].strip() and entry not in negatives:
+            negatives.append(entry)
     return boxes, phrases, negatives
 
 

@@ -1,6 +1,8 @@
 """Synthetic relational scenes (DESIGN.md 4): a few coloured shapes on a canvas, captions from a small
 grammar that name attributes and one spatial relation, exact boxes and phrase-to-box links, and one
-hard negative per caption. They let the whole pipeline run anywhere and measure relation sensitivity.
+hard negative per caption, recorded with its kind (`relation`: the relation replaced by its converse;
+`attribute`: the two phrases' colours swapped). They let the whole pipeline run anywhere and measure
+relation sensitivity by kind (word comparison cannot tell the kind: "a"/"an" follow the colour).
 
 Why captions are provably true and negatives provably false:
 - colours are distinct within a scene, so every noun phrase ("a small red circle") names exactly one
@@ -37,6 +39,8 @@ SIZES: dict[str, tuple[float, float]] = {"small": (0.16, 0.22), "large": (0.30, 
 """Side of a shape's box as a fraction of the canvas side; the ranges are disjoint, so the size word is exact."""
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 """Each relation and its converse (the relation-swap negative)."""
+NEGATIVE_KINDS = ("relation", "attribute")
+"""Kinds of hard negatives: the relation swapped for its converse, or the colours of the two phrases swapped."""
 BACKGROUND = (246, 244, 238)
 GAP = 2
 """Minimum free pixels between two shapes' boxes."""
@@ -87,7 +91,7 @@ class Scene:
     shapes: list[Shape]
     captions: list[str]
     phrases: list[dict[str, Any]]
-    negatives: list[list[Any]]
+    negatives: list[list[Any]]  # [[caption index, text, kind], ...], kind in NEGATIVE_KINDS
 
     @property
     def boxes(self) -> list[list[int]]:
@@ -164,7 +168,7 @@ def render_caption(template: str, a: str, rel: str, b: str) -> tuple[str, tuple[
 
 
 def make_captions(rng: random.Random, shapes: list[Shape]) -> tuple[list[str], list[dict], list[list]]:
-    """2-3 distinct true captions, each with two phrase links and one hard negative."""
+    """2-3 distinct true captions, each with two phrase links and one hard negative [index, text, kind]."""
     pairs = [(i, j) for i in range(len(shapes)) for j in range(len(shapes)) if i != j]
     captions: list[str] = []
     phrases: list[dict[str, Any]] = []
@@ -184,18 +188,20 @@ def make_captions(rng: random.Random, shapes: list[Shape]) -> tuple[list[str], l
         )
         if text in captions:
             continue
-        if rng.random() < 0.5:  # relation swap
+        if rng.random() < 0.5:
+            kind = "relation"
             negative, _, _ = render_caption(
                 template, noun_phrase(article, a, a.colour, size_a), RELATIONS[rel], noun_phrase(article, b, b.colour, size_b)
             )
         else:  # colour swap between the two phrases
+            kind = "attribute"
             negative, _, _ = render_caption(
                 template, noun_phrase(article, a, b.colour, size_a), rel, noun_phrase(article, b, a.colour, size_b)
             )
         index = len(captions)
         captions.append(text)
         phrases += [{"caption": index, "span": list(span_a), "boxes": [i]}, {"caption": index, "span": list(span_b), "boxes": [j]}]
-        negatives.append([index, negative])
+        negatives.append([index, negative, kind])
     return captions, phrases, negatives
 
 

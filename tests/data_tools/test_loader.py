@@ -133,7 +133,7 @@ def test_exactly_once_over_two_ranks_with_two_worker_processes(synthetic):
     loader = Loader(cfg, rank=0, world_size=2)
     assert [len(r) for r in ranks] == [loader.batches_per_epoch()] * 2  # equal batch counts per rank
     keys = [k for r in ranks for k in real_keys(r)]
-    assert sorted(keys) == sorted(f"{i:09d}" for i in range(SYNTHETIC_SAMPLES))
+    assert sorted(keys) == sorted(f"s3-{i:09d}" for i in range(SYNTHETIC_SAMPLES))
     last = [r[-1]["cursor"] for r in ranks]
     merged = merge_rank_cursors(last)
     assert sum(s["position"] for s in merged["streams"]) == SYNTHETIC_SAMPLES
@@ -184,7 +184,7 @@ def test_resume_at_another_layout_skips_and_repeats_nothing(synthetic, world, wo
     rest = run_ranks(new_cfg, world=world, cursor=cursor)
     assert len({len(r) for r in rest}) == 1  # still equal batch counts
     remaining = [k for r in rest for k in real_keys(r)]
-    assert sorted(consumed + remaining) == sorted(f"{i:09d}" for i in range(SYNTHETIC_SAMPLES))
+    assert sorted(consumed + remaining) == sorted(f"s3-{i:09d}" for i in range(SYNTHETIC_SAMPLES))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -297,8 +297,8 @@ def test_pipe_and_file_url_shards_stream_like_local_ones(tmp_path):
 def test_read_sample_by_key_and_user_errors(synthetic, tmp_path):
     from data_tools.errors import ConfigError, UserError
 
-    sample = read_sample(synthetic, "000000007")
-    assert sample["key"] == "000000007" and sample["image"].mode == "RGB" and len(sample["captions"]) >= 1
+    sample = read_sample(synthetic, "s3-000000007")
+    assert sample["key"] == "s3-000000007" and sample["image"].mode == "RGB" and len(sample["captions"]) >= 1
     assert len(sample["meta"]["boxes"]) >= 2
     with pytest.raises(UserError, match="no sample with key"):
         read_sample(synthetic, "nope")

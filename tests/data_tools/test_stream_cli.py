@@ -27,7 +27,7 @@ def stream(capsys, *argv: str) -> tuple[int, list[tuple[int, int, str]], str]:
 def test_lines_cover_the_epoch_once_in_the_loaders_order(synthetic, capsys):
     code, lines, _ = stream(capsys, str(synthetic), "--world-size", "2", "--workers", "2", "--batch-size", "4", "--shuffle-block", "3")
     assert code == 0
-    assert sorted(k for _, _, k in lines) == [f"{i:09d}" for i in range(SYNTHETIC_SAMPLES)]
+    assert sorted(k for _, _, k in lines) == [f"s3-{i:09d}" for i in range(SYNTHETIC_SAMPLES)]
     steps = {r: sorted({s for s, rr, _ in lines if rr == r}) for r in (0, 1)}
     assert steps[0] == steps[1] == list(range(len(steps[0])))
     assert all(sum(1 for s, rr, _ in lines if (s, rr) == (t, r)) <= 4 for t in steps[0] for r in (0, 1))

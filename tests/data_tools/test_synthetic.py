@@ -84,8 +84,17 @@ def test_scene_captions_true_negatives_false_and_boxes_exact(index):
         rel = RELATION_RE.search(caption).group(1)
         a, b = (scene.boxes[link["boxes"][0]] for link in links)
         assert holds(rel, a, b), caption
-        (neg_index, negative), = [n for n in scene.negatives if n[0] == ci]
-        assert negative != caption and swap_kind(caption, negative) in ("relation", "colour"), (caption, negative)
+        (neg_index, negative, kind), = [n for n in scene.negatives if n[0] == ci]
+        # the recorded kind is the edit: a relation swap changes only the relation words, an attribute
+        # swap exchanges the two phrases' colours and keeps the relation
+        assert negative != caption and swap_kind(caption, negative) == {"relation": "relation", "attribute": "colour"}[kind]
+        if kind == "relation":
+            assert RELATION_RE.search(negative).group(1) == synthetic.RELATIONS[rel]
+            assert RELATION_RE.sub(" _ ", negative) == RELATION_RE.sub(" _ ", caption)
+        else:
+            assert kind == "attribute" and RELATION_RE.search(negative).group(1) == rel
+            colour_a, colour_b = (scene.shapes[link["boxes"][0]].colour for link in links)
+            assert [w for w in negative.split() if w in synthetic.COLOURS] == [colour_b, colour_a]
         # the negative is false: its phrases name no shape, or the relation fails between them
         neg_rel = RELATION_RE.search(negative).group(1)
         head, tail = RELATION_RE.split(negative)[0], RELATION_RE.split(negative)[2]
@@ -117,13 +126,15 @@ def test_build_synthetic_layout_and_determinism(tmp_path):
     assert not (one / ".build").exists() and (one / "rejected.jsonl").read_text() == ""
 
     samples = read_samples(one)
-    assert sorted(samples) == table.column("key").to_pylist() == [f"{i:09d}" for i in range(120)]
+    assert sorted(samples) == table.column("key").to_pylist() == [f"s5-{i:09d}" for i in range(120)]
+    assert set(table.column("split").to_pylist()) == {"train"}
     for key, s in samples.items():
         meta = s["meta"]
         assert meta["image_id"] == key and meta["source"] == "synthetic" and meta["split"] == "train"
         assert s["txt"] == meta["captions"][0] and (meta["width"], meta["height"]) == (64, 64)
-        scene = synthetic.render_scene(5, int(key))
+        scene = synthetic.render_scene(5, int(key.removeprefix("s5-")))
         assert s["image"] == scene.image and meta["boxes"] == scene.boxes and meta["phrases"] == scene.phrases
+        assert meta["negatives"] == scene.negatives and {n[2] for n in meta["negatives"]} <= set(synthetic.NEGATIVE_KINDS)
         assert s["row"]["num_captions"] == len(meta["captions"]) and s["row"]["image_bytes"] == len(s["image"])
 
     other = tmp_path / "other"
@@ -148,8 +159,39 @@ def test_synthetic_tokenizer_covers_the_grammar(tmp_path):
         assert (again / "tokenizer" / name).read_bytes() == (tmp_path / "d" / "tokenizer" / name).read_bytes()
 
 
-@pytest.mark.parametrize("bad", [["--samples", "0"], ["--samples", "5", "--image-size", "32"], ["--samples", "5", "--shard-bytes", "1M"]])
+@pytest.mark.parametrize("bad", [["--samples", "0"], ["--samples", "5", "--image-size", "32"], ["--samples", "5", "--shard-bytes", "1M"],
+                                 ["--samples", "5", "--split", ""], ["--samples", "5", "--seed", "-1"]])
 def test_synthetic_bad_arguments_exit_2(tmp_path, capsys, bad):
     assert build("build", "synthetic", *bad, "--out", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("data_tools: error: --")
+
+
+def test_kinds_of_negatives_are_both_present():
+    kinds = [n[2] for i in range(30) for n in synthetic.render_scene(3, i).negatives]
+    assert set(kinds) == set(synthetic.NEGATIVE_KINDS) and 0.3 < kinds.count("relation") / len(kinds) < 0.7
+
+
+def test_seeds_never_share_keys_or_image_ids_and_split_is_recorded(tmp_path):
+    """A held-out set beside a training set (or two parts of a mixture) must not collide."""
+    assert build("build", "synthetic", "--samples", "6", "--seed", "0", "--out", str(tmp_path / "train")) == 0
+    assert build("build", "synthetic", "--samples", "6", "--seed", "1", "--split", "test", "--out", str(tmp_path / "test")) == 0
+    train, test = read_samples(tmp_path / "train"), read_samples(tmp_path / "test")
+    assert not set(train) & set(test)
+    assert not {s["meta"]["image_id"] for s in train.values()} & {s["meta"]["image_id"] for s in test.values()}
+    assert {s["meta"]["split"] for s in test.values()} == {"test"} and {s["meta"]["split"] for s in train.values()} == {"train"}
+    _, table = load_dataset(tmp_path / "test")
+    assert table.column("split").to_pylist() == ["test"] * 6
+    assert json.loads((tmp_path / "test" / "dataset.json").read_text())["arguments"]["split"] == "test"
+
+
+def test_readers_take_negatives_with_and_without_kind():
+    """The json may hold [index, text, kind] (synthetic) or the older [index, text]: both decode."""
+    from data_tools.decode import decode_sample
+
+    png = synthetic.render_scene(0, 0).image
+    for negatives, kind in (([[0, "a red circle above a blue square", "relation"]], "relation"),
+                            ([[0, "a red circle above a blue square"]], None)):
+        meta = {"captions": ["a red circle below a blue square"], "negatives": negatives}
+        sample = decode_sample({"__key__": "k", "png": png, "json": json.dumps(meta).encode()}, seed=0, epoch=0)
+        assert sample["negative"] == "a red circle above a blue square" and sample["negative_kind"] == kind

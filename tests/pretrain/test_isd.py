@@ -115,7 +115,7 @@ def synthetic_batch(count: int = 3):
 
 def test_measure_isd_and_isda_on_a_model():
     torch.manual_seed(0)
-    model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=64)).train()
+    model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=64, dropout=0.1, attention_dropout=0.1)).train()  # dropout: eval mode shows
     batch = synthetic_batch()
     isd = measure_isd(model, [batch, batch])
     assert model.training  # restored after the eval-mode measurement

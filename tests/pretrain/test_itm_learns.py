@@ -1,0 +1,98 @@
+"""ITM alone learns on the synthetic scenes (issue 8): the `tiny` preset's image-text matching head,
+trained with the real PretrainObjective (ITC, MLM and IAIS off, uniform random negatives) in a plain
+loop over real Loader batches, scores the true caption of a held-out scene above a random other
+scene's caption for at least 90% of the held-out images within a fixed number of steps.
+
+Why it matters: full and rerank retrieval, the hinge recipe and relation sensitivity all read ITM
+scores. With BERT's initialiser range (0.02) and dropout 0.1 in a 64-wide model, the pooled [CLS] of
+this preset stayed nearly independent of the image and the loss sat at the 1-in-3 prior (0.636).
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.loader import DataConfig, Loader
+from pretrain.config import ObjectivesConfig
+from pretrain.model import ModelConfig
+from pretrain.model.model import RelAlignModel
+from pretrain.objectives import PretrainObjective, Progress
+from tests.pretrain.runs import PYTHON, REPO, env_for
+
+IMAGE_SIZE = 32  # 4 x 4 patches of 8 px: a quarter of the preset's tokens, same shapes
+TEXT_LEN = 16  # the longest synthetic caption is 12 words + [CLS] [SEP]
+BATCH = 32
+LR, WARMUP = 2e-3, 20
+MAX_STEPS, CHECK_EVERY = 800, 100
+THRESHOLD = 0.9
+
+
+def build(out: Path, samples: int, seed: int, split: str) -> Path:
+    subprocess.run([PYTHON, "-m", "data_tools", "build", "synthetic", "--samples", str(samples), "--seed", str(seed),
+                    "--split", split, "--out", str(out)], cwd=REPO, env=env_for(), check=True, capture_output=True,
+                   timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("scenes")
+    return build(root / "train", 1024, seed=0, split="train"), build(root / "test", 128, seed=1, split="test")
+
+
+@torch.no_grad()
+def ranking_accuracy(model: RelAlignModel, batches: list[dict]) -> float:
+    """Share of held-out images whose true caption scores above another scene's caption (ITM logit margin)."""
+    model.eval()
+    wins = total = 0
+    for batch in batches:
+        tokens, mask = model.embed_visual(batch)  # [B, M, W], [B, M]
+        other = torch.roll(torch.arange(tokens.shape[0]), 1)  # the next scene's caption: a random other scene
+        ids = torch.cat([batch["input_ids"], batch["input_ids"][other]])  # [2B, Lt]
+        text_mask = torch.cat([batch["text_mask"], batch["text_mask"][other]])
+        logits = model.itm_logits(model(ids, text_mask, tokens.repeat(2, 1, 1), mask.repeat(2, 1)))  # [2B, 2]
+        score = logits[:, 1] - logits[:, 0]  # [2B]
+        true, random = score.chunk(2)
+        wins += int((true > random).sum())
+        total += true.shape[0]
+    model.train()
+    return wins / total
+
+
+def test_itm_alone_ranks_true_captions_above_random_ones_on_held_out_scenes(scenes):
+    train_dir, test_dir = scenes
+    torch.manual_seed(0)
+    data = dict(batch_size=BATCH, image_size=IMAGE_SIZE, max_text_len=TEXT_LEN, tokenizer=str(train_dir / "tokenizer"))
+    loader = Loader(DataConfig(paths=[str(train_dir)], **data))
+    held_out = list(Loader(DataConfig(paths=[str(test_dir)], train=False, **data)))
+    model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=len(loader.tokenizer), image_size=IMAGE_SIZE))
+    objective = PretrainObjective(ObjectivesConfig(itc=False, mlm=False, itm=True, itm_hard_negatives=False))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP))
+
+    start, step, history = time.perf_counter(), 0, []
+    before = ranking_accuracy(model, held_out)
+    while step < MAX_STEPS and (not history or history[-1][1] < THRESHOLD):
+        for batch in loader:
+            loss = objective(model, batch, Progress(step, MAX_STEPS)).total
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % CHECK_EVERY == 0:
+                history.append((step, ranking_accuracy(model, held_out), float(loss)))
+                if history[-1][1] >= THRESHOLD or step >= MAX_STEPS:
+                    break
+        loader.set_epoch(loader.epoch + 1)
+    seconds = time.perf_counter() - start
+    print(f"ITM ranking accuracy {before:.3f} -> {history}, {seconds:.1f} s")
+    assert 0.35 < before < 0.65  # untrained: chance
+    assert history[-1][1] >= THRESHOLD, f"held-out ranking accuracy by step: {history}"
+    assert math.isfinite(history[-1][2])
