@@ -69,15 +69,15 @@ def generated_coco(root: Path, count: int = 80) -> Path:
     return root
 
 
-def build(work: Path, which: str, synthetic_size: int = 224) -> tuple[Path, str, int, str | None]:
+def build(work: Path, which: str, synthetic_size: int = 224, coco: Path = COCO_MINI) -> tuple[Path, str, int, str | None]:
     """(dataset folder, description, crop size, tokenizer) of one benchmark dataset."""
     from data_tools.__main__ import main
     from data_tools.errors import run_cli
 
     out = work / which
     if which == "coco384":
-        have = (COCO_MINI / "annotations" / "captions_train2017.json").is_file()
-        source, name = (COCO_MINI, "coco_mini train2017 at 384 px") if have else (generated_coco(work / "gen"), "generated 640x480 at 384 px")
+        have = (coco / "annotations" / "captions_train2017.json").is_file()
+        source, name = (coco, "coco_mini train2017 at 384 px") if have else (generated_coco(work / "gen"), "generated 640x480 at 384 px")
         args = ["build", "coco", str(source), "--split", "train2017", "--resize", "384", "--out", str(out)]
         size, tokenizer = 224, "minilm"
     else:
@@ -217,8 +217,8 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def bench_dataset(which: str, work: Path, trials: int, workers: list[int], repeat: int, synthetic_size: int) -> None:
-    dataset, source, size, tokenizer = build(work, which, synthetic_size)
+def bench_dataset(which: str, work: Path, trials: int, workers: list[int], repeat: int, synthetic_size: int, coco: Path) -> None:
+    dataset, source, size, tokenizer = build(work, which, synthetic_size, coco)
     images = stored_images(dataset)
     bare_loop(images, 1, size)  # warm the page cache and PIL
     configs = {w: loader_config(dataset, tokenizer, repeat, size, w) for w in workers}
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5, help="interleaved trials per measurement (medians are kept)")
     parser.add_argument("--repeat", type=int, default=8, help="passes over the dataset per measurement (synthetic: twice)")
+    parser.add_argument("--coco", type=Path, default=COCO_MINI, help="coco_mini folder (default: ../shared/data/coco_mini)")
     parser.add_argument("--synthetic-size", type=int, default=224, help="crop size on the synthetic scenes")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=["coco384", "synthetic"], choices=["coco384", "synthetic"])
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for which in args.datasets:
-            bench_dataset(which, Path(tmp), args.trials, args.workers, args.repeat * (2 if which == "synthetic" else 1), args.synthetic_size)
+            bench_dataset(which, Path(tmp), args.trials, args.workers, args.repeat * (2 if which == "synthetic" else 1), args.synthetic_size,
+                          args.coco)
     return 0
 
 

@@ -126,9 +126,9 @@ def collate(
     tokenizer: a Hugging Face fast tokenizer, or a TextEncoder built from one for max_text_len
     (the loader builds it once).
 
-    defer_normalise: return uint8 `pixel_uint8` [B, S, S, 3] instead of `pixel_values`, for the
-    loader's worker processes: a quarter of the bytes to pass between processes; the consuming
-    process then calls `transforms.normalise` once per batch.
+    defer_normalise: return uint8 `pixel_uint8` [B, S, S, 3] instead of `pixel_values` (what the
+    loader does: a quarter of the bytes between processes and to the device, normalised there by
+    `pretrain.engine.to_engine`, or by `transforms.normalise_batch`).
     """
     encode = tokenizer if isinstance(tokenizer, TextEncoder) and tokenizer.max_len == max_text_len else TextEncoder(tokenizer, max_text_len)
     real = [s is not None for s in samples]
