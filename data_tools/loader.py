@@ -280,6 +280,7 @@ class _RankStreams(torch.utils.data.IterableDataset):
             batch = collate(
                 item.pop("samples"), tokenizer=self.text, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
                 seed=c.seed, epoch=self.plan.epoch, visual=c.visual, image_size=c.image_size, defer_normalise=True,
+                shared_pixels=in_worker,
             )  # fmt: skip
             item["batch"] = to_wire(batch) if in_worker else batch
             yield item
