@@ -16,7 +16,15 @@ Keys present in every batch:
 - `caption_index`  long  [B]      which of the image's captions was chosen.
 
 Visual input, one of:
-- `pixel_values`   float [B, 3, H, W]  normalised image (patch and grid embedders).
+- `pixel_values`   float [B, 3, H, W]  normalised image (ImageNet mean and std): what the patch and grid
+                                       embedders read.
+  `pixel_uint8`    uint8 [B, H, W, 3]  the same image before normalisation, channels last: what the
+                                       loader (`data_tools.loader.Loader`) yields instead of
+                                       `pixel_values`, so that a quarter of the bytes cross processes
+                                       and go to the device and no float work happens on the host.
+                                       `pretrain.engine.to_engine` turns it into `pixel_values` on the
+                                       training device; `data_tools.transforms.normalise_batch` does it
+                                       anywhere else. A batch carries one of the two, never both.
 - `visual_feats`   float [B, M, D], `visual_pos` float [B, M, 7], `visual_mask` bool [B, M]
                                        precomputed features (the `features` embedder).
 

@@ -16,8 +16,10 @@ Interface (what the trainer codes against)::
 
 After the last batch of an epoch the loader yields nothing more until `set_epoch`; after
 `load_state_dict`, `batches_remaining()` says how many batches the resumed epoch still has.
-With workers > 0, pixels cross the process boundary as uint8 and are normalised in the
-consuming process (one vectorised op per batch).
+Pixels leave the loader as uint8 `pixel_uint8` [B, S, S, 3] (data_tools.batch), not as normalised
+`pixel_values`: a quarter of the bytes across worker processes and to the device, and no float work
+on the host. The trainer's `pretrain.engine.to_engine` normalises them on the training device; any
+other consumer calls `data_tools.transforms.normalise_batch(batch)`.
 
 Why this shape: the order (which sample goes to which rank, worker and batch) is computed by
 `data_tools.order` from dataset.json counts alone, so every rank agrees without talking and a cursor
@@ -52,7 +54,7 @@ from data_tools.manifest import load_manifest
 from data_tools.order import merge_rank_cursors  # noqa: F401  (part of this module's interface)
 from data_tools.packaged import packaged_folder
 from data_tools.shard_reader import DatasetRef, ShardReader, duplicate_positions, open_datasets, read_sample  # noqa: F401  (interface)
-from data_tools.transforms import normalise, transform_sample
+from data_tools.transforms import transform_sample
 
 
 @dataclasses.dataclass
@@ -267,6 +269,7 @@ class _RankStreams(torch.utils.data.IterableDataset):
             batch = collate(
                 item.pop("samples"), tokenizer=self.text, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
                 seed=c.seed, epoch=self.plan.epoch, visual=c.visual, image_size=c.image_size, defer_normalise=True,
+                shared_pixels=in_worker,
             )  # fmt: skip
             item["batch"] = to_wire(batch) if in_worker else batch
             yield item
@@ -292,15 +295,14 @@ def to_wire(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_wire(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch contract again in the consuming process (zero-copy for numpy arrays), pixels normalised."""
+    """The batch contract again in the consuming process (zero-copy for numpy arrays; `pixel_uint8`
+    stays uint8 for the device to normalise)."""
     out: dict[str, Any] = {}
     for key, value in batch.items():
         if isinstance(value, np.ndarray):
             out[key] = torch.from_numpy(value)
         elif key == "boxes":
             out[key] = [torch.from_numpy(b) if isinstance(b, np.ndarray) else b for b in value]
-        elif key == "pixel_uint8":
-            out["pixel_values"] = normalise(value)  # [B, 3, S, S]
         else:
             out[key] = value
     return out

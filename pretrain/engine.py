@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from data_tools.errors import ConfigError, check
+from data_tools.transforms import normalise_batch
 
 
 @dataclasses.dataclass
@@ -243,7 +244,10 @@ def model_dtype(engine: Any) -> torch.dtype:
 
 def to_engine(batch: dict[str, Any], engine: Any) -> dict[str, Any]:
     """The batch on the engine's device, floating tensors in the model's dtype. Lists of tensors
-    (per-sample boxes) move too; other values stay as they are."""
+    (per-sample boxes) move too; other values stay as they are.
+
+    A loader batch's uint8 `pixel_uint8` [B, S, S, 3] moves as uint8 (a quarter of the bytes) and
+    becomes normalised `pixel_values` [B, 3, S, S] on the device (data_tools.batch)."""
     dtype, device = model_dtype(engine), engine.device
 
     def move(v: Any) -> Any:
@@ -252,4 +256,7 @@ def to_engine(batch: dict[str, Any], engine: Any) -> dict[str, Any]:
         if isinstance(v, list) and v and all(torch.is_tensor(x) for x in v):
             return [move(x) for x in v]
         return v
-    return {k: move(v) for k, v in batch.items()}
+    moved = normalise_batch({k: move(v) for k, v in batch.items()})
+    if "pixel_values" in moved and moved["pixel_values"].dtype != dtype:
+        moved["pixel_values"] = moved["pixel_values"].to(dtype)
+    return moved

@@ -139,7 +139,8 @@ def test_exactly_once_over_two_ranks_with_two_worker_processes(synthetic):
     assert sum(s["position"] for s in merged["streams"]) == SYNTHETIC_SAMPLES
     for r in ranks:
         for b in r:
-            assert b["pixel_values"].shape == (4, 3, 32, 32) and b["input_ids"].shape == (4, 16)
+            assert b["pixel_uint8"].shape == (4, 32, 32, 3) and b["pixel_uint8"].dtype == torch.uint8  # normalised on the device
+            assert "pixel_values" not in b and b["input_ids"].shape == (4, 16)
             assert [k == "" for k in b["key"]] == (~b["sample_mask"]).tolist()
             json.dumps(b["cursor"])
 
@@ -225,16 +226,16 @@ def test_weighted_mixture_and_determinism(synthetic, planted):
 
 
 def test_per_sample_randomness_does_not_depend_on_rank_or_batch(synthetic):
-    one = {k: (b["pixel_values"][i], b["mlm_input_ids"][i], int(b["caption_index"][i]))
+    one = {k: (b["pixel_uint8"][i], b["mlm_input_ids"][i], int(b["caption_index"][i]))
            for b in run_ranks(config(synthetic), world=1)[0] for i, k in enumerate(b["key"]) if k}
     for r in run_ranks(config(synthetic, batch_size=3, shuffle_block=5), world=3):
         for b in r:
             for i, k in enumerate(b["key"]):
                 if k:
-                    assert torch.equal(b["pixel_values"][i], one[k][0]) and torch.equal(b["mlm_input_ids"][i], one[k][1])
+                    assert torch.equal(b["pixel_uint8"][i], one[k][0]) and torch.equal(b["mlm_input_ids"][i], one[k][1])
                     assert int(b["caption_index"][i]) == one[k][2]
     loader = Loader(config(synthetic), epoch=1)
-    next_epoch = {k: b["pixel_values"][i] for b in loader for i, k in enumerate(b["key"]) if k}
+    next_epoch = {k: b["pixel_uint8"][i] for b in loader for i, k in enumerate(b["key"]) if k}
     assert sum(not torch.equal(next_epoch[k], one[k][0]) for k in one) > SYNTHETIC_SAMPLES // 2  # new crops per epoch
 
 
@@ -286,7 +287,7 @@ def test_pipe_and_file_url_shards_stream_like_local_ones(tmp_path):
     local = write_dataset(tmp_path / "local", samples)
     piped = write_dataset(tmp_path / "piped", samples, locations=lambda p: f"pipe:cat {p}")
     url = write_dataset(tmp_path / "url", samples, locations=lambda p: f"file://{p}")
-    runs = [[(b["key"], b["pixel_values"]) for b in Loader(config(p, tokenizer=minilm(), batch_size=2))] for p in (local, piped, url)]
+    runs = [[(b["key"], b["pixel_uint8"]) for b in Loader(config(p, tokenizer=minilm(), batch_size=2))] for p in (local, piped, url)]
     for other in runs[1:]:
         assert [k for k, _ in other] == [k for k, _ in runs[0]]
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(other, runs[0]))
@@ -351,7 +352,7 @@ def test_precomputed_features_are_padded_with_a_mask(tmp_path):
     batches = list(Loader(config(path, tokenizer=minilm(), visual="features", batch_size=5)))
     assert len(batches) == 1
     b = batches[0]
-    assert "pixel_values" not in b and b["visual_feats"].shape == (5, 5, 6) and b["visual_pos"].shape == (5, 5, 7)
+    assert "pixel_values" not in b and "pixel_uint8" not in b and b["visual_feats"].shape == (5, 5, 6) and b["visual_pos"].shape == (5, 5, 7)
     by_key = {k: i for i, k in enumerate(b["key"]) if k}
     assert set(by_key) == {"f0", "f1", "f2"} and b["bad_samples"] == {"bad_metadata": 2}
     for key, m in (("f0", 3), ("f1", 5), ("f2", 2)):

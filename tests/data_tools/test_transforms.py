@@ -10,7 +10,8 @@ from PIL import Image
 
 from data_tools import batch as contract
 from data_tools.collate import collate, load_tokenizer
-from data_tools.transforms import centre_crop_box, crop_boxes, relink_phrases, transform_sample
+from data_tools.transforms import (IMAGENET_MEAN, IMAGENET_STD, centre_crop_box, crop_boxes, normalise_batch, random_crop_box,
+                                   relink_phrases, resize_crop, transform_sample)
 
 RED = (255, 0, 0)
 
@@ -133,3 +134,40 @@ def test_text_encoder_equals_the_hugging_face_call(tokenizer):
     assert torch.equal(ours["input_ids"], theirs["input_ids"]) and torch.equal(ours["offsets"], theirs["offset_mapping"])
     assert torch.equal(ours["text_mask"], theirs["attention_mask"].bool())
     assert torch.equal(ours["word_mask"], theirs["attention_mask"].bool() & ~theirs["special_tokens_mask"].bool())
+
+
+@pytest.mark.parametrize("crop, size", [((7, 3, 90, 70), 40), ((0, 0, 120, 90), 224), ((30, 20, 33, 31), 33)])
+def test_resize_crop_is_pils_bilinear_resize_of_the_crop(crop, size):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((120, 90), Image.BICUBIC)  # smooth photo-like
+    ours = resize_crop(image, tuple(float(v) for v in crop), size, mirrored=False)
+    x, y, w, h = crop
+    theirs = np.asarray(image.crop((x, y, x + w, y + h)).resize((size, size), Image.BILINEAR))
+    assert ours.shape == (size, size, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous
+    diff = np.abs(ours.astype(int) - theirs.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05  # the same filter; rounding differs by one level at most
+    assert np.array_equal(resize_crop(image, tuple(float(v) for v in crop), size, mirrored=True), ours[:, ::-1])
+
+
+def test_crop_boxes_are_whole_pixels():
+    assert centre_crop_box(121, 90) == (15.0, 0.0, 90.0, 90.0) and centre_crop_box(5, 8) == (0.0, 1.0, 5.0, 5.0)
+    gen = torch.Generator().manual_seed(0)
+    for width, height in [(300, 20), (20, 300), (33, 31)]:
+        for _ in range(20):
+            assert all(float(v).is_integer() for v in random_crop_box(width, height, (0.05, 1.0), gen))
+
+
+def test_uint8_batches_normalise_to_the_host_pixel_values(tokenizer):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    samples = [transform_sample(sample(image, [], key=f"n{i}"), image_size=16, train=True, crop_scale=(0.5, 1.0), flip=False,
+                                seed=0, epoch=0) for i in range(3)]
+    host = collate(samples + [None], tokenizer=tokenizer, max_text_len=8, mlm_probability=0.15, seed=0, epoch=0, image_size=16)
+    deferred = collate(samples + [None], tokenizer=tokenizer, max_text_len=8, mlm_probability=0.15, seed=0, epoch=0, image_size=16,
+                       defer_normalise=True)
+    assert "pixel_values" not in deferred and deferred["pixel_uint8"].dtype == torch.uint8 and deferred["pixel_uint8"].shape == (4, 16, 16, 3)
+    out = normalise_batch(deferred)
+    assert "pixel_uint8" not in out and set(out) == set(host)
+    assert out["pixel_values"].dtype == torch.float32 and torch.equal(out["pixel_values"], host["pixel_values"])  # [4, 3, 16, 16]
+    expected = (samples[1]["pixels"].astype(np.float32) / 255 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)  # [16, 16, 3]
+    assert np.allclose(out["pixel_values"][1].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    assert torch.equal(out["pixel_values"][3], out["pixel_values"][3, :, :1, :1].expand(3, 16, 16))  # padding slot: one colour

@@ -1,5 +1,5 @@
 """ITM alone learns on the synthetic scenes (issue 8): the `tiny` preset's image-text matching head,
-trained with the real PretrainObjective (ITC, MLM and IAIS off, uniform random negatives) in a plain
+trained with the real pretraining objective (ITC, MLM and IAIS off, uniform random negatives) in a plain
 loop over real Loader batches, scores the true caption of a held-out scene above a random other
 scene's caption for at least 90% of the held-out images within a fixed number of steps.
 
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from data_tools.loader import DataConfig, Loader
-from pretrain.config import ObjectivesConfig
+from pretrain.config_schema import build as build_config
 from pretrain.model import ModelConfig
 from pretrain.model.model import RelAlignModel
-from pretrain.objectives import PretrainObjective, Progress
+from pretrain.objectives import Progress, build_sections, pretraining_objective
 from tests.pretrain.runs import PYTHON, REPO, env_for
 
 IMAGE_SIZE = 32  # 4 x 4 patches of 8 px: a quarter of the preset's tokens, same shapes
@@ -71,7 +71,8 @@ def test_itm_alone_ranks_true_captions_above_random_ones_on_held_out_scenes(scen
     loader = Loader(DataConfig(paths=[str(train_dir)], **data))
     held_out = list(Loader(DataConfig(paths=[str(test_dir)], train=False, **data)))
     model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=len(loader.tokenizer), image_size=IMAGE_SIZE))
-    objective = PretrainObjective(ObjectivesConfig(itc=False, mlm=False, itm=True, itm_hard_negatives=False))
+    objective = pretraining_objective(build_sections({"itc": False, "mlm": False, "itm": {"hard_negatives": False}},
+                                                     build_config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP))
 
