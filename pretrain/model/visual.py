@@ -29,6 +29,11 @@ from .config import GRID_BACKBONE_CHANNELS, ModelConfig
 
 
 def _require(batch: dict, key: str, embedder: str) -> Tensor:
+    if key == "pixel_values" and key not in batch and "pixel_uint8" in batch:
+        # a loader batch that did not pass through pretrain.engine.to_engine: normalise where it lives
+        from data_tools.transforms import normalise
+
+        return normalise(batch["pixel_uint8"])  # float32 [B, 3, S, S]
     if key not in batch:
         raise UserError(f"batch has no {key!r}: model.visual_embedder={embedder} needs it "
                         f"(the dataset's visual input does not match the model's embedder)")
