@@ -237,7 +237,7 @@ def trainer_pid(job_id: str, rank: int) -> int | None:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"pretrain" not in cmdline or b"-m" not in cmdline:
+            if cmdline[1:3] != [b"-m", b"pretrain"]:  # not the task's bash, whose arguments are the command
                 continue
             environ = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
         except OSError:
