@@ -64,9 +64,9 @@ relalign_train() {
     return "$code"
 }
 
-# relalign_requeue: put the job back in the queue (same id, same RUN_DIR) and end this attempt with 75.
+# relalign_requeue [REASON]: put the job back in the queue (same id, same RUN_DIR), end this attempt with 75.
 relalign_requeue() {
-    echo "relalign: preempted with a checkpoint saved; requeueing job ${SLURM_JOB_ID}" >&2
+    echo "relalign: ${1:-preempted with a checkpoint saved}; requeueing job ${SLURM_JOB_ID}" >&2
     if [[ -n "${PROM_TARGETS_DIR:-}" ]]; then rm -f "$PROM_TARGETS_DIR/relalign-${SLURM_JOB_ID:-local}.json"; fi
     scontrol requeue "$SLURM_JOB_ID"
     exit $PREEMPTED
