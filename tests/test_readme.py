@@ -32,5 +32,9 @@ def test_readme_cluster_section_names_what_the_cluster_tests_run():
     for option in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"):
         assert option in section and f'"{option}"' in slurm_test, option
     assert "scancel --signal=USR1" in section and '"scancel", "--signal=USR1"' in slurm_test
+    finetune_test = (REPO / "tests" / "cluster" / "test_slurm_finetune.py").read_text()
+    assert "cluster/slurm/finetune.sbatch" in section and "finetune.sbatch" in finetune_test
+    for setting in ("finetune.candidates=6", "finetune.hard=2", "data.batch_size=4", 'EVAL_K="8"'):
+        assert setting.replace('"', "") in section and setting in finetune_test, setting
     ssh_test = (REPO / "tests" / "cluster" / "test_deepspeed_ssh.py").read_text()
     assert "--hostfile hostfile --ssh_port 2222" in section and '"--ssh_port"' in ssh_test

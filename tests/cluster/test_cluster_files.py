@@ -232,10 +232,12 @@ def test_alert_rules_fire_on_the_situations_they_name(tmp_path):
 
 # --- Slurm scripts (run against a real Slurm in tests/cluster/test_slurm.py) ----------------------
 def test_sbatch_files_are_valid_bash_with_the_right_directives():
-    for name in ("pretrain.sbatch", "build_shards.sbatch"):
+    for name in ("pretrain.sbatch", "finetune.sbatch", "build_shards.sbatch", "training.sh"):
         proc = subprocess.run(["bash", "-n", str(CLUSTER / "slurm" / name)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-    text = (CLUSTER / "slurm" / "pretrain.sbatch").read_text()
-    assert "#SBATCH --signal=USR1@120" in text and "#SBATCH --requeue" in text
-    assert f"PREEMPTED={int(ExitCode.PREEMPTED)}" in text
+    for name in ("pretrain.sbatch", "finetune.sbatch"):
+        text = (CLUSTER / "slurm" / name).read_text()
+        assert "#SBATCH --signal=USR1@120" in text and "#SBATCH --requeue" in text
+        assert 'source "$here/training.sh"' in text
+    assert f"PREEMPTED={int(ExitCode.PREEMPTED)}" in (CLUSTER / "slurm" / "training.sh").read_text()
     assert "#SBATCH --array=" in (CLUSTER / "slurm" / "build_shards.sbatch").read_text()

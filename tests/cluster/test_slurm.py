@@ -53,10 +53,11 @@ def overrides(data: Path, *more: str) -> list[str]:
             "train.record_keys=true", "checkpoint.every_steps=0", "train.lost_rank_timeout_s=120", *more]
 
 
-def submit(slurm: SlurmCluster, out: Path, env: dict[str, str], args: list[str], *, wait: bool) -> tuple[str, int]:
+def submit(slurm: SlurmCluster, out: Path, env: dict[str, str], args: list[str], *, wait: bool,
+           template: Path = TEMPLATE) -> tuple[str, int]:
     """sbatch the template (with --wait: until it ends); returns the job id and sbatch's exit code."""
     cmd = ["sbatch", "--parsable", *SMALL, f"--chdir={REPO}", f"--output={out}/slurm-%j.out",
-           *(["--wait"] if wait else []), str(TEMPLATE), *args]
+           *(["--wait"] if wait else []), str(template), *args]
     proc = slurm.run(*cmd, env={**env, "SLURM_CONF": str(slurm.conf)}, check=False, timeout=JOB_TIMEOUT_S)
     job_id = (proc.stdout.strip().splitlines() or [""])[0].split(";")[0]
     assert job_id.isdigit(), proc.stdout + proc.stderr
@@ -236,7 +237,7 @@ def trainer_pid(job_id: str, rank: int) -> int | None:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"pretrain" not in cmdline or b"-m" not in cmdline:
+            if cmdline[1:3] != [b"-m", b"pretrain"]:  # not the task's bash, whose arguments are the command
                 continue
             environ = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
         except OSError:
