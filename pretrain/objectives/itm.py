@@ -17,6 +17,9 @@ class ITMConfig(TermConfig):
 
     hard_negatives: bool = True
     """Sample negatives by ITC similarity (needs objectives.itc); false draws them uniformly among other images."""
+    caption_negatives: bool = False
+    """Also score each image against its sample's own hard negative caption (the dataset's `negatives`: a
+    relation or attribute swap), labelled not matched: the only ITM signal about relations."""
 
 
 def sample_hard_negatives(similarity: Tensor | None, codes: Tensor,
@@ -45,8 +48,9 @@ def sample_hard_negatives(similarity: Tensor | None, codes: Tensor,
 
 @register("itm", order=20)
 class ITM(Term):
-    """One joint pass over [positives; image + negative text; negative image + text] ([3B] rows);
-    the first B rows are the matched pairs (IAIS blocks are computed for them when wanted)."""
+    """One joint pass over [positives; image + negative text; negative image + text] ([3B] rows, plus
+    [image + its own negative caption] with `caption_negatives`); the first B rows are the matched
+    pairs (IAIS blocks are computed for them when wanted)."""
 
     Config = ITMConfig
 
@@ -61,9 +65,14 @@ class ITM(Term):
         tmask = torch.cat([text_mask, text_mask[neg_text], text_mask])
         vis = torch.cat([visual_tokens, visual_tokens, visual_tokens[neg_image]])  # [3B, M, D]
         vmask = torch.cat([visual_mask, visual_mask, visual_mask[neg_image]])
-        matched = torch.cat([sample_mask, torch.zeros(2 * b, dtype=torch.bool, device=sample_mask.device)])  # [3B]
-        out = ctx.joint(ids, tmask, vis, vmask, matched_rows=matched)
-        logits = ctx.model.itm_logits(out)  # [3B, 2]
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
         weights = torch.cat([sample_mask, has_neg, has_neg])  # [3B]
+        if self.config.caption_negatives and "neg_input_ids" in batch:  # + [image + its swapped caption]: [4B]
+            ids, tmask = torch.cat([ids, batch["neg_input_ids"]]), torch.cat([tmask, batch["neg_text_mask"]])
+            vis, vmask = torch.cat([vis, visual_tokens]), torch.cat([vmask, visual_mask])
+            weights = torch.cat([weights, batch["has_negative"].to(sample_mask.device) & sample_mask])
+        rows = ids.shape[0]
+        matched = torch.cat([sample_mask, torch.zeros(rows - b, dtype=torch.bool, device=sample_mask.device)])
+        out = ctx.joint(ids, tmask, vis, vmask, matched_rows=matched)
+        logits = ctx.model.itm_logits(out)  # [rows, 2]
+        labels = torch.cat([torch.ones(b), torch.zeros(rows - b)]).long().to(ids.device)
         return masked_mean(F.cross_entropy(wide(logits), labels, reduction="none"), weights)

@@ -187,3 +187,33 @@ def test_padding_slot_does_not_change_mlm_and_itc(tiny_model: RelAlignModel) -> 
     ref = objective(tiny_model, trimmed, Progress(0, 10))
     for key in ("loss/itc", "loss/mlm"):
         assert base.logs[key].item() == pytest.approx(ref.logs[key].item(), rel=1e-5), key
+
+
+def test_caption_negatives_add_the_samples_own_swapped_caption_as_not_matched(tiny_model: RelAlignModel) -> None:
+    """objectives.itm.caption_negatives: one more joint row per sample that has a negative caption, labelled
+    0; the ITM loss equals a direct cross-entropy over exactly those rows."""
+    batch = _batch(b=4, padding=0)
+    g = torch.Generator().manual_seed(3)
+    batch["neg_input_ids"] = torch.randint(5, 40, batch["input_ids"].shape, generator=g) * batch["text_mask"]
+    batch["neg_text_mask"] = batch["text_mask"].clone()
+    batch["has_negative"] = torch.tensor([True, False, True, True])
+    base = _sections(itc=False, mlm=False, itm={"hard_negatives": False})
+    with_neg = _sections(itc=False, mlm=False, itm={"hard_negatives": False, "caption_negatives": True})
+    seen = []
+    forward = tiny_model.forward
+    tiny_model.forward = lambda ids, *a, **k: seen.append(ids.shape[0]) or forward(ids, *a, **k)
+    try:
+        torch.manual_seed(5)
+        plain = pretraining_objective(base)(tiny_model, batch, Progress(0, 10))
+        torch.manual_seed(5)
+        extra = pretraining_objective(with_neg)(tiny_model, batch, Progress(0, 10))
+    finally:
+        del tiny_model.forward
+    assert seen == [12, 16]  # [3B] rows, then [4B] rows
+    # the extra rows: image b with its own negative caption, label 0, weight has_negative[b]
+    tokens, mask = tiny_model.embed_visual(batch)
+    out = tiny_model(batch["neg_input_ids"], batch["neg_text_mask"], tokens, mask)
+    extra_ce = F.cross_entropy(tiny_model.itm_logits(out), torch.zeros(4, dtype=torch.long), reduction="none")
+    # plain loss = mean over 12 weighted rows (all valid); with negatives: (12 * plain + sum of 3 extra) / 15
+    expected = (12 * plain.logs["loss/itm"] + extra_ce[batch["has_negative"]].sum()) / 15
+    assert extra.logs["loss/itm"].item() == pytest.approx(expected.item(), rel=1e-5)
