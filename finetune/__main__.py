@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from finetune.evaluate import main as evaluate_main
 
         return evaluate_main(argv[1:])
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)  # options may stand between overrides
     if args.config is None and not args.overrides:
         raise UserError("python -m finetune: give --config FILE (e.g. configs/tiny.yaml) and --init RUN")
     from finetune.config import load_finetune_config

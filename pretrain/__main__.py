@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = export_run(args.run, args.out)
         print(f"exported {path}")
         return ExitCode.OK
-    args = training_parser("python -m pretrain", "Pretrain a single-stream image-text encoder (see configs/).").parse_args(argv)
+    args = training_parser("python -m pretrain", "Pretrain a single-stream image-text encoder (see configs/).").parse_intermixed_args(argv)
     if args.config is None and not args.overrides:
         raise UserError("python -m pretrain: give --config FILE (e.g. configs/tiny.yaml) and/or overrides")
     from pretrain.config import load_config

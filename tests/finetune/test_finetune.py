@@ -65,7 +65,8 @@ SETTINGS = ("zero.stage=2", "data.batch_size=4", "finetune.candidates=6", "finet
 
 
 def _args(data: Path, init: Path, run: Path, *extra: str) -> list[str]:
-    return ["--config", TINY, "--init", str(init), f"data.paths=[{data}]", f"run.dir={run}", *SETTINGS, *extra]
+    # --init between overrides, as the demo writes it: options and overrides may intermix
+    return ["--config", TINY, f"data.paths=[{data}]", "--init", str(init), f"run.dir={run}", *SETTINGS, *extra]
 
 
 @pytest.mark.slow
