@@ -38,3 +38,18 @@ def test_readme_cluster_section_names_what_the_cluster_tests_run():
         assert setting.replace('"', "") in section and setting in finetune_test, setting
     ssh_test = (REPO / "tests" / "cluster" / "test_deepspeed_ssh.py").read_text()
     assert "--hostfile hostfile --ssh_port 2222" in section and '"--ssh_port"' in ssh_test
+
+
+REPO_PATH = re.compile(r"`((?:data_tools|pretrain|finetune|cluster|configs|bench|scripts|docs|tests)/[\w./-]+?)`")
+LINK = re.compile(r"\]\(([^)#:]+)\)")
+
+
+def test_files_and_links_the_readme_names_exist():
+    """Every repository path the README names in backticks (a module, template, preset, script...) and
+    every relative link exists, so renames cannot leave the README pointing at nothing."""
+    text = (REPO / "README.md").read_text()
+    named = {m for m in REPO_PATH.findall(text) if "*" not in m and "<" not in m}
+    named |= set(LINK.findall(text))
+    assert len(named) >= 15  # the pattern still finds the README's paths
+    missing = sorted(p for p in named if not (REPO / p.rstrip("/")).exists())
+    assert missing == [], f"README.md names paths that do not exist: {missing}"
