@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import typing
 
 from pretrain.config_reference import COMMAND, MARK_BEGIN, MARK_END, field_docs, generate, readme_copy
 from tests.conftest import REPO
@@ -29,9 +30,10 @@ def test_reference_lists_every_field_of_every_section_with_type_default_and_docs
     from pretrain.objectives import TERMS
 
     rows = _rows(generate())
+    hints = typing.get_type_hints(Config)
     expected = set()
     for field in dataclasses.fields(Config):
-        section = {"finetune": FinetuneConfig}.get(field.name, field.type)
+        section = {"finetune": FinetuneConfig}.get(field.name, hints[field.name])
         if field.name == "objectives":
             expected |= {f"objectives.{name}.{f.name}" for name, term in TERMS.items()
                          for f in dataclasses.fields(term.Config)}
