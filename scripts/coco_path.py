@@ -100,22 +100,24 @@ def chance(direction: str, k: int, images: int, captions: int) -> float:
 
 
 def summarise(reports: dict[str, dict]) -> tuple[dict, str]:
-    """{run/eval: recalls and chance} and the Markdown table of the same numbers (percent)."""
-    rows, lines = {}, ["| run | eval | images / captions | " + " | ".join(
-        f"{d} R@{k}" for d in ("i2t", "t2i") for k in KS) + " |", "|" + " --- |" * 9]
-    chance_line = None
-    for label, rep in reports.items():
-        recall, images, captions = rep["recall"], rep["images"], rep["captions"]
-        row = {f"{d}@{k}": recall[f"{d}@{k}"] for d in ("i2t", "t2i") for k in KS}
-        row.update({f"chance/{d}@{k}": chance(d, k, images, captions) for d in ("i2t", "t2i") for k in KS})
-        row.update(images=images, captions=captions, rsum=recall["rsum"])
-        rows[label] = row
-        run, _, ev = label.partition("/")
-        lines.append(f"| {run} | {ev} | {images} / {captions} | "
-                     + " | ".join(f"{100 * row[f'{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS) + " |")
-        chance_line = (f"| chance | ({images} photos) | {images} / {captions} | "
-                       + " | ".join(f"{100 * row[f'chance/{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS) + " |")
-        lines.append(chance_line)
+    """{run/eval: recalls and chance} and the Markdown table of the same numbers (percent), the runs
+    of each evaluation followed by its chance row."""
+    header = "| run | eval | images / captions | " + " | ".join(f"{d} R@{k}" for d in ("i2t", "t2i") for k in KS) + " |"
+    rows, lines = {}, [header, "|" + " --- |" * 9]
+    by_eval: dict[str, list[str]] = {}
+    for label in reports:
+        by_eval.setdefault(label.partition("/")[2], []).append(label)
+    for ev, labels in by_eval.items():
+        for label in labels:
+            recall, images, captions = reports[label]["recall"], reports[label]["images"], reports[label]["captions"]
+            row = {f"{d}@{k}": recall[f"{d}@{k}"] for d in ("i2t", "t2i") for k in KS}
+            row.update({f"chance/{d}@{k}": chance(d, k, images, captions) for d in ("i2t", "t2i") for k in KS})
+            row.update(images=images, captions=captions, rsum=recall["rsum"])
+            rows[label] = row
+            lines.append(f"| {label.partition('/')[0]} | {ev} | {images} / {captions} | "
+                         + " | ".join(f"{100 * row[f'{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS) + " |")
+        lines.append(f"| chance | {ev} | {images} / {captions} | "
+                     + " | ".join(f"{100 * row[f'chance/{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS) + " |")
     return rows, "\n".join(lines) + "\n"
 
 
@@ -126,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--coco {coco}: not a COCO folder (annotations/captions_train2017.json missing)", file=sys.stderr)
         return 2
     py = sys.executable
-    logs, walls = out / "logs", {}
+    logs = out / "logs"
+    previous = out / "summary.json"  # a rerun keeps the wall times of the stages it skips
+    walls = json.loads(previous.read_text()).get("wall_seconds", {}) if previous.is_file() else {}
     data = {split: out / "data" / split for split in ("train2017", "val2017")}
     for split, folder in data.items():
         if not (folder / "dataset.json").is_file():
