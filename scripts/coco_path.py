@@ -14,8 +14,8 @@ Stages (each one command of the project, printed before it runs; a rerun skips w
 4. `python -m finetune evaluate <finetune run> --data <val> --mode M [--limit N]` for each run and each
    `--eval MODE[:LIMIT]` (LIMIT: the first N val photos; full mode scores every image-caption pair,
    which is what a CPU can afford only on a few photos).
-5. A table of R@1/5/10 both directions next to chance, printed and written to <out>/summary.json
-   and summary.md.
+5. A table of R@1/5/10 both directions next to chance (and each run's ISD, the relation
+   inconsistency IAIS lowers), printed and written to <out>/summary.json and summary.md.
 
 Chance: image retrieval (caption -> image) is K / images; text retrieval (image -> its captions)
 counts a hit when any of the image's g = captions / images captions is in the top K, so chance is
@@ -102,8 +102,9 @@ def chance(direction: str, k: int, images: int, captions: int) -> float:
 def summarise(reports: dict[str, dict]) -> tuple[dict, str]:
     """{run/eval: recalls and chance} and the Markdown table of the same numbers (percent), the runs
     of each evaluation followed by its chance row."""
-    header = "| run | eval | images / captions | " + " | ".join(f"{d} R@{k}" for d in ("i2t", "t2i") for k in KS) + " |"
-    rows, lines = {}, [header, "|" + " --- |" * 9]
+    header = ("| run | eval | images / captions | " + " | ".join(f"{d} R@{k}" for d in ("i2t", "t2i") for k in KS)
+              + " | ISD L / V |")
+    rows, lines = {}, [header, "|" + " --- |" * 10]
     by_eval: dict[str, list[str]] = {}
     for label in reports:
         by_eval.setdefault(label.partition("/")[2], []).append(label)
@@ -112,12 +113,15 @@ def summarise(reports: dict[str, dict]) -> tuple[dict, str]:
             recall, images, captions = reports[label]["recall"], reports[label]["images"], reports[label]["captions"]
             row = {f"{d}@{k}": recall[f"{d}@{k}"] for d in ("i2t", "t2i") for k in KS}
             row.update({f"chance/{d}@{k}": chance(d, k, images, captions) for d in ("i2t", "t2i") for k in KS})
-            row.update(images=images, captions=captions, rsum=recall["rsum"])
+            isd = reports[label].get("isd") or {}
+            row.update(images=images, captions=captions, rsum=recall["rsum"], isd_L=isd.get("L"), isd_V=isd.get("V"))
             rows[label] = row
+            isd_cell = f"{row['isd_L']:.4f} / {row['isd_V']:.4f}" if row["isd_L"] is not None else "-"
             lines.append(f"| {label.partition('/')[0]} | {ev} | {images} / {captions} | "
-                         + " | ".join(f"{100 * row[f'{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS) + " |")
+                         + " | ".join(f"{100 * row[f'{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS)
+                         + f" | {isd_cell} |")
         lines.append(f"| chance | {ev} | {images} / {captions} | "
-                     + " | ".join(f"{100 * row[f'chance/{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS) + " |")
+                     + " | ".join(f"{100 * row[f'chance/{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS) + " | |")
     return rows, "\n".join(lines) + "\n"
 
 
