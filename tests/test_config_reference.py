@@ -1,0 +1,80 @@
+"""The configuration reference is generated from the schema, and README.md holds an exact copy."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import typing
+
+from pretrain.config_reference import COMMAND, MARK_BEGIN, MARK_END, field_docs, generate, readme_copy
+from tests.conftest import REPO
+
+UNDOCUMENTED = {"optimizer.betas", "optimizer.eps", "schedule.warmup_steps", "schedule.decay", "schedule.min_lr_ratio",
+                "train.grad_accumulation", "zero.stage", "precision"}
+"""Fields whose dataclass source has no docstring yet: this list may only shrink."""
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    """{dotted field: [type, default, meaning]} of every table row."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.replace("\\|", "\x00").strip("|").split("|")]
+            rows[cells[0].strip("`")] = [c.replace("\x00", "|") for c in cells[1:]]
+    return rows
+
+
+def test_reference_lists_every_field_of_every_section_with_type_default_and_docstring():
+    from finetune.config import FinetuneConfig
+    from pretrain.config import Config
+    from pretrain.objectives import TERMS
+
+    rows = _rows(generate())
+    hints = typing.get_type_hints(Config)
+    expected = set()
+    for field in dataclasses.fields(Config):
+        section = {"finetune": FinetuneConfig}.get(field.name, hints[field.name])
+        if field.name == "objectives":
+            expected |= {f"objectives.{name}.{f.name}" for name, term in TERMS.items()
+                         for f in dataclasses.fields(term.Config)}
+        elif dataclasses.is_dataclass(section):
+            expected |= {f"{field.name}.{f.name}" for f in dataclasses.fields(section)}
+        else:
+            expected.add(field.name)
+    assert expected | {"model.preset"} == set(rows)
+    assert rows["train.steps"] == ["int", "`0`", "Optimizer steps; 0 = derived from `epochs`."]
+    assert rows["iais.layers"][:2] == ["list[int]", "`[-1]`"]
+    assert rows["finetune.recipe"][:2] == ["'hard_negative' | 'itc_itm'", "`hard_negative`"]
+    assert rows["objectives.itm.hard_negatives"][1] == "`true`"
+    assert rows["objectives.itm.weight"][2] == "Its weight in the total loss."  # inherited from TermConfig
+    assert rows["finetune.init"][2].startswith("Start from: a pretraining run directory")  # two source lines, one here
+    undocumented = {name for name, (_, _, meaning) in rows.items() if not meaning}
+    assert undocumented <= UNDOCUMENTED, f"fields without a docstring in their dataclass: {undocumented - UNDOCUMENTED}"
+
+
+def test_field_docs_reads_the_string_after_each_field_only():
+    @dataclasses.dataclass
+    class Sample:
+        a: int = 1
+        """First."""
+        b: int = 2
+        c: str = "x"
+        """Third,
+        on two lines."""
+
+    assert field_docs(Sample) == {"a": "First.", "c": "Third, on two lines."}
+
+
+def test_command_prints_the_reference():
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "config-reference"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == generate()
+
+
+def test_readme_copy_matches_the_generated_reference():
+    copy = readme_copy((REPO / "README.md").read_text())
+    assert copy is not None, f"README.md lacks the {MARK_BEGIN} ... {MARK_END} markers"
+    assert copy == generate(), (f"README.md's configuration reference differs from the schema: regenerate it with "
+                                f"`{COMMAND}` and paste it between {MARK_BEGIN} and {MARK_END} "
+                                f"(`{COMMAND} --readme README.md` does it)")
