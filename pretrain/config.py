@@ -8,10 +8,8 @@ objectives (pretrain.objectives: one section per registered term), optimizer / s
 (pretrain.engine), train / run (pretrain.train), eval (pretrain.evaluator), checkpoint
 (pretrain.checkpoint), metrics (pretrain.metrics), and sections registered by a higher layer
 (`register_section`: finetuning's). The machinery (types, overrides, messages): pretrain.config_schema.
-Everything is checked before any process group starts: a configuration mistake is one ConfigError
-naming the dotted field (exit code 2); a dataset folder whose dataset.json is missing or malformed
-is a data error (exit code 3).
-"""
+Checked before any process group starts: a configuration mistake is one ConfigError naming the
+dotted field (exit 2); a dataset folder with a malformed dataset.json is a data error (exit 3)."""
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +48,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision (DeepSpeed mixed precision); fp16 needs a CUDA device."""
     zero: ZeroConfig = dataclasses.field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)

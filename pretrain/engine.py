@@ -26,7 +26,9 @@ class OptimizerConfig:
     lr: float = 1e-4
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW's (beta1, beta2); the paper's finetuning uses (0.9, 0.98)."""
     eps: float = 1e-8
+    """AdamW's denominator epsilon."""
     weight_decay: float = 0.01
     """Applied to weight matrices only: never to norms, biases or position tables."""
     lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -46,8 +48,11 @@ class ScheduleConfig:
     """Linear warm-up from 0 to the peak, then decay to `min_lr_ratio` x peak at the last step."""
 
     warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to the peak learning rate."""
     decay: Literal["linear", "cosine", "constant"] = "cosine"
+    """Shape of the decay after warm-up."""
     min_lr_ratio: float = 0.0
+    """Learning rate at the last step, as a fraction of the peak."""
 
     def __post_init__(self) -> None:
         check("schedule.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "an integer >= 0")
@@ -59,6 +64,7 @@ class ZeroConfig:
     """DeepSpeed ZeRO stage and an optional raw DeepSpeed JSON merged over the generated config."""
 
     stage: int = 0
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters) partitioned."""
     deepspeed_config: str | None = None
     """Path of a DeepSpeed JSON; its keys override the generated ones (nested dicts merge)."""
 

@@ -56,6 +56,7 @@ class TrainConfig:
     """Samples per optimizer step over all ranks; 0 = data.batch_size x world size x grad_accumulation.
     Kept fixed on an elastic resume: the per-rank batch or the accumulation adapts."""
     grad_accumulation: int = 1
+    """Micro-batches per optimizer step on every rank."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
     seed: int = 0
