@@ -28,7 +28,7 @@ IMAGE_SIZE = 32  # 4 x 4 patches of 8 px: a quarter of the preset's tokens, same
 TEXT_LEN = 16  # the longest synthetic caption is 12 words + [CLS] [SEP]
 BATCH = 32
 LR, WARMUP = 2e-3, 20
-MAX_STEPS, CHECK_EVERY = 800, 100
+MAX_STEPS, CHECK_EVERY = 1200, 100  # reached at 800 (0.906) with seed 0; headroom for other float orders
 THRESHOLD = 0.9
 
 
@@ -64,6 +64,8 @@ def ranking_accuracy(model: RelAlignModel, batches: list[dict]) -> float:
     return wins / total
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(3000)  # 800 steps: 18 min wall on 2 cores shared by 5 test runs; several times less when idle
 def test_itm_alone_ranks_true_captions_above_random_ones_on_held_out_scenes(scenes):
     train_dir, test_dir = scenes
     torch.manual_seed(0)
@@ -88,7 +90,7 @@ def test_itm_alone_ranks_true_captions_above_random_ones_on_held_out_scenes(scen
             schedule.step()
             step += 1
             if step % CHECK_EVERY == 0:
-                history.append((step, ranking_accuracy(model, held_out), float(loss)))
+                history.append((step, ranking_accuracy(model, held_out), loss.item()))
                 if history[-1][1] >= THRESHOLD or step >= MAX_STEPS:
                     break
         loader.set_epoch(loader.epoch + 1)
