@@ -3,6 +3,7 @@
     python -m finetune --config configs/tiny.yaml --init runs/tiny [overrides] [--resume auto|PATH]
     torchrun --nproc_per_node 2 -m finetune --config ...        (also deepspeed --module, srun, accelerate launch -m)
     python -m finetune evaluate WEIGHTS --data DATASET [--mode full|rerank|embedding] [--k K]
+    python -m finetune config-reference [--readme README.md]   (every config field: type, default, meaning)
 
 The preset's `finetune:` section gives the recipe and its optimiser values (finetune.overrides);
 everything is validated before any process group starts. Exit codes: data_tools.errors.ExitCode.
@@ -32,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from finetune.evaluate import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if argv and argv[0] == "config-reference":
+        return _config_reference(argv[1:])
     args = _train_parser().parse_intermixed_args(argv)  # options may stand between overrides
     if args.config is None and not args.overrides:
         raise UserError("python -m finetune: give --config FILE (e.g. configs/tiny.yaml) and --init RUN")
@@ -43,6 +46,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ([f"resume={args.resume}"] if args.resume else [])
     cfg, resume_path = prepare(load_finetune_config, args.config, overrides)
     return run_training(cfg, resume_path, FinetuneTask, prog="finetune")
+
+
+def _config_reference(argv: list[str]) -> int:
+    """Print the configuration reference (every section, the finetuning one included), or write it
+    between the README's markers with --readme."""
+    import finetune.config  # noqa: F401  (registers the `finetune` section)
+    from data_tools.errors import OneLineParser
+    from pretrain.config_reference import generate, write_readme
+
+    parser = OneLineParser(prog="python -m finetune config-reference", allow_abbrev=False,
+                           description="The configuration reference (Markdown) generated from the schema.")
+    parser.add_argument("--readme", help="write it between the <!-- config-reference --> markers of this file "
+                                         "(e.g. README.md) instead of printing it")
+    args = parser.parse_args(argv)
+    if args.readme:
+        write_readme(args.readme)
+        print(f"wrote the configuration reference into {args.readme}")
+    else:
+        print(generate(), end="")
+    return 0
 
 
 main.__module__ = "finetune.__main__"

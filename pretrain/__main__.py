@@ -3,7 +3,6 @@
     python -m pretrain --config configs/tiny.yaml data.paths=[DIR] train.steps=50 [--resume auto|PATH]
     torchrun --nproc_per_node 2 -m pretrain --config ...      (also deepspeed --module, srun, accelerate launch -m)
     python -m pretrain export runs/tiny --out exported/
-    python -m pretrain config-reference [--readme README.md]   (every config field: type, default, meaning)
 
 The configuration is validated before any process group starts (a mistake: one line, exit code 2).
 Exit codes: data_tools.errors.ExitCode (0 done, 2 configuration, 4 non-finite stop, 5 lost rank,
@@ -36,14 +35,6 @@ def _export_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reference_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m pretrain config-reference", allow_abbrev=False,
-                           description="The configuration reference (Markdown) generated from the schema.")
-    parser.add_argument("--readme", help="write it between the <!-- config-reference --> markers of this file "
-                                         "(e.g. README.md) instead of printing it")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher appends --local_rank=N; the environment carries the same information.
@@ -54,16 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         path = export_run(args.run, args.out)
         print(f"exported {path}")
-        return ExitCode.OK
-    if argv and argv[0] == "config-reference":
-        args = _reference_parser().parse_args(argv[1:])
-        from pretrain.config_reference import generate, write_readme
-
-        if args.readme:
-            write_readme(args.readme)
-            print(f"wrote the configuration reference into {args.readme}")
-        else:
-            print(generate(), end="")
         return ExitCode.OK
     args = training_parser("python -m pretrain", "Pretrain a single-stream image-text encoder (see configs/).").parse_intermixed_args(argv)
     if args.config is None and not args.overrides:

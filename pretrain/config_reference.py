@@ -21,7 +21,7 @@ import yaml
 
 MARK_BEGIN = "<!-- config-reference -->"
 MARK_END = "<!-- /config-reference -->"
-COMMAND = "python -m pretrain config-reference"
+COMMAND = "python -m finetune config-reference"
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -102,7 +102,8 @@ def _registered_section_class(name: str) -> type:
 
 def generate() -> str:
     """The reference as Markdown (deterministic: the same text for the same code)."""
-    import finetune.config  # noqa: F401  (registers the `finetune` section)
+    # Sections a higher layer registers (the finetuning section) appear once their module is imported:
+    # `python -m finetune config-reference` (the top layer) imports it; this module never reaches up.
     from pretrain.config import SECTION_BUILDERS, Config
     from pretrain.config_schema import _type_name
     from pretrain.objectives import TERMS

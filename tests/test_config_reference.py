@@ -6,6 +6,7 @@ import subprocess
 import sys
 import typing
 
+import finetune.config  # noqa: F401  (registers the finetune section, as `python -m finetune config-reference` does)
 from pretrain.config_reference import COMMAND, MARK_BEGIN, MARK_END, field_docs, generate, readme_copy
 from tests.conftest import REPO
 
@@ -65,7 +66,7 @@ def test_field_docs_reads_the_string_after_each_field_only():
 
 
 def test_command_prints_the_reference():
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "config-reference"], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "finetune", "config-reference"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == generate()

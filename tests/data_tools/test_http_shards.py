@@ -17,6 +17,7 @@ import pytest
 
 from data_tools.loader import merge_rank_cursors
 from tests.data_tools.shard_server import ShardServer
+from data_tools.builders.synthetic import scene_key
 from tests.data_tools.test_loader import batches_equal, config, real_keys, run_ranks
 
 SAMPLES, SHARD_SAMPLES = 48, 8
@@ -55,7 +56,7 @@ def served(built, tmp_path):
 
 
 def all_keys() -> list[str]:
-    return sorted(f"{i:09d}" for i in range(SAMPLES))
+    return sorted(scene_key(0, i) for i in range(SAMPLES))
 
 
 def shard_path(i: int) -> str:
@@ -90,7 +91,7 @@ def test_without_range_support_the_rest_of_the_shard_is_bad_with_a_reason(built,
         reader.close()
     finally:
         server.stop()
-    assert got == [f"{i:09d}" for i in range(len(got))] and 0 < len(got) < SHARD_SAMPLES
+    assert got == [scene_key(0, i) for i in range(len(got))] and 0 < len(got) < SHARD_SAMPLES
     assert len(bad) == SHARD_SAMPLES - len(got)
     assert "did not resume at byte 9000" in bad[0] and shard_path(0) in bad[0]
 

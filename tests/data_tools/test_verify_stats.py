@@ -90,7 +90,7 @@ def test_verify_missing_dataset_json(tmp_path, capsys):
     assert build("verify", str(tmp_path / "empty")) == 2
     assert capsys.readouterr().err.strip() == f"data_tools: error: {tmp_path / 'empty' / DATASET_FILE}: missing (not a finished dataset: build it, or run merge after a parts build)"
     (tmp_path / "empty" / DATASET_FILE).write_text("[1, 2]")
-    assert build("verify", str(tmp_path / "empty")) == 2
+    assert build("verify", str(tmp_path / "empty")) == 3  # present but malformed: the data is wrong (exit 3)
     assert "malformed dataset.json" in capsys.readouterr().err
 
 

@@ -52,7 +52,7 @@ def test_cli_end_to_end(exported, synthetic, eval_set, model, tokenizer, tmp_pat
 def test_evaluate_model_returns_flat_metrics(model, tokenizer, eval_set, tmp_path):
     metrics = evaluate_model(model, tokenizer, eval_set, mode="rerank", k=4, layers=[-1], out_dir=tmp_path / "r")
     for key in ("recall/i2t@1", "recall/i2t@5", "recall/i2t@10", "recall/t2i@1", "recall/t2i@5", "recall/t2i@10",
-                "recall/mean", "relation/unknown", "relation/all", "isd/L", "isd/V", "isda"):
+                "recall/mean", "relation/relation", "relation/attribute", "relation/all", "isd/L", "isd/V", "isda"):
         assert key in metrics, key
         assert 0.0 <= metrics[key] <= 1.0 or key.startswith("isd")
     assert (tmp_path / "r" / "report.json").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from data_tools.builders.synthetic import scene_key
 from tests.conftest import free_port
 from tests.data_tools.test_http_shards import SAMPLES, built, served, shard_path  # noqa: F401 (fixtures)
 from tests.pretrain.runs import base_args, logs_text, read_keys, run_ranks
@@ -20,5 +21,5 @@ def test_two_ranks_train_on_http_shards_exactly_once_through_a_drop(served, tmp_
     codes = run_ranks(2, args, free_port(), logs)
     assert codes == [0, 0], logs_text(logs)
     keys = [key for _, _, key in read_keys(run_dir)]
-    assert sorted(keys) == sorted(f"{i:09d}" for i in range(SAMPLES)), logs_text(logs)
+    assert sorted(keys) == sorted(scene_key(0, i) for i in range(SAMPLES)), logs_text(logs)
     assert (shard_path(3), "bytes=12000-") in server.requests
