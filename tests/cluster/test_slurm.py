@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.multiprocess, pytest.mark.slow]
 
 TEMPLATE = REPO / "cluster" / "slurm" / "pretrain.sbatch"
 SHARDS_TEMPLATE = REPO / "cluster" / "slurm" / "build_shards.sbatch"
-STEPS, BATCH = 16, 4
+STEPS, BATCH = 32, 4  # two epochs of the 128 scenes: several Prometheus scrapes of a rising counter, an epoch boundary
 JOB_TIMEOUT_S = 420
 # The test cluster has no GPUs and 2 CPUs per node: override the template's GPU directives.
 SMALL = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
@@ -106,7 +106,7 @@ def reference(slurm, dataset, tmp_path_factory):
         while proc.poll() is None and time.monotonic() - start < JOB_TIMEOUT_S:
             result = prometheus.query('relalign_steps_total{job="relalign"}')
             polls.append({r["metric"]["rank"]: float(r["value"][1]) for r in result})
-            time.sleep(0.5)
+            time.sleep(0.2)
         if proc.poll() is None:
             proc.kill()
         stdout, stderr = proc.communicate(timeout=60)
@@ -166,7 +166,7 @@ def test_preempted_job_requeues_and_ends_like_the_uninterrupted_one(slurm, datas
     # the same final step, data order and weights as the uninterrupted job
     assert latest_tag(run_dir) == latest_tag(reference["run_dir"])
     keys, reference_keys = read_keys(run_dir), read_keys(reference["run_dir"])
-    assert len({k for _, _, k in keys}) == len(keys), "a sample was consumed twice"
+    assert len({(e, k) for e, _, k in keys}) == len(keys), "a sample was consumed twice in one epoch"
     assert sorted(keys) == sorted(reference_keys)
     assert_same_weights(model_state(run_dir / "checkpoints" / latest_tag(run_dir)),
                         model_state(reference["run_dir"] / "checkpoints" / latest_tag(reference["run_dir"])))
