@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from data_tools.errors import ExitCode
 from tests.conftest import REPO
 
@@ -53,3 +55,32 @@ def test_files_and_links_the_readme_names_exist():
     assert len(named) >= 15  # the pattern still finds the README's paths
     missing = sorted(p for p in named if not (REPO / p.rstrip("/")).exists())
     assert missing == [], f"README.md names paths that do not exist: {missing}"
+
+
+def readme_test_commands() -> list[str]:
+    """The lines of every ```bash readme-test block of README.md."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash readme-test\n(.*?)```", text, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_commands_marked_for_testing_run_on_tiny_inputs(tmp_path):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    commands = readme_test_commands()
+    assert len(commands) >= 8
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                                            str(REPO / ".cache" / "torch_extensions"))}
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "python", command
+        proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"README command failed: {command}\n{proc.stderr[-3000:]}"
+    assert (tmp_path / "runs" / "tiny-ft" / "eval").is_dir() and (tmp_path / "eval-export" / "report.json").is_file()
