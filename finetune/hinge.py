@@ -113,8 +113,7 @@ class HardNegativeHinge(Term):
                 vis, vmask = model.embed_visual(_to(self.store.visual_batch(cand), device, visual_tokens.dtype))
                 s = match_score(model, batch["input_ids"].index_select(0, rows), batch["text_mask"].index_select(0, rows),
                                 vis, vmask)
-            for (a, j), value in zip(part, s.float().cpu().tolist()):
-                scores[a, j] = value
+            scores[[a for a, _ in part], [j for _, j in part]] = s.float().cpu()
         return scores
 
     def _score_itc(self, ctx: StepContext, kind: str, ids: Tensor, anchors: list[int], scores: Tensor) -> Tensor:

@@ -34,9 +34,10 @@ TOKENIZER = "tokenizer"
 
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
-    """Every torch.load inside (DeepSpeed's own included, which pass weights_only=False) loads with
-    weights_only=True: a run folder copied from elsewhere cannot run code while it is read. The few
-    non-tensor types DeepSpeed writes into its state files are allow-listed by name."""
+    """Every torch.load inside loads with weights_only=True, DeepSpeed's own calls included (they ask
+    for full unpickling; TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that): a run folder copied from
+    elsewhere cannot run code while it is read. The few non-tensor types DeepSpeed writes into its
+    state files are allow-listed by name."""
     previous = os.environ.get(FORCE_WEIGHTS_ONLY)
     os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:
