@@ -1,7 +1,8 @@
 """ITM alone learns on the synthetic scenes (issue 8): the `tiny` preset's image-text matching head,
 trained with the real pretraining objective (ITC, MLM and IAIS off, uniform random negatives) in a plain
 loop over real Loader batches, scores the true caption of a held-out scene above a random other
-scene's caption for at least 90% of the held-out images within a fixed number of steps.
+scene's caption in at least 90% of the comparisons (each held-out image against three other scenes'
+captions) after a fixed schedule (1,600 steps, cosine decay).
 
 Why it matters: full and rerank retrieval, the hinge recipe and relation sensitivity all read ITM
 scores. With BERT's initialiser range (0.02) and dropout 0.1 in a 64-wide model, the pooled [CLS] of
@@ -27,9 +28,13 @@ from tests.pretrain.runs import PYTHON, REPO, env_for
 IMAGE_SIZE = 32  # 4 x 4 patches of 8 px: a quarter of the preset's tokens, same shapes
 TEXT_LEN = 16  # the longest synthetic caption is 12 words + [CLS] [SEP]
 BATCH = 32
-LR, WARMUP = 2e-3, 20
-MAX_STEPS, CHECK_EVERY = 1200, 100  # reached at 800 (0.906) with seed 0; headroom for other float orders
+LR, WARMUP, STEPS, CHECK_EVERY = 2e-3, 20, 1600, 400
 THRESHOLD = 0.9
+OTHER_CAPTIONS = (1, 2, 3)  # each held-out image against the captions of the next three scenes of its batch
+# Why a fixed cosine schedule and 768 comparisons: with a constant learning rate and 128 comparisons the
+# accuracy wandered +-0.03 between checks, and CI's float order (another CPU) ended at 0.898 where this
+# machine passed 0.9 at step 800. Measured here with this schedule (torch seeds 0 and 1): 0.918 / 0.932
+# at step 800, 0.960 / 0.951 at 1600.
 
 
 def build(out: Path, samples: int, seed: int, split: str) -> Path:
@@ -42,30 +47,30 @@ def build(out: Path, samples: int, seed: int, split: str) -> Path:
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("scenes")
-    return build(root / "train", 1024, seed=0, split="train"), build(root / "test", 128, seed=1, split="test")
+    return build(root / "train", 1024, seed=0, split="train"), build(root / "test", 256, seed=1, split="test")
 
 
 @torch.no_grad()
 def ranking_accuracy(model: RelAlignModel, batches: list[dict]) -> float:
-    """Share of held-out images whose true caption scores above another scene's caption (ITM logit margin)."""
+    """Share of (held-out image, other scene's caption) comparisons where the image's true caption has
+    the larger ITM logit margin; the other scenes are the next ones of the batch (scenes are random)."""
     model.eval()
     wins = total = 0
     for batch in batches:
         tokens, mask = model.embed_visual(batch)  # [B, M, W], [B, M]
-        other = torch.roll(torch.arange(tokens.shape[0]), 1)  # the next scene's caption: a random other scene
-        ids = torch.cat([batch["input_ids"], batch["input_ids"][other]])  # [2B, Lt]
-        text_mask = torch.cat([batch["text_mask"], batch["text_mask"][other]])
-        logits = model.itm_logits(model(ids, text_mask, tokens.repeat(2, 1, 1), mask.repeat(2, 1)))  # [2B, 2]
-        score = logits[:, 1] - logits[:, 0]  # [2B]
-        true, random = score.chunk(2)
-        wins += int((true > random).sum())
-        total += true.shape[0]
+        b, n = tokens.shape[0], 1 + len(OTHER_CAPTIONS)
+        rows = torch.cat([torch.arange(b)] + [torch.roll(torch.arange(b), k) for k in OTHER_CAPTIONS])  # [nB]
+        ids, text_mask = batch["input_ids"][rows], batch["text_mask"][rows]  # [nB, Lt]
+        logits = model.itm_logits(model(ids, text_mask, tokens.repeat(n, 1, 1), mask.repeat(n, 1)))  # [nB, 2]
+        score = (logits[:, 1] - logits[:, 0]).view(n, b)  # row 0: true captions
+        wins += int((score[:1] > score[1:]).sum())
+        total += (n - 1) * b
     model.train()
     return wins / total
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3000)  # 800 steps: 18 min wall on 2 cores shared by 5 test runs; several times less when idle
+@pytest.mark.timeout(3000)  # 1,600 steps: about 80 s on CI's 2 cores; 12 min here on 2 cores shared by 4 agents
 def test_itm_alone_ranks_true_captions_above_random_ones_on_held_out_scenes(scenes):
     train_dir, test_dir = scenes
     torch.manual_seed(0)
@@ -76,13 +81,14 @@ def test_itm_alone_ranks_true_captions_above_random_ones_on_held_out_scenes(scen
     objective = pretraining_objective(build_sections({"itc": False, "mlm": False, "itm": {"hard_negatives": False}},
                                                      build_config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / STEPS))))
 
     start, step, history = time.perf_counter(), 0, []
     before = ranking_accuracy(model, held_out)
-    while step < MAX_STEPS and (not history or history[-1][1] < THRESHOLD):
+    while step < STEPS:
         for batch in loader:
-            loss = objective(model, batch, Progress(step, MAX_STEPS)).total
+            loss = objective(model, batch, Progress(step, STEPS)).total
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -91,11 +97,11 @@ def test_itm_alone_ranks_true_captions_above_random_ones_on_held_out_scenes(scen
             step += 1
             if step % CHECK_EVERY == 0:
                 history.append((step, ranking_accuracy(model, held_out), loss.item()))
-                if history[-1][1] >= THRESHOLD or step >= MAX_STEPS:
-                    break
+            if step >= STEPS:
+                break
         loader.set_epoch(loader.epoch + 1)
     seconds = time.perf_counter() - start
     print(f"ITM ranking accuracy {before:.3f} -> {history}, {seconds:.1f} s")
     assert 0.35 < before < 0.65  # untrained: chance
-    assert history[-1][1] >= THRESHOLD, f"held-out ranking accuracy by step: {history}"
+    assert history[-1][0] == STEPS and history[-1][1] >= THRESHOLD, f"held-out ranking accuracy by step: {history}"
     assert math.isfinite(history[-1][2])
