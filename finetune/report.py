@@ -56,7 +56,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_pct(embedding['accuracy'])} |")
         lines.append("")
     isd = report.get("isd")
-    if isd:
+    if isd and isd["layers"]:  # none for a dual encoder (no cross-modal attention to measure)
         lines += [f"## ISD and ISDa (eval mode, {isd['mode']} alignment)", "",
                   "| layer | ISD L | ISD V | ISDa | pairs | annotated pairs |", "|---|---|---|---|---|---|"]
         for layer, values in isd["layers"].items():
