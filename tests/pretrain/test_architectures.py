@@ -240,3 +240,24 @@ def test_dual_encoder_itc_only_configuration_is_accepted(dataset: Path) -> None:
     cfg = load_finetune_config(TINY, [f"data.paths=[{dataset}]", *DUAL_ITC, "finetune.recipe=itc",
                                       "finetune.eval_mode=embedding"])
     assert cfg.finetune.recipe == "itc"
+
+
+def test_two_stream_gradient_checkpointing_gives_the_same_loss_and_gradients() -> None:
+    input_ids, text_mask, visual_tokens, visual_mask, rows = _inputs()
+
+    def loss_and_grads(recompute: bool):
+        model = _two_stream().train()
+        model.config.gradient_checkpointing = recompute
+        out = model(input_ids, text_mask, visual_tokens, visual_mask, iais_rows=rows)
+        regularizer = IAISRegularizer(IAISConfig(schedule="constant"), 2)
+        regularizer.attach(model)
+        loss = model.itm_logits(out).sum() + model.mlm_logits(out, text_mask).logsumexp(-1).sum() \
+            + regularizer(out.attention, 0, 1).raw
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads(False)
+    loss_r, grads_r = loss_and_grads(True)
+    assert torch.equal(loss, loss_r) and grads.keys() == grads_r.keys()
+    assert all(torch.allclose(grads[n], grads_r[n], rtol=1e-10, atol=1e-12) for n in grads)
+    assert any(n.startswith("co_blocks.1.text_cross") for n in grads)
