@@ -1,5 +1,9 @@
-"""`RelAlignModel`: text embeddings + visual embedder + single-stream encoder + ITM/MLM/ITC heads.
+"""`ModelBase` (what every architecture shares) and `RelAlignModel`: text embeddings + visual
+embedder + single-stream encoder + ITM/MLM/ITC heads (`model.architecture=single_stream`).
 
+The interface every architecture offers (two_stream.py, dual_encoder.py): `embed_visual`,
+`embed_visual_with_boxes`, `forward` -> `EncoderOutput`, `itm_logits`, `mlm_logits`, `encode_text`,
+`encode_image`, `itc_scale`, `set_iais_layers` / `iais_layers`, `config`, `embeddings`.
 The trainer calls `embed_visual(batch)` then `forward(...)` with `iais_rows` = the matched pairs,
 and reads heads from the returned `EncoderOutput`. Which layers return IAIS attention blocks is set
 once with `set_iais_layers(regularizer.layers)` (default: the last layer, the official choice).
