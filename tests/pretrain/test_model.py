@@ -255,12 +255,13 @@ def test_set_iais_layers_validates():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_iais_on_off_identical_and_loss_float32():
+@pytest.mark.parametrize("architecture", ["single_stream", "two_stream"])
+def test_cuda_bf16_iais_on_off_identical_and_loss_float32(architecture):
     from pretrain.iais import IAISConfig, IAISRegularizer
 
-    model = tiny(dropout=0.0, attention_dropout=0.0).cuda()
+    model = tiny(dropout=0.0, attention_dropout=0.0, architecture=architecture).cuda()
     batch = {k: v.cuda() for k, v in patch_batch().items()}
-    regularizer = IAISRegularizer(IAISConfig(schedule="constant"), model.config.num_layers)
+    regularizer = IAISRegularizer(IAISConfig(schedule="constant"), model.config.iais_layer_count)
     rows = torch.tensor([True, True, False], device="cuda")
     full = regularizer(run(model, batch, rows).attention, 0, 1).loss
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -271,4 +272,5 @@ def test_cuda_bf16_iais_on_off_identical_and_loss_float32():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert loss.item() == pytest.approx(full.item(), rel=0.05)
     loss.backward()
-    assert torch.isfinite(model.encoder.layer[-1].attention.self.query.weight.grad).all()
+    last = model.encoder.layer[-1] if architecture == "single_stream" else model.co_blocks[-1].text_layer
+    assert torch.isfinite(last.attention.self.query.weight.grad).all()
