@@ -18,7 +18,9 @@ from data_tools.errors import UserError, check
 from pretrain.config import Config, check_environment, config_from_dict, register_section
 from pretrain.config_schema import apply_override, read_yaml
 
-RECIPES = ("hard_negative", "itc_itm")
+RECIPES = ("hard_negative", "itc_itm", "itc")
+ITM_RECIPES = ("hard_negative", "itc_itm")
+"""Recipes that score pairs with ITM (a joint pass): not for model.architecture=dual_encoder."""
 BATCH_KINDS = ("alternate", "image", "caption")
 MINING = ("random_n", "itc_topk")
 EVAL_MODES = ("full", "rerank", "embedding")
@@ -31,9 +33,9 @@ class FinetuneConfig:
     init: str | None = None
     """Start from: a pretraining run directory (newest complete checkpoint), a checkpoint or an export
     folder; None: from model.init_from / fresh weights."""
-    recipe: Literal["hard_negative", "itc_itm"] = "hard_negative"
+    recipe: Literal["hard_negative", "itc_itm", "itc"] = "hard_negative"
     """hard_negative (the paper: hinge on sigmoid ITM scores against mined negatives) | itc_itm (ITC + ITM
-    with in-batch hard negatives, ALBEF style)."""
+    with in-batch hard negatives, ALBEF style) | itc (ITC only: the recipe of model.architecture=dual_encoder)."""
     batch_kinds: Literal["alternate", "image", "caption"] = "alternate"
     """hard_negative batches built around an image (its caption + H hard captions) or around a caption (its
     image + H hard images): alternate by optimiser step, or one kind only."""
@@ -83,9 +85,20 @@ def load_finetune_config(path: str | os.PathLike | None, overrides: Sequence[str
         apply_override(tree, override)
     tree.setdefault("finetune", {})
     cfg = config_from_dict(tree)
+    check_finetune_architecture(cfg)
     check_environment(cfg)
     check_init(cfg)
     return cfg
+
+
+def check_finetune_architecture(cfg: Config) -> None:
+    """A dual encoder has no ITM (nothing attends across the modalities): it finetunes with the `itc`
+    recipe and evaluates by embedding."""
+    if cfg.model.architecture != "dual_encoder":
+        return
+    why = "for model.architecture=dual_encoder (no ITM: nothing attends across the modalities)"
+    check("finetune.recipe", cfg.finetune.recipe, cfg.finetune.recipe not in ITM_RECIPES, f"itc {why}")
+    check("finetune.eval_mode", cfg.finetune.eval_mode, cfg.finetune.eval_mode == "embedding", f"embedding {why}")
 
 
 def _yaml_scalar(value: Any) -> str:

@@ -78,9 +78,13 @@ class Options:
     max_text_len: int | None = None
     progress: bool = False
 
-    def check(self, num_layers: int) -> None:
+    def check(self, model_config: Any) -> None:
+        """Flags against the model: `model_config` is its ModelConfig (architecture, IAIS layer count)."""
         if self.mode not in scoring.MODES:
             raise UserError(f"--mode {self.mode}: expected one of {' | '.join(scoring.MODES)}")
+        if not model_config.cross_modal and self.mode != "embedding":
+            raise UserError(f"--mode {self.mode}: model.architecture={model_config.architecture} has no ITM (nothing "
+                            f"attends across the modalities); use --mode embedding")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
             raise UserError(f"--k {self.k}: expected an integer >= 1 (candidates re-ranked by ITM per query)")
         if self.score not in scoring.SCORES:
@@ -91,10 +95,13 @@ class Options:
             raise UserError(f"--plots {self.plots}: expected an integer >= 0")
         if self.folds is not None and self.folds <= 0:
             raise UserError(f"--folds {self.folds}: expected an integer >= 1")
+        if not model_config.cross_modal:
+            return  # no IAIS layers: --layers is not used
+        num_layers = model_config.iais_layer_count
         try:
             isd_eval.resolve_layers(self.layers, num_layers)
         except ValueError as err:
-            raise UserError(f"--layers {self.layers}: {err} (the model has {num_layers} layers)") from None
+            raise UserError(f"--layers {self.layers}: {err} (the model has {num_layers} IAIS layers)") from None
 
 
 def _visual_input(model) -> tuple[str, int]:
@@ -109,13 +116,14 @@ def run_evaluation(model, tokenizer, eval_set: EvalSet, options: Options,
     The model is put in eval mode for the duration and its training mode and IAIS layers restored.
     """
     model = scoring.unwrap(model)
-    options.check(model.config.num_layers)
+    options.check(model.config)
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary {model.config.vocab_size}: "
                         f"not the tokenizer these weights were trained with")
     visual, image_size = _visual_input(model)
     max_text_len = min(options.max_text_len or model.config.max_text_len, model.config.max_text_len)
-    layers = isd_eval.resolve_layers(options.layers, model.config.num_layers)
+    cross_modal = model.config.cross_modal
+    layers = isd_eval.resolve_layers(options.layers, model.config.iais_layer_count) if cross_modal else []
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -129,15 +137,18 @@ def run_evaluation(model, tokenizer, eval_set: EvalSet, options: Options,
         folded = recall.fold_average(gallery.scores_i2t, eval_set.caption_image, gallery.scores_t2i, folds) \
             if folds and folds > 1 and images % folds == 0 else None
         kw = dict(max_text_len=max_text_len, visual=visual, image_size=image_size, batch_size=options.batch_size,
-                  score=options.score)
+                  score=options.score, itm=cross_modal)
         relations = {"dataset": relation.relation_sensitivity(model, eval_set.images, eval_set.triples, tokenizer, **kw)}
         if pair_triples is not None:
             relations["pairs"] = relation.relation_sensitivity(model, pair_images, pair_triples, tokenizer, **kw)
+        # A dual encoder has no cross-modal attention: no ISD, no attention plots (reported as null).
         isd = isd_eval.measure(model, eval_set, tokenizer, layers=layers, max_text_len=max_text_len, visual=visual,
                                image_size=image_size, batch_size=min(options.batch_size, 64), mode=options.iais_mode,
-                               normalization=options.normalization)
+                               normalization=options.normalization) if cross_modal else \
+            {"layers": {}, "L": None, "V": None, "isda": None, "mode": options.iais_mode,
+             "normalization": options.normalization}
         figures = {}
-        if options.plots and scoring.rank_and_world()[0] == 0:
+        if cross_modal and options.plots and scoring.rank_and_world()[0] == 0:
             figures = plots.attention_plots(model, eval_set, tokenizer, count=options.plots, layer=layers[-1],
                                             max_text_len=max_text_len, visual=visual, image_size=image_size,
                                             mode=options.iais_mode, normalization=options.normalization)
@@ -172,7 +183,8 @@ def flat_metrics(report_dict: dict[str, Any]) -> dict[str, float]:
         for kind, values in result["embedding"].items():
             out[f"{prefix}_embedding/{kind}"] = values["accuracy"]
     isd = report_dict["isd"]
-    out["isd/L"], out["isd/V"] = isd["L"], isd["V"]
+    if isd["L"] is not None:  # None for a dual encoder (no cross-modal attention)
+        out["isd/L"], out["isd/V"] = isd["L"], isd["V"]
     if isd["isda"] is not None:
         out["isda"] = isd["isda"]
     out["eval/pair_forwards"] = float(report_dict["cost"]["pair_forwards"])
@@ -242,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = load_weights(args.weights)
     model = loaded.model
     options.max_text_len = loaded.max_text_len
-    options.check(model.config.num_layers)
+    options.check(model.config)
     name = args.name or f"{Path(args.data).name}-{args.mode}" + (f"-k{args.k}" if args.mode == "rerank" else "")
     if args.out:
         out_dir = Path(args.out)

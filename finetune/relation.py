@@ -91,8 +91,10 @@ def shares(true_scores: Tensor, negative_scores: Tensor, kinds: list[str]) -> di
 @torch.no_grad()
 def relation_sensitivity(model, images: list[dict[str, Any]], triples: list[Triple], tokenizer, *,
                          max_text_len: int, visual: str, image_size: int, batch_size: int = 128,
-                         score: str = "logit") -> dict[str, Any]:
+                         score: str = "logit", itm: bool = True) -> dict[str, Any]:
     """Shares per kind by ITM score and by embedding cosine, plus the triples' pair-forward count.
+
+    `itm=False` (a dual encoder: no ITM) scores by embedding only; "itm" is then empty.
 
     Returns {"itm": {kind: {"accuracy", "count"}}, "embedding": {...}, "pair_forwards": n, "seconds": s}.
     """
@@ -105,10 +107,12 @@ def relation_sensitivity(model, images: list[dict[str, Any]], triples: list[Trip
     texts = tokenize([text for t in triples for text in (t.caption, t.negative)], tokenizer, max_text_len)
     image_index = torch.tensor([position[t.image] for t in triples])  # [T]
     scorer = PairScorer(model, vis, texts, batch_size=batch_size, score=score)
-    itm = scorer(image_index.repeat_interleave(2), torch.arange(2 * len(triples))).view(-1, 2)  # [T, 2]
+    pair_scores = scorer(image_index.repeat_interleave(2), torch.arange(2 * len(triples))).view(-1, 2) \
+        if itm else None  # [T, 2]
     image_emb = image_embeddings(model, vis, batch_size).cpu()[image_index]  # [T, E]
     text_emb = text_embeddings(model, texts, batch_size).cpu().view(len(triples), 2, -1)  # [T, 2, E]
     cosine = (text_emb * image_emb[:, None, :]).sum(dim=-1)  # [T, 2]
     kinds = [t.kind for t in triples]
-    return {"itm": shares(itm[:, 0], itm[:, 1], kinds), "embedding": shares(cosine[:, 0], cosine[:, 1], kinds),
+    itm_shares = shares(pair_scores[:, 0], pair_scores[:, 1], kinds) if pair_scores is not None else {}
+    return {"itm": itm_shares, "embedding": shares(cosine[:, 0], cosine[:, 1], kinds),
             "pair_forwards": scorer.pair_forwards, "seconds": scorer.seconds}

@@ -46,16 +46,17 @@ def markdown(report: dict[str, Any]) -> str:
                   + f", rsum {folds['rsum']:.2f}", ""]
     relation = report.get("relation") or {}
     for source, result in relation.items():
-        if not result.get("itm"):
+        if not result.get("embedding"):
             continue
         lines += [f"## Relation sensitivity: {source} (true caption scored higher, %)", "",
                   "| kind | triples | ITM | embedding |", "|---|---|---|---|"]
-        for kind, itm in result["itm"].items():
-            lines.append(f"| {kind} | {itm['count']} | {_pct(itm['accuracy'])} | "
-                         f"{_pct(result['embedding'][kind]['accuracy'])} |")
+        for kind, embedding in result["embedding"].items():
+            itm = (result.get("itm") or {}).get(kind)  # none for a dual encoder (no ITM)
+            lines.append(f"| {kind} | {embedding['count']} | {_pct(itm['accuracy']) if itm else '-'} | "
+                         f"{_pct(embedding['accuracy'])} |")
         lines.append("")
     isd = report.get("isd")
-    if isd:
+    if isd and isd["layers"]:  # none for a dual encoder (no cross-modal attention to measure)
         lines += [f"## ISD and ISDa (eval mode, {isd['mode']} alignment)", "",
                   "| layer | ISD L | ISD V | ISDa | pairs | annotated pairs |", "|---|---|---|---|---|---|"]
         for layer, values in isd["layers"].items():

@@ -45,15 +45,16 @@ class FinetuneTask:
             from pretrain.model import load_hf_text_weights
 
             load_hf_text_weights(model, self.cfg.model.init_from)
-        self.regularizer = IAISRegularizer.from_config(self.cfg.iais, model.config.num_layers)
+        self.regularizer = IAISRegularizer.from_config(self.cfg.iais, model.config.iais_layer_count)
         if self.regularizer is not None:
             self.regularizer.attach(model)
         return model
 
     def objective(self) -> Objective:
         extra = [IAISTerm(self.regularizer)] if self.regularizer is not None else []
-        if self.ft.recipe == "itc_itm":
-            sections = {name: dataclasses.replace(section, enabled=name in ("itc", "itm") and section.enabled)
+        if self.ft.recipe in ("itc_itm", "itc"):
+            kept = ("itc", "itm") if self.ft.recipe == "itc_itm" else ("itc",)
+            sections = {name: dataclasses.replace(section, enabled=name in kept and section.enabled)
                         for name, section in self.cfg.objectives.items()}
             return CompositeObjective.from_sections(sections, extra)
         store = CandidateStore(self.cfg.data, self.tokenizer)

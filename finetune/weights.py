@@ -2,7 +2,7 @@
 checkpoint folder, or an export folder (`python -m pretrain export`).
 
     source = resolve_weights("runs/tiny")      # WeightsSource: model config, tokenizer folder, loader
-    model = source.build_model()               # RelAlignModel with the weights, eval mode
+    model = source.build_model()               # the model (any architecture) with the weights, eval mode
 
 Loading never unpickles arbitrary objects (safetensors for exports; DeepSpeed states under
 `pretrain.export.weights_only_loads`). A path that is none of the three is one line, exit 2.
@@ -40,9 +40,9 @@ class WeightsSource:
 
     def build_model(self) -> torch.nn.Module:
         """The model with these weights, in eval mode; a mismatch with the config is one line."""
-        from pretrain.model import RelAlignModel
+        from pretrain.model import build_model
 
-        model = RelAlignModel(self.model_config)
+        model = build_model(self.model_config)
         load_weights(model, self.state_dict(), self.path)
         return model.eval()
 

@@ -96,6 +96,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     cfg.objectives = objectives
     for name, value in special.items():
         setattr(cfg, name, SECTION_BUILDERS[name](value, build))
+    check_architecture(cfg)
     check("data.max_text_len", cfg.data.max_text_len, cfg.data.max_text_len <= cfg.model.max_text_len,
           f"at most model.max_text_len={cfg.model.max_text_len}")
     if cfg.train.global_batch_size:
@@ -103,6 +104,26 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
               cfg.train.global_batch_size % cfg.train.grad_accumulation == 0,
               f"a multiple of train.grad_accumulation={cfg.train.grad_accumulation}")
     return cfg
+
+
+def check_architecture(cfg: Config) -> None:
+    """What `model.architecture` can train: a dual encoder has no attention across the modalities, so
+    ITC is its only objective and IAIS is undefined; `iais.layers` must name layers the architecture
+    has (two_stream: co-attention blocks). One ConfigError naming the field, before any process starts."""
+    arch = cfg.model.architecture
+    if arch == "dual_encoder":
+        why = "false for model.architecture=dual_encoder (nothing attends across the modalities"
+        check("iais.enabled", cfg.iais.enabled, not cfg.iais.enabled, why + ", so IAIS is undefined)")
+        for name, section in cfg.objectives.items():
+            check(f"objectives.{name}.enabled", section.enabled, name == "itc" or not section.enabled,
+                  why + ": ITC is its only objective)")
+        return
+    if cfg.iais.enabled:
+        count = cfg.model.iais_layer_count
+        what = f"co-attention blocks (model.cross_layers={count})" if arch == "two_stream" else \
+            f"encoder layers (model.num_layers={count})"
+        check("iais.layers", cfg.iais.layers, all(-count <= i < count for i in cfg.iais.layers),
+              f"indices in [-{count}, {count}) of the {what}")
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:

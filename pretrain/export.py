@@ -1,6 +1,6 @@
 """Export a run's checkpoint as consolidated weights: `python -m pretrain export RUN --out DIR`.
 
-    DIR/model.safetensors     fp32 state dict of RelAlignModel (whatever ZeRO stage or precision trained it)
+    DIR/model.safetensors     fp32 state dict of the model (any architecture, whatever ZeRO stage or precision trained it)
     DIR/model_config.json     the ModelConfig (vocab_size included)
     DIR/tokenizer/            the tokenizer the run trained with (Hugging Face folder)
     DIR/export.json           source checkpoint, step, config hash
@@ -100,7 +100,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     state = consolidated_state_dict(checkpoint)
     embedding = next((v for k, v in state.items() if k.endswith("word_embeddings.weight")), None)
     if embedding is None:
-        raise UserError(f"export: {checkpoint} has no word embedding table; not a RelAlignModel checkpoint")
+        raise UserError(f"export: {checkpoint} has no word embedding table; not a relalign model checkpoint")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "source": str(checkpoint)})
@@ -116,16 +116,16 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 def load_exported(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
-    """(RelAlignModel in eval mode, tokenizer or None) from an export folder."""
+    """(the model in eval mode, tokenizer or None) from an export folder."""
     from safetensors.torch import load_file
 
-    from pretrain.model import ModelConfig, RelAlignModel
+    from pretrain.model import ModelConfig, build_model
 
     folder = Path(folder)
     if not (folder / WEIGHTS).is_file() or not (folder / MODEL_CONFIG).is_file():
         raise UserError(f"{folder}: not an exported model (expected {WEIGHTS} and {MODEL_CONFIG})")
     config = ModelConfig(**json.loads((folder / MODEL_CONFIG).read_text()))
-    model = RelAlignModel(config)
+    model = build_model(config)
     state = load_file(str(folder / WEIGHTS))
     model.load_state_dict(state, strict=True)
     model.eval()

@@ -56,7 +56,8 @@ class IAISConfig:
     schedule: str = "exp"
     """Weight ramp s(p), p = step / total_steps: constant | linear | exp (official: exp(5 (p - 1))) | log (1 - exp(-5 p))."""
     layers: list[int] = dataclasses.field(default_factory=lambda: [-1])
-    """Encoder layers to regularise; negative counts from the end (official: the last, -1)."""
+    """Layers to regularise; negative counts from the end (official: the last, -1). For model.architecture=two_stream
+    these index the co-attention blocks (model.cross_layers of them); a dual_encoder has none (IAIS refused)."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("direction", DIRECTIONS), ("normalization", NORMALIZATIONS),
@@ -189,6 +190,18 @@ def mean_over_valid(values: Tensor, valid: Tensor) -> Tensor:
     return (values * weights).sum(dim=-1) / weights.sum().clamp_min(1.0)
 
 
+def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
+    """`iais.layers` (negative from the end) -> sorted non-negative indices below `num_layers`
+    (`ModelConfig.iais_layer_count`: encoder layers, or a two_stream model's co-attention blocks)."""
+    resolved = []
+    for index in layers:
+        layer = index + num_layers if index < 0 else index
+        if not 0 <= layer < num_layers:
+            raise ConfigError("iais.layers", layers, f"indices in [-{num_layers}, {num_layers})")
+        resolved.append(layer)
+    return sorted(set(resolved))
+
+
 class IAISRegularizer:
     """Callable loss: attention blocks of the regularised layers -> weighted IAIS loss and ISD.
 
@@ -200,13 +213,7 @@ class IAISRegularizer:
 
     def __init__(self, config: IAISConfig, num_layers: int):
         self.config = config
-        resolved = []
-        for index in config.layers:
-            layer = index + num_layers if index < 0 else index
-            if not 0 <= layer < num_layers:
-                raise ConfigError("iais.layers", config.layers, f"indices in [-{num_layers}, {num_layers})")
-            resolved.append(layer)
-        self.layers: list[int] = sorted(set(resolved))
+        self.layers: list[int] = resolve_layers(config.layers, num_layers)
 
     @classmethod
     def from_config(cls, config: IAISConfig, num_layers: int) -> "IAISRegularizer | None":

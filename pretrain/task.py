@@ -37,10 +37,10 @@ class Task(Protocol):
 
 
 def new_model(model_config: Any, tokenizer: Any) -> torch.nn.Module:
-    """A freshly initialised RelAlignModel sized to the tokenizer's vocabulary."""
-    from pretrain.model import RelAlignModel
+    """A freshly initialised model of `model.architecture` sized to the tokenizer's vocabulary."""
+    from pretrain.model import build_model
 
-    return RelAlignModel(dataclasses.replace(model_config, vocab_size=len(tokenizer)))
+    return build_model(dataclasses.replace(model_config, vocab_size=len(tokenizer)))
 
 
 class PretrainTask:
@@ -64,7 +64,7 @@ class PretrainTask:
 
             loaded = load_hf_text_weights(model, self.cfg.model.init_from)
             say(f"model.init_from={self.cfg.model.init_from}: {len(loaded)} text tensors loaded")
-        self.regularizer = IAISRegularizer.from_config(self.cfg.iais, model.config.num_layers)
+        self.regularizer = IAISRegularizer.from_config(self.cfg.iais, model.config.iais_layer_count)
         if self.regularizer is not None:
             self.regularizer.attach(model)
         return model

@@ -44,7 +44,7 @@ def test_reference_lists_every_field_of_every_section_with_type_default_and_docs
     assert expected | {"model.preset"} == set(rows)
     assert rows["train.steps"] == ["int", "`0`", "Optimizer steps; 0 = derived from `epochs`."]
     assert rows["iais.layers"][:2] == ["list[int]", "`[-1]`"]
-    assert rows["finetune.recipe"][:2] == ["'hard_negative' | 'itc_itm'", "`hard_negative`"]
+    assert rows["finetune.recipe"][:2] == ["'hard_negative' | 'itc_itm' | 'itc'", "`hard_negative`"]
     assert rows["objectives.itm.hard_negatives"][1] == "`true`"
     assert rows["objectives.itm.weight"][2] == "Its weight in the total loss."  # inherited from TermConfig
     assert rows["finetune.init"][2].startswith("Start from: a pretraining run directory")  # two source lines, one here

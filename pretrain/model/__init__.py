@@ -1,11 +1,24 @@
-"""The single-stream image-text model: config, embeddings, visual embedders, encoder, heads.
+"""The image-text models: config, embeddings, visual embedders, encoders, heads, architectures.
 
-`RelAlignModel` is what the trainer builds; `EncoderOutput.attention` carries the IAIS blocks
-(`AttentionBlocks`) of the layers set with `RelAlignModel.set_iais_layers`.
+`build_model(config)` is the one place a model is constructed (trainer, finetuning, export): it
+picks the class of `config.architecture` (single_stream: `RelAlignModel`, two_stream:
+`TwoStreamModel`, dual_encoder: `DualEncoderModel`), which share one interface. `EncoderOutput.attention`
+carries the IAIS blocks (`AttentionBlocks`) of the layers set with `set_iais_layers`.
 """
-from .config import PRESETS, ModelConfig
+from .config import ARCHITECTURES, PRESETS, ModelConfig
+from .dual_encoder import DualEncoderModel
 from .encoder import AttentionBlocks
 from .hf_init import load_hf_text_weights
-from .model import EncoderOutput, RelAlignModel
+from .model import EncoderOutput, ModelBase, RelAlignModel
+from .two_stream import TwoStreamModel
 
-__all__ = ["PRESETS", "AttentionBlocks", "EncoderOutput", "ModelConfig", "RelAlignModel", "load_hf_text_weights"]
+MODEL_CLASSES = {"single_stream": RelAlignModel, "two_stream": TwoStreamModel, "dual_encoder": DualEncoderModel}
+
+
+def build_model(config: ModelConfig) -> ModelBase:
+    """A freshly initialised model of `config.architecture` (vocab_size must be set)."""
+    return MODEL_CLASSES[config.architecture](config)
+
+
+__all__ = ["ARCHITECTURES", "PRESETS", "AttentionBlocks", "DualEncoderModel", "EncoderOutput", "ModelBase",
+           "ModelConfig", "RelAlignModel", "TwoStreamModel", "build_model", "load_hf_text_weights"]

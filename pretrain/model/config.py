@@ -1,4 +1,4 @@
-"""`ModelConfig`: the shape of the single-stream encoder, its visual embedder and its heads.
+"""`ModelConfig`: the architecture and shape of the encoder, its visual embedder and its heads.
 
 One dataclass, validated on construction so that a bad value fails before any weight is built, with
 the presets of DESIGN.md 2 (`tiny` for CPU tests and the demo, `small` = the shape of
@@ -13,14 +13,21 @@ from typing import Any
 from data_tools.errors import ConfigError
 
 VISUAL_EMBEDDERS = ("patch", "features", "grid")
+ARCHITECTURES = ("single_stream", "two_stream", "dual_encoder")
 GRID_BACKBONE_CHANNELS = 1280
 """Channels of EfficientNet-Lite0's last feature map (the `grid` embedder's token features)."""
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Single-stream BERT-layout encoder over `[CLS] words [SEP] visual tokens`."""
+    """BERT-layout encoder(s) over `[CLS] words [SEP]` and visual tokens, in one of three architectures."""
 
+    architecture: str = "single_stream"
+    """single_stream (one encoder over text and visual tokens, UNITER/ViLT) | two_stream (a text and a visual stream of
+    num_layers layers each, then cross_layers co-attention blocks, ViLBERT/LXMERT) | dual_encoder (two towers of
+    num_layers layers and a projection each, CLIP: ITC only)."""
+    cross_layers: int = 1
+    """two_stream only: co-attention blocks after the streams' own layers (IAIS layers index these blocks)."""
     vocab_size: int | None = None
     """Word-piece vocabulary size; set by the caller from the tokenizer (required to build a model)."""
     num_layers: int = 2
@@ -74,6 +81,10 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"model.{name}", value, "a positive number")
 
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError("model.architecture", self.architecture, " | ".join(ARCHITECTURES))
+        if isinstance(self.cross_layers, bool) or not isinstance(self.cross_layers, int) or self.cross_layers < 1:
+            raise ConfigError("model.cross_layers", self.cross_layers, "an integer >= 1 (co-attention blocks of two_stream)")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
             raise ConfigError("model.vocab_size", self.vocab_size, "a positive integer (the tokenizer's size) or null")
         for name in ("num_layers", "width", "num_heads", "mlp_ratio", "max_text_len", "max_visual_tokens",
@@ -104,6 +115,17 @@ class ModelConfig:
             if self.num_patches > self.max_visual_tokens:
                 raise ConfigError("model.max_visual_tokens", self.max_visual_tokens,
                                   f">= (image_size / patch_size)^2 = {self.num_patches}")
+
+    @property
+    def cross_modal(self) -> bool:
+        """Whether a joint pass exists (ITM, MLM, IAIS): every architecture but the dual encoder."""
+        return self.architecture != "dual_encoder"
+
+    @property
+    def iais_layer_count(self) -> int:
+        """Layers IAIS can read (`iais.layers` indexes them): the encoder layers of single_stream, the
+        co-attention blocks of two_stream, none for dual_encoder (no attention crosses the modalities)."""
+        return {"single_stream": self.num_layers, "two_stream": self.cross_layers, "dual_encoder": 0}[self.architecture]
 
     @property
     def head_dim(self) -> int:
@@ -141,4 +163,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(num_layers=6, width=384, num_heads=12, max_text_len=512, embed_dim=256),
     "base": dict(num_layers=12, width=768, num_heads=12, max_text_len=512, embed_dim=256),
     "large": dict(num_layers=24, width=1024, num_heads=16, max_text_len=512, embed_dim=256),
+    # The other architectures at `tiny` size with parameter counts within 10% of `tiny` (the controlled
+    # comparison of issue 12, VOLTA's point; tests/pretrain/test_architectures.py checks the counts at the
+    # synthetic scenes' vocabulary): two_stream narrower with one layer per stream and one co-attention
+    # block (0.98x), dual_encoder two towers of 2 layers, narrower (0.97x).
+    "tiny_two_stream": dict(num_layers=1, width=44, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
+                            max_visual_tokens=100, embed_dim=32, feature_dim=64, initializer_range=0.1, dropout=0.0,
+                            attention_dropout=0.0, architecture="two_stream", cross_layers=1),
+    "tiny_dual_encoder": dict(num_layers=2, width=48, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
+                              max_visual_tokens=100, embed_dim=32, feature_dim=64, initializer_range=0.1, dropout=0.0,
+                              attention_dropout=0.0, architecture="dual_encoder"),
 }

@@ -87,6 +87,29 @@ def attention_blocks(query: Tensor, key: Tensor, request: BlockRequest) -> Atten
         )
 
 
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """[B, L, W] -> [B, h, L, W / h]."""
+    batch, length, width = x.shape
+    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """[B, h, L, d] -> [B, L, h * d]."""
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def head_mean_softmax(query: Tensor, key: Tensor, key_mask: Tensor) -> Tensor:
+    """Block-restricted softmax averaged over heads, float32 or wider, outside autocast.
+
+    query [P, h, r, d], key [P, h, c, d], key_mask [P, c] bool -> [P, r, c] (masked keys exactly 0).
+    """
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        logits = (query.to(dtype) * query.shape[-1] ** -0.5) @ key.to(dtype).transpose(-1, -2)
+        return _masked_softmax(logits, key_bias(key_mask, dtype)).mean(dim=1)
+
+
 class _Projections(nn.Module):
     def __init__(self, width: int):
         super().__init__()
@@ -132,22 +155,22 @@ class EncoderLayer(nn.Module):
         self.intermediate = _Intermediate(config)
         self.output = _ResidualOutput(config.intermediate_size, config.width, config)
 
-    def forward(self, hidden: Tensor, attn_mask: Tensor,
-                request: BlockRequest | None = None) -> tuple[Tensor, AttentionBlocks | None]:
-        # hidden [B, L, W], attn_mask [B, 1, 1, L] bool (True = attend)
-        batch, length, width = hidden.shape
-
-        def heads(x: Tensor) -> Tensor:  # [B, L, W] -> [B, h, L, d]
-            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
-        proj = self.attention.self
-        query, key, value = heads(proj.query(hidden)), heads(proj.key(hidden)), heads(proj.value(hidden))
+    def attend_with_qk(self, hidden: Tensor, attn_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention and feed-forward -> (out [B, L, W], query, key [B, h, L, d]); the two-stream
+        co-attention blocks read the query and key for their IAIS blocks."""
+        query, key, value = (split_heads(p(hidden), self.num_heads) for p in
+                             (self.attention.self.query, self.attention.self.key, self.attention.self.value))
         context = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask,
             dropout_p=self.attention_dropout if self.training else 0.0)  # [B, h, L, d]
-        context = context.transpose(1, 2).reshape(batch, length, width)
-        attended = self.attention.output(context, hidden)
+        attended = self.attention.output(merge_heads(context), hidden)
         out = self.output(F.gelu(self.intermediate.dense(attended)), attended)
+        return out, query, key
+
+    def forward(self, hidden: Tensor, attn_mask: Tensor,
+                request: BlockRequest | None = None) -> tuple[Tensor, AttentionBlocks | None]:
+        # hidden [B, L, W], attn_mask [B, 1, 1, L] bool (True = attend)
+        out, query, key = self.attend_with_qk(hidden, attn_mask)
         blocks = None
         if request is not None:
             blocks = attention_blocks(query.index_select(0, request.rows), key.index_select(0, request.rows), request)

@@ -90,7 +90,8 @@ def _expected_keys(model) -> list[str]:
 
 
 def load_hf_text_weights(model, folder: str | Path) -> list[str]:
-    """Copy a BERT-family checkpoint into `model` (a RelAlignModel); returns the loaded names.
+    """Copy a BERT-family checkpoint into `model`'s text embeddings and text encoder (every
+    architecture names them `embeddings` and `encoder`); returns the loaded names.
 
     `folder`: a path or a packaged name (`minilm`). The trainer calls this once for a fresh run when
     `model.init_from` is set (a resumed run takes every weight from its checkpoint instead).
@@ -109,7 +110,7 @@ def load_hf_text_weights(model, folder: str | Path) -> list[str]:
         raise UserError(f"model.init_from={folder}: checkpoint has encoder layers {extra_layers[0]}..{extra_layers[-1]} "
                         f"beyond model.num_layers={model.config.num_layers}")
     for source, target in HEAD_KEYS.items():
-        if source in tensors:
+        if source in tensors and target in params:  # a dual encoder has no ITM pooler or MLM head
             plan[target] = tensors[source]
     position = "embeddings.position_embeddings.weight"
     rows = params[position].shape[0]

@@ -1,5 +1,9 @@
-"""`RelAlignModel`: text embeddings + visual embedder + single-stream encoder + ITM/MLM/ITC heads.
+"""`ModelBase` (what every architecture shares) and `RelAlignModel`: text embeddings + visual
+embedder + single-stream encoder + ITM/MLM/ITC heads (`model.architecture=single_stream`).
 
+The interface every architecture offers (two_stream.py, dual_encoder.py): `embed_visual`,
+`embed_visual_with_boxes`, `forward` -> `EncoderOutput`, `itm_logits`, `mlm_logits`, `encode_text`,
+`encode_image`, `itc_scale`, `set_iais_layers` / `iais_layers`, `config`, `embeddings`.
 The trainer calls `embed_visual(batch)` then `forward(...)` with `iais_rows` = the matched pairs,
 and reads heads from the returned `EncoderOutput`. Which layers return IAIS attention blocks is set
 once with `set_iais_layers(regularizer.layers)` (default: the last layer, the official choice).
@@ -26,7 +30,8 @@ from .visual import build_visual_embedder
 class EncoderOutput:
     hidden: Tensor  # [B, Lt + M, W]
     text_len: int  # Lt: hidden[:, :Lt] is the text, hidden[:, Lt:] the visual tokens
-    attention: dict[int, AttentionBlocks]  # layer index -> blocks for the iais_rows
+    attention: dict[int, AttentionBlocks]  # layer index (two_stream: co-attention block) -> blocks for the iais_rows
+    visual_mask: Tensor | None = None  # [B, M] bool; set by two_stream (its ITM pools the visual stream)
 
 
 def word_mask_from_text_mask(text_mask: Tensor) -> Tensor:
@@ -39,8 +44,27 @@ def word_mask_from_text_mask(text_mask: Tensor) -> Tensor:
     return text_mask & (positions >= 1) & (positions < last)
 
 
-class RelAlignModel(nn.Module):
-    """Single-stream image-text transformer with the heads used by pretraining and retrieval."""
+def block_request(iais_rows: Tensor | None, text_mask: Tensor, visual_mask: Tensor, iais_layers: frozenset[int],
+                  device: torch.device) -> BlockRequest | None:
+    """What the IAIS layers compute blocks for (None: nothing to compute).
+
+    iais_rows [B] bool (the matched pairs), text_mask [B, Lt], visual_mask [B, M].
+    """
+    text_len = text_mask.shape[1]
+    if iais_rows is None or not iais_layers or visual_mask.shape[1] == 0 or text_len <= 2:
+        return None
+    rows = iais_rows.bool().nonzero().flatten().to(device, non_blocking=True)  # [P]
+    words = word_mask_from_text_mask(text_mask.bool())[:, 1:text_len - 1]  # [B, n]
+    return BlockRequest(rows=rows, text_len=text_len, word_mask=words.index_select(0, rows),
+                        visual_mask=visual_mask.bool().index_select(0, rows))
+
+
+class ModelBase(nn.Module):
+    """What every architecture shares: text embeddings, the visual embedder, the text encoder
+    (`encoder`: BERT names, so `hf_init` loads it), ITC projections and temperature, initialisation,
+    IAIS layer selection. A subclass builds its own body (`_build_body`) between the visual embedder
+    and the ITC head, so the single-stream model's parameters are created (and initialised) in the
+    same order as before the architectures existed."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -52,14 +76,17 @@ class RelAlignModel(nn.Module):
         self.visual_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.visual_dropout = nn.Dropout(config.dropout)
         self.encoder = Encoder(config)
-        self.itm = ITMHead(config)
-        self.mlm = MLMHead(config)
+        self._build_body(config)
         self.itc = ContrastiveHead(config)
         # Shape [1], not 0-dim: DeepSpeed 0.19.8 broadcasts parameters as `p.data.view(torch.uint8)`,
         # which raises for a 0-dim tensor; [1] broadcasts against [B, B] similarities the same way.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / config.itc_temperature)))  # [1]
         self._init_fresh_weights()
-        self.iais_layers: frozenset[int] = frozenset({config.num_layers - 1})
+        count = config.iais_layer_count
+        self.iais_layers: frozenset[int] = frozenset({count - 1}) if count else frozenset()
+
+    def _build_body(self, config: ModelConfig) -> None:
+        raise NotImplementedError
 
     def _init_fresh_weights(self) -> None:
         """BERT initialisation for everything except a pretrained visual backbone."""
@@ -80,9 +107,12 @@ class RelAlignModel(nn.Module):
     def set_iais_layers(self, layers: Iterable[int]) -> None:
         """The layers that return attention blocks (non-negative indices, e.g. `IAISRegularizer.layers`)."""
         layers = frozenset(int(i) for i in layers)
-        bad = [i for i in layers if not 0 <= i < self.config.num_layers]
+        count = self.config.iais_layer_count
+        bad = [i for i in layers if not 0 <= i < count]
         if bad:
-            raise ConfigError("iais.layers", sorted(bad), f"layer indices in [0, {self.config.num_layers})")
+            what = {"two_stream": "co-attention block", "dual_encoder": "(none: no attention crosses the "
+                    "modalities)"}.get(self.config.architecture, "layer")
+            raise ConfigError("iais.layers", sorted(bad), f"{what} indices in [0, {count})")
         self.iais_layers = layers
 
     def embed_visual_with_boxes(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,6 +129,31 @@ class RelAlignModel(nn.Module):
         tokens, mask, _ = self.embed_visual_with_boxes(batch)
         return tokens, mask
 
+    def itc_scale(self) -> Tensor:
+        """exp(logit_scale) clamped to model.itc_max_scale, shape [1]: multiply cosine similarities by it."""
+        return self.logit_scale.clamp(max=math.log(self.config.itc_max_scale)).exp()
+
+    def encode_text(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """Text-only pass through `encoder` -> [B, E] L2-normalised (masked mean pooling)."""
+        hidden, _ = self.encoder(self.embeddings(input_ids), text_mask.bool())
+        return self.itc.text(hidden, text_mask.bool())
+
+    def mlm_logits(self, out: EncoderOutput, positions: Tensor | None = None) -> Tensor:
+        """Vocabulary logits over the text tokens [B, Lt, V]; with `positions` ([B, Lt] bool, e.g.
+        `mlm_labels != -100`) only at those positions: [N, V] (saves the V-wide matmul elsewhere)."""
+        text = out.hidden[:, :out.text_len]  # [B, Lt, W]
+        if positions is not None:
+            text = text[positions]  # [N, W]
+        return self.mlm(text, self.embeddings.word_embeddings.weight)
+
+
+class RelAlignModel(ModelBase):
+    """Single-stream image-text transformer with the heads used by pretraining and retrieval."""
+
+    def _build_body(self, config: ModelConfig) -> None:
+        self.itm = ITMHead(config)
+        self.mlm = MLMHead(config)
+
     def forward(self, input_ids: Tensor, text_mask: Tensor, visual_tokens: Tensor, visual_mask: Tensor,
                 iais_rows: Tensor | None = None) -> EncoderOutput:
         """Joint pass over `[CLS] words [SEP] | visual tokens`.
@@ -112,12 +167,7 @@ class RelAlignModel(nn.Module):
         hidden = torch.cat([self.embeddings(input_ids), visual_tokens.to(self.embeddings.LayerNorm.weight.dtype)],
                            dim=1)  # [B, Lt + M, W]
         key_mask = torch.cat([text_mask.bool(), visual_mask.bool()], dim=1)  # [B, Lt + M]
-        request = None
-        if iais_rows is not None and self.iais_layers and visual_tokens.shape[1] > 0 and text_len > 2:
-            rows = iais_rows.bool().nonzero().flatten().to(hidden.device, non_blocking=True)  # [P]
-            words = word_mask_from_text_mask(text_mask.bool())[:, 1:text_len - 1]  # [B, n]
-            request = BlockRequest(rows=rows, text_len=text_len, word_mask=words.index_select(0, rows),
-                                   visual_mask=visual_mask.bool().index_select(0, rows))
+        request = block_request(iais_rows, text_mask, visual_mask, self.iais_layers, hidden.device)
         hidden, attention = self.encoder(hidden, key_mask, request, self.iais_layers)
         return EncoderOutput(hidden=hidden, text_len=text_len, attention=attention)
 
@@ -125,24 +175,7 @@ class RelAlignModel(nn.Module):
         """Matched / not matched logits [B, 2] from the pooled [CLS]."""
         return self.itm(out.hidden)
 
-    def mlm_logits(self, out: EncoderOutput, positions: Tensor | None = None) -> Tensor:
-        """Vocabulary logits over the text tokens [B, Lt, V]; with `positions` ([B, Lt] bool, e.g.
-        `mlm_labels != -100`) only at those positions: [N, V] (saves the V-wide matmul elsewhere)."""
-        text = out.hidden[:, :out.text_len]  # [B, Lt, W]
-        if positions is not None:
-            text = text[positions]  # [N, W]
-        return self.mlm(text, self.embeddings.word_embeddings.weight)
-
-    def encode_text(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
-        """Text-only pass through the same encoder -> [B, E] L2-normalised (masked mean pooling)."""
-        hidden, _ = self.encoder(self.embeddings(input_ids), text_mask.bool())
-        return self.itc.text(hidden, text_mask.bool())
-
     def encode_image(self, visual_tokens: Tensor, visual_mask: Tensor) -> Tensor:
         """Image-only pass through the same encoder -> [B, E] L2-normalised (masked mean pooling)."""
         hidden, _ = self.encoder(visual_tokens, visual_mask.bool())
         return self.itc.image(hidden, visual_mask.bool())
-
-    def itc_scale(self) -> Tensor:
-        """exp(logit_scale) clamped to model.itc_max_scale, shape [1]: multiply cosine similarities by it."""
-        return self.logit_scale.clamp(max=math.log(self.config.itc_max_scale)).exp()

@@ -60,6 +60,24 @@ def test_text_forward_matches_transformers(bert_folder):
     torch.testing.assert_close(torch.tanh(model.itm.pooler.dense(got[:, 0])), pooled_want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("architecture", ["two_stream", "dual_encoder"])
+def test_text_stream_of_other_architectures_loads_and_matches_transformers(bert_folder, architecture):
+    """two_stream's text stream and the dual encoder's text tower are BERT: their text-only states
+    (what ITC pools) equal transformers' output."""
+    from pretrain.model import build_model
+
+    bert, folder = bert_folder
+    model = build_model(our_config(architecture=architecture)).eval()
+    loaded = load_hf_text_weights(model, folder)
+    assert "encoder.layer.1.output.LayerNorm.weight" in loaded
+    assert ("itm.pooler.dense.weight" in loaded) == (architecture == "two_stream")  # a dual encoder has no ITM
+    input_ids, text_mask = text_batch()
+    with torch.no_grad():
+        want = bert(input_ids=input_ids, attention_mask=text_mask.long()).last_hidden_state
+        got, _ = model.encoder(model.embeddings(input_ids), text_mask)
+    torch.testing.assert_close(got[text_mask], want[text_mask], atol=1e-5, rtol=1e-5)
+
+
 def test_pretraining_checkpoint_with_prefix_and_mlm_head(tmp_path):
     torch.manual_seed(1)
     bert = transformers.BertForPreTraining(transformers.BertConfig(**HF_SHAPE)).eval()

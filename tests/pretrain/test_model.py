@@ -1,4 +1,5 @@
-"""The single-stream model: config, visual embedders, encoder (SDPA + IAIS blocks), heads."""
+"""The single-stream model: config, visual embedders, encoder (SDPA + IAIS blocks), heads (and, where
+natural, the same checks on the two-stream model: tests/pretrain/test_architectures.py has the rest)."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.errors import ConfigError, UserError
-from pretrain.model import EncoderOutput, ModelConfig, RelAlignModel
+from pretrain.model import EncoderOutput, ModelConfig, RelAlignModel, build_model
 from pretrain.model import encoder as encoder_module
 from pretrain.model.model import word_mask_from_text_mask
 
@@ -17,7 +18,7 @@ from .iais_reference import reference_blocks
 
 def tiny(**overrides) -> RelAlignModel:
     torch.manual_seed(0)
-    return RelAlignModel(ModelConfig.preset("tiny", vocab_size=60, **overrides))
+    return build_model(ModelConfig.preset("tiny", vocab_size=60, **overrides))
 
 
 def patch_batch(size=3, image=64, seed=0):
@@ -66,15 +67,16 @@ def test_word_mask_drops_cls_sep_and_padding():
     assert torch.equal(word_mask_from_text_mask(text_mask), expected)
 
 
+@pytest.mark.parametrize("architecture", ["single_stream", "two_stream"])
 @pytest.mark.parametrize("training", [False, True])
-def test_output_is_identical_with_iais_on_and_off(training):
-    model = tiny().train(training)
+def test_output_is_identical_with_iais_on_and_off(training, architecture):
+    model = tiny(architecture=architecture, cross_layers=2).train(training)
     batch = patch_batch()
     torch.manual_seed(5)
     off = run(model, batch)
     torch.manual_seed(5)
     on = run(model, batch, rows=torch.tensor([True, False, True]))
-    assert off.attention == {} and set(on.attention) == {1}
+    assert off.attention == {} and set(on.attention) == {1}  # the last layer (two_stream: co-attention block)
     assert torch.equal(on.hidden, off.hidden)
 
 
@@ -104,8 +106,9 @@ def test_blocks_match_the_layers_own_qk():
     assert (blocks.s_ll.masked_select(~blocks.word_mask[:, None, :].expand_as(blocks.s_ll)) == 0).all()
 
 
-def test_only_the_fused_kernel_attends(monkeypatch):
-    model = tiny()
+@pytest.mark.parametrize("architecture", ["single_stream", "two_stream"])
+def test_only_the_fused_kernel_attends(monkeypatch, architecture):
+    model = tiny(architecture=architecture)
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(encoder_module.F, "scaled_dot_product_attention",
@@ -117,7 +120,10 @@ def test_only_the_fused_kernel_attends(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "softmax", forbidden)
     monkeypatch.setattr(torch, "softmax", forbidden)
     run(model, patch_batch())  # no iais_rows: no explicit softmax anywhere
-    assert len(calls) == model.config.num_layers
+    config = model.config
+    # two_stream: each stream's layers, and per co-attention block two cross- and two self-attentions.
+    assert len(calls) == (config.num_layers if architecture == "single_stream" else
+                          2 * config.num_layers + 4 * config.cross_layers)
 
 
 def test_padding_does_not_change_real_tokens():
@@ -249,12 +255,13 @@ def test_set_iais_layers_validates():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_iais_on_off_identical_and_loss_float32():
+@pytest.mark.parametrize("architecture", ["single_stream", "two_stream"])
+def test_cuda_bf16_iais_on_off_identical_and_loss_float32(architecture):
     from pretrain.iais import IAISConfig, IAISRegularizer
 
-    model = tiny(dropout=0.0, attention_dropout=0.0).cuda()
+    model = tiny(dropout=0.0, attention_dropout=0.0, architecture=architecture).cuda()
     batch = {k: v.cuda() for k, v in patch_batch().items()}
-    regularizer = IAISRegularizer(IAISConfig(schedule="constant"), model.config.num_layers)
+    regularizer = IAISRegularizer(IAISConfig(schedule="constant"), model.config.iais_layer_count)
     rows = torch.tensor([True, True, False], device="cuda")
     full = regularizer(run(model, batch, rows).attention, 0, 1).loss
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -265,4 +272,5 @@ def test_cuda_bf16_iais_on_off_identical_and_loss_float32():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert loss.item() == pytest.approx(full.item(), rel=0.05)
     loss.backward()
-    assert torch.isfinite(model.encoder.layer[-1].attention.self.query.weight.grad).all()
+    last = model.encoder.layer[-1] if architecture == "single_stream" else model.co_blocks[-1].text_layer
+    assert torch.isfinite(last.attention.self.query.weight.grad).all()
