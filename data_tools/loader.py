@@ -315,13 +315,16 @@ def from_wire(batch: dict[str, Any]) -> dict[str, Any]:
 class Loader:
     """Batches for one rank; see the module docstring for the interface and its guarantees."""
 
-    def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0):
+    def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 categories: list[str] | None = None):
         check("world_size", world_size, isinstance(world_size, int) and world_size >= 1, "an integer >= 1")
         check("rank", rank, isinstance(rank, int) and 0 <= rank < world_size, f"an integer in [0, {world_size})")
         self.config, self.rank = config, rank
         self.datasets = open_datasets(config.paths, config.weights)
-        self.categories = {name: i for i, name in enumerate(category_vocabulary(config.paths))}
-        """Box label -> class index over every dataset's `box_labels` (batches' `box_categories`)."""
+        vocabulary = category_vocabulary(config.paths) if categories is None else categories
+        self.categories = {name: i for i, name in enumerate(vocabulary)}
+        """Box label -> class index (batches' `box_categories`): `categories` where given (a held-out
+        loader uses the training data's, so class indices mean the same), else these datasets' own."""
         self.tokenizer = load_tokenizer(tokenizer_folder(config))
         self.layout = order.Layout(world_size, max(config.workers, 1), config.batch_size, config.shuffle_block)
         self.bad_samples: dict[str, int] = {}

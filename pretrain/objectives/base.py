@@ -229,9 +229,10 @@ class StepContext:
         self.matched_hidden: Tensor | None = None
         """[B, Lt + M, W] encoder output of the matched pairs (unmasked text), left by the first term that
         made that pass (ITM's first B rows, or WRA's own)."""
-        self.mlm_text: tuple[Tensor, Tensor, Tensor] | None = None
-        """(input ids, text mask, labels) [B, L] for the MLM pass when a term extends the text (tags);
-        None: the batch's `mlm_input_ids`, `text_mask`, `mlm_labels`."""
+        self.extend_mlm_text: Callable[["StepContext", tuple[Tensor, Tensor, Tensor]], tuple[Tensor, Tensor, Tensor]] | None = None
+        """Set by a term's `prepare` that extends the MLM text (tags); applied on first use, so its
+        random draws come after those of the terms that run earlier (ITM's negatives stay the same)."""
+        self._mlm_text: tuple[Tensor, Tensor, Tensor] | None = None
         self.mlm_output: Any = None
         """The EncoderOutput of the MLM pass (the tags head reads its [CLS])."""
         self.tags_polluted: Tensor | None = None
@@ -252,6 +253,15 @@ class StepContext:
         if self._visual is None:
             self._visual = self.model.embed_visual(self.batch)
         return self._visual
+
+    def mlm_text(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(input ids, text mask, labels) [B, L] of the MLM pass: the batch's `mlm_input_ids`,
+        `text_mask`, `mlm_labels`, extended once by `extend_mlm_text` where a term set it."""
+        if self._mlm_text is None:
+            batch = self.batch
+            text = (batch["mlm_input_ids"], batch["text_mask"], batch["mlm_labels"])
+            self._mlm_text = self.extend_mlm_text(self, text) if self.extend_mlm_text is not None else text
+        return self._mlm_text
 
     def joint(self, input_ids: Tensor, text_mask: Tensor, visual_tokens: Tensor, visual_mask: Tensor,
               matched_rows: Tensor | None = None) -> Any:

@@ -1,7 +1,7 @@
 """MLM: masked words predicted from the joint pass over the matched pairs (words masked by the
 loader: `mlm_input_ids`, `mlm_labels`). With `objectives.tags` the text is Oscar's
-`[CLS] words [SEP] tags [SEP]`, masked words and tags predicted alike (`ctx.mlm_text`, left by the tags
-term), and the pass's output stays in `ctx.mlm_output` for the tags' polluted/original head."""
+`[CLS] words [SEP] tags [SEP]`, masked words and tags predicted alike (`ctx.mlm_text()`, extended by the
+tags term), and the pass's output stays in `ctx.mlm_output` for the tags' polluted/original head."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +26,7 @@ class MLM(Term):
     def loss(self, ctx: StepContext) -> Tensor:
         batch, model = ctx.batch, ctx.model
         visual_tokens, visual_mask = ctx.visual
-        input_ids, text_mask, labels = ctx.mlm_text or (batch["mlm_input_ids"], batch["text_mask"], batch["mlm_labels"])
+        input_ids, text_mask, labels = ctx.mlm_text()
         labels = labels.masked_fill(~ctx.sample_mask[:, None], IGNORE_INDEX)  # [B, L]
         positions = labels != IGNORE_INDEX  # [B, L] bool
         out = ctx.joint(input_ids, text_mask, visual_tokens, visual_mask)

@@ -3,8 +3,9 @@ the tags being the category names of the sample's boxes (the batch's `tag_ids`, 
 `box_labels`), and a contrastive loss: with probability `pollute_probability` a sample's tag
 sequence is replaced by another sample's, and a binary head on [CLS] tells polluted from original.
 
-Where the tags go: this term builds the extended text in `prepare` (before any term runs) and leaves
-it in `ctx.mlm_text`, so the MLM term masks and predicts words and tags alike (Oscar's masked token
+Where the tags go: this term's `prepare` (before any term runs) registers how to extend the text;
+`ctx.mlm_text()` builds it on first use (so the pollution's random draws come after ITM's), and the
+MLM term masks and predicts words and tags alike (Oscar's masked token
 loss, on the loader's `tag_mlm_ids`); the tags head then reads [CLS] of that same pass (Oscar computes
 both losses from one pass). Without MLM, this term makes the pass itself. The batch's own
 `input_ids`, `text_mask` and `word_mask` stay words-only, so ITC, ITM and IAIS (whose S_LL rows are
@@ -94,19 +95,21 @@ class Tags(Term):
         return PollutedHead(model_config.width, model_config.initializer_range)
 
     def prepare(self, ctx: StepContext) -> None:
-        batch = ctx.batch
-        if "tag_ids" not in batch:
+        if "tag_ids" not in ctx.batch:
             raise UserError("objectives.tags: the batches carry no tag_ids; set data.max_tag_len > 0")
+        ctx.extend_mlm_text = self.extend
+
+    def extend(self, ctx: StepContext, text: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The MLM text with (possibly polluted) tags appended; leaves `ctx.tags_polluted`."""
+        batch = ctx.batch
         source, ctx.tags_polluted = pollute(batch["tag_ids"], ctx.sample_mask, self.config.pollute_probability)
-        ctx.mlm_text = append_tags(batch["mlm_input_ids"], batch["text_mask"], batch["mlm_labels"],
-                                   batch["tag_mlm_ids"][source], batch["tag_mask"][source],
-                                   batch["tag_mlm_labels"][source])
+        return append_tags(*text, batch["tag_mlm_ids"][source], batch["tag_mask"][source], batch["tag_mlm_labels"][source])
 
     def loss(self, ctx: StepContext) -> Tensor:
         out = ctx.mlm_output
         if out is None:  # MLM not computed this step: the same pass, made here
             visual_tokens, visual_mask = ctx.visual
-            ids, mask, _ = ctx.mlm_text
+            ids, mask, _ = ctx.mlm_text()
             out = ctx.mlm_output = ctx.joint(ids, mask, visual_tokens, visual_mask)
         logits = self.head(out.hidden)  # [B, 2]
         labels = ctx.tags_polluted.long()  # 1: polluted
