@@ -30,7 +30,7 @@ from pretrain.evaluator import EvalConfig
 from pretrain.iais import IAISConfig
 from pretrain.metrics import MetricsConfig
 from pretrain.model import ModelConfig
-from pretrain.objectives import build_sections, import_plugins
+from pretrain.objectives import build_sections, import_plugins, term_sections
 from pretrain.train import RunConfig, TrainConfig
 
 @dataclasses.dataclass
@@ -108,6 +108,10 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 def check_objective_inputs(cfg: Config) -> None:
     """What the optional objectives need from the data and model sections (no files read)."""
+    if cfg.objectives.get("sampling") == "per_batch":
+        weights = [section.weight for section in term_sections(cfg.objectives).values() if section.enabled]
+        check("objectives.sampling", "per_batch", sum(weights) > 0,
+              "joint, or an enabled objective with weight > 0 to draw (per_batch draws by weight)")
     tags = cfg.objectives.get("tags")
     if tags is not None and tags.enabled:
         check("data.max_tag_len", cfg.data.max_tag_len, cfg.data.max_tag_len > 0,

@@ -40,9 +40,7 @@ import importlib
 from typing import Any, Callable, ClassVar, Protocol
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from data_tools.errors import ConfigError, UserError, check
 
@@ -173,8 +171,8 @@ def sampled_term(names: list[str], weights: list[float], seed: int, step: int) -
     """Index of the term drawn for optimizer step `step` with probability weight / sum(weights).
 
     A pure function of (seed, step): every rank, every micro-batch of the step and a resumed run
-    draw the same term, whatever happened before (no RNG state to save). The names enter the hash so
-    that the draw does not depend on the order of an equal-weight list."""
+    draw the same term, whatever happened before (no RNG state to save). The names enter the hash, so
+    another set of terms draws independently of this one."""
     total = sum(weights)
     if total <= 0:
         raise UserError(f"objectives.sampling=per_batch: the terms {', '.join(names)} all have weight 0")

@@ -30,6 +30,8 @@ def _dataset(tmp_path: Path, box_labels) -> Path:
     (["objectives.tags.enabled=true"], "data.max_tag_len", "an integer > 0"),
     (["objectives.tags.enabled=true", "data.max_tag_len=40"], "data.max_tag_len", "at most model.max_text_len"),
     (["objectives.sampling=sometimes"], "objectives.sampling", "joint or per_batch"),
+    (["objectives.sampling=per_batch", "objectives.itc.weight=0", "objectives.itm.weight=0", "objectives.mlm=false"],
+     "objectives.sampling", "weight > 0 to draw"),
     (["objectives.wra.enabled=true", "objectives.wra.iterations=0"], "objectives.wra.iterations", ">= 1"),
     (["objectives.mrm.enabled=true", "objectives.mrm.mask_probability=1"], "objectives.mrm.mask_probability", "(0, 1)"),
 ])
