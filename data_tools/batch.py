@@ -30,6 +30,11 @@ Visual input, one of:
 
 Present where the samples carry them (lists are per sample, padding slots hold empty entries):
 - `boxes`          list[FloatTensor [k, 4]]  x1, y1, x2, y2 in pixels of `pixel_values` (after the crop).
+- `box_categories` list[LongTensor [k]]  each kept box's class index in the datasets' `box_labels`
+                                          vocabulary (dataset.json), -1 where unlabelled; always present.
+- `tag_ids`, `tag_mask`, `tag_mlm_ids`, `tag_mlm_labels`  [B, Lg]  with `data.max_tag_len` > 0 only: the
+                                          sample's object tags (kept boxes' labels) as `[CLS] tags [SEP] pad`,
+                                          masked like the words (Oscar; `objectives.tags` appends them).
 - `phrase_tokens`  list[list[list[int]]]  per sample, per phrase of the chosen caption: token positions
                                           in `input_ids` (ISDa's T_p).
 - `phrase_boxes`   list[list[list[int]]]  per sample, per phrase: indices into that sample's `boxes`

@@ -233,7 +233,7 @@ def run_shard_job(job: ShardJob) -> dict[str, Any]:
 def write_shard(job: ShardJob) -> dict[str, Any]:
     """The default shard step: the job's records -> a new tar (bad ones rejected), its rows and hash."""
     o = job.options
-    rows, rejected = [], []
+    rows, rejected, labels = [], [], set()
     location = f"{SHARDS_DIR}/{SHARD_PATTERN.format(name=job.options.name, index=job.index)}"
     writer: ShardWriter | None = None
     try:
@@ -247,6 +247,7 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
                 writer = ShardWriter(Path(job.out) / location)
             writer.add(record.key, members)
             rows.append({"key": record.key, **fields})
+            labels.update(json.loads(members["json"]).get("box_labels") or ())
         if writer is None:  # every record was bad: no empty tar
             return {"location": None, "samples": 0, "size": 0, "sha256": "", "rows": [], "rejected": rejected}
         written = writer.finish()
@@ -256,7 +257,8 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
         raise
     for row in rows:
         row["members"] = written.members[row["key"]]
-    return {"location": location, "samples": len(rows), "size": written.size, "sha256": written.sha256, "rows": rows, "rejected": rejected}
+    return {"location": location, "samples": len(rows), "size": written.size, "sha256": written.sha256, "rows": rows,
+            "rejected": rejected, "box_labels": sorted(labels)}
 
 
 def shard_is_done(out: str, index: int, args_hash: str) -> dict[str, Any] | None:

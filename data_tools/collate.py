@@ -58,6 +58,15 @@ class TextEncoder:
         self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._backend.enable_truncation(max_len)
         self._backend.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+        self._other_lengths: dict[int, "TextEncoder"] = {}
+
+    def with_length(self, max_len: int) -> "TextEncoder":
+        """An encoder of the same tokenizer for another fixed length (built once, e.g. for object tags)."""
+        if max_len == self.max_len:
+            return self
+        if max_len not in self._other_lengths:
+            self._other_lengths[max_len] = TextEncoder(self.tokenizer, max_len)
+        return self._other_lengths[max_len]
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encodings = self._backend.encode_batch(texts)
@@ -121,6 +130,8 @@ def collate(
     image_size: int = 64,
     defer_normalise: bool = False,
     shared_pixels: bool = False,
+    categories: dict[str, int] | None = None,
+    max_tag_len: int = 0,
 ) -> dict[str, Any]:
     """Samples (None = padding slot) -> batch dict (data_tools.batch); B = len(samples).
 
@@ -130,6 +141,13 @@ def collate(
     defer_normalise: return uint8 `pixel_uint8` [B, S, S, 3] instead of `pixel_values` (what the
     loader does: a quarter of the bytes between processes and to the device, normalised there by
     `pretrain.engine.to_engine`, or by `transforms.normalise_batch`).
+
+    categories: box label -> class index (the datasets' `box_labels` vocabulary): `box_categories`
+    holds each kept box's index (-1 for a label outside it, or for boxes without labels).
+
+    max_tag_len > 0: the object tags of each sample (its kept boxes' labels, first occurrences in box
+    order, as one space-separated text) tokenised as `[CLS] tags [SEP] pad` into `tag_ids`, with
+    `tag_mask` and BERT masking (`tag_mlm_ids`, `tag_mlm_labels`) from the sample's own generator.
 
     shared_pixels: build the uint8 pixel batch in shared memory, as a DataLoader worker process sends
     it: torch would otherwise copy it into a fresh shared segment when pickling, and the page faults
@@ -183,6 +201,10 @@ def collate(
         batch["phrase_tokens"].append(tokens)
         batch["phrase_boxes"].append(links)
 
+    batch["box_categories"] = [box_categories(s, categories) for s in samples]
+    if max_tag_len > 0:
+        batch.update(_collate_tags(samples, encode.with_length(max_tag_len), seed, epoch, mlm_probability))
+
     negatives = [s["negative"] if s is not None and s["negative"] else "" for s in samples]
     if any(negatives):
         neg = encode(negatives)
@@ -193,6 +215,33 @@ def collate(
     batch["has_negative"] = torch.tensor([bool(n) for n in negatives], dtype=torch.bool)  # [B]
     batch["negative_kind"] = [(s.get("negative_kind") or "") if s is not None and s["negative"] else "" for s in samples]
     return batch
+
+
+def box_categories(sample: dict[str, Any] | None, categories: dict[str, int] | None) -> torch.Tensor:
+    """Class indices [k] of a sample's kept boxes (-1: no label, or a label outside `categories`)."""
+    if sample is None or sample["boxes"] is None:
+        return torch.zeros(0, dtype=torch.long)
+    labels = sample.get("box_labels")
+    if labels is None or categories is None:
+        return torch.full((len(sample["boxes"]),), -1, dtype=torch.long)
+    return torch.tensor([categories.get(label, -1) for label in labels], dtype=torch.long)
+
+
+def tag_text(sample: dict[str, Any] | None) -> str:
+    """A sample's object tags: its kept boxes' labels, each once, in box order ("" without labels)."""
+    labels = (sample or {}).get("box_labels") or []
+    return " ".join(dict.fromkeys(labels))
+
+
+def _collate_tags(samples: Sequence[dict[str, Any] | None], encode: TextEncoder, seed: int, epoch: int,
+                  mlm_probability: float) -> dict[str, torch.Tensor]:
+    """`tag_ids`, `tag_mask` [B, Lg] (`[CLS] tags [SEP] pad`) and their BERT masking."""
+    tags = encode([tag_text(s) for s in samples])
+    seeds = [sample_seed(seed, epoch, s["key"], "tag_mlm", s["repeat"]) if s is not None else None for s in samples]
+    tag_mlm_ids, tag_mlm_labels = mlm_mask(tags["input_ids"], tags["word_mask"], seeds, mlm_probability,
+                                           encode.mask_token_id, encode.vocab_size)
+    return {"tag_ids": tags["input_ids"], "tag_mask": tags["text_mask"], "tag_mlm_ids": tag_mlm_ids,
+            "tag_mlm_labels": tag_mlm_labels}
 
 
 def _collate_features(samples: Sequence[dict[str, Any] | None]) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ The decoded sample (consumed by transforms and collate):
   image                      PIL RGB image (visual="pixels"), else None
   caption, caption_index     the caption chosen for this epoch (seeded by seed, epoch, key)
   boxes                      float32 [k, 4] x, y, w, h in stored-image pixels, or None
+  box_labels                 [k] category names of the boxes (json `box_labels`), or None
   phrases                    [{"span": [start, end], "boxes": [i, ...]}] of the chosen caption, or None
   negative                   the chosen caption's hard negative, or None
   negative_kind              its kind from the json's [index, text, kind] (e.g. relation), or None
@@ -68,6 +69,10 @@ def parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError) as err:
             raise BadSample("bad_metadata", f"boxes must be [[x, y, w, h], ...]: {err}") from None
         meta["boxes"] = arr
+    labels = meta.get("box_labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)
+                                   and boxes is not None and len(labels) == len(meta["boxes"])):
+        raise BadSample("bad_metadata", "box_labels must be a list of strings, one per box")
     for field in ("phrases", "negatives"):
         if meta.get(field) is not None and not isinstance(meta[field], list):
             raise BadSample("bad_metadata", f"{field} must be a list")
@@ -179,6 +184,7 @@ def decode_sample(
         "caption": caption,
         "caption_index": caption_index,
         "boxes": boxes,
+        "box_labels": meta.get("box_labels"),
         "phrases": phrases,
         "negative": negative,
         "negative_kind": negative_kind,

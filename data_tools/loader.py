@@ -50,7 +50,7 @@ from data_tools.collate import TextEncoder, collate, load_tokenizer
 from data_tools.decode import decode_sample
 from data_tools.errors import BadSample, UserError, check
 from data_tools.images import DEFAULT_MAX_PIXELS
-from data_tools.manifest import load_manifest
+from data_tools.manifest import category_vocabulary, load_manifest
 from data_tools.order import merge_rank_cursors  # noqa: F401  (part of this module's interface)
 from data_tools.packaged import packaged_folder
 from data_tools.shard_reader import DatasetRef, ShardReader, duplicate_positions, open_datasets, read_sample  # noqa: F401  (interface)
@@ -92,12 +92,15 @@ class DataConfig:
     """Random horizontal flip in train mode (off by default: captions name left and right)."""
     visual: str = "pixels"
     """Visual input: "pixels" (decoded images) or "features" (the samples' feat.npy/pos.npy)."""
+    max_tag_len: int = 0
+    """Token length of the object tags `[CLS] tags [SEP]` (the boxes' `box_labels`) in `tag_ids`;
+    0: batches carry no tags. `objectives.tags` needs it > 0."""
 
     def __post_init__(self) -> None:
         paths, weights = self.paths, self.weights
         check("data.paths", paths, isinstance(paths, (list, tuple)) and len(paths) > 0 and all(isinstance(p, str) for p in paths), "a non-empty list of dataset folders")
         check("data.weights", weights, weights is None or (len(weights) == len(paths) and all(float(w) > 0 for w in weights)), f"{len(paths)} positive numbers (one per path) or null")
-        for name, low in (("batch_size", 1), ("shuffle_block", 1), ("image_size", 1), ("max_pixels", 1), ("max_text_len", 3), ("workers", 0), ("seed", 0)):
+        for name, low in (("batch_size", 1), ("shuffle_block", 1), ("image_size", 1), ("max_pixels", 1), ("max_text_len", 3), ("workers", 0), ("seed", 0), ("max_tag_len", 0)):
             value = getattr(self, name)
             check(f"data.{name}", value, isinstance(value, int) and value >= low, f"an integer >= {low}")
         self.crop_scale = tuple(float(x) for x in self.crop_scale)  # type: ignore[assignment]
@@ -255,6 +258,7 @@ class _RankStreams(torch.utils.data.IterableDataset):
     def __init__(self, loader: "Loader", streams: list[int], states: dict[int, dict[str, int]]):
         super().__init__()
         self.plan, self.datasets, self.config = loader._plan, loader.datasets, loader.config
+        self.categories = loader.categories
         self.text, self.streams, self.states = TextEncoder(loader.tokenizer, loader.config.max_text_len), streams, states
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -269,7 +273,7 @@ class _RankStreams(torch.utils.data.IterableDataset):
             batch = collate(
                 item.pop("samples"), tokenizer=self.text, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
                 seed=c.seed, epoch=self.plan.epoch, visual=c.visual, image_size=c.image_size, defer_normalise=True,
-                shared_pixels=in_worker,
+                shared_pixels=in_worker, categories=self.categories, max_tag_len=c.max_tag_len,
             )  # fmt: skip
             item["batch"] = to_wire(batch) if in_worker else batch
             yield item
@@ -287,7 +291,7 @@ def to_wire(batch: dict[str, Any]) -> dict[str, Any]:
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and key != "pixel_uint8":
             wire[key] = value.numpy()
-        elif key == "boxes":
+        elif key in ("boxes", "box_categories"):
             wire[key] = [b.numpy() for b in value]
         else:
             wire[key] = value
@@ -301,7 +305,7 @@ def from_wire(batch: dict[str, Any]) -> dict[str, Any]:
     for key, value in batch.items():
         if isinstance(value, np.ndarray):
             out[key] = torch.from_numpy(value)
-        elif key == "boxes":
+        elif key in ("boxes", "box_categories"):
             out[key] = [torch.from_numpy(b) if isinstance(b, np.ndarray) else b for b in value]
         else:
             out[key] = value
@@ -311,11 +315,16 @@ def from_wire(batch: dict[str, Any]) -> dict[str, Any]:
 class Loader:
     """Batches for one rank; see the module docstring for the interface and its guarantees."""
 
-    def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0):
+    def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 categories: list[str] | None = None):
         check("world_size", world_size, isinstance(world_size, int) and world_size >= 1, "an integer >= 1")
         check("rank", rank, isinstance(rank, int) and 0 <= rank < world_size, f"an integer in [0, {world_size})")
         self.config, self.rank = config, rank
         self.datasets = open_datasets(config.paths, config.weights)
+        vocabulary = category_vocabulary(config.paths) if categories is None else categories
+        self.categories = {name: i for i, name in enumerate(vocabulary)}
+        """Box label -> class index (batches' `box_categories`): `categories` where given (a held-out
+        loader uses the training data's, so class indices mean the same), else these datasets' own."""
         self.tokenizer = load_tokenizer(tokenizer_folder(config))
         self.layout = order.Layout(world_size, max(config.workers, 1), config.batch_size, config.shuffle_block)
         self.bad_samples: dict[str, int] = {}

@@ -43,6 +43,18 @@ def load_dataset_info(directory: str | os.PathLike) -> DatasetInfo:
     return info
 
 
+def category_vocabulary(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """The sorted union of the datasets' `box_labels` (dataset.json): box categories, index = class.
+
+    Empty when no dataset records categories (then MRC and object tags have nothing to use)."""
+    labels: set[str] = set()
+    for path in paths:
+        if "://" in str(path) or str(path).startswith("pipe:"):
+            continue  # a remote dataset.json is read by its loader, not here
+        labels.update(load_dataset_info(path).box_labels or ())
+    return sorted(labels)
+
+
 def load_manifest(directory: str | os.PathLike) -> pa.Table:
     """manifest.parquet of a dataset folder (schema.MANIFEST_SCHEMA), rows in dataset order."""
     path = Path(directory) / MANIFEST_FILE

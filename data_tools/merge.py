@@ -68,8 +68,10 @@ def finalize(out: str | os.PathLike, args_hash: str | None = None, finish: Finis
     shards: list[ShardInfo] = []
     rows: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
+    labels: set[str] = set()
     for state in states:
         rejected += state["rejected"]
+        labels.update(state.get("box_labels") or ())
         if state["samples"] == 0:
             continue
         for row in state["rows"]:
@@ -89,6 +91,7 @@ def finalize(out: str | os.PathLike, args_hash: str | None = None, finish: Finis
         total_samples=len(rows),
         rejected=dict(sorted(counts.items())),
         name=arguments.get("name", "data"),
+        box_labels=sorted(labels) or None,
     )
     write_dataset_info(out, info)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)

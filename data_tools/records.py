@@ -182,7 +182,8 @@ def process_record(
 
         scene = render_scene(*record.scene)
         record = dataclasses.replace(
-            record, captions=scene.captions, boxes=scene.boxes, phrases=scene.phrases, negatives=scene.negatives
+            record, captions=scene.captions, boxes=scene.boxes, phrases=scene.phrases, negatives=scene.negatives,
+            extra={**record.extra, "box_labels": scene.box_labels},
         )
         data = scene.image
     else:

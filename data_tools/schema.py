@@ -28,7 +28,7 @@ GEOMETRY_EXTENSION = "pos.npy"
 REFUSED_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "ckpt", "npz")
 """Members that would need unpickling: refused and counted, never loaded."""
 
-META_FIELDS = ("image_id", "captions", "width", "height", "source", "split", "boxes", "phrases", "negatives")
+META_FIELDS = ("image_id", "captions", "width", "height", "source", "split", "boxes", "box_labels", "phrases", "negatives")
 """Known metadata fields (all optional). Unknown ones (img2dataset's url, status, ...) are kept and ignored."""
 
 SHARD_PATTERN = "{name}-{index:06d}.tar"
@@ -84,6 +84,9 @@ class DatasetInfo:
     format_version: int = FORMAT_VERSION
     sha256: str = ""
     """Fingerprint of the dataset: sha256 over the shards' sha256 values in order (the cursor records it)."""
+    box_labels: list[str] | None = None
+    """Sorted distinct box categories found in the samples' json `box_labels` (None: no sample has them).
+    The vocabulary of MRC classes; `objectives.mrm.mrc` is refused at config time without it."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

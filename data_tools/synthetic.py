@@ -97,6 +97,11 @@ class Scene:
     def boxes(self) -> list[list[int]]:
         return [list(s.box) for s in self.shapes]
 
+    @property
+    def box_labels(self) -> list[str]:
+        """Each box's category, "<colour> <shape>" (the json's `box_labels`: object tags, MRC classes)."""
+        return [f"{s.colour} {s.kind}" for s in self.shapes]
+
 
 def scene_rng(seed: int, index: int) -> random.Random:
     # A str seed is hashed with sha512 by random.Random: stable across runs and PYTHONHASHSEED.

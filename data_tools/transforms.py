@@ -145,6 +145,8 @@ def transform_sample(
     if sample["boxes"] is not None:
         out["boxes"], kept = crop_boxes(sample["boxes"], crop, image_size, mirrored)
         out["phrases"] = relink_phrases(sample["phrases"], kept)
+        if sample.get("box_labels") is not None:
+            out["box_labels"] = [sample["box_labels"][i] for i in kept.tolist()]
     return out
 
 

@@ -15,7 +15,7 @@ from finetune.candidates import CandidateStore
 from finetune.hinge import HardNegativeHinge
 from pretrain.evaluator import Evaluator, cadence_due
 from pretrain.iais import IAISRegularizer
-from pretrain.objectives import CompositeObjective, IAISTerm, Objective, Progress
+from pretrain.objectives import CompositeObjective, IAISTerm, Objective, Progress, term_sections
 from pretrain.task import new_model
 
 
@@ -55,7 +55,7 @@ class FinetuneTask:
         if self.ft.recipe in ("itc_itm", "itc"):
             kept = ("itc", "itm") if self.ft.recipe == "itc_itm" else ("itc",)
             sections = {name: dataclasses.replace(section, enabled=name in kept and section.enabled)
-                        for name, section in self.cfg.objectives.items()}
+                        for name, section in term_sections(self.cfg.objectives).items()}
             return CompositeObjective.from_sections(sections, extra)
         store = CandidateStore(self.cfg.data, self.tokenizer)
         return CompositeObjective([HardNegativeHinge(self.ft, store, self.cfg.data.seed), *extra])

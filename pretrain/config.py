@@ -30,7 +30,7 @@ from pretrain.evaluator import EvalConfig
 from pretrain.iais import IAISConfig
 from pretrain.metrics import MetricsConfig
 from pretrain.model import ModelConfig
-from pretrain.objectives import build_sections, import_plugins
+from pretrain.objectives import build_sections, import_plugins, term_sections
 from pretrain.train import RunConfig, TrainConfig
 
 @dataclasses.dataclass
@@ -99,6 +99,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     check_architecture(cfg)
     check("data.max_text_len", cfg.data.max_text_len, cfg.data.max_text_len <= cfg.model.max_text_len,
           f"at most model.max_text_len={cfg.model.max_text_len}")
+    check_objective_inputs(cfg)
     if cfg.train.global_batch_size:
         check("train.global_batch_size", cfg.train.global_batch_size,
               cfg.train.global_batch_size % cfg.train.grad_accumulation == 0,
@@ -114,7 +115,7 @@ def check_architecture(cfg: Config) -> None:
     if arch == "dual_encoder":
         why = "false for model.architecture=dual_encoder (nothing attends across the modalities"
         check("iais.enabled", cfg.iais.enabled, not cfg.iais.enabled, why + ", so IAIS is undefined)")
-        for name, section in cfg.objectives.items():
+        for name, section in term_sections(cfg.objectives).items():
             check(f"objectives.{name}.enabled", section.enabled, name == "itc" or not section.enabled,
                   why + ": ITC is its only objective)")
         return
@@ -124,6 +125,34 @@ def check_architecture(cfg: Config) -> None:
             f"encoder layers (model.num_layers={count})"
         check("iais.layers", cfg.iais.layers, all(-count <= i < count for i in cfg.iais.layers),
               f"indices in [-{count}, {count}) of the {what}")
+
+
+def check_objective_inputs(cfg: Config) -> None:
+    """What the optional objectives need from the data and model sections (no files read)."""
+    if cfg.objectives.get("sampling") == "per_batch":
+        weights = [section.weight for section in term_sections(cfg.objectives).values() if section.enabled]
+        check("objectives.sampling", "per_batch", sum(weights) > 0,
+              "joint, or an enabled objective with weight > 0 to draw (per_batch draws by weight)")
+    tags = cfg.objectives.get("tags")
+    if tags is not None and tags.enabled:
+        check("data.max_tag_len", cfg.data.max_tag_len, cfg.data.max_tag_len > 0,
+              "an integer > 0 (the object tags' token length) with objectives.tags enabled")
+        combined = cfg.data.max_text_len + cfg.data.max_tag_len - 1
+        check("data.max_tag_len", cfg.data.max_tag_len, combined <= cfg.model.max_text_len,
+              f"at most model.max_text_len - data.max_text_len + 1 = {cfg.model.max_text_len - cfg.data.max_text_len + 1} "
+              f"(words and tags share the text positions)")
+
+
+def check_categories(cfg: Config) -> None:
+    """MRC and object tags need box categories: some dataset.json of data.paths lists `box_labels`."""
+    from data_tools.manifest import category_vocabulary
+
+    mrm, tags = cfg.objectives.get("mrm"), cfg.objectives.get("tags")
+    wants = [name for name, on in (("objectives.mrm.mrc", mrm is not None and mrm.enabled and mrm.mrc),
+                                   ("objectives.tags.enabled", tags is not None and tags.enabled)) if on]
+    if wants and not category_vocabulary(cfg.data.paths):
+        raise ConfigError(wants[0], True, f"false: no dataset of data.paths={cfg.data.paths} carries box categories "
+                          f"(box_labels in dataset.json; synthetic and COCO-with-instances builds do)")
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
@@ -156,6 +185,7 @@ def check_environment(cfg: Config) -> None:
                 load_dataset_info(p)
             except UserError as err:  # present but malformed: the data is wrong, not the configuration
                 raise UserError(f"{section}[{i}]: {err}", ExitCode.DATA) from None
+    check_categories(cfg)
     if cfg.zero.deepspeed_config is not None:
         p = Path(cfg.zero.deepspeed_config)
         check("zero.deepspeed_config", str(p), p.is_file(), "an existing DeepSpeed JSON file")

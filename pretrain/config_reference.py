@@ -118,6 +118,11 @@ def generate() -> str:
         if dataclasses.is_dataclass(tp):
             out += _section(field.name, tp, field.name)
         elif field.name == "objectives":
+            out += ["### `objectives`", "", "How the enabled terms combine (`pretrain.objectives.base`).", "",
+                    "| field | type | default | meaning |", "| --- | --- | --- | --- |",
+                    "| `objectives.sampling` | 'joint' \\| 'per_batch' | `joint` | joint: every enabled term on every "
+                    "batch, weighted sum; per_batch (UNITER): one term per optimizer step, drawn with probability "
+                    "weight / sum of weights from (train.seed, step), its loss unweighted; IAIS runs on every step |", ""]
             for name, term in sorted(TERMS.items(), key=lambda item: (item[1].order, item[0])):
                 out += _section(f"objectives.{name}", term.Config, f"objectives.{name}",
                                 f"; `objectives.{name}=false` is short for `enabled: false`")

@@ -114,14 +114,17 @@ def _multiplier(name: str, multipliers: dict[str, float]) -> float:
     return best
 
 
-def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
-    """Parameter groups keyed by (weight decay on/off, lr multiplier), in a deterministic order."""
+def param_groups(model: torch.nn.Module, cfg: OptimizerConfig,
+                 heads: torch.nn.Module | None = None) -> list[dict[str, Any]]:
+    """Parameter groups keyed by (weight decay on/off, lr multiplier), in a deterministic order.
+    `heads`: the objective's own parameters (named `heads.*`), after the model's."""
     for prefix in cfg.lr_multipliers:
         if not any(n == prefix or n.startswith(prefix + ".") for n, _ in model.named_parameters()):
             raise ConfigError(f"optimizer.lr_multipliers.{prefix}", cfg.lr_multipliers[prefix],
                               "a prefix of a parameter name of the model")
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
+    named = list(model.named_parameters()) + (list(heads.named_parameters(prefix="heads")) if heads is not None else [])
+    for name, param in named:
         if not param.requires_grad:
             continue
         decay = not _no_decay(name, param)
@@ -207,12 +210,19 @@ class TrainModule(torch.nn.Module):
 
     forward(batch, progress) -> (total loss, logs); forward(batch, progress, embed=True) -> ITC
     embeddings (text [B, E], image [B, E]) for the retrieval probe.
+
+    The objective's own parameters (`objective.heads`, e.g. MRM's regression head; absent or empty
+    for most objectives) are registered as `heads`, so DeepSpeed trains, partitions and checkpoints
+    them too; exports keep only the `model.` tensors (pretrain.export).
     """
 
     def __init__(self, model: torch.nn.Module, objective: Any):
         super().__init__()
         self.model = model
         self.objective = objective
+        heads = getattr(objective, "heads", None)
+        if heads is not None and len(heads):
+            self.heads = heads
 
     def forward(self, batch: dict[str, Any], progress: Any, embed: bool = False):
         if embed:
@@ -228,7 +238,8 @@ def build_engine(model: torch.nn.Module, objective: Any, spec: EngineSpec, geome
     model's own parameter names) and a LambdaLR; returns (engine, scheduler)."""
     import deepspeed
 
-    groups = param_groups(model, spec.optimizer)
+    module = TrainModule(model, objective)
+    groups = param_groups(model, spec.optimizer, getattr(module, "heads", None))
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
         lr=spec.optimizer.lr, betas=spec.optimizer.betas, eps=spec.optimizer.eps,
@@ -236,7 +247,7 @@ def build_engine(model: torch.nn.Module, objective: Any, spec: EngineSpec, geome
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=TrainModule(model, objective), optimizer=optimizer, lr_scheduler=scheduler,
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(spec, geometry, load_universal),
     )
     return engine, scheduler

@@ -18,6 +18,7 @@ import torch
 
 from data_tools.errors import check
 from data_tools.loader import DataConfig, Loader
+from data_tools.manifest import category_vocabulary
 from pretrain.distributed import all_gather_object, all_reduce_floats
 from pretrain.engine import to_engine
 from pretrain.objectives import Progress, image_id_codes
@@ -58,6 +59,7 @@ class HeldOutEvaluator:
     def __init__(self, config: EvalConfig, data: DataConfig, batch_size: int, rank: int, world_size: int):
         self.config = config
         self._data = dataclasses.replace(data, paths=list(config.paths or data.paths), train=False, batch_size=batch_size)
+        self._categories = category_vocabulary(data.paths)  # the training data's class indices (MRC)
         self.rank, self.world_size = rank, world_size
         self._loader: Loader | None = None
 
@@ -66,7 +68,8 @@ class HeldOutEvaluator:
 
     def evaluate(self, engine: Any, progress: Progress) -> dict[str, float]:
         if self._loader is None:
-            self._loader = Loader(self._data, rank=self.rank, world_size=self.world_size, epoch=0)
+            self._loader = Loader(self._data, rank=self.rank, world_size=self.world_size, epoch=0,
+                                  categories=self._categories)
         was_training = engine.module.training
         engine.eval()
         sums: dict[str, float] = {}

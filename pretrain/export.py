@@ -77,8 +77,8 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
             if not files:
                 raise UserError(f"export: {checkpoint} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
             state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
-    prefix = "model."  # engine.TrainModule wraps the model
-    return {k.removeprefix(prefix): v.detach().float().contiguous().clone() for k, v in state.items()}
+    prefix = "model."  # engine.TrainModule wraps the model; its `heads.*` (pretraining-only objective heads) stay out
+    return {k.removeprefix(prefix): v.detach().float().contiguous().clone() for k, v in state.items() if k.startswith(prefix)}
 
 
 def _model_config(client: dict[str, Any], vocab_size: int) -> dict[str, Any]:

@@ -9,7 +9,9 @@ everything else (engine, checkpoints, resume, preemption, metrics, launchers):
     evaluator = task.evaluator(per_rank_batch, rank, world)      # due(step, last) / evaluate(...), or None
 
 `build_model` is also where the task tells the model what its objective needs from it (the IAIS
-regulariser attaches its layers: the one owner of that decision).
+regulariser attaches its layers: the one owner of that decision), and where the objective's own
+heads are built (right after the model, from the same seed on every rank: see
+pretrain.objectives.base).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import torch
 from data_tools.loader import Loader
 from pretrain.evaluator import Evaluator, HeldOutEvaluator
 from pretrain.iais import IAISRegularizer
-from pretrain.objectives import Objective, pretraining_objective
+from data_tools.manifest import category_vocabulary
+from pretrain.objectives import CompositeObjective, Objective, pretraining_objective
 
 
 class Task(Protocol):
@@ -51,6 +54,7 @@ class PretrainTask:
     def __init__(self, cfg: Any):
         self.cfg = cfg
         self.regularizer: IAISRegularizer | None = None
+        self._objective: CompositeObjective | None = None
 
     def train_loader(self, batch_size: int, rank: int, world_size: int) -> Loader:
         return Loader(dataclasses.replace(self.cfg.data, batch_size=batch_size), rank=rank, world_size=world_size, epoch=0)
@@ -67,10 +71,14 @@ class PretrainTask:
         self.regularizer = IAISRegularizer.from_config(self.cfg.iais, model.config.iais_layer_count)
         if self.regularizer is not None:
             self.regularizer.attach(model)
+        self._objective = pretraining_objective(self.cfg.objectives, self.regularizer, self.cfg.train.seed)
+        self._objective.build_heads(model.config, category_vocabulary(self.cfg.data.paths))
         return model
 
     def objective(self) -> Objective:
-        return pretraining_objective(self.cfg.objectives, self.regularizer)
+        if self._objective is None:  # a caller that never built the model: no heads to build
+            self._objective = pretraining_objective(self.cfg.objectives, self.regularizer, self.cfg.train.seed)
+        return self._objective
 
     def evaluator(self, batch_size: int, rank: int, world_size: int) -> Evaluator | None:
         if not self.cfg.eval.every_steps:

@@ -37,6 +37,7 @@ def test_reference_lists_every_field_of_every_section_with_type_default_and_docs
         if field.name == "objectives":
             expected |= {f"objectives.{name}.{f.name}" for name, term in TERMS.items()
                          for f in dataclasses.fields(term.Config)}
+            expected.add("objectives.sampling")  # a mode beside the terms, not a term
         elif dataclasses.is_dataclass(section):
             expected |= {f"{field.name}.{f.name}" for f in dataclasses.fields(section)}
         else:
@@ -46,6 +47,7 @@ def test_reference_lists_every_field_of_every_section_with_type_default_and_docs
     assert rows["iais.layers"][:2] == ["list[int]", "`[-1]`"]
     assert rows["finetune.recipe"][:2] == ["'hard_negative' | 'itc_itm' | 'itc'", "`hard_negative`"]
     assert rows["objectives.itm.hard_negatives"][1] == "`true`"
+    assert rows["objectives.sampling"][:2] == ["'joint' | 'per_batch'", "`joint`"]
     assert rows["objectives.itm.weight"][2] == "Its weight in the total loss."  # inherited from TermConfig
     assert rows["finetune.init"][2].startswith("Start from: a pretraining run directory")  # two source lines, one here
     undocumented = {name for name, (_, _, meaning) in rows.items() if not meaning}

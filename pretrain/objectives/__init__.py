@@ -1,28 +1,35 @@
 """Objectives of the one training loop: the term registry and the built-in terms.
 
-    objective = pretraining_objective(cfg.objectives, regularizer)   # ITC + ITM + IAIS + MLM
+    objective = pretraining_objective(cfg.objectives, regularizer)   # ITC + ITM + IAIS + MLM (+ tags, MRM, WRA)
     out = objective(model, batch, Progress(step, total_steps))       # out.total, out.logs
 
 A new term is one module (see `base.py`); finetuning adds its own (the hinge) the same way.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .base import (TERMS, CompositeObjective, Objective, ObjectiveOutput, Progress, StepContext, Term, TermConfig,
-                   build_sections, image_id_codes, import_plugins, masked_mean, register, wide)
+                   build_sections, image_id_codes, import_plugins, masked_mean, register, sampled_term, term_sections,
+                   wide)
 from .iais_term import IAISTerm
 from .itc import ITC, ITCConfig, itc_loss
 from .itm import ITM, ITMConfig, sample_hard_negatives
 from .mlm import MLM, MLMConfig
+from .mrm import MRM, MRMConfig
+from .tags import Tags, TagsConfig
+from .wra import WRA, WRAConfig, ipot_transport, wra_distance
 
 __all__ = [
     "TERMS", "CompositeObjective", "Objective", "ObjectiveOutput", "Progress", "StepContext", "Term", "TermConfig",
     "build_sections", "image_id_codes", "import_plugins", "masked_mean", "register", "wide", "IAISTerm",
     "ITC", "ITCConfig", "itc_loss", "ITM", "ITMConfig", "sample_hard_negatives", "MLM", "MLMConfig",
-    "pretraining_objective",
+    "MRM", "MRMConfig", "Tags", "TagsConfig", "WRA", "WRAConfig", "ipot_transport", "wra_distance",
+    "sampled_term", "term_sections", "pretraining_objective",
 ]
 
 
-def pretraining_objective(sections: dict[str, TermConfig], regularizer=None) -> CompositeObjective:
+def pretraining_objective(sections: dict[str, Any], regularizer=None, seed: int = 0) -> CompositeObjective:
     """The enabled terms of `objectives` plus IAIS when a regulariser is given (it exists only when
-    `iais.enabled`)."""
-    return CompositeObjective.from_sections(sections, [IAISTerm(regularizer)] if regularizer is not None else [])
+    `iais.enabled`); `seed` (train.seed) draws the term of a step under `objectives.sampling=per_batch`."""
+    return CompositeObjective.from_sections(sections, [IAISTerm(regularizer)] if regularizer is not None else [], seed)

@@ -17,6 +17,20 @@ Terms share one `StepContext` per micro-batch: the visual tokens are embedded on
 similarities for ITM's hard negatives, and the first joint pass over the matched pairs leaves their
 IAIS attention blocks for the IAIS term. A plugin module named in the config's `plugins` list is
 imported before validation, so its terms are configurable like the built-in ones.
+
+Terms with parameters (MRM's regression and classification heads, the tags' polluted/original head)
+build them in `build_head(model_config, categories)`; `CompositeObjective.build_heads` collects them in
+`objective.heads` (an nn.ModuleDict), which `pretrain.engine.TrainModule` registers beside the model:
+DeepSpeed then trains, partitions and checkpoints them like the model's own parameters (names
+`heads.<term>.*`), while the model, its exports and finetuning never see them (pretraining-only
+heads, as UNITER drops its region heads). The task builds them right after the model, before the
+per-rank reseed, so every rank starts from the same head weights.
+
+`objectives.sampling`: `joint` (every enabled term on every batch, weighted sum) or `per_batch`
+(UNITER: one term per optimizer step, drawn with probability proportional to its weight by a pure
+function of (train.seed, step), so every rank and a resumed run draw the same; the drawn term's loss
+is not multiplied by its weight, which already set how often it is drawn). Regularisers that ride
+on another term's pass (IAIS, `sampled = False`) run on every step.
 """
 from __future__ import annotations
 
@@ -26,9 +40,12 @@ import importlib
 from typing import Any, Callable, ClassVar, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from data_tools.errors import ConfigError, UserError, check
+
+SAMPLING_MODES = ("joint", "per_batch")
+"""Values of `objectives.sampling` (see the module docstring)."""
 
 
 @dataclasses.dataclass
@@ -71,12 +88,24 @@ class Term:
     name: ClassVar[str] = ""
     order: ClassVar[int] = 50
     Config: ClassVar[type[TermConfig]] = TermConfig
+    sampled: ClassVar[bool] = True
+    """A candidate of `objectives.sampling=per_batch` (False: a regulariser that runs on every step)."""
 
     def __init__(self, config: TermConfig):
         self.config = config
+        self.head: nn.Module | None = None
+        """This term's own parameters (built by `build_head`), registered with the engine."""
 
     def weight(self, progress: Progress) -> float:
         return self.config.weight
+
+    def build_head(self, model_config: Any, categories: list[str]) -> nn.Module | None:
+        """The term's own parameters, if any. model_config: pretrain.model.ModelConfig (vocab_size
+        set); categories: the datasets' box label vocabulary (data_tools.manifest.category_vocabulary)."""
+        return None
+
+    def prepare(self, ctx: "StepContext") -> None:
+        """Before any term's loss of this micro-batch: leave shared inputs in the context (tags)."""
 
     def loss(self, ctx: "StepContext") -> Tensor:
         raise NotImplementedError
@@ -114,6 +143,9 @@ def build_sections(tree: Any, build: Callable[[type, dict[str, Any], str], Any])
     tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise ConfigError("objectives", tree, "a mapping of objective names to sections")
+    tree = dict(tree)
+    sampling = tree.pop("sampling", "joint")
+    check("objectives.sampling", sampling, sampling in SAMPLING_MODES, " or ".join(SAMPLING_MODES))
     unknown = sorted(set(tree) - set(TERMS))
     if unknown:
         raise ConfigError(f"objectives.{unknown[0]}", tree[unknown[0]],
@@ -126,7 +158,32 @@ def build_sections(tree: Any, build: Callable[[type, dict[str, Any], str], Any])
         if not isinstance(value, dict):
             raise ConfigError(f"objectives.{name}", value, "true, false or a mapping of its fields")
         sections[name] = build(cls.Config, value, f"objectives.{name}")
+    sections["sampling"] = sampling  # type: ignore[assignment]  (a mode, not a term: see term_sections)
     return sections
+
+
+def term_sections(sections: dict[str, Any]) -> dict[str, TermConfig]:
+    """The term sections of the `objectives` mapping (without `sampling`)."""
+    return {name: section for name, section in sections.items() if isinstance(section, TermConfig)}
+
+
+def sampled_term(names: list[str], weights: list[float], seed: int, step: int) -> int:
+    """Index of the term drawn for optimizer step `step` with probability weight / sum(weights).
+
+    A pure function of (seed, step): every rank, every micro-batch of the step and a resumed run
+    draw the same term, whatever happened before (no RNG state to save). The names enter the hash, so
+    another set of terms draws independently of this one."""
+    total = sum(weights)
+    if total <= 0:
+        raise UserError(f"objectives.sampling=per_batch: the terms {', '.join(names)} all have weight 0")
+    digest = hashlib.blake2b(f"{seed}:{step}:{','.join(names)}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2.0 ** 64 * total  # uniform in [0, total)
+    edge = 0.0
+    for i, w in enumerate(weights):
+        edge += w
+        if u < edge and w > 0:
+            return i
+    return max(i for i, w in enumerate(weights) if w > 0)  # u rounded up to total
 
 
 def image_id_codes(image_ids: list[str]) -> Tensor:
@@ -167,6 +224,17 @@ class StepContext:
         """IAIS attention blocks of the matched pairs, left by the first joint pass that computed them."""
         self.iais_direction: str | None = None
         """A term may choose the IAIS direction of this micro-batch (finetuning: V on image-built batches)."""
+        self.matched_hidden: Tensor | None = None
+        """[B, Lt + M, W] encoder output of the matched pairs (unmasked text), left by the first term that
+        made that pass (ITM's first B rows, or WRA's own)."""
+        self.extend_mlm_text: Callable[["StepContext", tuple[Tensor, Tensor, Tensor]], tuple[Tensor, Tensor, Tensor]] | None = None
+        """Set by a term's `prepare` that extends the MLM text (tags); applied on first use, so its
+        random draws come after those of the terms that run earlier (ITM's negatives stay the same)."""
+        self._mlm_text: tuple[Tensor, Tensor, Tensor] | None = None
+        self.mlm_output: Any = None
+        """The EncoderOutput of the MLM pass (the tags head reads its [CLS])."""
+        self.tags_polluted: Tensor | None = None
+        """[B] bool: whose tags in `mlm_text` are another sample's (left by the tags term's prepare)."""
         self._codes: Tensor | None = None
         self._visual: tuple[Tensor, Tensor] | None = None
 
@@ -184,6 +252,15 @@ class StepContext:
             self._visual = self.model.embed_visual(self.batch)
         return self._visual
 
+    def mlm_text(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(input ids, text mask, labels) [B, L] of the MLM pass: the batch's `mlm_input_ids`,
+        `text_mask`, `mlm_labels`, extended once by `extend_mlm_text` where a term set it."""
+        if self._mlm_text is None:
+            batch = self.batch
+            text = (batch["mlm_input_ids"], batch["text_mask"], batch["mlm_labels"])
+            self._mlm_text = self.extend_mlm_text(self, text) if self.extend_mlm_text is not None else text
+        return self._mlm_text
+
     def joint(self, input_ids: Tensor, text_mask: Tensor, visual_tokens: Tensor, visual_mask: Tensor,
               matched_rows: Tensor | None = None) -> Any:
         """A joint pass; `matched_rows` [rows] bool marks the matched pairs whose IAIS blocks are
@@ -196,26 +273,56 @@ class StepContext:
 
 
 class CompositeObjective:
-    """Weighted sum of terms in their registered order; logs `loss/<name>` and `loss/total`."""
+    """Weighted sum of terms in their registered order (or one drawn term per step, `per_batch`);
+    logs `loss/<name>` and `loss/total`."""
 
-    def __init__(self, terms: list[Term]):
+    def __init__(self, terms: list[Term], sampling: str = "joint", seed: int = 0):
         if not terms:
             raise UserError("objectives: every objective is switched off; enable at least one")
         self.terms = sorted(terms, key=lambda t: t.order)
         self.want_attention = any(getattr(t, "reads_attention", False) for t in self.terms)
+        self.sampling, self.seed = sampling, seed
+        self.candidates = [t for t in self.terms if t.sampled]
+        if sampling == "per_batch" and not self.candidates:
+            raise UserError("objectives.sampling=per_batch: no objective term to draw (enable one of itc, itm, mlm, ...)")
+        self.heads = nn.ModuleDict()
+        """The terms' own parameters by term name (empty until `build_heads`)."""
 
     @classmethod
-    def from_sections(cls, sections: dict[str, TermConfig], extra: list[Term] = ()) -> "CompositeObjective":
-        """The enabled terms of the `objectives` sections plus `extra` ones (e.g. IAIS)."""
-        return cls([TERMS[name](section) for name, section in sections.items() if section.enabled] + list(extra))
+    def from_sections(cls, sections: dict[str, Any], extra: list[Term] = (), seed: int = 0) -> "CompositeObjective":
+        """The enabled terms of the `objectives` sections plus `extra` ones (e.g. IAIS); `seed` draws
+        the per-batch term (train.seed)."""
+        terms = [TERMS[name](section) for name, section in term_sections(sections).items() if section.enabled]
+        return cls(terms + list(extra), sections.get("sampling", "joint"), seed)
+
+    def build_heads(self, model_config: Any, categories: list[str]) -> nn.ModuleDict:
+        """Build every term's own parameters once (call right after the model, on every rank alike)."""
+        for term in self.terms:
+            head = term.build_head(model_config, categories)
+            if head is not None:
+                term.head = self.heads[term.name] = head
+        return self.heads
+
+    def active_terms(self, progress: Progress) -> list[Term]:
+        """The terms this step computes: all (`joint`), or the drawn one plus the regularisers."""
+        if self.sampling == "joint":
+            return self.terms
+        names = [t.name for t in self.candidates]
+        weights = [float(t.weight(progress)) for t in self.candidates]
+        drawn = self.candidates[sampled_term(names, weights, self.seed, progress.step)]
+        return [t for t in self.terms if t is drawn or not t.sampled]
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any], progress: Progress) -> ObjectiveOutput:
         model = getattr(model, "module", model)
         ctx = StepContext(model, batch, progress, self.want_attention)
+        terms = self.active_terms(progress)
+        for term in self.terms:  # every enabled term, drawn or not: MLM sees the tags on every step
+            term.prepare(ctx)
         total: Tensor | None = None
-        for term in self.terms:
+        for term in terms:
             loss = term.loss(ctx)
-            contribution = term.weight(progress) * loss
+            weight = term.weight(progress) if self.sampling == "joint" or not term.sampled else 1.0
+            contribution = weight * loss
             total = contribution if total is None else total + contribution
             ctx.logs.setdefault(f"loss/{term.name}", loss.detach())
         ctx.logs["loss/total"] = total.detach()

@@ -20,6 +20,7 @@ class IAISTerm(Term):
     name = "iais"
     order = 30
     reads_attention = True
+    sampled = False  # a regulariser: every step, on whichever pass over the matched pairs there is
 
     def __init__(self, regularizer: IAISRegularizer):
         super().__init__(regularizer.config)

@@ -73,6 +73,7 @@ class ITM(Term):
         rows = ids.shape[0]
         matched = torch.cat([sample_mask, torch.zeros(rows - b, dtype=torch.bool, device=sample_mask.device)])
         out = ctx.joint(ids, tmask, vis, vmask, matched_rows=matched)
+        ctx.matched_hidden = out.hidden[:b]  # the matched pairs' pass (WRA reads it)
         logits = ctx.model.itm_logits(out)  # [rows, 2]
         labels = torch.cat([torch.ones(b), torch.zeros(rows - b)]).long().to(ids.device)
         return masked_mean(F.cross_entropy(wide(logits), labels, reduction="none"), weights)

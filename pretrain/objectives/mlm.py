@@ -1,5 +1,7 @@
 """MLM: masked words predicted from the joint pass over the matched pairs (words masked by the
-loader: `mlm_input_ids`, `mlm_labels`)."""
+loader: `mlm_input_ids`, `mlm_labels`). With `objectives.tags` the text is Oscar's
+`[CLS] words [SEP] tags [SEP]`, masked words and tags predicted alike (`ctx.mlm_text()`, extended by the
+tags term), and the pass's output stays in `ctx.mlm_output` for the tags' polluted/original head."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +26,11 @@ class MLM(Term):
     def loss(self, ctx: StepContext) -> Tensor:
         batch, model = ctx.batch, ctx.model
         visual_tokens, visual_mask = ctx.visual
-        labels = batch["mlm_labels"].masked_fill(~ctx.sample_mask[:, None], IGNORE_INDEX)  # [B, Lt]
-        positions = labels != IGNORE_INDEX  # [B, Lt] bool
-        out = ctx.joint(batch["mlm_input_ids"], batch["text_mask"], visual_tokens, visual_mask)
+        input_ids, text_mask, labels = ctx.mlm_text()
+        labels = labels.masked_fill(~ctx.sample_mask[:, None], IGNORE_INDEX)  # [B, L]
+        positions = labels != IGNORE_INDEX  # [B, L] bool
+        out = ctx.joint(input_ids, text_mask, visual_tokens, visual_mask)
+        ctx.mlm_output = out
         logits = model.mlm_logits(out, positions)  # [N, V]: only masked positions
         if logits.shape[0]:
             return F.cross_entropy(wide(logits), labels[positions])
