@@ -27,16 +27,13 @@ from torch import Tensor
 
 from data_tools.errors import ConfigError
 
+from .iais_fused import DISTRIBUTED_EPS, LOG_FLOOR, pair_divergence_outputs
 from .model.encoder import AttentionBlocks, key_bias
 
 MODES = ("singular", "distributed")
 DIRECTIONS = ("L", "V", "both", "alternate")
 NORMALIZATIONS = ("softmax", "sum")
 SCHEDULES = ("constant", "linear", "exp", "log")
-DISTRIBUTED_EPS = 1e-6
-"""Added inside the log of the logged side in distributed mode (as the official code)."""
-LOG_FLOOR = 1e-30
-"""Clamp before a log: keeps -inf (and NaN gradients) out without moving any real value."""
 
 
 @dataclasses.dataclass
@@ -163,17 +160,20 @@ def pair_divergences(blocks: AttentionBlocks, mode: str = "singular", normalizat
     term vanishes; padded rows are dropped after the column sum. A pair is valid when it has at
     least one real word and one real visual token. Float32 (or float64 inputs), outside autocast.
     """
+    values, valid = direction_divergences(blocks, mode, normalization)
+    return torch.stack([values[direction] for direction in directions]), valid
+
+
+def direction_divergences(blocks: AttentionBlocks, mode: str = "singular",
+                          normalization: str = "softmax") -> tuple[dict[str, Tensor], Tensor]:
+    """({"L": [P], "V": [P]}, valid [P] bool): both directions from one autograd node
+    (`iais_fused`); a direction that is only logged (detached) costs no backward."""
     with torch.autocast(device_type=blocks.s_ll.device.type, enabled=False):
         dtype = torch.promote_types(blocks.s_ll.dtype, torch.float32)
-        words = blocks.word_mask[:, None, :].to(dtype)  # [P, 1, n]
-        visual = blocks.visual_mask[:, None, :].to(dtype)  # [P, 1, m]
-        blocks = dataclasses.replace(blocks, s_ll=blocks.s_ll.to(dtype) * words, s_vv=blocks.s_vv.to(dtype) * visual,
-                                     s_lv=blocks.s_lv.to(dtype) * visual, s_vl=blocks.s_vl.to(dtype) * words)
-        values = []
-        for direction in directions:
-            pseudo, target, mask = pseudo_and_target(blocks, direction, mode, normalization)
-            values.append(_masked_mean_rows(_symmetric_terms(pseudo, target, mode == "distributed"), mask))
-    return torch.stack(values), blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
+        text, image = pair_divergence_outputs(
+            blocks.s_ll.to(dtype), blocks.s_vv.to(dtype), blocks.s_lv.to(dtype), blocks.s_vl.to(dtype),
+            blocks.word_mask, blocks.visual_mask, mode, normalization)
+    return {"L": text, "V": image}, blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
 
 
 def pair_divergence(blocks: AttentionBlocks, direction: str, mode: str = "singular",
@@ -184,9 +184,13 @@ def pair_divergence(blocks: AttentionBlocks, direction: str, mode: str = "singul
 
 
 def mean_over_valid(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of values [..., P] over valid pairs [P]; 0 (still in the graph) when there are none."""
+    """Mean of values [..., P] over valid pairs [P]; 0 (still in the graph) when there are none.
+
+    One product with fixed weights (valid / count): a single autograd node.
+    """
     weights = valid.to(values.dtype)
-    return (values * weights).sum(dim=-1) / weights.sum().clamp_min(1.0)
+    with torch.autocast(device_type=values.device.type, enabled=False):  # a product: keep float32 under autocast
+        return values @ (weights / weights.sum().clamp_min(1.0))
 
 
 class IAISRegularizer:
@@ -241,10 +245,13 @@ class IAISRegularizer:
                              f"and pass iais_rows to model.forward")
         weight = self.weight(step, total_steps)
         active = self.active_directions(step, direction)
-        # Both directions in one pass (the inactive one only for logging: it gets no gradient).
-        per_layer = [mean_over_valid(*pair_divergences(attention[layer], self.config.mode, self.config.normalization))
-                     for layer in self.layers]  # each [2]: (L, V)
-        means = per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer).mean(dim=0)
-        raw = means[0] if active == ("L",) else means[1] if active == ("V",) else means.sum()
-        isd = {"L": means[0].detach(), "V": means[1].detach()}
+        # Both directions in one pass; the inactive one only for logging (detached: no backward).
+        per_layer = [direction_divergences(attention[layer], self.config.mode, self.config.normalization)
+                     for layer in self.layers]
+        means = {}
+        for direction in ("L", "V"):
+            layer_means = [mean_over_valid(values[direction], valid) for values, valid in per_layer]
+            means[direction] = layer_means[0] if len(layer_means) == 1 else torch.stack(layer_means).mean()
+        raw = means["L"] if active == ("L",) else means["V"] if active == ("V",) else means["L"] + means["V"]
+        isd = {"L": means["L"].detach(), "V": means["V"].detach()}
         return IAISOutput(loss=raw * weight, raw=raw, isd=isd, weight=weight)
