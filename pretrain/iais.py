@@ -19,6 +19,7 @@ sum L and V.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -168,12 +169,31 @@ def direction_divergences(blocks: AttentionBlocks, mode: str = "singular",
                           normalization: str = "softmax") -> tuple[dict[str, Tensor], Tensor]:
     """({"L": [P], "V": [P]}, valid [P] bool): both directions from one autograd node
     (`iais_fused`); a direction that is only logged (detached) costs no backward."""
-    with torch.autocast(device_type=blocks.s_ll.device.type, enabled=False):
-        dtype = torch.promote_types(blocks.s_ll.dtype, torch.float32)
-        text, image = pair_divergence_outputs(
-            blocks.s_ll.to(dtype), blocks.s_vv.to(dtype), blocks.s_lv.to(dtype), blocks.s_vl.to(dtype),
-            blocks.word_mask, blocks.visual_mask, mode, normalization)
-    return {"L": text, "V": image}, blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
+    with _float32_region(blocks.s_ll):
+        values = pair_divergence_outputs(*_float_blocks(blocks), blocks.word_mask, blocks.visual_mask,
+                                         mode, normalization)
+    return dict(zip(("L", "V"), values)), blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
+
+
+def direction_means(blocks: AttentionBlocks, mode: str = "singular", normalization: str = "softmax") -> dict[str, Tensor]:
+    """{"L": scalar, "V": scalar}: each direction's mean over the valid pairs (0 when none is), the
+    whole reduction inside the one autograd node."""
+    with _float32_region(blocks.s_ll):
+        values = pair_divergence_outputs(*_float_blocks(blocks), blocks.word_mask, blocks.visual_mask,
+                                         mode, normalization, reduce=True)
+    return dict(zip(("L", "V"), values))
+
+
+def _float32_region(like: Tensor):
+    # The loss runs in float32 (or float64) outside autocast; entering the guard only when needed.
+    device = like.device.type
+    return torch.autocast(device_type=device, enabled=False) if torch.is_autocast_enabled(device) \
+        else contextlib.nullcontext()
+
+
+def _float_blocks(blocks: AttentionBlocks) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dtype = torch.promote_types(blocks.s_ll.dtype, torch.float32)
+    return blocks.s_ll.to(dtype), blocks.s_vv.to(dtype), blocks.s_lv.to(dtype), blocks.s_vl.to(dtype)
 
 
 def pair_divergence(blocks: AttentionBlocks, direction: str, mode: str = "singular",
@@ -246,12 +266,10 @@ class IAISRegularizer:
         weight = self.weight(step, total_steps)
         active = self.active_directions(step, direction)
         # Both directions in one pass; the inactive one only for logging (detached: no backward).
-        per_layer = [direction_divergences(attention[layer], self.config.mode, self.config.normalization)
+        per_layer = [direction_means(attention[layer], self.config.mode, self.config.normalization)
                      for layer in self.layers]
-        means = {}
-        for direction in ("L", "V"):
-            layer_means = [mean_over_valid(values[direction], valid) for values, valid in per_layer]
-            means[direction] = layer_means[0] if len(layer_means) == 1 else torch.stack(layer_means).mean()
+        means = per_layer[0] if len(per_layer) == 1 else {
+            direction: torch.stack([values[direction] for values in per_layer]).mean() for direction in ("L", "V")}
         raw = means["L"] if active == ("L",) else means["V"] if active == ("V",) else means["L"] + means["V"]
         isd = {"L": means["L"].detach(), "V": means["V"].detach()}
         return IAISOutput(loss=raw * weight, raw=raw, isd=isd, weight=weight)

@@ -61,8 +61,12 @@ def _at_least_floor(x: Tensor) -> Tensor:
     return torch.ge(x, LOG_FLOOR, out=torch.empty_like(x))
 
 
-def _row_sums_weighted(terms: Tensor, layout: _Layout, row_weights: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    # terms [N] -> per pair (sum over real rows of the row sums / real rows): ([P], [P])
+def _row_sums_weighted(terms: Tensor, layout: _Layout, row_weights: tuple[Tensor, Tensor],
+                       reduce: bool) -> tuple[Tensor, Tensor]:
+    # terms [N] -> per pair, the weighted sum of its row sums: ([P], [P]), or summed over pairs (scalars)
+    if reduce:
+        return tuple(torch.dot(part.sum(dim=-1).flatten(), weight.flatten())
+                     for part, weight in zip(layout.views(terms), row_weights))
     return tuple(torch.linalg.vecdot(part.sum(dim=-1), weight)
                  for part, weight in zip(layout.views(terms), row_weights))
 
@@ -70,33 +74,42 @@ def _row_sums_weighted(terms: Tensor, layout: _Layout, row_weights: tuple[Tensor
 def _scale_by_weights(layout: _Layout, flats: tuple[Tensor, ...], grads, row_weights, col_masks=None) -> None:
     """Multiply each flat [N] gradient, in place, by d value / d t: grad[p] * [real row] / (real rows)
     (times [real column] where `col_masks` is given); a direction without gradient becomes 0."""
+    parts = [layout.views(flat) for flat in flats]
     for index, (grad, row_weight) in enumerate(zip(grads, row_weights)):
-        scale = None if grad is None else (grad[:, None] * row_weight)[:, :, None]  # [P, r, 1]
-        for flat in flats:
-            part = layout.views(flat)[index]
-            if scale is None:
-                part.zero_()
+        if grad is not None:  # [P] per pair, or a scalar for reduced outputs
+            scale = ((grad[:, None] if grad.dim() else grad) * row_weight)[:, :, None]  # [P, r, 1]
+        for views in parts:
+            if grad is None:
+                views[index].zero_()
+            elif col_masks is None:
+                views[index].mul_(scale)
             else:
-                part.mul_(scale)
-                if col_masks is not None:
-                    part.mul_(col_masks[index])
+                views[index].mul_(scale).mul_(col_masks[index])
 
 
 class PairDivergences(torch.autograd.Function):
-    """(s_ll, s_vv, s_lv, s_vl, word_mask, visual_mask, mode, normalization) -> (values_L [P], values_V [P]).
+    """(s_ll, s_vv, s_lv, s_vl, word_mask, visual_mask, mode, normalization, reduce)
+    -> (values_L, values_V): per pair ([P] each), or with `reduce` their means over the valid pairs.
 
-    Blocks are float32/float64 (the caller converts); masks [P, n] / [P, m] bool. A pair's value is
-    meaningless (but finite) when it has no real word or no real visual token: the caller masks it.
+    Blocks are float32/float64 (the caller converts); masks [P, n] / [P, m] bool. Per pair, a pair's
+    value is meaningless (but finite) when it has no real word or no real visual token: the caller
+    masks it; `reduce` leaves such pairs out itself.
     """
 
     @staticmethod
-    def forward(ctx, s_ll, s_vv, s_lv, s_vl, word_mask, visual_mask, mode: str, normalization: str):
+    def forward(ctx, s_ll, s_vv, s_lv, s_vl, word_mask, visual_mask, mode: str, normalization: str,
+                reduce: bool = False):
         ctx.set_materialize_grads(False)
         dtype = s_ll.dtype
         layout = _Layout(s_ll.shape[0], s_ll.shape[1], s_vv.shape[1])
         cols = (word_mask[:, None, :].to(dtype), visual_mask[:, None, :].to(dtype))  # [P, 1, n], [P, 1, m]
-        row_weights = tuple(mask / mask.sum(dim=-1, keepdim=True).clamp_min(1).to(dtype)  # [P, n], [P, m]
-                            for mask in (word_mask, visual_mask))
+        counts = tuple(col.sum(dim=-1) for col in cols)  # [P, 1] real words, real visual tokens
+        scales = tuple(count.clamp_min(1).reciprocal_() for count in counts)  # d value / d row sum
+        if reduce:  # the mean over valid pairs (a real word and a real visual token): weight valid / #valid
+            valid = torch.minimum(*counts).clamp_(max=1.0)  # [P, 1] 0 / 1
+            pair_weight = valid / valid.sum().clamp_min(1.0)
+            scales = tuple(scale.mul_(pair_weight) for scale in scales)
+        row_weights = tuple(col[:, 0] * scale for col, scale in zip(cols, scales))  # [P, n], [P, m]
         target = layout.empty(s_ll)  # [N]: S_LL, S_VV with padded columns zeroed
         for part, block, col in zip(layout.views(target), (s_ll, s_vv), cols):
             torch.mul(block, col, out=part)
@@ -107,7 +120,7 @@ class PairDivergences(torch.autograd.Function):
         else:
             forward = _singular_forward
             cross = (s_lv, s_vl)
-        values, saved = forward(layout, target, pseudo, cross, cols, row_weights, normalization)
+        values, saved = forward(layout, target, pseudo, cross, cols, row_weights, normalization, reduce)
         ctx.layout, ctx.cols, ctx.row_weights, ctx.saved = layout, cols, row_weights, saved
         ctx.mode, ctx.normalization = mode, normalization
         return values
@@ -117,15 +130,15 @@ class PairDivergences(torch.autograd.Function):
     def backward(ctx, grad_text, grad_image):
         grads = (grad_text, grad_image)
         if grad_text is None and grad_image is None:
-            return (None,) * 8
+            return (None,) * 9
         if ctx.mode == "distributed":
             d_ll, d_vv, d_lv, d_vl = _distributed_backward(ctx, grads)
-            return d_ll, d_vv, d_lv, d_vl, None, None, None, None
+            return d_ll, d_vv, d_lv, d_vl, None, None, None, None, None
         d_ll, d_vv = _singular_backward(ctx, grads)
-        return d_ll, d_vv, None, None, None, None, None, None
+        return d_ll, d_vv, None, None, None, None, None, None, None
 
 
-def _singular_forward(layout, target, pseudo, cross, cols, row_weights, normalization):
+def _singular_forward(layout, target, pseudo, cross, cols, row_weights, normalization, reduce):
     targets = layout.views(target)  # S_LL, S_VV
     gathered_at = []
     for part, cross_block, other, col, other_col in zip(layout.views(pseudo), cross, targets[::-1], cols, cols[::-1]):
@@ -150,7 +163,7 @@ def _singular_forward(layout, target, pseudo, cross, cols, row_weights, normaliz
     floor_s = target.clamp_min(LOG_FLOOR)
     diff_log = pseudo.clamp_min(LOG_FLOOR).div_(floor_s).log_()  # log max(p, floor) - log max(s, floor): one log
     diff = pseudo - target  # [N]
-    return _row_sums_weighted(diff * diff_log, layout, row_weights), \
+    return _row_sums_weighted(diff * diff_log, layout, row_weights, reduce), \
         (target, pseudo, floor_s, diff, diff_log, gathered_at, totals)
 
 
@@ -179,7 +192,7 @@ def _singular_backward(ctx, grads):
     return d_targets
 
 
-def _distributed_forward(layout, target, pseudo, cross, cols, row_weights, normalization):
+def _distributed_forward(layout, target, pseudo, cross, cols, row_weights, normalization, reduce):
     text_to_visual, visual_to_text = cross  # A [P, n, m], B [P, m, n]
     pseudo_ll, pseudo_vv = layout.views(pseudo)
     torch.bmm(text_to_visual, visual_to_text, out=pseudo_ll)  # row-stochastic over real columns
@@ -188,7 +201,7 @@ def _distributed_forward(layout, target, pseudo, cross, cols, row_weights, norma
     log_ps = pseudo.clamp_min(LOG_FLOOR).div_(eps_s).log_()  # log max(p, floor) - log(s + eps)
     log_sp = target.clamp_min(LOG_FLOOR).div_(eps_p).log_()  # log max(s, floor) - log(p + eps)
     terms = (pseudo * log_ps).addcmul_(target, log_sp)  # [N]
-    return _row_sums_weighted(terms, layout, row_weights), (target, pseudo, eps_p, eps_s, log_ps, log_sp, cross)
+    return _row_sums_weighted(terms, layout, row_weights, reduce), (target, pseudo, eps_p, eps_s, log_ps, log_sp, cross)
 
 
 def _distributed_backward(ctx, grads):
@@ -216,6 +229,8 @@ def _add_product(total: Tensor | None, left: Tensor, right: Tensor) -> Tensor:
 
 
 def pair_divergence_outputs(s_ll: Tensor, s_vv: Tensor, s_lv: Tensor, s_vl: Tensor, word_mask: Tensor,
-                            visual_mask: Tensor, mode: str, normalization: str) -> tuple[Tensor, Tensor]:
-    """Per-pair symmetric KL of direction L and of direction V: ([P], [P]), one autograd node."""
-    return PairDivergences.apply(s_ll, s_vv, s_lv, s_vl, word_mask, visual_mask, mode, normalization)
+                            visual_mask: Tensor, mode: str, normalization: str,
+                            reduce: bool = False) -> tuple[Tensor, Tensor]:
+    """Symmetric KL of direction L and of direction V, one autograd node: per pair ([P], [P]), or
+    with `reduce` each direction's mean over the valid pairs (two scalars, 0 when none is valid)."""
+    return PairDivergences.apply(s_ll, s_vv, s_lv, s_vl, word_mask, visual_mask, mode, normalization, reduce)
