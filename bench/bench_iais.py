@@ -2,7 +2,8 @@
 
 Setting of issue 11: 32 matched pairs, 40 words, 36 visual tokens, 12 heads, width 768, CPU, 1 thread
 (also run it with --threads 2). Forward and backward of each, on the same inputs, in the same
-process, interleaved repeat by repeat; the figure is the ratio of the medians.
+process, interleaved repeat by repeat; the figure is the ratio of the medians (of wall time, and of
+the thread's CPU time, steadier on a shared machine).
 
 The baseline (`published_*`) repeats, operation for operation, what lancopku/IAIS (UNITER,
 `model/model.py`, the encoder's IAIS branch, and `BertSelfAttention.get_attention_probs`) does per
@@ -142,23 +143,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(functions: dict, inputs, repeats: int) -> dict[str, tuple[float, float]]:
-    """{name: (median seconds of forward + backward, loss value)}, the functions taking turns."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
+def interleaved(functions: dict, inputs, repeats: int) -> dict[str, tuple[float, float, float]]:
+    """{name: (median wall seconds, median CPU seconds of this thread, loss value)} of forward +
+    backward, the functions taking turns. CPU time is the steadier figure on a shared machine
+    (it leaves out time the thread waited for a core); wall time is what a step pays."""
+    wall: dict[str, list[float]] = {name: [] for name in functions}
+    cpu: dict[str, list[float]] = {name: [] for name in functions}
     values: dict[str, float] = {}
     device = inputs[0].device
     for attempt in range(repeats + 2):
         for name, fn in functions.items():
             leaves = [x.detach().requires_grad_() for x in inputs]
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             loss = fn(*leaves)
             loss.backward()
             _sync(device)
             if attempt >= 2:  # warm-up
-                times[name].append(time.perf_counter() - start)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.thread_time() - start_cpu)
             values[name] = float(loss.detach())
-    return {name: (statistics.median(times[name]), values[name]) for name in functions}
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), values[name]) for name in functions}
 
 
 def main() -> None:
@@ -198,13 +203,16 @@ def main() -> None:
     for name in args.measures.split(","):
         ours, published, inputs = cases[name]
         result = interleaved({"ours": ours, "published": published}, inputs, args.repeats)
-        (ours_s, ours_value), (published_s, published_value) = result["ours"], result["published"]
+        (ours_s, ours_cpu, ours_value), (published_s, published_cpu, published_value) = \
+            result["ours"], result["published"]
         print(json.dumps({
             "bench": "iais", "measure": name, "device": str(query.device) if query.device.type == "cpu"
             else torch.cuda.get_device_name(query.device), "mode": args.mode, "direction": args.direction,
             "pairs": PAIRS, "words": WORDS, "visual": VISUAL, "heads": HEADS, "width": WIDTH, "threads": args.threads,
             "ours_ms": round(ours_s * 1e3, 3), "published_loop_ms": round(published_s * 1e3, 3),
-            "speedup": round(published_s / ours_s, 2), "loss": ours_value,
+            "speedup": round(published_s / ours_s, 2), "ours_cpu_ms": round(ours_cpu * 1e3, 3),
+            "published_loop_cpu_ms": round(published_cpu * 1e3, 3), "cpu_speedup": round(published_cpu / ours_cpu, 2),
+            "loss": ours_value,
             "loss_abs_diff": abs(ours_value - published_value),
             "baseline": "published-style: per-pair loop, host argmax, nested-list gather, KLDivLoss both ways; "
                         "one loop per direction; Q/K re-projection of get_attention_probs not counted",
