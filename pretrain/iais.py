@@ -14,6 +14,9 @@ log(x) in singular mode, clamped at 1e-30 only to keep -inf out), averaged over 
 Every pair of the batch is handled at once: padded words and visual tokens are masked (padding never
 changes the value or the gradients), the argmax is a tensor index (no host round trip), and nothing
 calls .item()/.cpu()/.tolist(). The loss is computed in float32 outside autocast (bf16-safe).
+The loss itself (both directions, and the mean over valid pairs) is one autograd node with a
+closed-form backward (`iais_fused`); the autograd functions below (`pseudo_and_target`,
+`symmetric_kl`) state the same quantities plainly and serve plots and ISDa.
 Several layers: the loss is the mean over layers, so lambda keeps its meaning; directions `both`
 sum L and V.
 """
