@@ -14,11 +14,15 @@ log(x) in singular mode, clamped at 1e-30 only to keep -inf out), averaged over 
 Every pair of the batch is handled at once: padded words and visual tokens are masked (padding never
 changes the value or the gradients), the argmax is a tensor index (no host round trip), and nothing
 calls .item()/.cpu()/.tolist(). The loss is computed in float32 outside autocast (bf16-safe).
+The loss itself (both directions, and the mean over valid pairs) is one autograd node with a
+closed-form backward (`iais_fused`); the autograd functions below (`pseudo_and_target`,
+`symmetric_kl`) state the same quantities plainly and serve plots and ISDa.
 Several layers: the loss is the mean over layers, so lambda keeps its meaning; directions `both`
 sum L and V.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -27,16 +31,13 @@ from torch import Tensor
 
 from data_tools.errors import ConfigError
 
+from .iais_fused import DISTRIBUTED_EPS, LOG_FLOOR, pair_divergence_outputs
 from .model.encoder import AttentionBlocks, key_bias
 
 MODES = ("singular", "distributed")
 DIRECTIONS = ("L", "V", "both", "alternate")
 NORMALIZATIONS = ("softmax", "sum")
 SCHEDULES = ("constant", "linear", "exp", "log")
-DISTRIBUTED_EPS = 1e-6
-"""Added inside the log of the logged side in distributed mode (as the official code)."""
-LOG_FLOOR = 1e-30
-"""Clamp before a log: keeps -inf (and NaN gradients) out without moving any real value."""
 
 
 @dataclasses.dataclass
@@ -164,17 +165,39 @@ def pair_divergences(blocks: AttentionBlocks, mode: str = "singular", normalizat
     term vanishes; padded rows are dropped after the column sum. A pair is valid when it has at
     least one real word and one real visual token. Float32 (or float64 inputs), outside autocast.
     """
-    with torch.autocast(device_type=blocks.s_ll.device.type, enabled=False):
-        dtype = torch.promote_types(blocks.s_ll.dtype, torch.float32)
-        words = blocks.word_mask[:, None, :].to(dtype)  # [P, 1, n]
-        visual = blocks.visual_mask[:, None, :].to(dtype)  # [P, 1, m]
-        blocks = dataclasses.replace(blocks, s_ll=blocks.s_ll.to(dtype) * words, s_vv=blocks.s_vv.to(dtype) * visual,
-                                     s_lv=blocks.s_lv.to(dtype) * visual, s_vl=blocks.s_vl.to(dtype) * words)
-        values = []
-        for direction in directions:
-            pseudo, target, mask = pseudo_and_target(blocks, direction, mode, normalization)
-            values.append(_masked_mean_rows(_symmetric_terms(pseudo, target, mode == "distributed"), mask))
-    return torch.stack(values), blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
+    values, valid = direction_divergences(blocks, mode, normalization)
+    return torch.stack([values[direction] for direction in directions]), valid
+
+
+def direction_divergences(blocks: AttentionBlocks, mode: str = "singular",
+                          normalization: str = "softmax") -> tuple[dict[str, Tensor], Tensor]:
+    """({"L": [P], "V": [P]}, valid [P] bool): both directions from one autograd node
+    (`iais_fused`); a direction that is only logged (detached) costs no backward."""
+    with _float32_region(blocks.s_ll):
+        values = pair_divergence_outputs(*_float_blocks(blocks), blocks.word_mask, blocks.visual_mask,
+                                         mode, normalization)
+    return dict(zip(("L", "V"), values)), blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
+
+
+def direction_means(blocks: AttentionBlocks, mode: str = "singular", normalization: str = "softmax") -> dict[str, Tensor]:
+    """{"L": scalar, "V": scalar}: each direction's mean over the valid pairs (0 when none is), the
+    whole reduction inside the one autograd node."""
+    with _float32_region(blocks.s_ll):
+        values = pair_divergence_outputs(*_float_blocks(blocks), blocks.word_mask, blocks.visual_mask,
+                                         mode, normalization, reduce=True)
+    return dict(zip(("L", "V"), values))
+
+
+def _float32_region(like: Tensor):
+    # The loss runs in float32 (or float64) outside autocast; entering the guard only when needed.
+    device = like.device.type
+    return torch.autocast(device_type=device, enabled=False) if torch.is_autocast_enabled(device) \
+        else contextlib.nullcontext()
+
+
+def _float_blocks(blocks: AttentionBlocks) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dtype = torch.promote_types(blocks.s_ll.dtype, torch.float32)
+    return blocks.s_ll.to(dtype), blocks.s_vv.to(dtype), blocks.s_lv.to(dtype), blocks.s_vl.to(dtype)
 
 
 def pair_divergence(blocks: AttentionBlocks, direction: str, mode: str = "singular",
@@ -185,9 +208,13 @@ def pair_divergence(blocks: AttentionBlocks, direction: str, mode: str = "singul
 
 
 def mean_over_valid(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of values [..., P] over valid pairs [P]; 0 (still in the graph) when there are none."""
+    """Mean of values [..., P] over valid pairs [P]; 0 (still in the graph) when there are none.
+
+    One product with fixed weights (valid / count): a single autograd node.
+    """
     weights = valid.to(values.dtype)
-    return (values * weights).sum(dim=-1) / weights.sum().clamp_min(1.0)
+    with torch.autocast(device_type=values.device.type, enabled=False):  # a product: keep float32 under autocast
+        return values @ (weights / weights.sum().clamp_min(1.0))
 
 
 def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
@@ -248,10 +275,11 @@ class IAISRegularizer:
                              f"and pass iais_rows to model.forward")
         weight = self.weight(step, total_steps)
         active = self.active_directions(step, direction)
-        # Both directions in one pass (the inactive one only for logging: it gets no gradient).
-        per_layer = [mean_over_valid(*pair_divergences(attention[layer], self.config.mode, self.config.normalization))
-                     for layer in self.layers]  # each [2]: (L, V)
-        means = per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer).mean(dim=0)
-        raw = means[0] if active == ("L",) else means[1] if active == ("V",) else means.sum()
-        isd = {"L": means[0].detach(), "V": means[1].detach()}
+        # Both directions in one pass; the inactive one only for logging (detached: no backward).
+        per_layer = [direction_means(attention[layer], self.config.mode, self.config.normalization)
+                     for layer in self.layers]
+        means = per_layer[0] if len(per_layer) == 1 else {
+            direction: torch.stack([values[direction] for values in per_layer]).mean() for direction in ("L", "V")}
+        raw = means["L"] if active == ("L",) else means["V"] if active == ("V",) else means["L"] + means["V"]
+        isd = {"L": means["L"].detach(), "V": means["V"].detach()}
         return IAISOutput(loss=raw * weight, raw=raw, isd=isd, weight=weight)

@@ -304,3 +304,34 @@ def test_batch_without_matched_pairs_gives_zero_loss_that_backpropagates():
     result = regularizer(out.attention, step=5, total_steps=10)
     assert result.loss.item() == 0.0 and result.loss.requires_grad
     (result.loss + model.itm_logits(out).sum()).backward()  # a step with only negatives still trains
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_regularizer_mean_inside_the_fused_node_matches_the_reference_with_an_invalid_pair(mode, normalization):
+    # Pair 3 has no real visual token: it is left out of the mean, and gets no gradient.
+    words, visual = [5, 3, 6, 2], [4, 6, 2, 0]
+    query, key, request = make_qk(words=words, visual=visual, pad_words=1, pad_visual=2, seed=5)
+    regularizer = IAISRegularizer(IAISConfig(mode=mode, normalization=normalization, direction="both",
+                                             schedule="constant"), 1)
+    loss = regularizer({0: attention_blocks(query, key, request)}, step=0, total_steps=1).raw
+    grads = torch.autograd.grad(loss, (query, key))
+    ref = sum(reference_loss(query[:3], key[:3], words[:3], visual[:3], request.text_len, d, mode, normalization)
+              for d in ("L", "V"))
+    ref_grads = torch.autograd.grad(ref, (query, key))
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got[:3], want[:3], atol=1e-5, rtol=1e-5)
+        assert got[3].abs().max() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_logged_direction_gets_no_gradient(mode):
+    query, key, request = make_qk(seed=8)
+    regularizer = IAISRegularizer(IAISConfig(mode=mode, direction="L", schedule="constant"), 1)
+    out = regularizer({0: attention_blocks(query, key, request)}, step=0, total_steps=1)
+    grads = torch.autograd.grad(out.raw, (query, key))
+    ref = reference_loss(query, key, WORDS, VISUAL, request.text_len, "L", mode, "softmax")
+    for got, want in zip(grads, torch.autograd.grad(ref, (query, key))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert out.isd["V"].item() > 1e-3 and not out.isd["V"].requires_grad  # still measured, for logging
