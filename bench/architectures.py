@@ -72,37 +72,17 @@ def one_run(args: argparse.Namespace, train: Path, test: Path, seed: int, varian
     common = [f"train.seed={seed}", f"data.seed={seed}", "metrics.enabled=false", "train.log_every=10",
               f"data.batch_size={args.batch}", *_overrides(variant)]
     start = time.perf_counter()
-    pre, ft = root / "pretrain", root / "finetune"
-    if not (pre / "checkpoints" / "latest").is_file():
-        iais_effect._run(["-m", "pretrain", "--config", TINY, f"data.paths=[{train}]", f"run.dir={pre}",
-                          f"train.steps={args.pretrain_steps}", *common], root / "pretrain.log")
-    if not (ft / "checkpoints" / "latest").is_file():
-        iais_effect._run(["-m", "finetune", "--config", TINY, "--init", str(pre), f"data.paths=[{train}]",
-                          f"run.dir={ft}", f"train.steps={args.finetune_steps}", f"finetune.candidates={args.candidates}",
-                          f"finetune.hard={args.hard}", *common], root / "finetune.log")
-    report = root / "eval" / "report.json"
-    if not report.is_file():
-        mode = ["--mode", "embedding"] if variant.startswith("dual_encoder") else ["--mode", "rerank", "--k", str(args.k)]
-        iais_effect._run(["-m", "finetune", "evaluate", str(ft), "--data", str(test), *mode, "--out", str(root / "eval"),
-                          "--plots", "0", "--no-progress"], root / "evaluate.log")
-    flat = iais_effect._flatten(json.loads(report.read_text()))
+    mode = ["--mode", "embedding"] if variant.startswith("dual_encoder") else ["--mode", "rerank", "--k", str(args.k)]
+    report = iais_effect.pretrain_finetune_evaluate(args, root, train, test, common, mode, plots=0)
+    pre = root / "pretrain"
+    flat = iais_effect._flatten(report)
     flat.update(variant=variant, seed=seed, parameters=_parameters(pre), samples_per_second=_samples_per_second(pre),
                 seconds=round(time.perf_counter() - start, 1))
     return flat
 
 
 def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
-    rows = []
-    for variant in variants:
-        mine = [r for r in runs if r["variant"] == variant]
-        row: dict = {"variant": variant, "seeds": len(mine)}
-        for key in COLUMNS:
-            values = [r[key] for r in mine if r.get(key) is not None]
-            if values:
-                row[key] = round(statistics.mean(values), 4)
-                row[key + ":sd"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
-        rows.append(row)
-    return rows
+    return iais_effect.summarise(runs, variants, COLUMNS)
 
 
 def table(rows: list[dict]) -> str:
@@ -121,32 +101,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--train-samples", type=int, default=1024)
-    parser.add_argument("--test-samples", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--pretrain-steps", type=int, default=150)
-    parser.add_argument("--finetune-steps", type=int, default=30)
-    parser.add_argument("--candidates", type=int, default=15)
-    parser.add_argument("--hard", type=int, default=3)
-    parser.add_argument("--k", type=int, default=16, help="rerank depth of the cross-modal models' evaluation")
-    parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "architectures")
+    iais_effect.add_run_arguments(parser, VARIANTS, REPO / "bench_out" / "architectures")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    train = iais_effect._dataset(args.out / "train", args.train_samples, 0, "train")
-    test = iais_effect._dataset(args.out / "test", args.test_samples, 1000, "test")
-    runs = []
-    for seed in args.seeds:
-        for variant in args.variants:
-            run = one_run(args, train, test, seed, variant)
-            runs.append(run)
-            print(json.dumps({"bench": "architectures", **run}), flush=True)
-    rows = summarise(runs, args.variants)
-    for row in rows:
-        print(json.dumps({"bench": "architectures_summary", **row}), flush=True)
-    (args.out / "table.md").write_text(table(rows))
-    print(f"table: {args.out / 'table.md'}", file=sys.stderr)
+    iais_effect.run_comparison(args, "architectures", one_run, summarise, table)
 
 
 if __name__ == "__main__":

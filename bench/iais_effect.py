@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -58,11 +59,9 @@ def _iais(variant: str) -> list[str]:
     return ["iais.enabled=true", f"iais.schedule={variant}"]
 
 
-def one_run(args: argparse.Namespace, train: Path, test: Path, seed: int, variant: str) -> dict:
-    root = args.out / f"{variant}-seed{seed}"
-    common = [f"train.seed={seed}", f"data.seed={seed}", "metrics.enabled=false", "train.log_every=25",
-              f"data.batch_size={args.batch}", *_iais(variant)]
-    start = time.perf_counter()
+def pretrain_finetune_evaluate(args: argparse.Namespace, root: Path, train: Path, test: Path, common: list[str],
+                               evaluation: list[str], plots: int = 1) -> dict:
+    """The three command lines of one run (each skipped when its output exists: resumable), -> report.json."""
     pre, ft = root / "pretrain", root / "finetune"
     if not (pre / "checkpoints" / "latest").is_file():
         _run(["-m", "pretrain", "--config", TINY, f"data.paths=[{train}]", f"run.dir={pre}",
@@ -73,10 +72,18 @@ def one_run(args: argparse.Namespace, train: Path, test: Path, seed: int, varian
               f"finetune.hard={args.hard}", *common], root / "finetune.log")
     report = root / "eval" / "report.json"
     if not report.is_file():
-        _run(["-m", "finetune", "evaluate", str(ft), "--data", str(test), "--mode", "rerank", "--k", str(args.k),
-              "--out", str(root / "eval"), "--plots", "1", "--no-progress"], root / "evaluate.log")
-    result = json.loads(report.read_text())
-    flat = _flatten(result)
+        _run(["-m", "finetune", "evaluate", str(ft), "--data", str(test), *evaluation, "--out", str(root / "eval"),
+              "--plots", str(plots), "--no-progress"], root / "evaluate.log")
+    return json.loads(report.read_text())
+
+
+def one_run(args: argparse.Namespace, train: Path, test: Path, seed: int, variant: str) -> dict:
+    root = args.out / f"{variant}-seed{seed}"
+    common = [f"train.seed={seed}", f"data.seed={seed}", "metrics.enabled=false", "train.log_every=25",
+              f"data.batch_size={args.batch}", *_iais(variant)]
+    start = time.perf_counter()
+    report = pretrain_finetune_evaluate(args, root, train, test, common, ["--mode", "rerank", "--k", str(args.k)])
+    flat = _flatten(report)
     flat.update(variant=variant, seed=seed, seconds=round(time.perf_counter() - start, 1))
     return flat
 
@@ -88,8 +95,10 @@ def _flatten(report: dict) -> dict:
     return {k: v for k, v in flat_metrics(report).items() if isinstance(v, (int, float)) or v is None}
 
 
-def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
-    keys = sorted({k for r in runs for k in r if k.startswith(("recall/", "relation/", "isd")) and k in r})
+def summarise(runs: list[dict], variants: list[str], keys: Sequence[str] | None = None) -> list[dict]:
+    """Mean and sample sd per variant of `keys` (default: every recall, relation and ISD figure)."""
+    if keys is None:
+        keys = sorted({k for r in runs for k in r if k.startswith(("recall/", "relation/", "isd"))})
     rows = []
     for variant in variants:
         mine = [r for r in runs if r["variant"] == variant]
@@ -111,10 +120,10 @@ def table(rows: list[dict]) -> str:
     return head + body
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_arguments(parser: argparse.ArgumentParser, variants: Sequence[str], out: Path) -> None:
+    """The arguments every pretrain-finetune-evaluate comparison takes (here and bench/architectures.py)."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=["off", "exp", "constant"], choices=["off", "exp", "constant"])
+    parser.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
     parser.add_argument("--train-samples", type=int, default=1024)
     parser.add_argument("--test-samples", type=int, default=200)
     parser.add_argument("--batch", type=int, default=16)
@@ -122,24 +131,35 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=30)
     parser.add_argument("--candidates", type=int, default=15)
     parser.add_argument("--hard", type=int, default=3)
-    parser.add_argument("--k", type=int, default=16, help="rerank depth of the evaluation")
-    parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "iais_effect")
-    args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
+    parser.add_argument("--k", type=int, default=16, help="rerank depth of the (cross-modal models') evaluation")
+    parser.add_argument("--out", type=Path, default=out)
+
+
+def run_comparison(args: argparse.Namespace, name: str, one: Callable[..., dict],
+                   summary: Callable[[list[dict], list[str]], list[dict]], render: Callable[[list[dict]], str]) -> None:
+    """Same data for every run (train seed 0, held-out seed 1000), every seed x variant, JSON lines, table.md."""
     args.out.mkdir(parents=True, exist_ok=True)
     train = _dataset(args.out / "train", args.train_samples, 0, "train")
     test = _dataset(args.out / "test", args.test_samples, 1000, "test")
     runs = []
     for seed in args.seeds:
         for variant in args.variants:
-            run = one_run(args, train, test, seed, variant)
+            run = one(args, train, test, seed, variant)
             runs.append(run)
-            print(json.dumps({"bench": "iais_effect", **run}), flush=True)
-    rows = summarise(runs, args.variants)
+            print(json.dumps({"bench": name, **run}), flush=True)
+    rows = summary(runs, args.variants)
     for row in rows:
-        print(json.dumps({"bench": "iais_effect_summary", **row}), flush=True)
-    (args.out / "table.md").write_text(table(rows))
+        print(json.dumps({"bench": f"{name}_summary", **row}), flush=True)
+    (args.out / "table.md").write_text(render(rows))
     print(f"table: {args.out / 'table.md'}", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser, ["off", "exp", "constant"], REPO / "bench_out" / "iais_effect")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    run_comparison(args, "iais_effect", one_run, summarise, table)
 
 
 if __name__ == "__main__":

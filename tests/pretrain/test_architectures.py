@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -189,14 +188,6 @@ def test_tiny_presets_have_parameter_counts_within_10_percent() -> None:
           + "\n".join(f"| {arch} | {count} |" for arch, count in counts.items()))
     assert set(counts) == set(ARCHITECTURES)
     assert max(counts.values()) <= 1.1 * min(counts.values()), counts
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    folder = tmp_path / "ds"
-    folder.mkdir()
-    (folder / "dataset.json").write_text(json.dumps({"builder": "test", "arguments": {}, "shards": [], "total_samples": 0}))
-    return folder
 
 
 DUAL = ("model.preset=tiny_dual_encoder",)

@@ -18,15 +18,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    """A folder that passes the dataset-folder check: a well-formed dataset.json (no shards needed here)."""
-    folder = tmp_path / "ds"
-    folder.mkdir()
-    (folder / "dataset.json").write_text(json.dumps({"builder": "test", "arguments": {}, "shards": [], "total_samples": 0}))
-    return folder
-
-
 def _error_line(capsys, argv: list[str]) -> tuple[int, str]:
     code = run_cli(main, argv)
     err = capsys.readouterr().err.strip()
