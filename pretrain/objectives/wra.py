@@ -19,7 +19,7 @@ from torch import Tensor
 from data_tools.errors import check
 from pretrain.model.model import word_mask_from_text_mask
 
-from .base import StepContext, Term, TermConfig, register, wide
+from .base import StepContext, Term, TermConfig, masked_mean, register, wide
 
 
 @dataclasses.dataclass
@@ -102,11 +102,19 @@ class WRA(Term):
         text_len = input_ids.shape[1]
         words = word_mask_from_text_mask(text_mask.bool())  # [B, Lt]
         regions = visual_mask.bool()  # [B, M]
-        # Only pairs with words and visual tokens: padding slots would divide by zero inside IPOT, and
-        # a NaN plan would reach the gradient through sum(T * C) even if the row were weighted zero.
-        rows = (ctx.sample_mask & words.any(dim=1) & regions.any(dim=1)).nonzero().flatten()  # [P]
-        if rows.numel() == 0:
-            return hidden.sum() * 0.0  # nothing to align in this micro-batch: keeps the graph connected
-        distance = wra_distance(hidden[rows, :text_len], hidden[rows, text_len:], words[rows], regions[rows],
-                                cfg.beta, cfg.iterations, cfg.inner_steps)  # [P]
-        return distance.mean()
+        # Only pairs with words and visual tokens count. The others (padding slots) get one stand-in word
+        # and region so that IPOT stays finite (a NaN plan would reach the gradient even when the row is
+        # selected away), and are left out of the mean: all rows in one batched pass, no host sync.
+        valid = ctx.sample_mask & words.any(dim=1) & regions.any(dim=1)  # [B]
+        words = torch.where(valid[:, None], words, _first_only(words))
+        regions = torch.where(valid[:, None], regions, _first_only(regions))
+        distance = wra_distance(hidden[:, :text_len], hidden[:, text_len:], words, regions,
+                                cfg.beta, cfg.iterations, cfg.inner_steps)  # [B]
+        return masked_mean(distance, valid)
+
+
+def _first_only(mask: Tensor) -> Tensor:
+    """[B, L] bool with only position 0 set: a finite stand-in for a row with nothing to align."""
+    first = torch.zeros_like(mask)
+    first[:, 0] = True
+    return first

@@ -159,3 +159,19 @@ def test_append_tags_packs_words_then_tags() -> None:
     assert out.tolist() == [[101, 5, 6, 102, 8, 9, 102, 0], [101, 7, 102, 102, 0, 0, 0, 0]]
     assert out_mask.sum(1).tolist() == [7, 4]
     assert labels[0].tolist() == [-100, -100, -100, -100, 8, 9, 102, -100]  # the words' padding moved last
+
+
+def test_wra_leaves_padding_slots_out_of_its_mean_and_gradients_finite(synthetic: Path) -> None:
+    """A padding slot (sample_mask False) is computed in the same batched pass but selected away: what
+    it holds does not move the loss, and its stand-in alignment keeps every gradient finite."""
+    model, objective, batch = _setup(synthetic, *ONLY, "objectives.wra.enabled=true")
+    full = _run(model, objective, batch)["loss/wra"]
+    padded = dict(batch, sample_mask=batch["sample_mask"].clone())
+    padded["sample_mask"][-1] = False
+    first = _run(model, objective, padded)["loss/wra"]
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    other = dict(padded, pixel_values=padded["pixel_values"].clone(), input_ids=padded["input_ids"].clone())
+    other["pixel_values"][-1] = torch.randn_like(other["pixel_values"][-1])
+    other["input_ids"][-1] = other["input_ids"][0]
+    assert _run(model, objective, other)["loss/wra"] == pytest.approx(first, rel=1e-6)
+    assert first != pytest.approx(full, rel=1e-6)
