@@ -207,16 +207,6 @@ def pair_divergence(blocks: AttentionBlocks, direction: str, mode: str = "singul
     return values[0], valid
 
 
-def mean_over_valid(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of values [..., P] over valid pairs [P]; 0 (still in the graph) when there are none.
-
-    One product with fixed weights (valid / count): a single autograd node.
-    """
-    weights = valid.to(values.dtype)
-    with torch.autocast(device_type=values.device.type, enabled=False):  # a product: keep float32 under autocast
-        return values @ (weights / weights.sum().clamp_min(1.0))
-
-
 def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
     """`iais.layers` (negative from the end) -> sorted non-negative indices below `num_layers`
     (`ModelConfig.iais_layer_count`: encoder layers, or a two_stream model's co-attention blocks)."""
