@@ -11,6 +11,12 @@ check: the loss, the pair accuracy on the last 200 training batches (can it fit?
 scenes of another seed (does it generalise?); the baseline is chance, 0.5, and the held-out accuracy of
 the untrained model (step 0) printed first. `--positions sincos` starts the patch position table from a
 2D sin-cos table (x and y as low-frequency components) instead of the random one.
+
+`--grounding-layers 0` adds what the relation's first step needs as direct supervision: at those layers,
+minus the log of the attention mass each phrase word of the true caption puts on the patches of its own
+shape (the `S_LV` block of the matched rows, head-averaged; boxes and phrase links from the scenes),
+averaged over phrase words and layers, added with `--grounding-weight`; `grounding_mass` reports the
+mean mass. It tests whether the comparison is learned once the binding is given.
 """
 from __future__ import annotations
 
@@ -45,13 +51,37 @@ def sincos_table(grid: int, width: int) -> torch.Tensor:
     return torch.cat([encode(rows), encode(cols)], dim=1).float()[None]
 
 
-def pair_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
-    """ITM margin (matched minus not-matched logit) of [kept true pairs; the same images + swapped captions]."""
-    tokens, mask = model.embed_visual(batch)
+def pair_logits(model, batch: dict, keep: torch.Tensor, grounding: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ITM logits [2n, 2] of [kept true pairs; the same images + swapped captions], and with `grounding`
+    the grounding loss of the true pairs (None without)."""
+    tokens, mask, token_boxes = model.embed_visual_with_boxes(batch)
     ids = torch.cat([batch["input_ids"][keep], batch["neg_input_ids"][keep]])
     text_mask = torch.cat([batch["text_mask"][keep], batch["neg_text_mask"][keep]])
-    logits = model.itm_logits(model(ids, text_mask, tokens[keep].repeat(2, 1, 1), mask[keep].repeat(2, 1)))
-    return logits
+    n = int(keep.sum())
+    rows = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]) if grounding else None
+    out = model(ids, text_mask, tokens[keep].repeat(2, 1, 1), mask[keep].repeat(2, 1), iais_rows=rows)
+    if not grounding:
+        return model.itm_logits(out), None
+    chosen = keep.nonzero().flatten().tolist()
+    return model.itm_logits(out), grounding_loss(model, out.attention, token_boxes[keep], batch, chosen)
+
+
+def grounding_loss(model, attention: dict, token_boxes: torch.Tensor, batch: dict, chosen: list[int]) -> torch.Tensor:
+    """Mean over layers and phrase words of -log(attention mass on the patches of the word's own shape)."""
+    from pretrain.isd import phrase_incidence, token_in_box
+
+    losses = []
+    for blocks in attention.values():
+        words, phrase_box, boxes = phrase_incidence(
+            [batch["phrase_tokens"][i] for i in chosen], [batch["phrase_boxes"][i] for i in chosen],
+            [torch.as_tensor(batch["boxes"][i]).reshape(-1, 4) for i in chosen], blocks.word_mask.shape[1],
+            blocks.s_lv.device)
+        member = token_in_box(token_boxes.float(), boxes, model.visual.token_kind)  # [P, m, K]
+        phrase_patches = (phrase_box.float() @ member.float().transpose(1, 2)) > 0  # [P, Q, m]
+        mass = torch.einsum("pnm,pqm->pqn", blocks.s_lv, phrase_patches.float())  # [P, Q, n]
+        valid = words & phrase_patches.any(-1, keepdim=True)
+        losses.append(-(mass.clamp_min(1e-6).log() * valid).sum() / valid.sum().clamp_min(1))
+    return torch.stack(losses).mean()
 
 
 def kept(batch: dict, kinds: set[str]) -> torch.Tensor:
@@ -66,7 +96,8 @@ def held_out_accuracy(model, batches: list[dict], kinds: set[str]) -> float:
     for batch in batches:
         keep = kept(batch, kinds)
         if keep.any():
-            margin = (lambda lg: lg[:, 1] - lg[:, 0])(pair_logits(model, batch, keep))
+            logits, _ = pair_logits(model, batch, keep)
+            margin = logits[:, 1] - logits[:, 0]
             true, swapped = margin.chunk(2)
             wins, total = wins + int((true > swapped).sum()), total + int(keep.sum())
     model.train()
@@ -94,6 +125,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--positions", choices=["learned", "sincos"], default="learned")
+    parser.add_argument("--grounding-layers", default="", help="comma-separated layers, e.g. 0 (default: none)")
+    parser.add_argument("--grounding-weight", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -109,6 +142,9 @@ def main() -> None:
         held_out = list(Loader(DataConfig(paths=[str(test_dir)], train=False, **data)))
         model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=len(loader.tokenizer), image_size=32,
                                                  num_layers=args.layers, width=args.width))
+        grounding = bool(args.grounding_layers)
+        if grounding:
+            model.set_iais_layers(int(layer) for layer in args.grounding_layers.split(","))
         if args.positions == "sincos":
             with torch.no_grad():
                 model.visual.position.copy_(sincos_table(model.visual.grid, args.width))
@@ -117,7 +153,8 @@ def main() -> None:
                                                      * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
         common = {"bench": "itm_relation", "kinds": sorted(kinds), "train_scenes": args.train_scenes,
                   "test_scenes": args.test_scenes, "positions": args.positions, "layers": args.layers,
-                  "width": args.width, "lr": args.lr, "chance": 0.5}
+                  "width": args.width, "lr": args.lr, "grounding_layers": args.grounding_layers or None,
+                  "chance": 0.5}
         print(json.dumps({**common, "step": 0, "held_out_accuracy": held_out_accuracy(model, held_out, kinds)}),
               flush=True)
         step, start, train_wins = 0, time.perf_counter(), []
@@ -126,9 +163,10 @@ def main() -> None:
                 keep = kept(batch, kinds)
                 if not keep.any():
                     continue
-                logits = pair_logits(model, batch, keep)
+                logits, ground = pair_logits(model, batch, keep, grounding)
                 n = int(keep.sum())
-                loss = F.cross_entropy(logits.float(), torch.cat([torch.ones(n), torch.zeros(n)]).long())
+                itm = F.cross_entropy(logits.float(), torch.cat([torch.ones(n), torch.zeros(n)]).long())
+                loss = itm if ground is None else itm + args.grounding_weight * ground
                 margin = (logits[:, 1] - logits[:, 0]).detach()
                 train_wins.append(float((margin[:n] > margin[n:]).float().mean()))
                 optimizer.zero_grad(set_to_none=True)
@@ -139,7 +177,8 @@ def main() -> None:
                 step += 1
                 if step % args.every == 0 or step == args.steps:
                     recent = train_wins[-200:]
-                    print(json.dumps({**common, "step": step, "loss": round(loss.item(), 4),
+                    extra = {} if ground is None else {"grounding_mass": round(math.exp(-ground.item()), 3)}
+                    print(json.dumps({**common, "step": step, "loss": round(itm.item(), 4), **extra,
                                       "train_accuracy": round(sum(recent) / len(recent), 3),
                                       "held_out_accuracy": round(held_out_accuracy(model, held_out, kinds), 3),
                                       "seconds": round(time.perf_counter() - start, 1)}), flush=True)
