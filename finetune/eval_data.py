@@ -32,6 +32,7 @@ from data_tools.decode import decode_sample, parse_meta
 from data_tools.errors import BadSample, ExitCode, UserError
 from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.shard_reader import ShardReader, open_datasets
+from data_tools.synthetic import shapes_from_metadata, truth_table
 from data_tools.transforms import centre_crop_box, crop_boxes, relink_phrases, transform_sample
 
 UNKNOWN_KIND = "unknown"
@@ -58,6 +59,10 @@ class EvalSet:
     caption_phrases: list[list[dict] | None]  # per caption: phrase links into its image's boxes, or None
     triples: list[Triple]
     bad_samples: dict[str, int]
+    caption_truth: torch.Tensor | None = None
+    """[images, captions] bool: every caption true of every image, where the dataset lets that be decided
+    (synthetic scenes: `data_tools.synthetic.caption_holds` against each image's shapes); None elsewhere.
+    Always true on an image's own captions."""
 
     def pair_sample(self, caption: int) -> dict[str, Any]:
         """The matched (image, caption) pair as a collate sample (for ISD, ISDa and plots)."""
@@ -133,6 +138,7 @@ def read_eval_set(path: str | Path, *, image_size: int, visual: str = "pixels",
     triples: list[Triple] = []
     bad: dict[str, int] = {}
     by_image_id: dict[str, int] = {}
+    scenes: list[list | None] = []  # per gallery image: its synthetic shapes, None when not a scene
     try:
         for shard, count in enumerate(ref.source.shard_samples):
             for index in range(count):
@@ -159,6 +165,7 @@ def read_eval_set(path: str | Path, *, image_size: int, visual: str = "pixels",
                 if first is None:
                     first = by_image_id[image["image_id"]] = len(images)
                     images.append(image)
+                    scenes.append(shapes_from_metadata(meta))
                 numbering = {}
                 for i in usable:
                     numbering[i] = len(captions)
@@ -175,7 +182,21 @@ def read_eval_set(path: str | Path, *, image_size: int, visual: str = "pixels",
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "no samples"
         raise UserError(f"{path}: no sample with a caption to evaluate ({detail})", ExitCode.DATA)
     order = torch.tensor(caption_image, dtype=torch.long)
-    return EvalSet(Path(path).name, images, captions, order, caption_phrases, triples, bad)
+    return EvalSet(Path(path).name, images, captions, order, caption_phrases, triples, bad,
+                   caption_truth(captions, order, scenes))
+
+
+def caption_truth(captions: list[str], caption_image: torch.Tensor, scenes: list[list | None]) -> torch.Tensor | None:
+    """[images, captions] bool: which captions are true of which images, when every gallery image is a
+    synthetic scene and every caption is of the scenes' grammar; None otherwise (no partial truth)."""
+    if not scenes or any(shapes is None for shapes in scenes):
+        return None
+    table = truth_table(captions, scenes)
+    if table is None:
+        return None
+    truth = torch.from_numpy(table)
+    truth[caption_image, torch.arange(len(captions))] = True  # own captions count whatever the grammar says
+    return truth
 
 
 def collate_samples(samples: list[dict[str, Any]], tokenizer, max_text_len: int, visual: str,

@@ -132,6 +132,11 @@ def run_evaluation(model, tokenizer, eval_set: EvalSet, options: Options,
                                         batch_size=options.batch_size, max_text_len=max_text_len, visual=visual,
                                         image_size=image_size, score=options.score, progress=options.progress)
         result = recall.recall(gallery.scores_i2t, eval_set.caption_image, gallery.scores_t2i)
+        truth = eval_set.caption_truth
+        any_true = None if truth is None else {
+            **recall.recall_any_true(gallery.scores_i2t, truth, gallery.scores_t2i),
+            "true_captions_per_image": float(truth.sum(dim=1).double().mean()),
+            "own_captions_per_image": float(len(eval_set.captions) / max(len(eval_set.images), 1))}
         images = len(eval_set.images)
         folds = options.folds or (5 if images == 5000 else None)
         folded = recall.fold_average(gallery.scores_i2t, eval_set.caption_image, gallery.scores_t2i, folds) \
@@ -159,7 +164,7 @@ def run_evaluation(model, tokenizer, eval_set: EvalSet, options: Options,
     report_dict = {
         "mode": options.mode, "k": options.k, "score": options.score, "images": images,
         "captions": len(eval_set.captions), "bad_samples": eval_set.bad_samples,
-        "recall": result, "folds": folds if folded else None, "recall_folds": folded,
+        "recall": result, "folds": folds if folded else None, "recall_folds": folded, "recall_any_true": any_true,
         "relation": {name: {"itm": r["itm"], "embedding": r["embedding"]} for name, r in relations.items()},
         "isd": {**isd, "layers": {str(k): v for k, v in isd["layers"].items()}},
         "cost": {"pair_forwards": gallery.pair_forwards, "relation_pair_forwards": relation_forwards,
@@ -176,6 +181,9 @@ def flat_metrics(report_dict: dict[str, Any]) -> dict[str, float]:
     """The report's headline numbers under metric names (recalls and shares in 0..1)."""
     out = {f"recall/{key}": value for key, value in report_dict["recall"].items() if key != "rsum"}
     out["recall/rsum"] = report_dict["recall"]["rsum"]
+    for key, value in (report_dict.get("recall_any_true") or {}).items():  # synthetic scenes only
+        if "@" in key or key == "mean":
+            out[f"recall_any_true/{key}"] = value
     for source, result in report_dict["relation"].items():
         prefix = "relation" if source == "dataset" else f"relation_{source}"
         for kind, values in result["itm"].items():

@@ -80,6 +80,15 @@ def recall_at(ranks: Tensor, ks: tuple[int, ...] = KS) -> dict[int, float]:
     return {k: float((ranks < k).double().mean()) for k in ks}
 
 
+def _summary(i2t_ranks: Tensor, t2i_ranks: Tensor) -> dict[str, float]:
+    out = {f"i2t@{k}": value for k, value in recall_at(i2t_ranks).items()}
+    out.update({f"t2i@{k}": value for k, value in recall_at(t2i_ranks).items()})
+    values = [out[f"{d}@{k}"] for d in DIRECTIONS for k in KS]
+    out["mean"] = sum(values) / len(values)
+    out["rsum"] = 100.0 * sum(values)
+    return out
+
+
 def recall(scores_i2t: Tensor, caption_image: Tensor, scores_t2i: Tensor | None = None) -> dict[str, float]:
     """R@1/5/10 both ways, mean and rsum.
 
@@ -88,15 +97,30 @@ def recall(scores_i2t: Tensor, caption_image: Tensor, scores_t2i: Tensor | None 
     """
     caption_image = caption_image.long()
     scores_t2i = scores_i2t if scores_t2i is None else scores_t2i
-    out = {}
-    for k, value in recall_at(text_retrieval_ranks(scores_i2t, caption_image)).items():
-        out[f"i2t@{k}"] = value
-    for k, value in recall_at(image_retrieval_ranks(scores_t2i, caption_image)).items():
-        out[f"t2i@{k}"] = value
-    values = [out[f"{d}@{k}"] for d in DIRECTIONS for k in KS]
-    out["mean"] = sum(values) / len(values)
-    out["rsum"] = 100.0 * sum(values)
-    return out
+    return _summary(text_retrieval_ranks(scores_i2t, caption_image), image_retrieval_ranks(scores_t2i, caption_image))
+
+
+def truth_ranks(scores: Tensor, truth: Tensor) -> Tensor:
+    """[Q, G] scores and bool truth -> [Q]: rank of each query's best-ranked true item (G when none)."""
+    if scores.shape != truth.shape:
+        raise ValueError(f"truth {tuple(truth.shape)} must match scores {tuple(scores.shape)}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN: no ranking is defined")
+    out = []
+    for lo in range(0, scores.shape[0], CHUNK):
+        ranks = positions(scores[lo:lo + CHUNK])  # [chunk, G]
+        never = torch.full_like(ranks, scores.shape[1])
+        out.append(torch.where(truth[lo:lo + CHUNK].to(ranks.device), ranks, never).min(dim=1).values)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def recall_any_true(scores_i2t: Tensor, truth: Tensor, scores_t2i: Tensor | None = None) -> dict[str, float]:
+    """As `recall`, but a query is answered by any gallery item true of it, not only its own:
+    truth [images, captions] bool (an image's own captions among them). Image retrieval: a caption
+    counts at the rank of its best-ranked image it is true of. With one-hot truth it equals `recall`."""
+    scores_t2i = scores_i2t if scores_t2i is None else scores_t2i
+    truth = truth.bool()
+    return _summary(truth_ranks(scores_i2t, truth), truth_ranks(scores_t2i.T, truth.T))
 
 
 def fold_average(scores_i2t: Tensor, caption_image: Tensor, scores_t2i: Tensor | None = None,

@@ -44,6 +44,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"{report['folds']}-fold average (COCO 1K protocol): "
                   + ", ".join(f"{key} {_pct(folds[key])}" for key in ("i2t@1", "t2i@1", "mean"))
                   + f", rsum {folds['rsum']:.2f}", ""]
+    any_true = report.get("recall_any_true")
+    if any_true:
+        lines += ["Counting any caption true of the image (synthetic scenes: every caption checked against every "
+                  f"image's shapes; {any_true['true_captions_per_image']:.2f} true captions per image, "
+                  f"{any_true['own_captions_per_image']:.2f} own): "
+                  + ", ".join(f"{d} R@{k} {_pct(any_true[f'{d}@{k}'])}" for d in DIRECTIONS for k in KS), ""]
     relation = report.get("relation") or {}
     for source, result in relation.items():
         if not result.get("embedding"):

@@ -195,3 +195,42 @@ def test_readers_take_negatives_with_and_without_kind():
         meta = {"captions": ["a red circle below a blue square"], "negatives": negatives}
         sample = decode_sample({"__key__": "k", "png": png, "json": json.dumps(meta).encode()}, seed=0, epoch=0)
         assert sample["negative"] == "a red circle above a blue square" and sample["negative_kind"] == kind
+
+
+def reference_truth(text: str, shapes: list[synthetic.Shape]) -> bool:
+    """Read a text as the tests above do: some shape each phrase describes stands in the relation."""
+    rel = RELATION_RE.search(text).group(1)
+    head, _, tail = RELATION_RE.split(text)
+    ra = phrase_referent(head.removeprefix("there is ").removesuffix(" is"), shapes)
+    rb = phrase_referent(tail, shapes)
+    return any(holds(rel, list(shapes[i].box), list(shapes[j].box)) for i in ra for j in rb if i != j)
+
+
+@pytest.mark.parametrize("image_size", [64, 100, 224])
+def test_truth_table_from_stored_metadata_agrees_with_a_direct_reading(image_size):
+    """Evaluation decides which captions are true of which scene from each sample's stored json (boxes,
+    box_labels, width; the size word from the box side): shapes come back exactly, own captions are
+    true, negatives false, and every (scene, text) cell equals the direct reading of the tests above."""
+    scenes = [synthetic.render_scene(seed=5, index=i, image_size=image_size) for i in range(60)]
+    stored = [json.loads(json.dumps({"source": "synthetic", "boxes": s.boxes, "box_labels": s.box_labels,
+                                     "width": image_size})) for s in scenes]
+    shapes = [synthetic.shapes_from_metadata(meta) for meta in stored]
+    assert shapes == [s.shapes for s in scenes]
+    texts = [c for s in scenes for c in s.captions] + [n[1] for s in scenes for n in s.negatives]
+    table = synthetic.truth_table(texts, shapes)  # [60, T]
+    reference = np.array([[reference_truth(t, s.shapes) for t in texts] for s in scenes])
+    assert (table == reference).all()
+    for i, scene in enumerate(scenes):
+        assert all(synthetic.caption_holds(c, shapes[i]) for c in scene.captions)
+        assert not any(synthetic.caption_holds(n[1], shapes[i]) for n in scene.negatives)
+    assert table[:, :sum(len(s.captions) for s in scenes)].sum() > sum(len(s.captions) for s in scenes)  # foreign true captions exist
+
+
+def test_truth_table_refuses_what_the_grammar_cannot_say():
+    shapes = synthetic.render_scene(seed=5, index=0, image_size=64).shapes
+    assert synthetic.caption_holds("a red circle near a blue square", shapes) is None
+    assert synthetic.truth_table(["a photo of a dog"], [shapes]) is None
+    assert synthetic.shapes_from_metadata({"source": "coco", "boxes": [[0, 0, 4, 4]], "box_labels": ["red circle"],
+                                           "width": 64}) is None
+    assert synthetic.shapes_from_metadata({"source": "synthetic", "boxes": [[0, 0, 4, 4]], "box_labels": ["dog"],
+                                           "width": 64}) is None

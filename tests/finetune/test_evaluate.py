@@ -57,6 +57,12 @@ def test_evaluate_model_returns_flat_metrics(model, tokenizer, eval_set, tmp_pat
         assert 0.0 <= metrics[key] <= 1.0 or key.startswith("isd")
     assert (tmp_path / "r" / "report.json").is_file()
     assert model.training is False
+    # synthetic scenes: recall also counts another scene's caption that is true of the image (never lower)
+    for key in ("i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10", "mean"):
+        assert metrics[f"recall/{key}"] <= metrics[f"recall_any_true/{key}"] <= 1.0, key
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["recall_any_true"]["true_captions_per_image"] >= report["recall_any_true"]["own_captions_per_image"]
+    assert "Counting any caption true of the image" in (tmp_path / "r" / "report.md").read_text()
 
 
 def _fails(argv, capsys, code, needle):

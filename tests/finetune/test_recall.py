@@ -82,3 +82,34 @@ def test_fold_average_is_the_mean_of_per_fold_recalls():
 def test_nan_scores_are_refused():
     with pytest.raises(ValueError, match="NaN"):
         R.recall(torch.tensor([[float("nan")]]), torch.tensor([0]))
+
+
+def brute_any_true(scores_i2t: torch.Tensor, truth: torch.Tensor, scores_t2i: torch.Tensor) -> dict[str, float]:
+    images, captions = scores_i2t.shape
+    text = [min([brute_rank(scores_i2t[i].tolist(), c) for c in range(captions) if truth[i, c]], default=captions)
+            for i in range(images)]
+    image = [min([brute_rank(scores_t2i[:, c].tolist(), i) for i in range(images) if truth[i, c]], default=images)
+             for c in range(captions)]
+    out = {}
+    for k in (1, 5, 10):
+        out[f"i2t@{k}"] = sum(r < k for r in text) / images
+        out[f"t2i@{k}"] = sum(r < k for r in image) / captions
+    six = [out[f"{d}@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    out["mean"], out["rsum"] = sum(six) / 6, 100 * sum(six)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_recall_any_true_against_brute_force_and_equal_to_recall_on_own_captions(seed):
+    g = torch.Generator().manual_seed(seed)
+    images, captions = 13, 31
+    caption_image = torch.sort(torch.randint(0, images, (captions,), generator=g)).values
+    scores_i2t = torch.randint(0, 4, (images, captions), generator=g).float()  # many ties
+    scores_t2i = torch.randint(0, 4, (images, captions), generator=g).float()
+    own = caption_image[None, :] == torch.arange(images)[:, None]
+    assert R.recall_any_true(scores_i2t, own, scores_t2i) == pytest.approx(R.recall(scores_i2t, caption_image, scores_t2i))
+    truth = own | (torch.rand(images, captions, generator=g) < 0.15)  # foreign captions true as well
+    got = R.recall_any_true(scores_i2t, truth, scores_t2i)
+    assert got == pytest.approx(brute_any_true(scores_i2t, truth, scores_t2i))
+    plain = R.recall(scores_i2t, caption_image, scores_t2i)
+    assert all(got[key] >= plain[key] for key in plain)  # more true answers never lower a recall
