@@ -23,6 +23,7 @@ import random
 import re
 from typing import Any, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -61,6 +62,8 @@ GRAMMAR_WORDS = tuple(
 _NOUN_PHRASE = rf"(?:the|an?) (?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 _CAPTION = re.compile(rf"(?:there is )?{_NOUN_PHRASE} (?:is )?({'|'.join(RELATIONS)}) {_NOUN_PHRASE}")
 """Every text the templates produce: (size a, colour a, shape a, relation, size b, colour b, shape b)."""
+TRUTH_CHUNK = 256
+"""Scenes per step of `truth_table` (its temporaries are [chunk, texts])."""
 
 
 @dataclasses.dataclass
@@ -139,7 +142,7 @@ def caption_holds(text: str, shapes: Sequence[Shape]) -> bool | None:
     return None if table is None else bool(table[0, 0])
 
 
-def truth_table(texts: Sequence[str], scenes: Sequence[Sequence[Shape]]) -> "np.ndarray | None":
+def truth_table(texts: Sequence[str], scenes: Sequence[Sequence[Shape]]) -> np.ndarray | None:
     """[scenes, texts] bool: whether each text is true of each scene, or None when a text is not of the
     scenes' grammar. A text is true when each noun phrase names the shape of its colour (colours are
     distinct within a scene) with that shape word and size word (when given), and the relation holds
@@ -148,10 +151,9 @@ def truth_table(texts: Sequence[str], scenes: Sequence[Sequence[Shape]]) -> "np.
     Why: the grammar is small, so another scene's caption is often true of an image too, which a
     gallery's ground truth (an image's own captions) counts as a miss; evaluation reports recall
     against every true caption as well (finetune.eval_data). Vectorised over scenes x texts (a 5K x
-    25K gallery is 125M cells): each text is parsed once, each scene laid out as arrays by colour.
+    25K gallery is 125M cells): each text is parsed once, each scene laid out as arrays by colour,
+    scenes taken TRUTH_CHUNK at a time.
     """
-    import numpy as np
-
     colours, kinds, sizes = sorted(COLOURS), list(SHAPES), sorted(SIZES)
     parsed = []
     for text in texts:
@@ -162,27 +164,30 @@ def truth_table(texts: Sequence[str], scenes: Sequence[Sequence[Shape]]) -> "np.
         parsed.append((colours.index(colour_a), kinds.index(kind_a), -1 if size_a is None else sizes.index(size_a),
                        list(RELATIONS).index(relation),
                        colours.index(colour_b), kinds.index(kind_b), -1 if size_b is None else sizes.index(size_b)))
+    out = np.zeros((len(scenes), len(parsed)), dtype=bool)
     if not parsed or not scenes:
-        return np.zeros((len(scenes), len(parsed)), dtype=bool)
-    # per scene and colour: shape kind (-1: no such colour), size index, box x, y, w, h
-    kind = np.full((len(scenes), len(colours)), -1)
-    size = np.zeros((len(scenes), len(colours)), dtype=np.int64)
-    box = np.zeros((len(scenes), len(colours), 4), dtype=np.int64)
+        return out
+    # per scene and colour: shape kind (-1: no such colour), size index, box x, y, w, h (int16: pixels <= 224)
+    kind = np.full((len(scenes), len(colours)), -1, dtype=np.int16)
+    size = np.zeros((len(scenes), len(colours)), dtype=np.int16)
+    box = np.zeros((len(scenes), len(colours), 4), dtype=np.int16)
     for i, shapes in enumerate(scenes):
         for shape in shapes:
             c = colours.index(shape.colour)
             kind[i, c], size[i, c], box[i, c] = kinds.index(shape.kind), sizes.index(shape.size), shape.box
     ca, ka, sa, rel, cb, kb, sb = (np.array(column) for column in zip(*parsed))  # [T] each
-
-    def named(c, k, s):  # [S, T]: the phrase names the scene's shape of colour c
-        return (kind[:, c] == k) & ((s < 0) | (size[:, c] == s))
-
-    xa, ya, wa, ha = (box[:, ca, n] for n in range(4))  # [S, T] each
-    xb, yb, wb, hb = (box[:, cb, n] for n in range(4))
-    by_name = {"left of": xa + wa <= xb, "right of": xb + wb <= xa, "above": ya + ha <= yb, "below": yb + hb <= ya}
-    holds = np.stack([by_name[name] for name in RELATIONS])  # [R, S, T], as Shape.relations_to
-    relation_holds = np.take_along_axis(holds, np.broadcast_to(rel, holds.shape[1:])[None], axis=0)[0]
-    return named(ca, ka, sa) & named(cb, kb, sb) & (ca != cb) & relation_holds
+    for lo in range(0, len(scenes), TRUTH_CHUNK):  # [chunk, T] temporaries: bounded memory at any gallery size
+        rows = slice(lo, lo + TRUTH_CHUNK)
+        xa, ya, wa, ha = (box[rows][:, ca, n] for n in range(4))  # [chunk, T] each
+        xb, yb, wb, hb = (box[rows][:, cb, n] for n in range(4))
+        by_name = {"left of": xa + wa <= xb, "right of": xb + wb <= xa, "above": ya + ha <= yb, "below": yb + hb <= ya}
+        relation_holds = np.zeros(xa.shape, dtype=bool)
+        for r, name in enumerate(RELATIONS):  # as Shape.relations_to
+            relation_holds |= by_name[name] & (rel == r)
+        named_a = (kind[rows][:, ca] == ka) & ((sa < 0) | (size[rows][:, ca] == sa))
+        named_b = (kind[rows][:, cb] == kb) & ((sb < 0) | (size[rows][:, cb] == sb))
+        out[rows] = named_a & named_b & (ca != cb) & relation_holds
+    return out
 
 
 def scene_rng(seed: int, index: int) -> random.Random:

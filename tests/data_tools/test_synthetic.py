@@ -207,7 +207,7 @@ def reference_truth(text: str, shapes: list[synthetic.Shape]) -> bool:
 
 
 @pytest.mark.parametrize("image_size", [64, 100, 224])
-def test_truth_table_from_stored_metadata_agrees_with_a_direct_reading(image_size):
+def test_truth_table_from_stored_metadata_agrees_with_a_direct_reading(image_size, monkeypatch):
     """Evaluation decides which captions are true of which scene from each sample's stored json (boxes,
     box_labels, width; the size word from the box side): shapes come back exactly, own captions are
     true, negatives false, and every (scene, text) cell equals the direct reading of the tests above."""
@@ -220,6 +220,8 @@ def test_truth_table_from_stored_metadata_agrees_with_a_direct_reading(image_siz
     table = synthetic.truth_table(texts, shapes)  # [60, T]
     reference = np.array([[reference_truth(t, s.shapes) for t in texts] for s in scenes])
     assert (table == reference).all()
+    monkeypatch.setattr(synthetic, "TRUTH_CHUNK", 7)  # scenes in chunks: the same table
+    assert (synthetic.truth_table(texts, shapes) == table).all()
     for i, scene in enumerate(scenes):
         assert all(synthetic.caption_holds(c, shapes[i]) for c in scene.captions)
         assert not any(synthetic.caption_holds(n[1], shapes[i]) for n in scene.negatives)
