@@ -96,9 +96,10 @@ def _flatten(report: dict) -> dict:
 
 
 def summarise(runs: list[dict], variants: list[str], keys: Sequence[str] | None = None) -> list[dict]:
-    """Mean and sample sd per variant of `keys` (default: every recall, relation and ISD figure)."""
+    """Mean and sample sd per variant of `keys` (default: every recall, relation and ISD figure; on synthetic
+    scenes also the recall counting any true caption, `recall_any_true/`)."""
     if keys is None:
-        keys = sorted({k for r in runs for k in r if k.startswith(("recall/", "relation/", "isd"))})
+        keys = sorted({k for r in runs for k in r if k.startswith(("recall/", "recall_any_true/", "relation/", "isd"))})
     rows = []
     for variant in variants:
         mine = [r for r in runs if r["variant"] == variant]
