@@ -12,6 +12,10 @@ scenes of another seed (does it generalise?); the baseline is chance, 0.5, and t
 the untrained model (step 0) printed first. `--positions sincos` starts the patch position table from a
 2D sin-cos table (x and y as low-frequency components) instead of the random one.
 
+`--objective itm` trains the pretraining objective's ITM term instead (uniform random negatives plus
+each image's own swapped caption, `objectives.itm.caption_negatives`, all kinds) and reports the held-out
+accuracy per kind: the setting of tests/pretrain/test_itm_learns.py at other sizes and lengths.
+
 `--grounding-layers 0` adds what the relation's first step needs as direct supervision: at those layers,
 minus the log of the attention mass each phrase word of the true caption puts on the patches of its own
 shape (the `S_LV` block of the matched rows, head-averaged; boxes and phrase links from the scenes),
@@ -112,13 +116,18 @@ def build(out: Path, samples: int, seed: int, split: str) -> Path:
 
 def main() -> None:
     from data_tools.loader import DataConfig, Loader
+    from data_tools.synthetic import NEGATIVE_KINDS
+    from pretrain.config_schema import build as build_config
     from pretrain.model import ModelConfig
     from pretrain.model.model import RelAlignModel
+    from pretrain.objectives import Progress, build_sections, pretraining_objective
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-scenes", type=int, default=2048)
     parser.add_argument("--test-scenes", type=int, default=1024)
-    parser.add_argument("--kinds", default="relation", help="comma-separated negative kinds to train on")
+    parser.add_argument("--objective", choices=["pairs", "itm"], default="pairs",
+                        help="pairs: true vs swapped caption of --kinds only; itm: the ITM term with caption negatives")
+    parser.add_argument("--kinds", default="relation", help="comma-separated negative kinds to train on (pairs)")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--every", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -130,9 +139,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.objective == "itm" and args.grounding_layers:
+        parser.error("--grounding-layers needs --objective pairs")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    kinds = set(args.kinds.split(","))
+    kinds = set(args.kinds.split(",")) if args.objective == "pairs" else set(NEGATIVE_KINDS)
+    objective = None
+    if args.objective == "itm":
+        objective = pretraining_objective(build_sections(
+            {"itc": False, "mlm": False, "itm": {"hard_negatives": False, "caption_negatives": True}}, build_config))
+
+    def measure(model, held_out) -> float | dict[str, float]:
+        if objective is None:
+            return round(held_out_accuracy(model, held_out, kinds), 3)
+        return {kind: round(held_out_accuracy(model, held_out, {kind}), 3) for kind in sorted(kinds)}
+
     with tempfile.TemporaryDirectory() as tmp:
         train_dir = build(Path(tmp) / "train", args.train_scenes, seed=0, split="train")
         test_dir = build(Path(tmp) / "test", args.test_scenes, seed=1, split="test")
@@ -154,21 +175,24 @@ def main() -> None:
         common = {"bench": "itm_relation", "kinds": sorted(kinds), "train_scenes": args.train_scenes,
                   "test_scenes": args.test_scenes, "positions": args.positions, "layers": args.layers,
                   "width": args.width, "lr": args.lr, "grounding_layers": args.grounding_layers or None,
-                  "chance": 0.5}
-        print(json.dumps({**common, "step": 0, "held_out_accuracy": held_out_accuracy(model, held_out, kinds)}),
-              flush=True)
+                  "objective": args.objective, "chance": 0.5}
+        print(json.dumps({**common, "step": 0, "held_out_accuracy": measure(model, held_out)}), flush=True)
         step, start, train_wins = 0, time.perf_counter(), []
         while step < args.steps:
             for batch in loader:
-                keep = kept(batch, kinds)
-                if not keep.any():
-                    continue
-                logits, ground = pair_logits(model, batch, keep, grounding)
-                n = int(keep.sum())
-                itm = F.cross_entropy(logits.float(), torch.cat([torch.ones(n), torch.zeros(n)]).long())
-                loss = itm if ground is None else itm + args.grounding_weight * ground
-                margin = (logits[:, 1] - logits[:, 0]).detach()
-                train_wins.append(float((margin[:n] > margin[n:]).float().mean()))
+                ground = None
+                if objective is not None:
+                    loss = itm = objective(model, batch, Progress(step, args.steps)).total
+                else:
+                    keep = kept(batch, kinds)
+                    if not keep.any():
+                        continue
+                    logits, ground = pair_logits(model, batch, keep, grounding)
+                    n = int(keep.sum())
+                    itm = F.cross_entropy(logits.float(), torch.cat([torch.ones(n), torch.zeros(n)]).long())
+                    loss = itm if ground is None else itm + args.grounding_weight * ground
+                    margin = (logits[:, 1] - logits[:, 0]).detach()
+                    train_wins.append(float((margin[:n] > margin[n:]).float().mean()))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -178,9 +202,10 @@ def main() -> None:
                 if step % args.every == 0 or step == args.steps:
                     recent = train_wins[-200:]
                     extra = {} if ground is None else {"grounding_mass": round(math.exp(-ground.item()), 3)}
+                    if recent:
+                        extra["train_accuracy"] = round(sum(recent) / len(recent), 3)
                     print(json.dumps({**common, "step": step, "loss": round(itm.item(), 4), **extra,
-                                      "train_accuracy": round(sum(recent) / len(recent), 3),
-                                      "held_out_accuracy": round(held_out_accuracy(model, held_out, kinds), 3),
+                                      "held_out_accuracy": measure(model, held_out),
                                       "seconds": round(time.perf_counter() - start, 1)}), flush=True)
                 if step >= args.steps:
                     break
