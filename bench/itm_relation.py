@@ -72,18 +72,16 @@ def pair_logits(model, batch: dict, keep: torch.Tensor, grounding: bool = False)
 
 def grounding_loss(model, attention: dict, token_boxes: torch.Tensor, batch: dict, chosen: list[int]) -> torch.Tensor:
     """Mean over layers and phrase words of -log(attention mass on the patches of the word's own shape)."""
-    from pretrain.isd import phrase_incidence, token_in_box
+    from pretrain.isd import phrase_words_and_tokens
 
     losses = []
     for blocks in attention.values():
-        words, phrase_box, boxes = phrase_incidence(
-            [batch["phrase_tokens"][i] for i in chosen], [batch["phrase_boxes"][i] for i in chosen],
-            [torch.as_tensor(batch["boxes"][i]).reshape(-1, 4) for i in chosen], blocks.word_mask.shape[1],
-            blocks.s_lv.device)
-        member = token_in_box(token_boxes.float(), boxes, model.visual.token_kind)  # [P, m, K]
-        phrase_patches = (phrase_box.float() @ member.float().transpose(1, 2)) > 0  # [P, Q, m]
-        mass = torch.einsum("pnm,pqm->pqn", blocks.s_lv, phrase_patches.float())  # [P, Q, n]
-        valid = words & phrase_patches.any(-1, keepdim=True)
+        words, patches = phrase_words_and_tokens(
+            blocks, token_boxes, model.visual.token_kind, [batch["phrase_tokens"][i] for i in chosen],
+            [batch["phrase_boxes"][i] for i in chosen],
+            [torch.as_tensor(batch["boxes"][i]).reshape(-1, 4) for i in chosen])
+        mass = torch.einsum("pnm,pqm->pqn", blocks.s_lv, patches.float())  # [P, Q, n]: word -> its phrase's patches
+        valid = words & patches.any(-1, keepdim=True)
         losses.append(-(mass.clamp_min(1e-6).log() * valid).sum() / valid.sum().clamp_min(1))
     return torch.stack(losses).mean()
 
@@ -94,18 +92,20 @@ def kept(batch: dict, kinds: set[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_accuracy(model, batches: list[dict], kinds: set[str]) -> float:
+def held_out_accuracy(model, batches: list[dict], kinds: set[str]) -> dict[str, float]:
+    """Per kind: the share of held-out images whose true caption has the larger ITM margin than its swap."""
     model.eval()
-    wins = total = 0
+    wins: dict[str, list[bool]] = {kind: [] for kind in sorted(kinds)}
     for batch in batches:
         keep = kept(batch, kinds)
         if keep.any():
             logits, _ = pair_logits(model, batch, keep)
-            margin = logits[:, 1] - logits[:, 0]
-            true, swapped = margin.chunk(2)
-            wins, total = wins + int((true > swapped).sum()), total + int(keep.sum())
+            true, swapped = (logits[:, 1] - logits[:, 0]).chunk(2)
+            kinds_kept = [kind for kind, k in zip(batch["negative_kind"], keep.tolist()) if k]
+            for kind, won in zip(kinds_kept, (true > swapped).tolist()):
+                wins[kind].append(won)
     model.train()
-    return wins / max(total, 1)
+    return {kind: round(sum(won) / max(len(won), 1), 3) for kind, won in wins.items()}
 
 
 def build(out: Path, samples: int, seed: int, split: str) -> Path:
@@ -149,11 +149,6 @@ def main() -> None:
         objective = pretraining_objective(build_sections(
             {"itc": False, "mlm": False, "itm": {"hard_negatives": False, "caption_negatives": True}}, build_config))
 
-    def measure(model, held_out) -> float | dict[str, float]:
-        if objective is None:
-            return round(held_out_accuracy(model, held_out, kinds), 3)
-        return {kind: round(held_out_accuracy(model, held_out, {kind}), 3) for kind in sorted(kinds)}
-
     with tempfile.TemporaryDirectory() as tmp:
         train_dir = build(Path(tmp) / "train", args.train_scenes, seed=0, split="train")
         test_dir = build(Path(tmp) / "test", args.test_scenes, seed=1, split="test")
@@ -176,7 +171,8 @@ def main() -> None:
                   "test_scenes": args.test_scenes, "positions": args.positions, "layers": args.layers,
                   "width": args.width, "lr": args.lr, "grounding_layers": args.grounding_layers or None,
                   "objective": args.objective, "chance": 0.5}
-        print(json.dumps({**common, "step": 0, "held_out_accuracy": measure(model, held_out)}), flush=True)
+        before = held_out_accuracy(model, held_out, kinds)
+        print(json.dumps({**common, "step": 0, "held_out_accuracy": before}), flush=True)
         step, start, train_wins = 0, time.perf_counter(), []
         while step < args.steps:
             for batch in loader:
@@ -205,7 +201,7 @@ def main() -> None:
                     if recent:
                         extra["train_accuracy"] = round(sum(recent) / len(recent), 3)
                     print(json.dumps({**common, "step": step, "loss": round(itm.item(), 4), **extra,
-                                      "held_out_accuracy": measure(model, held_out),
+                                      "held_out_accuracy": held_out_accuracy(model, held_out, kinds),
                                       "seconds": round(time.perf_counter() - start, 1)}), flush=True)
                 if step >= args.steps:
                     break

@@ -18,6 +18,8 @@ its own), so every function takes `scores_i2t` and `scores_t2i`, both [images, c
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -49,19 +51,28 @@ def positions(scores: Tensor) -> Tensor:
     return ranks
 
 
+def _best_true_ranks(scores: Tensor, truth_rows: Callable[[int, int], Tensor]) -> Tensor:
+    """[Q, G] scores -> [Q]: rank of each query's best-ranked true item (G when it has none).
+
+    `truth_rows(lo, hi)` gives the bool truth [hi - lo, G] of queries lo..hi: queries go in chunks, so
+    neither the [Q, G] rank tensor ([5K, 25K] long: 1 GB) nor a full truth matrix need exist at once.
+    """
+    out = []
+    for lo in range(0, scores.shape[0], CHUNK):
+        ranks = positions(scores[lo:lo + CHUNK])  # [chunk, G]
+        truth = truth_rows(lo, lo + ranks.shape[0]).to(ranks.device)
+        out.append(torch.where(truth, ranks, torch.full_like(ranks, scores.shape[1])).min(dim=1).values)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
 def text_retrieval_ranks(scores_i2t: Tensor, caption_image: Tensor) -> Tensor:
     """[images, captions] -> [images]: rank of each image's best-ranked ground-truth caption.
 
     An image without a caption gets rank = number of captions (never retrieved).
     """
     _check(scores_i2t, caption_image)
-    out = []
-    for lo in range(0, scores_i2t.shape[0], CHUNK):  # rows in chunks: [5K, 25K] long ranks would be 1 GB
-        ranks = positions(scores_i2t[lo:lo + CHUNK])  # [chunk, C]
-        rows = torch.arange(lo, lo + ranks.shape[0], device=caption_image.device)
-        truth = caption_image[None, :] == rows[:, None]  # [chunk, C]
-        out.append(torch.where(truth, ranks, torch.full_like(ranks, scores_i2t.shape[1])).min(dim=1).values)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return _best_true_ranks(scores_i2t, lambda lo, hi: caption_image[None, :] == torch.arange(
+        lo, hi, device=caption_image.device)[:, None])
 
 
 def image_retrieval_ranks(scores_t2i: Tensor, caption_image: Tensor) -> Tensor:
@@ -106,12 +117,7 @@ def truth_ranks(scores: Tensor, truth: Tensor) -> Tensor:
         raise ValueError(f"truth {tuple(truth.shape)} must match scores {tuple(scores.shape)}")
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN: no ranking is defined")
-    out = []
-    for lo in range(0, scores.shape[0], CHUNK):
-        ranks = positions(scores[lo:lo + CHUNK])  # [chunk, G]
-        never = torch.full_like(ranks, scores.shape[1])
-        out.append(torch.where(truth[lo:lo + CHUNK].to(ranks.device), ranks, never).min(dim=1).values)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return _best_true_ranks(scores, lambda lo, hi: truth[lo:hi])
 
 
 def recall_any_true(scores_i2t: Tensor, truth: Tensor, scores_t2i: Tensor | None = None) -> dict[str, float]:

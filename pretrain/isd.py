@@ -136,14 +136,22 @@ def measure_isd(model, batches: Iterable[dict], mode: str = "singular",
     return {"L": sums["L"] / max(pairs, 1), "V": sums["V"] / max(pairs, 1), "pairs": pairs}
 
 
+def phrase_words_and_tokens(blocks: AttentionBlocks, token_boxes: Tensor, token_kind: str, phrase_tokens: list,
+                            phrase_boxes: list, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Each annotated phrase's word columns and visual tokens in the blocks of P pairs ->
+    (phrase_words [P, Q, n] bool, phrase_visual [P, Q, m] bool: the tokens of the phrase's boxes)."""
+    device = blocks.s_ll.device
+    phrase_words, phrase_box, padded = phrase_incidence(phrase_tokens, phrase_boxes, boxes, blocks.word_mask.shape[1],
+                                                        device)
+    member = token_in_box(token_boxes.to(device).float(), padded, token_kind)  # [P, m, K]
+    return phrase_words, (phrase_box.float() @ member.float().transpose(1, 2)) > 0
+
+
 def blocks_isda(blocks: AttentionBlocks, token_boxes: Tensor, token_kind: str, phrase_tokens: list,
                 phrase_boxes: list, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
     """ISDa of P pairs from their attention blocks and annotations -> (values [P], valid [P])."""
-    n = blocks.word_mask.shape[1]
-    device = blocks.s_ll.device
-    phrase_words, phrase_box, padded = phrase_incidence(phrase_tokens, phrase_boxes, boxes, n, device)
-    member = token_in_box(token_boxes.to(device).float(), padded, token_kind)  # [P, m, K]
-    phrase_visual = (phrase_box.float() @ member.float().transpose(1, 2)) > 0  # [P, Q, m]
+    phrase_words, phrase_visual = phrase_words_and_tokens(blocks, token_boxes, token_kind, phrase_tokens,
+                                                          phrase_boxes, boxes)
     return isda_values(blocks.s_ll, blocks.s_vv, blocks.word_mask, blocks.visual_mask, phrase_words, phrase_visual)
 
 

@@ -113,6 +113,7 @@ def test_itm_alone_ranks_true_captions_above_random_ones_on_held_out_scenes(scen
     assert history[-1][0] == STEPS and history[-1][1] >= THRESHOLD, f"held-out ranking accuracy by step: {history}"
     assert math.isfinite(history[-1][2])
 
+
 SWAP_STEPS, SWAP_THRESHOLD = 3000, 0.58
 
 
