@@ -67,7 +67,8 @@ class PatchEmbedder(nn.Module):
         self.grid = config.image_size // config.patch_size
         self.proj = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size)
         self.position = nn.Parameter(torch.empty(1, self.grid * self.grid, config.width))
-        nn.init.trunc_normal_(self.position, std=config.initializer_range)
+        std = config.visual_position_std or config.initializer_range
+        nn.init.trunc_normal_(self.position, std=std)
 
     def positions(self, rows: int, cols: int) -> Tensor:
         """Position embeddings [1, rows * cols, W]; interpolated when the grid is not the trained one."""

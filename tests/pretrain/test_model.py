@@ -42,6 +42,19 @@ def test_presets():
     assert ModelConfig.preset("tiny", num_layers=3).num_layers == 3
 
 
+@pytest.mark.parametrize("std, expected", [(None, 0.88), (0.1, 0.1)])
+def test_patch_position_table_starts_at_its_own_std(std, expected):
+    """`visual_position_std` (tiny: 1.0) sets the patch position table's initial spread; the rest of the
+    model keeps `initializer_range` (issue 8: at 0.1 the positions drowned in the patch content)."""
+    torch.manual_seed(0)
+    overrides = {} if std is None else {"visual_position_std": std}
+    model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=40, **overrides))
+    table = model.visual.position  # 64 x 64 values: the sample std is within a few % of the target
+    # (trunc_normal_ cuts at +-2: 2 sd at std 1.0, which leaves an sd of 0.88; nothing at 0.1)
+    assert table.std().item() == pytest.approx(expected, rel=0.06)
+    assert model.visual.proj.weight.std().item() == pytest.approx(0.1, rel=0.05)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(name="huge"), r"model\.preset='huge'.*tiny \| small \| base \| large"),
     (dict(name="tiny", depth=3), r"model\.depth=3 .*ModelConfig field"),
@@ -50,6 +63,7 @@ def test_presets():
     (dict(name="tiny", patch_size=7), r"model\.patch_size=7"),
     (dict(name="tiny", dropout=1.5), r"model\.dropout=1\.5"),
     (dict(name="tiny", vocab_size=0), r"model\.vocab_size=0"),
+    (dict(name="tiny", visual_position_std=0), r"model\.visual_position_std=0 .*positive"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
