@@ -16,6 +16,13 @@ the untrained model (step 0) printed first. `--positions sincos` starts the patc
 each image's own swapped caption, `objectives.itm.caption_negatives`, all kinds) and reports the held-out
 accuracy per kind: the setting of tests/pretrain/test_itm_learns.py at other sizes and lengths.
 
+`--objective curriculum` builds the relation in three phases (data_tools/curriculum.py): for
+`--single-steps` steps, each image reduced to one of its shapes against "the red circle is left" vs
+"... is right" (or above/below: the shape's half of the canvas); then for `--position-steps` steps the
+same captions on the full scenes (the colour word must pick the shape); then, to `--steps`, relation
+swaps plus the position captions. It reports the held-out position accuracy on single shapes and on
+full scenes beside the swap accuracy per kind.
+
 `--grounding-layers 0` adds what the relation's first step needs as direct supervision: at those layers,
 minus the log of the attention mass each phrase word of the true caption puts on the patches of its own
 shape (the `S_LV` block of the matched rows, head-averaged; boxes and phrase links from the scenes),
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import subprocess
 import sys
 import tempfile
@@ -86,6 +94,25 @@ def grounding_loss(model, attention: dict, token_boxes: torch.Tensor, batch: dic
     return torch.stack(losses).mean()
 
 
+@torch.no_grad()
+def position_accuracy(model, encode, batches: list[dict], categories: list[str], image_size: int,
+                      single: bool) -> float:
+    """Share of held-out position pairs (fixed draw) whose true caption has the larger ITM margin."""
+    from data_tools.curriculum import position_pairs
+    from pretrain.objectives.position import position_itm_logits
+
+    model.eval()
+    rng, wins = random.Random(123), []
+    for batch in batches:
+        pairs = position_pairs(batch, categories, image_size, rng)
+        if pairs:
+            logits = position_itm_logits(model, encode, batch, pairs, single)
+            true, false = (logits[:, 1] - logits[:, 0]).chunk(2)
+            wins += (true > false).tolist()
+    model.train()
+    return round(sum(wins) / max(len(wins), 1), 3)
+
+
 def kept(batch: dict, kinds: set[str]) -> torch.Tensor:
     by_kind = torch.tensor([kind in kinds for kind in batch["negative_kind"]], dtype=torch.bool)
     return by_kind & batch["has_negative"].bool() & batch["sample_mask"].bool()
@@ -115,18 +142,24 @@ def build(out: Path, samples: int, seed: int, split: str) -> Path:
 
 
 def main() -> None:
+    from data_tools.collate import TextEncoder
+    from data_tools.curriculum import position_pairs
     from data_tools.loader import DataConfig, Loader
     from data_tools.synthetic import NEGATIVE_KINDS
     from pretrain.config_schema import build as build_config
     from pretrain.model import ModelConfig
     from pretrain.model.model import RelAlignModel
     from pretrain.objectives import Progress, build_sections, pretraining_objective
+    from pretrain.objectives.position import position_itm_logits, two_way_loss
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-scenes", type=int, default=2048)
     parser.add_argument("--test-scenes", type=int, default=1024)
-    parser.add_argument("--objective", choices=["pairs", "itm"], default="pairs",
-                        help="pairs: true vs swapped caption of --kinds only; itm: the ITM term with caption negatives")
+    parser.add_argument("--objective", choices=["pairs", "itm", "curriculum"], default="pairs",
+                        help="pairs: true vs swapped caption of --kinds only; itm: the ITM term with caption "
+                             "negatives; curriculum: single-shape position, full-scene position, then relation swaps")
+    parser.add_argument("--single-steps", type=int, default=1500, help="curriculum: single-shape phase")
+    parser.add_argument("--position-steps", type=int, default=1500, help="curriculum: full-scene position phase")
     parser.add_argument("--kinds", default="relation", help="comma-separated negative kinds to train on (pairs)")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--every", type=int, default=1000)
@@ -134,16 +167,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--positions", choices=["learned", "sincos"], default="learned")
+    parser.add_argument("--position-std", type=float, default=None,
+                        help="model.visual_position_std (default: the preset's)")
     parser.add_argument("--grounding-layers", default="", help="comma-separated layers, e.g. 0 (default: none)")
     parser.add_argument("--grounding-weight", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.objective == "itm" and args.grounding_layers:
+    if args.objective != "pairs" and args.grounding_layers:
         parser.error("--grounding-layers needs --objective pairs")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     kinds = set(args.kinds.split(",")) if args.objective == "pairs" else set(NEGATIVE_KINDS)
+    trained = {"relation"} if args.objective == "curriculum" else kinds
     objective = None
     if args.objective == "itm":
         objective = pretraining_objective(build_sections(
@@ -156,8 +192,13 @@ def main() -> None:
                     tokenizer=str(train_dir / "tokenizer"))
         loader = Loader(DataConfig(paths=[str(train_dir)], **data))
         held_out = list(Loader(DataConfig(paths=[str(test_dir)], train=False, **data)))
+        categories = sorted(loader.categories, key=loader.categories.get)
+        encode = TextEncoder(loader.tokenizer, data["max_text_len"])
+        pair_rng = random.Random(args.seed)
         model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=len(loader.tokenizer), image_size=32,
-                                                 num_layers=args.layers, width=args.width))
+                                                 num_layers=args.layers, width=args.width,
+                                                 **({} if args.position_std is None else
+                                                    {"visual_position_std": args.position_std})))
         grounding = bool(args.grounding_layers)
         if grounding:
             model.set_iais_layers(int(layer) for layer in args.grounding_layers.split(","))
@@ -169,16 +210,38 @@ def main() -> None:
                                                      * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
         common = {"bench": "itm_relation", "kinds": sorted(kinds), "train_scenes": args.train_scenes,
                   "test_scenes": args.test_scenes, "positions": args.positions, "layers": args.layers,
-                  "width": args.width, "lr": args.lr, "grounding_layers": args.grounding_layers or None,
+                  "width": args.width, "lr": args.lr,
+                  "position_std": model.config.visual_position_std or model.config.initializer_range, "grounding_layers": args.grounding_layers or None,
                   "objective": args.objective, "chance": 0.5}
-        before = held_out_accuracy(model, held_out, kinds)
-        print(json.dumps({**common, "step": 0, "held_out_accuracy": before}), flush=True)
+        if args.objective == "curriculum":
+            common.update(single_steps=args.single_steps, position_steps=args.position_steps)
+
+        def report() -> dict:
+            out = {"held_out_accuracy": held_out_accuracy(model, held_out, kinds)}
+            if args.objective == "curriculum":
+                out["held_out_position"] = {
+                    "single_shape": position_accuracy(model, encode, held_out, categories, data["image_size"], True),
+                    "full_scene": position_accuracy(model, encode, held_out, categories, data["image_size"], False)}
+            return out
+
+        print(json.dumps({**common, "step": 0, **report()}), flush=True)
         step, start, train_wins = 0, time.perf_counter(), []
         while step < args.steps:
             for batch in loader:
                 ground = None
                 if objective is not None:
                     loss = itm = objective(model, batch, Progress(step, args.steps)).total
+                elif args.objective == "curriculum":
+                    pairs = position_pairs(batch, categories, data["image_size"], pair_rng)
+                    if not pairs:
+                        continue
+                    single = step < args.single_steps
+                    loss = itm = two_way_loss(position_itm_logits(model, encode, batch, pairs, single))
+                    keep = kept(batch, trained)
+                    if step >= args.single_steps + args.position_steps and keep.any():
+                        logits, _ = pair_logits(model, batch, keep)
+                        itm = two_way_loss(logits)
+                        loss = loss + itm
                 else:
                     keep = kept(batch, kinds)
                     if not keep.any():
@@ -200,8 +263,7 @@ def main() -> None:
                     extra = {} if ground is None else {"grounding_mass": round(math.exp(-ground.item()), 3)}
                     if recent:
                         extra["train_accuracy"] = round(sum(recent) / len(recent), 3)
-                    print(json.dumps({**common, "step": step, "loss": round(itm.item(), 4), **extra,
-                                      "held_out_accuracy": held_out_accuracy(model, held_out, kinds),
+                    print(json.dumps({**common, "step": step, "loss": round(itm.item(), 4), **extra, **report(),
                                       "seconds": round(time.perf_counter() - start, 1)}), flush=True)
                 if step >= args.steps:
                     break

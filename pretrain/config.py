@@ -141,15 +141,21 @@ def check_objective_inputs(cfg: Config) -> None:
         check("data.max_tag_len", cfg.data.max_tag_len, combined <= cfg.model.max_text_len,
               f"at most model.max_text_len - data.max_text_len + 1 = {cfg.model.max_text_len - cfg.data.max_text_len + 1} "
               f"(words and tags share the text positions)")
+    position = cfg.objectives.get("position")
+    if position is not None and position.enabled:
+        check("data.visual", cfg.data.visual, cfg.data.visual == "pixels",
+              "pixels with objectives.position enabled (its single-shape views paint over pixels)")
 
 
 def check_categories(cfg: Config) -> None:
-    """MRC and object tags need box categories: some dataset.json of data.paths lists `box_labels`."""
+    """MRC, object tags and position captions need box categories: some dataset.json of data.paths
+    lists `box_labels`."""
     from data_tools.manifest import category_vocabulary
 
-    mrm, tags = cfg.objectives.get("mrm"), cfg.objectives.get("tags")
+    mrm, tags, position = (cfg.objectives.get(name) for name in ("mrm", "tags", "position"))
     wants = [name for name, on in (("objectives.mrm.mrc", mrm is not None and mrm.enabled and mrm.mrc),
-                                   ("objectives.tags.enabled", tags is not None and tags.enabled)) if on]
+                                   ("objectives.tags.enabled", tags is not None and tags.enabled),
+                                   ("objectives.position.enabled", position is not None and position.enabled)) if on]
     if wants and not category_vocabulary(cfg.data.paths):
         raise ConfigError(wants[0], True, f"false: no dataset of data.paths={cfg.data.paths} carries box categories "
                           f"(box_labels in dataset.json; synthetic and COCO-with-instances builds do)")

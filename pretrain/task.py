@@ -72,7 +72,9 @@ class PretrainTask:
         if self.regularizer is not None:
             self.regularizer.attach(model)
         self._objective = pretraining_objective(self.cfg.objectives, self.regularizer, self.cfg.train.seed)
-        self._objective.build_heads(model.config, category_vocabulary(self.cfg.data.paths))
+        categories = category_vocabulary(self.cfg.data.paths)
+        self._objective.build_heads(model.config, categories)
+        self._objective.bind_text(tokenizer, categories)
         return model
 
     def objective(self) -> Objective:

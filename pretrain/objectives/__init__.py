@@ -17,6 +17,7 @@ from .itc import ITC, ITCConfig, itc_loss
 from .itm import ITM, ITMConfig, sample_hard_negatives
 from .mlm import MLM, MLMConfig
 from .mrm import MRM, MRMConfig
+from .position import Position, PositionConfig
 from .tags import Tags, TagsConfig
 from .wra import WRA, WRAConfig, ipot_transport, wra_distance
 
@@ -24,7 +25,7 @@ __all__ = [
     "TERMS", "CompositeObjective", "Objective", "ObjectiveOutput", "Progress", "StepContext", "Term", "TermConfig",
     "build_sections", "image_id_codes", "import_plugins", "masked_mean", "register", "wide", "IAISTerm",
     "ITC", "ITCConfig", "itc_loss", "ITM", "ITMConfig", "sample_hard_negatives", "MLM", "MLMConfig",
-    "MRM", "MRMConfig", "Tags", "TagsConfig", "WRA", "WRAConfig", "ipot_transport", "wra_distance",
+    "MRM", "MRMConfig", "Position", "PositionConfig", "Tags", "TagsConfig", "WRA", "WRAConfig", "ipot_transport", "wra_distance",
     "sampled_term", "term_sections", "pretraining_objective",
 ]
 

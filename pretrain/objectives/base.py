@@ -104,6 +104,14 @@ class Term:
         set); categories: the datasets' box label vocabulary (data_tools.manifest.category_vocabulary)."""
         return None
 
+    def bind_text(self, tokenizer: Any, categories: list[str]) -> None:
+        """Before training: the run's tokenizer and box categories, for a term that writes its own text
+        (the position captions)."""
+
+    def holds_others(self, progress: Progress) -> bool:
+        """True on steps where this term trains alone (a curriculum phase): the others are not computed."""
+        return False
+
     def prepare(self, ctx: "StepContext") -> None:
         """Before any term's loss of this micro-batch: leave shared inputs in the context (tags)."""
 
@@ -303,8 +311,17 @@ class CompositeObjective:
                 term.head = self.heads[term.name] = head
         return self.heads
 
+    def bind_text(self, tokenizer: Any, categories: list[str]) -> None:
+        """Give every term the run's tokenizer and box categories (call once, after `build_heads`)."""
+        for term in self.terms:
+            term.bind_text(tokenizer, categories)
+
     def active_terms(self, progress: Progress) -> list[Term]:
-        """The terms this step computes: all (`joint`), or the drawn one plus the regularisers."""
+        """The terms this step computes: the ones holding the others back this step (a curriculum
+        phase), else all (`joint`), or the drawn one plus the regularisers (`per_batch`)."""
+        holding = [t for t in self.terms if t.holds_others(progress)]
+        if holding:
+            return holding
         if self.sampling == "joint":
             return self.terms
         names = [t.name for t in self.candidates]

@@ -34,6 +34,10 @@ def _dataset(tmp_path: Path, box_labels) -> Path:
      "objectives.sampling", "weight > 0 to draw"),
     (["objectives.wra.enabled=true", "objectives.wra.iterations=0"], "objectives.wra.iterations", ">= 1"),
     (["objectives.mrm.enabled=true", "objectives.mrm.mask_probability=1"], "objectives.mrm.mask_probability", "(0, 1)"),
+    (["objectives.position.enabled=true"], "objectives.position.enabled", "carries box categories"),
+    (["objectives.position.enabled=true", "data.visual=features"], "data.visual", "pixels with objectives.position"),
+    (["objectives.position.enabled=true", "objectives.position.hold_steps=-1"], "objectives.position.hold_steps",
+     "an integer >= 0"),
 ])
 def test_objective_mistakes_are_one_line_and_exit_2(capsys, tmp_path: Path, overrides, field: str, words: str) -> None:
     data = _dataset(tmp_path, None)  # a dataset without box categories
