@@ -13,9 +13,11 @@ shared machine's load swings hit all of them alike; medians over trials:
 - `bare`: one process, PIL decode + convert RGB + BILINEAR resize to the crop size, bytes already in
   memory. The baseline every ratio divides by.
 - the loader (`data_tools.loader.Loader`, random resized crops, tokenisation, MLM masking, collate)
-  at 0, 1 and 2 worker processes, from the shards on disk, worker start-up included. Pixels leave
-  the loader as uint8: normalisation happens on the training device (`pretrain.engine.to_engine`),
-  so it is not in the loader's time; its host cost is printed as the `normalise` stage for reference.
+  at 0, 1 and 2 worker processes, from the shards on disk, worker start-up included. Each batch is
+  released as the training loop releases it (`release_pixels`), so workers reuse their pixel
+  buffers (data_tools.pixel_pool). Pixels leave the loader as uint8: normalisation happens on the
+  training device (`pretrain.engine.to_engine`), so it is not in the loader's time; its host cost is
+  printed as the `normalise` stage for reference.
 - `ratio`: loader samples/s over bare samples/s (wall clock); `cpu_ratio`: bare CPU ms per sample
   over the loader's (this process plus its joined workers). On a machine whose cores are busy with
   other jobs the wall-clock figures at 1 and 2 workers measure the machine, not the loader: read
@@ -131,12 +133,14 @@ def pipeline(config) -> tuple[float, float, int]:
     """(samples/s, CPU ms per sample, samples) of one epoch of the loader (a weight-`repeat` mixture
     of the dataset), worker start-up included, tokenizer loading not."""
     from data_tools.loader import Loader
+    from data_tools.pixel_pool import release_pixels
 
     loader = Loader(config)
     samples = 0
     cpu, start = cpu_seconds(), time.perf_counter()
     for batch in loader:
         samples += int(batch["sample_mask"].sum())
+        release_pixels(batch)  # as the training loop does once the pixels are on the device
     return samples / (time.perf_counter() - start), 1000 * (cpu_seconds() - cpu) / samples, samples
 
 

@@ -25,6 +25,10 @@ Visual input, one of:
                                        `pretrain.engine.to_engine` turns it into `pixel_values` on the
                                        training device; `data_tools.transforms.normalise_batch` does it
                                        anywhere else. A batch carries one of the two, never both.
+  `pixel_lease`    uint8 [1], shared  only in batches from loader worker processes: the worker reuses
+                                       the pixels' buffer once it reads 0 here, which only
+                                       `data_tools.pixel_pool.release_pixels(batch)` writes (to_engine
+                                       calls it after moving the pixels); never released, never reused.
 - `visual_feats`   float [B, M, D], `visual_pos` float [B, M, 7], `visual_mask` bool [B, M]
                                        precomputed features (the `features` embedder).
 

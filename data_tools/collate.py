@@ -20,6 +20,7 @@ import torch
 from data_tools.batch import IGNORE_INDEX
 from data_tools.errors import UserError
 from data_tools.order import sample_seed
+from data_tools.pixel_pool import PixelPool, release_pixels
 from data_tools.transforms import normalise
 
 MLM_REPLACE = (0.8, 0.1)
@@ -80,22 +81,6 @@ class TextEncoder:
         }
 
 
-def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
-    """A uint8 tensor whose storage is created in shared memory (zero-filled by the kernel).
-
-    Why not `torch.empty(shape).share_memory_()`: that allocates, then copies the (uninitialised)
-    bytes into a new shared segment: twice the page faults. Measured on a 32 x 224 x 224 x 3 batch:
-    about 8 ms with share_memory_(), 4 ms this way (one write into fresh shared pages).
-    """
-    numel = 1
-    for size in shape:
-        numel *= size
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    if new_shared is None:  # a torch without the constructor: the copying path
-        return torch.empty(shape, dtype=torch.uint8).share_memory_()
-    return torch.empty(0, dtype=torch.uint8).set_(new_shared(numel)).view(shape)
-
-
 def mlm_mask(
     input_ids: torch.Tensor, word_mask: torch.Tensor, seeds: Sequence[int | None], probability: float, mask_id: int, vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +133,7 @@ def collate(
     visual: str = "pixels",
     image_size: int = 64,
     defer_normalise: bool = False,
-    shared_pixels: bool = False,
+    pixel_pool: PixelPool | None = None,
     categories: dict[str, int] | None = None,
     max_tag_len: int = 0,
 ) -> dict[str, Any]:
@@ -168,9 +153,10 @@ def collate(
     order, as one space-separated text) tokenised as `[CLS] tags [SEP] pad` into `tag_ids`, with
     `tag_mask` and BERT masking (`tag_mlm_ids`, `tag_mlm_labels`) from the sample's own generator.
 
-    shared_pixels: build the uint8 pixel batch in shared memory, as a DataLoader worker process sends
-    it: torch would otherwise copy it into a fresh shared segment when pickling, and the page faults
-    of writing 4.8 MB twice (a 32 x 224 px batch) cost about 0.15 ms per sample (`shared_uint8`).
+    pixel_pool: build the uint8 pixel batch in shared memory, as a DataLoader worker process sends
+    it, in a buffer of the worker's pool (data_tools.pixel_pool: reused once the training loop released
+    it; `pixel_lease` in the batch): torch would otherwise copy it into a fresh shared segment when
+    pickling, and the page faults of writing 4.8 MB (a 32 x 224 px batch) cost about 0.12 ms per sample.
     """
     encode = tokenizer if isinstance(tokenizer, TextEncoder) and tokenizer.max_len == max_text_len else TextEncoder(tokenizer, max_text_len)
     real = [s is not None for s in samples]
@@ -200,7 +186,9 @@ def collate(
     else:
         batch["image_hw"] = torch.tensor([[image_size, image_size]], dtype=torch.long).expand(len(samples), 2).clone()  # [B, 2]
         shape = (len(samples), image_size, image_size, 3)
-        pixels = shared_uint8(shape) if shared_pixels else torch.empty(shape, dtype=torch.uint8)  # [B, S, S, 3]
+        pixels, lease = pixel_pool.take(shape) if pixel_pool is not None else (torch.empty(shape, dtype=torch.uint8), None)
+        if lease is not None:
+            batch["pixel_lease"] = lease  # [1] uint8, shared: release_pixels() lets the worker reuse the buffer
         rows = pixels.numpy()
         for i, s in enumerate(samples):
             if s is not None:
@@ -211,6 +199,7 @@ def collate(
             batch["pixel_uint8"] = pixels
         else:
             batch["pixel_values"] = normalise(pixels)  # [B, 3, S, S]
+            release_pixels(batch)  # normalised into new memory: the buffer is free again
 
     batch["boxes"] = [torch.from_numpy(s["boxes"]) if s is not None and s["boxes"] is not None else torch.zeros(0, 4) for s in samples]
     batch["phrase_tokens"], batch["phrase_boxes"] = [], []

@@ -47,6 +47,7 @@ import webdataset as wds
 
 from data_tools import order, schema
 from data_tools.collate import TextEncoder, collate, load_tokenizer
+from data_tools.pixel_pool import PixelPool
 from data_tools.decode import decode_sample
 from data_tools.errors import BadSample, UserError, check
 from data_tools.images import DEFAULT_MAX_PIXELS
@@ -266,6 +267,7 @@ class _RankStreams(torch.utils.data.IterableDataset):
         stream = self.streams[info.id if info is not None else 0]
         pipeline = stream_pipeline(self.plan, self.datasets, self.config, stream, self.states[stream])
         in_worker = info is not None
+        pool = PixelPool() if in_worker else None
         if in_worker:  # the forked worker's inherited objects (torch, transformers) need no garbage
             gc.freeze()  # collection: freezing them keeps each collection small (~5% of a sample's time)
         for item in pipeline:
@@ -273,7 +275,7 @@ class _RankStreams(torch.utils.data.IterableDataset):
             batch = collate(
                 item.pop("samples"), tokenizer=self.text, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
                 seed=c.seed, epoch=self.plan.epoch, visual=c.visual, image_size=c.image_size, defer_normalise=True,
-                shared_pixels=in_worker, categories=self.categories, max_tag_len=c.max_tag_len,
+                pixel_pool=pool, categories=self.categories, max_tag_len=c.max_tag_len,
             )  # fmt: skip
             item["batch"] = to_wire(batch) if in_worker else batch
             yield item
@@ -285,11 +287,12 @@ def _as_is(item: Any) -> Any:
 
 def to_wire(batch: dict[str, Any]) -> dict[str, Any]:
     """A batch as a worker process sends it: small tensors as numpy arrays (pickled by value), so
-    that only the pixels take a shared-memory segment; torch would open one per tensor, and a list
-    of per-sample box tensors made that the dominant cost of a batch."""
+    that only the pixels (and their one-byte lease, data_tools.pixel_pool) travel as shared-memory
+    segments; torch would open one per tensor, and a list of per-sample box tensors made that the
+    dominant cost of a batch."""
     wire: dict[str, Any] = {}
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and key != "pixel_uint8":
+        if isinstance(value, torch.Tensor) and key not in ("pixel_uint8", "pixel_lease"):  # shared: sent by handle
             wire[key] = value.numpy()
         elif key in ("boxes", "box_categories"):
             wire[key] = [b.numpy() for b in value]

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from data_tools.errors import ConfigError, check
+from data_tools.pixel_pool import release_pixels
 from data_tools.transforms import normalise_batch
 
 
@@ -264,7 +265,9 @@ def to_engine(batch: dict[str, Any], engine: Any) -> dict[str, Any]:
     (per-sample boxes) move too; other values stay as they are.
 
     A loader batch's uint8 `pixel_uint8` [B, S, S, 3] moves as uint8 (a quarter of the bytes) and
-    becomes normalised `pixel_values` [B, 3, S, S] on the device (data_tools.batch)."""
+    becomes normalised `pixel_values` [B, 3, S, S] on the device (data_tools.batch). Then the loader
+    worker's pixel buffer is released (`pixel_lease`, data_tools.pixel_pool): nothing reads the batch's
+    `pixel_uint8` after this (a copy from pageable memory has read its source when `.to()` returns)."""
     dtype, device = model_dtype(engine), engine.device
 
     def move(v: Any) -> Any:
@@ -273,7 +276,8 @@ def to_engine(batch: dict[str, Any], engine: Any) -> dict[str, Any]:
         if isinstance(v, list) and v and all(torch.is_tensor(x) for x in v):
             return [move(x) for x in v]
         return v
-    moved = normalise_batch({k: move(v) for k, v in batch.items()})
+    moved = normalise_batch({k: move(v) for k, v in batch.items() if k != "pixel_lease"})
     if "pixel_values" in moved and moved["pixel_values"].dtype != dtype:
         moved["pixel_values"] = moved["pixel_values"].to(dtype)
+    release_pixels(batch)
     return moved
