@@ -20,7 +20,7 @@ accuracy per kind: the setting of tests/pretrain/test_itm_learns.py at other siz
 `--single-steps` steps, each image reduced to one of its shapes against "the red circle is left" vs
 "... is right" (or above/below: the shape's half of the canvas); then for `--position-steps` steps the
 same captions on the full scenes (the colour word must pick the shape); then, to `--steps`, relation
-swaps plus the position captions. It reports the held-out position accuracy on single shapes and on
+swaps plus the position captions; the patch position table starts at std 1.0 (`--position-std`). It reports the held-out position accuracy on single shapes and on
 full scenes beside the swap accuracy per kind.
 
 `--grounding-layers 0` adds what the relation's first step needs as direct supervision: at those layers,
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--positions", choices=["learned", "sincos"], default="learned")
     parser.add_argument("--position-std", type=float, default=None,
-                        help="model.visual_position_std (default: the preset's)")
+                        help="model.visual_position_std (default: 1.0 with --objective curriculum, else the preset's)")
     parser.add_argument("--grounding-layers", default="", help="comma-separated layers, e.g. 0 (default: none)")
     parser.add_argument("--grounding-weight", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
@@ -176,6 +176,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.objective != "pairs" and args.grounding_layers:
         parser.error("--grounding-layers needs --objective pairs")
+    if args.position_std is None and args.objective == "curriculum":
+        args.position_std = 1.0  # what the position captions need (objectives.position requires it too)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     kinds = set(args.kinds.split(",")) if args.objective == "pairs" else set(NEGATIVE_KINDS)

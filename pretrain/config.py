@@ -145,6 +145,11 @@ def check_objective_inputs(cfg: Config) -> None:
     if position is not None and position.enabled:
         check("data.visual", cfg.data.visual, cfg.data.visual == "pixels",
               "pixels with objectives.position enabled (its single-shape views paint over pixels)")
+        if cfg.model.visual_embedder == "patch":
+            std = cfg.model.visual_position_std or cfg.model.initializer_range
+            check("model.visual_position_std", cfg.model.visual_position_std, std >= 1.0,
+                  "at least 1.0 with objectives.position enabled (a smaller patch position table drowns in "
+                  "the patch content and the position captions stay at chance: set model.visual_position_std=1.0)")
 
 
 def check_categories(cfg: Config) -> None:

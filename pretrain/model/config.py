@@ -56,8 +56,8 @@ class ModelConfig:
     """Std of the `patch` embedder's position table at initialisation; None: `initializer_range` (ViLT).
     The table is added to the patch projection, whose output at init has an rms of about
     initializer_range x sqrt(3 x patch_size^2) x the normalised pixels' rms: at `tiny` (0.1, 8 px
-    patches) 2.9 against the table's 0.1, so positions were 3.5% of a token's norm and ITM could not
-    learn where anything is (issue 8); at 1.0 they are a third of it."""
+    patches) 2.9 against the table's 0.1, so positions are 3.5% of a token's norm and ITM cannot learn
+    where anything is (issue 8); at 1.0 they are a third of it. `objectives.position` requires >= 1.0."""
     visual_embedder: str = "patch"
     """How images become tokens: patch (ViLT), features (UNITER regions/grids), grid (EfficientNet-Lite0)."""
     image_size: int = 224
@@ -163,11 +163,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: 64 px images in 8 px patches (64 visual tokens).
     # initializer_range 0.1 (~0.8 / sqrt(width), what 0.02 is to BERT-base's 768) and no dropout: with
     # BERT's 0.02 and 0.1 the pooled [CLS] hardly depended on the image and ITM sat at its prior
-    # (issue 8; tests/pretrain/test_itm_learns.py). visual_position_std 1.0: with 0.1 the patch positions
-    # were swamped by the patch content and no caption about where a shape is could be learned.
+    # (issue 8; tests/pretrain/test_itm_learns.py). The patch positions keep initializer_range: at 1.0
+    # (model.visual_position_std, what objectives.position needs) ITM learned random captions and colour
+    # swaps slower and seed-dependently (README, The IAIS experiment).
     "tiny": dict(num_layers=2, width=64, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
                  max_visual_tokens=100, embed_dim=32, feature_dim=64,
-                 initializer_range=0.1, visual_position_std=1.0, dropout=0.0, attention_dropout=0.0),
+                 initializer_range=0.1, dropout=0.0, attention_dropout=0.0),
     # all-MiniLM-L6-v2's shape: its text weights load into it (hf_init).
     "small": dict(num_layers=6, width=384, num_heads=12, max_text_len=512, embed_dim=256),
     "base": dict(num_layers=12, width=768, num_heads=12, max_text_len=512, embed_dim=256),
@@ -177,9 +178,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # synthetic scenes' vocabulary): two_stream narrower with one layer per stream and one co-attention
     # block (0.98x), dual_encoder two towers of 2 layers, narrower (0.97x).
     "tiny_two_stream": dict(num_layers=1, width=44, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
-                            max_visual_tokens=100, embed_dim=32, feature_dim=64, initializer_range=0.1, visual_position_std=1.0,
-                            dropout=0.0, attention_dropout=0.0, architecture="two_stream", cross_layers=1),
+                            max_visual_tokens=100, embed_dim=32, feature_dim=64, initializer_range=0.1, dropout=0.0,
+                            attention_dropout=0.0, architecture="two_stream", cross_layers=1),
     "tiny_dual_encoder": dict(num_layers=2, width=48, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
-                              max_visual_tokens=100, embed_dim=32, feature_dim=64, initializer_range=0.1, visual_position_std=1.0,
-                              dropout=0.0, attention_dropout=0.0, architecture="dual_encoder"),
+                              max_visual_tokens=100, embed_dim=32, feature_dim=64, initializer_range=0.1, dropout=0.0,
+                              attention_dropout=0.0, architecture="dual_encoder"),
 }

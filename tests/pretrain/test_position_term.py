@@ -109,7 +109,7 @@ def test_curriculum_in_the_real_loop_on_2_ranks_resumes_bit_for_bit(tmp_path):
                                      start_ranks, train_records, wait_for_line)
 
     data = build_synthetic(tmp_path / "data", samples=96)
-    common = ["train.steps=5", "zero.stage=2", "data.image_size=32", "model.image_size=32", "checkpoint.every_steps=2",
+    common = ["train.steps=5", "zero.stage=2", "model.visual_position_std=1.0", "data.image_size=32", "model.image_size=32", "checkpoint.every_steps=2",
               "objectives.position.enabled=true", "objectives.position.single_steps=1", "objectives.position.hold_steps=3"]
     whole, parted = tmp_path / "whole", tmp_path / "parted"
     assert run_ranks(2, base_args(data, whole, *common), free_port(), tmp_path / "whole_logs") == [0, 0], \
