@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -250,7 +249,7 @@ def main() -> None:
                         continue
                     logits, ground = pair_logits(model, batch, keep, grounding)
                     n = int(keep.sum())
-                    itm = F.cross_entropy(logits.float(), torch.cat([torch.ones(n), torch.zeros(n)]).long())
+                    itm = two_way_loss(logits)
                     loss = itm if ground is None else itm + args.grounding_weight * ground
                     margin = (logits[:, 1] - logits[:, 0]).detach()
                     train_wins.append(float((margin[:n] > margin[n:]).float().mean()))

@@ -59,9 +59,10 @@ def position_pairs(batch: dict[str, Any], categories: Sequence[str], image_size:
         if not real or len(boxes) == 0:
             continue
         box = rng.randrange(len(boxes))
-        if int(classes[box]) < 0:
+        label = int(classes[box])
+        if label < 0:
             continue
-        x1, y1, x2, y2 = (float(v) for v in boxes[box])
+        x1, y1, x2, y2 = boxes[box].tolist()  # one host read per sample (the boxes may be on the device)
         offsets = {"h": (x1 + x2) / 2 - half, "v": (y1 + y2) / 2 - half}
         axes = [axis for axis, offset in offsets.items() if abs(offset) >= MARGIN]
         if not axes:
@@ -69,7 +70,7 @@ def position_pairs(batch: dict[str, Any], categories: Sequence[str], image_size:
         axis = rng.choice(axes)
         low, high = SIDES[axis]
         side, other = (low, high) if offsets[axis] < 0 else (high, low)
-        name = categories[int(classes[box])]
+        name = categories[label]
         pairs.append(PositionPair(row, box, f"the {name} is {side}", f"the {name} is {other}"))
     return pairs
 

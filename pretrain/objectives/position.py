@@ -93,11 +93,11 @@ class Position(Term):
         if self.encode is None:
             raise RuntimeError("objectives.position: bind_text(tokenizer, categories) was not called")
         batch, step = ctx.batch, ctx.progress.step
-        size = int(batch["image_hw"][0, 0]) if "image_hw" in batch else None
-        if size is None:
+        pixels = batch.get("pixel_values", batch.get("pixel_uint8"))  # [B, 3, S, S] or [B, S, S, 3]
+        if pixels is None:
             raise ConfigError("objectives.position.enabled", True, "pixel batches (data.visual=pixels)")
         rng = random.Random(f"position:{step}:{','.join(batch['key'])}")
-        pairs = position_pairs(batch, self.categories, size, rng)
+        pairs = position_pairs(batch, self.categories, pixels.shape[-2], rng)  # the side S, from the shape: no sync
         if not pairs:  # e.g. a batch of padding slots: a zero that keeps the graph (every rank runs backward)
             return sum(p.sum() for p in ctx.model.itm.parameters()) * 0.0
         logits = position_itm_logits(ctx.model, self.encode, batch, pairs, step < self.config.single_steps)
