@@ -31,6 +31,7 @@ from pretrain.iais import IAISConfig
 from pretrain.metrics import MetricsConfig
 from pretrain.model import ModelConfig
 from pretrain.objectives import build_sections, import_plugins, term_sections
+from pretrain.profiling import ProfileConfig
 from pretrain.train import RunConfig, TrainConfig
 
 @dataclasses.dataclass
@@ -52,6 +53,7 @@ class Config:
     zero: ZeroConfig = dataclasses.field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
     resume: str | None = None
     """None = fresh run, `auto` = newest complete checkpoint of the run if any, or a checkpoint path."""
     plugins: list[str] = dataclasses.field(default_factory=list)
@@ -62,7 +64,7 @@ class Config:
 
 RESUME_MUTABLE = (
     "data.paths", "data.workers", "data.batch_size", "data.weights", "data.tokenizer",
-    "metrics", "run", "resume", "eval", "train.log_every", "train.lost_rank_timeout_s", "train.record_keys",
+    "metrics", "run", "resume", "eval", "profile", "train.log_every", "train.lost_rank_timeout_s", "train.record_keys",
     "train.grad_accumulation", "checkpoint", "zero.deepspeed_config",
 )
 """Fields that may differ between a checkpoint's config and the resuming run's (world size too).

@@ -34,8 +34,12 @@ class OptimizerConfig:
     """Applied to weight matrices only: never to norms, biases or position tables."""
     lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
     """Module-name prefix -> learning-rate multiplier (longest prefix wins), e.g. {text: 0.1}."""
+    fused: bool = False
+    """torch's fused AdamW: one kernel per parameter group and step (CUDA and CPU) instead of torch's
+    default loop of per-tensor kernels; the same update up to rounding."""
 
     def __post_init__(self) -> None:
+        check("optimizer.fused", self.fused, isinstance(self.fused, bool), "true or false")
         check("optimizer.lr", self.lr, self.lr > 0, "a learning rate > 0")
         check("optimizer.betas", self.betas, all(0 <= b < 1 for b in self.betas), "two values in [0, 1)")
         check("optimizer.eps", self.eps, self.eps > 0, "a value > 0")
@@ -244,7 +248,7 @@ def build_engine(model: torch.nn.Module, objective: Any, spec: EngineSpec, geome
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
         lr=spec.optimizer.lr, betas=spec.optimizer.betas, eps=spec.optimizer.eps,
-        weight_decay=spec.optimizer.weight_decay,
+        weight_decay=spec.optimizer.weight_decay, **({"fused": True} if spec.optimizer.fused else {}),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(

@@ -28,11 +28,13 @@ import math
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from data_tools.errors import ConfigError
 
 from .iais_fused import DISTRIBUTED_EPS, LOG_FLOOR, pair_divergence_outputs
 from .model.encoder import AttentionBlocks, key_bias
+from .profiling import IAIS_LOSS
 
 MODES = ("singular", "distributed")
 DIRECTIONS = ("L", "V", "both", "alternate")
@@ -266,8 +268,9 @@ class IAISRegularizer:
         weight = self.weight(step, total_steps)
         active = self.active_directions(step, direction)
         # Both directions in one pass; the inactive one only for logging (detached: no backward).
-        per_layer = [direction_means(attention[layer], self.config.mode, self.config.normalization)
-                     for layer in self.layers]
+        with record_function(IAIS_LOSS):
+            per_layer = [direction_means(attention[layer], self.config.mode, self.config.normalization)
+                         for layer in self.layers]
         means = per_layer[0] if len(per_layer) == 1 else {
             direction: torch.stack([values[direction] for values in per_layer]).mean() for direction in ("L", "V")}
         raw = means["L"] if active == ("L",) else means["V"] if active == ("V",) else means["L"] + means["V"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
+from torch.profiler import record_function
 
 from data_tools.errors import ExitCode, UserError, check
 from data_tools.loader import Loader, merge_rank_cursors
@@ -33,6 +34,7 @@ from pretrain.distributed import all_gather_object, any_rank
 from pretrain.engine import BatchGeometry, EngineSpec, batch_geometry, build_engine, to_engine
 from pretrain.objectives import Progress
 from pretrain.preemption import PreemptionFlag
+from pretrain.profiling import BACKWARD, DATA, FINITE_CHECK, FORWARD, OPTIMIZER, StepProfiler
 from pretrain.throughput import ThroughputMeter
 
 if TYPE_CHECKING:
@@ -122,14 +124,31 @@ def micro_step(engine: Any, batch: dict[str, Any], progress: Progress,
     alone. DeepSpeed counts micro-steps in step() and updates at the boundary, so a skipped
     micro-batch just drops out. Returns (finite, logs). `after_forward`: a test hook.
     """
-    total, logs = engine(batch, progress)
+    with record_function(FORWARD):
+        total, logs = engine(batch, progress)
     if after_forward is not None:
         after_forward()
-    if any_rank(not bool(torch.isfinite(total).item())):
+    with record_function(FINITE_CHECK):
+        finite = not any_rank(not bool(torch.isfinite(total).item()))
+    if not finite:
         return False, logs
-    engine.backward(total)
-    engine.step()
+    with record_function(BACKWARD):
+        engine.backward(total)
+    with record_function(OPTIMIZER):
+        engine.step()
     return True, logs
+
+
+def as_floats(values: dict[str, Any]) -> dict[str, float]:
+    """Logged values (tensors on any device, or numbers) as floats: one read per device."""
+    out = {key: float(value) for key, value in values.items() if not isinstance(value, torch.Tensor)}
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            by_device.setdefault(value.device, []).append(key)
+    for keys in by_device.values():
+        out.update(zip(keys, torch.stack([values[k].float().reshape(()) for k in keys]).tolist()))
+    return out
 
 
 def _data_stream(loader: Loader, epoch: int, cursor: dict[str, Any] | None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -222,18 +241,21 @@ class Trainer:
         stream = _data_stream(self.loader, state.epoch, state.cursor)
         meter = ThroughputMeter(state.step)
         try:
-            while state.step < last:
-                logs, count, finite = self.train_step(stream, meter)
-                stop = any_rank(preempt.received is not None)  # after the step: the signalled step is the last
-                self.account(logs, count, finite, meter)
-                if self.evaluator is not None and self.evaluator.due(state.step, last):
-                    self.evaluate()
-                if self.checkpoints.due(state.step, last, stop):
-                    self.save()
-                if stop:
-                    signame = signal.Signals(preempt.received).name if preempt.received else "a peer's signal"
-                    self._say(f"preempted ({signame}) at step {state.step}: checkpoint saved, exit {int(ExitCode.PREEMPTED)}")
-                    return ExitCode.PREEMPTED
+            with StepProfiler(self.cfg.profile, self.run_dir, self.rank, self.engine.device.type) as profiler:
+                while state.step < last:
+                    logs, count, finite = self.train_step(stream, meter)
+                    stop = any_rank(preempt.received is not None)  # after the step: the signalled step is the last
+                    self.account(logs, count, finite, meter)
+                    profiler.step()  # the recorded steps hold the loop and its logging, not evaluation or saving
+                    if self.evaluator is not None and self.evaluator.due(state.step, last):
+                        self.evaluate()
+                    if self.checkpoints.due(state.step, last, stop):
+                        self.save()
+                    if stop:
+                        signame = signal.Signals(preempt.received).name if preempt.received else "a peer's signal"
+                        self._say(f"preempted ({signame}) at step {state.step}: checkpoint saved, "
+                                  f"exit {int(ExitCode.PREEMPTED)}")
+                        return ExitCode.PREEMPTED
             return ExitCode.OK
         finally:
             preempt.restore()
@@ -243,13 +265,16 @@ class Trainer:
 
     def train_step(self, stream: Iterator[tuple[int, dict[str, Any]]], meter: ThroughputMeter
                    ) -> tuple[dict[str, float], int, bool]:
-        """`accumulation` micro-batches; returns (summed logs of the finite ones, their count, all finite)."""
+        """`accumulation` micro-batches; returns (summed logs of the finite ones, their count, all finite).
+        The logs stay tensors (on the device): reading them is a host-device sync each, so `account`
+        reads them only on the steps it logs, all of them at once."""
         state = self.state
-        logs_sum: dict[str, float] = {}
+        logs_sum: dict[str, Any] = {}
         count, finite_all = 0, True
         for micro in range(self.geometry.accumulation):
             wait_start = _now()
-            state.epoch, batch = next(stream)
+            with record_function(DATA):
+                state.epoch, batch = next(stream)
             meter.batch(int(batch["sample_mask"].sum()), _now() - wait_start)
             self._last_cursor = batch.get("cursor")
             if self.keys_file is not None:
@@ -257,18 +282,21 @@ class Trainer:
             if batch.get("bad_samples"):
                 self.metrics.add_bad_samples(batch["bad_samples"])
             inject = micro == self.geometry.accumulation - 1 and os.environ.get(SIGNAL_DURING_STEP_ENV) == str(state.step + 1)
-            finite, logs = micro_step(self.engine, to_engine(batch, self.engine), Progress(state.step, self.total_steps),
+            with record_function(DATA):
+                on_engine = to_engine(batch, self.engine)
+            finite, logs = micro_step(self.engine, on_engine, Progress(state.step, self.total_steps),
                                       after_forward=_sigterm_self if inject else None)
             if not finite:
                 finite_all = False
                 continue
             count += 1
-            for key, value in logs.items():
-                logs_sum[key] = logs_sum.get(key, 0.0) + float(value)
+            for key, value in logs.items():  # tensors stay where they are: read only when a step is logged
+                value = value.detach() if isinstance(value, torch.Tensor) else value
+                logs_sum[key] = value if key not in logs_sum else logs_sum[key] + value
         meter.step()
         return logs_sum, count, finite_all
 
-    def account(self, logs: dict[str, float], count: int, finite: bool, meter: ThroughputMeter) -> None:
+    def account(self, logs: dict[str, Any], count: int, finite: bool, meter: ThroughputMeter) -> None:
         """Count the step, log it when due, and stop (after saving) at the non-finite limit."""
         state, cfg = self.state, self.cfg
         state.step += 1
@@ -280,7 +308,7 @@ class Trainer:
                       f"({state.nonfinite_in_a_row} in a row, limit {cfg.train.max_nonfinite_steps})")
         exhausted = state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps
         if state.step % cfg.train.log_every == 0 or state.step == self.total_steps or exhausted:
-            self.metrics.log_training(state.step, self.total_steps, logs, count, meter, self._step_values())
+            self.metrics.log_training(state.step, self.total_steps, as_floats(logs), count, meter, self._step_values())
         if exhausted:
             self.save()
             raise UserError(f"training stopped: {state.nonfinite_in_a_row} non-finite losses in a row "

@@ -41,8 +41,10 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from data_tools.errors import ConfigError, UserError, check
+from pretrain.profiling import term_range
 
 SAMPLING_MODES = ("joint", "per_batch")
 """Values of `objectives.sampling` (see the module docstring)."""
@@ -337,7 +339,8 @@ class CompositeObjective:
             term.prepare(ctx)
         total: Tensor | None = None
         for term in terms:
-            loss = term.loss(ctx)
+            with record_function(term_range(term.name)):
+                loss = term.loss(ctx)
             weight = term.weight(progress) if self.sampling == "joint" or not term.sampled else 1.0
             contribution = weight * loss
             total = contribution if total is None else total + contribution
