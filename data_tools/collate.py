@@ -10,6 +10,7 @@ words, no MLM labels, zero pixels, empty boxes and phrases, key and image_id "".
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,16 +70,22 @@ class TextEncoder:
             self._other_lengths[max_len] = TextEncoder(self.tokenizer, max_len)
         return self._other_lengths[max_len]
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: list[str], offsets: bool = True) -> dict[str, torch.Tensor]:
+        """ids, masks and (with `offsets`: phrase grounding needs them, hard negatives and tags do not;
+        they are a fifth of the call) each token's character span."""
         encodings = self._backend.encode_batch(texts)
         text_mask = torch.from_numpy(np.array([e.attention_mask for e in encodings], dtype=np.bool_))  # [B, Lt]
         special = torch.from_numpy(np.array([e.special_tokens_mask for e in encodings], dtype=np.bool_))  # [B, Lt]
-        return {
+        out = {
             "input_ids": torch.from_numpy(np.array([e.ids for e in encodings], dtype=np.int64)),  # [B, Lt]
             "text_mask": text_mask,
             "word_mask": text_mask & ~special,  # [B, Lt]
-            "offsets": torch.from_numpy(np.array([e.offsets for e in encodings], dtype=np.int64)).view(len(texts), self.max_len, 2),
         }
+        if offsets:  # [B, Lt, 2]; flattened by fromiter: 0.6x the time of np.array on the nested tuples
+            spans = itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encodings))
+            out["offsets"] = torch.from_numpy(np.fromiter(spans, dtype=np.int64, count=len(texts) * self.max_len * 2)
+                                              ).view(len(texts), self.max_len, 2)
+        return out
 
 
 def mlm_mask(
@@ -215,9 +222,9 @@ def collate(
 
     negatives = [s["negative"] if s is not None and s["negative"] else "" for s in samples]
     if any(negatives):
-        neg = encode(negatives)
+        neg = encode(negatives, offsets=False)
     else:  # no hard negatives in this batch: every row is the empty caption, [CLS] [SEP]
-        neg = encode([""])
+        neg = encode([""], offsets=False)
         neg = {k: v.expand(len(samples), *v.shape[1:]).clone() for k, v in neg.items()}
     batch["neg_input_ids"], batch["neg_text_mask"], batch["neg_word_mask"] = neg["input_ids"], neg["text_mask"], neg["word_mask"]
     batch["has_negative"] = torch.tensor([bool(n) for n in negatives], dtype=torch.bool)  # [B]
@@ -244,7 +251,7 @@ def tag_text(sample: dict[str, Any] | None) -> str:
 def _collate_tags(samples: Sequence[dict[str, Any] | None], encode: TextEncoder, seed: int, epoch: int,
                   mlm_probability: float) -> dict[str, torch.Tensor]:
     """`tag_ids`, `tag_mask` [B, Lg] (`[CLS] tags [SEP] pad`) and their BERT masking."""
-    tags = encode([tag_text(s) for s in samples])
+    tags = encode([tag_text(s) for s in samples], offsets=False)
     seeds = [sample_seed(seed, epoch, s["key"], "tag_mlm", s["repeat"]) if s is not None else None for s in samples]
     tag_mlm_ids, tag_mlm_labels = mlm_mask(tags["input_ids"], tags["word_mask"], seeds, mlm_probability,
                                            encode.mask_token_id, encode.vocab_size)

@@ -112,7 +112,10 @@ def _npy(data: bytes, what: str) -> np.ndarray:
 
 
 def choose(n: int, seed: int) -> int:
-    """A uniform choice among n, from a torch generator (same draw on every platform)."""
+    """A uniform choice among n, from a torch generator (same draw on every platform). One option
+    needs no generator (a fresh one per call: nothing else's draws move)."""
+    if n == 1:
+        return 0
     g = torch.Generator().manual_seed(seed)
     return int(torch.randint(n, (1,), generator=g))
 
