@@ -213,8 +213,15 @@ class CheckpointManager:
             load_path, load_root, load_tag = target, str(target.parent), target.name
         else:
             load_path, load_root, load_tag = path, str(path.parent), path.name
-        loaded, _ = engine.load_checkpoint(load_root, tag=load_tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        try:
+            loaded, _ = engine.load_checkpoint(load_root, tag=load_tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        except RuntimeError as err:  # the model built from this configuration is not the saved one
+            mismatch = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+            if not mismatch:
+                raise
+            raise UserError(f"resume: {load_path} does not fit the model this configuration builds "
+                            f"({len(mismatch)} tensors differ in shape, e.g. {mismatch[0]})") from None
         if loaded is None:
             raise UserError(f"resume: DeepSpeed could not load {load_path}")
         rng_file = path / "rng" / f"rank{self.rank}.pt"

@@ -56,10 +56,11 @@ def cadence_due(every: int, step: int, last_step: int) -> bool:
 class HeldOutEvaluator:
     """Held-out losses of the run's objective and an optional ITC R@1 probe."""
 
-    def __init__(self, config: EvalConfig, data: DataConfig, batch_size: int, rank: int, world_size: int):
+    def __init__(self, config: EvalConfig, data: DataConfig, batch_size: int, rank: int, world_size: int,
+                 categories: list[str] | None = None):
         self.config = config
         self._data = dataclasses.replace(data, paths=list(config.paths or data.paths), train=False, batch_size=batch_size)
-        self._categories = category_vocabulary(data.paths)  # the training data's class indices (MRC)
+        self._categories = category_vocabulary(data.paths) if categories is None else categories  # the run's (MRC)
         self.rank, self.world_size = rank, world_size
         self._loader: Loader | None = None
 

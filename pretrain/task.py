@@ -51,13 +51,18 @@ class PretrainTask:
 
     name = "pretrain"
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, categories: list[str] | None = None):
         self.cfg = cfg
         self.regularizer: IAISRegularizer | None = None
         self._objective: CompositeObjective | None = None
+        self.categories: list[str] = list(categories) if categories is not None else category_vocabulary(cfg.data.paths)
+        """Box label -> class (the index): the datasets' vocabulary, or on a resume the checkpoint's, so
+        that heads trained on those classes (MRC) keep their meaning when data.paths changes; labels
+        outside it get class -1 (no target). Saved in every checkpoint."""
 
     def train_loader(self, batch_size: int, rank: int, world_size: int) -> Loader:
-        return Loader(dataclasses.replace(self.cfg.data, batch_size=batch_size), rank=rank, world_size=world_size, epoch=0)
+        return Loader(dataclasses.replace(self.cfg.data, batch_size=batch_size), rank=rank, world_size=world_size, epoch=0,
+                      categories=self.categories)
 
     def build_model(self, tokenizer: Any, fresh: bool, say: Callable[[str], None]) -> torch.nn.Module:
         model = new_model(self.cfg.model, tokenizer)
@@ -72,9 +77,12 @@ class PretrainTask:
         if self.regularizer is not None:
             self.regularizer.attach(model)
         self._objective = pretraining_objective(self.cfg.objectives, self.regularizer, self.cfg.train.seed)
-        categories = category_vocabulary(self.cfg.data.paths)
-        self._objective.build_heads(model.config, categories)
-        self._objective.bind_text(tokenizer, categories)
+        unknown = sorted(set(category_vocabulary(self.cfg.data.paths)) - set(self.categories))
+        if unknown:
+            say(f"data: {len(unknown)} box labels are not among the run's {len(self.categories)} categories (kept "
+                f"from its checkpoint), e.g. {unknown[0]!r}: their boxes have no class")
+        self._objective.build_heads(model.config, self.categories)
+        self._objective.bind_text(tokenizer, self.categories)
         return model
 
     def objective(self) -> Objective:
@@ -85,4 +93,4 @@ class PretrainTask:
     def evaluator(self, batch_size: int, rank: int, world_size: int) -> Evaluator | None:
         if not self.cfg.eval.every_steps:
             return None
-        return HeldOutEvaluator(self.cfg.eval, self.cfg.data, batch_size, rank, world_size)
+        return HeldOutEvaluator(self.cfg.eval, self.cfg.data, batch_size, rank, world_size, self.categories)

@@ -347,6 +347,7 @@ class Trainer:
                 "samples": self.state.samples, "nonfinite_total": self.state.nonfinite_total,
                 "total_steps": self.total_steps, "global_batch": self.geometry.global_batch,
                 "task": self.task.name, "config": to_dict(self.cfg), "config_hash": config_hash(self.cfg),
+                "categories": getattr(self.task, "categories", None),
             }
             path = self.checkpoints.save(self.engine, self.state.step, client, self.tokenizer)
             ok = True
@@ -369,7 +370,8 @@ def train(cfg: "Config", env: Any, task: "Task | None" = None, resume_path: Path
     if task is None:
         from pretrain.task import PretrainTask
 
-        task = PretrainTask(cfg)
+        saved = read_client_state(resume_path) if resume_path is not None else {}
+        task = PretrainTask(cfg, categories=saved.get("categories"))  # a resumed run keeps its classes
     trainer = Trainer(cfg, env, task, resume_path)
     trainer.setup()
     return trainer.run()
