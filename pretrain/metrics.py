@@ -174,6 +174,7 @@ class MetricsLogger:
         self._last_step = 0
         self._last_samples = 0.0
         self._last_nonfinite = 0.0
+        self._loss_objectives: set[str] = set()  # objectives whose loss gauge has been set
         self._bad_counts: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server = None
@@ -249,6 +250,10 @@ class MetricsLogger:
             if "nonfinite_steps" in values and values["nonfinite_steps"] > self._last_nonfinite:
                 s.nonfinite.labels(**labels).inc(values["nonfinite_steps"] - self._last_nonfinite)
                 self._last_nonfinite = values["nonfinite_steps"]
+            logged = {key[5:] for key in values if key.startswith("loss/")}
+            for objective in self._loss_objectives - logged:  # not computed this step (objectives.sampling=per_batch)
+                s.loss.labels(objective=objective, **labels).set(math.nan)  # no stale value: a gap in the graph
+            self._loss_objectives |= logged
             for key, value in values.items():
                 if key.startswith("loss/"):
                     s.loss.labels(objective=key[5:], **labels).set(value)

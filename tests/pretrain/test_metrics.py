@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -91,6 +92,21 @@ def test_scrape_names_labels_and_values_that_move(tmp_path, port):
         assert {l for _, labels in second for l, _ in labels} >= {"rank", "run"}
     with pytest.raises(OSError):  # closed: nothing listens any more
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_a_loss_not_computed_in_a_logged_step_reads_nan_not_its_old_value(tmp_path, port):
+    # objectives.sampling=per_batch: each step computes one drawn term (plus the regularisers)
+    with MetricsLogger(MetricsConfig(port=port), str(tmp_path), "r1", rank=0, local_rank=0) as metrics:
+        metrics.log_step(1, {"loss/itc": 2.5, "loss/iais": 0.1, "loss/total": 2.6})
+        metrics.log_step(2, {"loss/mlm": 6.0, "loss/iais": 0.2, "loss/total": 6.2})
+        samples = scrape(metrics.url)
+        assert math.isnan(value(samples, "relalign_loss", objective="itc"))
+        assert value(samples, "relalign_loss", objective="mlm") == 6.0
+        assert value(samples, "relalign_loss", objective="iais") == pytest.approx(0.2)
+        metrics.log_step(3, {"loss/itc": 2.4, "loss/iais": 0.3, "loss/total": 2.7})
+        samples = scrape(metrics.url)
+        assert value(samples, "relalign_loss", objective="itc") == pytest.approx(2.4)
+        assert math.isnan(value(samples, "relalign_loss", objective="mlm"))
 
 
 def test_jsonl_one_object_per_logged_step_on_rank_0(tmp_path, port):
