@@ -129,10 +129,9 @@ def _plain_header(mapped: mmap.mmap, offset: int) -> tuple[str, bool, int] | Non
     if size is None or checksum != sum(header) - sum(header[148:156]) + 8 * 32:  # the sum counts its own field as spaces
         return None
     name = header[:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
+    prefix = header[345:500].split(b"\0", 1)[0]  # ustar's; tarfile applies it whenever it is not empty
+    if prefix:
+        name = prefix + b"/" + name
     if not name:
         return None
     regular = kind != b"5" and not (kind == b"\0" and name.endswith(b"/"))  # tarfile: an old-style dir

@@ -179,11 +179,12 @@ class PairDivergences(torch.autograd.Function):
 def _singular_forward(layout, target, pseudo, cross, masks, cols, row_weights, normalization, reduce):
     targets = layout.views(target)  # S_LL, S_VV
     gathered_at = []
+    biases = (None, None)
     if normalization == "softmax":  # padded columns get exactly 0
-        biases = masks.sub(1.0).mul_(torch.finfo(masks.dtype).max)  # [P, n + m]: 0 real, finfo.min padded
-        biases = (biases[:, None, :layout.words], biases[:, None, layout.words:])
+        bias = masks.sub(1.0).mul_(torch.finfo(masks.dtype).max)  # [P, n + m]: 0 real, finfo.min padded
+        biases = (bias[:, None, :layout.words], bias[:, None, layout.words:])
     for part, cross_block, other, col, other_col, bias in zip(layout.views(pseudo), cross, targets[::-1], cols,
-                                                              cols[::-1], biases if normalization == "softmax" else cols):
+                                                              cols[::-1], biases):
         size = other.shape[-1]
         # r(i) = argmax over the other modality's real tokens; an index, so it carries no gradient.
         aligned = cross_block.add(other_col, alpha=ARGMAX_PENALTY).argmax(dim=-1)  # [P, r] (+2 on real = -2 on padded)

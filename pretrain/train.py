@@ -264,7 +264,7 @@ class Trainer:
                 self.keys_file.close()
 
     def train_step(self, stream: Iterator[tuple[int, dict[str, Any]]], meter: ThroughputMeter
-                   ) -> tuple[dict[str, float], int, bool]:
+                   ) -> tuple[dict[str, Any], int, bool]:
         """`accumulation` micro-batches; returns (summed logs of the finite ones, their count, all finite).
         The logs stay tensors (on the device): reading them is a host-device sync each, so `account`
         reads them only on the steps it logs, all of them at once."""
