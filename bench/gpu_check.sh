@@ -147,11 +147,15 @@ try:
         result["peak_tflops_assumed"] = peak_tflops
     # c) where the time goes: a profiled run of a few steps (pretrain.profiling), its rank-0 summary
     if profile:
-        cfg = load_config(config, overrides(f"{work}/profile-{label}", 8, 4)
-                          + ["profile.enabled=true", "profile.warmup_steps=4", "profile.steps=3", "profile.trace=false"])
-        train(cfg, env)
-        summary_path = cfg.run.path / "profile" / "rank0.json"
-        result["profile"] = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        try:
+            cfg = load_config(config, overrides(f"{work}/profile-{label}", 8, 4)
+                              + ["profile.enabled=true", "profile.warmup_steps=4", "profile.steps=3", "profile.trace=false"])
+            train(cfg, env)
+            summary_path = cfg.run.path / "profile" / "rank0.json"
+            result["profile"] = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        except Exception as err:  # the figures above stand without it
+            result["profile_error"] = f"{type(err).__name__}: {err}"[:500]
+            traceback.print_exc()
 except Exception as err:
     result["error"] = f"{type(err).__name__}: {err}"[:800]
     traceback.print_exc()

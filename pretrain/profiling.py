@@ -5,11 +5,13 @@ questions in one JSON object per rank, on CPU and on a GPU alike:
 
 - the step: host milliseconds per profiled step (and on a GPU, the share of it the device was busy);
 - the loop's phases and the objective's terms (`relalign.*` ranges, below): milliseconds per step on
-  the host and, on a GPU, of the device work they launched. A term's range covers its forward only
-  (its encoder passes and its loss); backward is one range for all of them;
-- the top operators by self time (device time on a GPU, host time on CPU), with calls per step;
-- attention: the share of self time in attention operators (the fused SDPA kernels, or whatever a
-  layer falls back to);
+  the host and, on a GPU, of the device work launched inside them. A term's range covers its forward
+  only (its encoder passes and its loss); backward is one range for all of them (on a GPU autograd
+  runs it on its own thread, so that range shows host time only);
+- the top operators by self host time on CPU; on a GPU the top kernels by device time; with calls
+  per step;
+- attention: the share of that time in attention operators or kernels (the fused SDPA kernels, or
+  whatever a layer falls back to);
 - host-device synchronisations: every `.item()` / `float()` / `bool()` of a tensor is an
   `aten::_local_scalar_dense`, counted per step by the innermost `relalign.*` range around it. On a
   GPU the host waits there for the device when the tensor lives on it (not for the loader's CPU
@@ -174,7 +176,10 @@ def summarise(profiler: torch.profiler.profile, device_type: str, steps: int | N
     spans = [e for e in averages if e.key.startswith("ProfilerStep")]
     n = max(steps or sum(e.count for e in spans), 1)
     step_us = sum(_times(e)[0] for e in spans) / max(sum(e.count for e in spans), 1)
-    ops = [e for e in averages if not e.key.startswith(("ProfilerStep", PREFIX))]
+    if on_device:  # kernels, copies and sets: the device's own work (an operator's device time is its kernels')
+        ops = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        ops = [e for e in averages if not e.key.startswith(("ProfilerStep", PREFIX))]
     self_index = 3 if on_device else 1
     total_self = sum(_times(e)[self_index] for e in ops) or 1.0
     top = sorted(ops, key=lambda e: _times(e)[self_index], reverse=True)[:TOP]
@@ -191,7 +196,7 @@ def summarise(profiler: torch.profiler.profile, device_type: str, steps: int | N
         "device": device_type,
         "profiled_steps": n,
         "step_ms": round(step_us / 1e3, 3),
-        "time_basis": "device self time" if on_device else "host self time",
+        "time_basis": "kernel time" if on_device else "operator self time on the host",
         "ranges": ranges,
         "attention_share": round(attention / total_self, 4),
         "scalar_reads_per_step": round(sum(reads.values()) / n, 2),
