@@ -15,6 +15,7 @@ batches are never overwritten.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,13 +31,10 @@ def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     bytes into a new shared segment: twice the page faults. Measured on a 32 x 224 x 224 x 3 batch:
     about 8 ms with share_memory_(), 4 ms this way (one write into fresh shared pages).
     """
-    numel = 1
-    for size in shape:
-        numel *= size
     new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
     if new_shared is None:  # a torch without the constructor: the copying path
         return torch.empty(shape, dtype=torch.uint8).share_memory_()
-    return torch.empty(0, dtype=torch.uint8).set_(new_shared(numel)).view(shape)
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape))).view(shape)
 
 
 class PixelPool:

@@ -85,25 +85,12 @@ def _at_least_floor(x: Tensor) -> Tensor:
     return torch.ge(x, LOG_FLOOR, out=torch.empty_like(x))
 
 
-def _row_sums_weighted(terms: Tensor, layout: _Layout, row_weights: tuple[Tensor, Tensor],
-                       reduce: bool) -> tuple[Tensor, Tensor]:
-    # terms [N] -> per pair, the weighted sum of its row sums: ([P], [P]), or summed over pairs (scalars)
+def _weighted_rows(rows: tuple[Tensor, Tensor], row_weights: tuple[Tensor, Tensor], reduce: bool) -> tuple[Tensor, Tensor]:
+    """Per direction, row values [P, r] (a row's summed terms) weighted per row and summed per pair:
+    ([P], [P]), or over pairs too (scalars)."""
     if reduce:
-        return tuple(torch.dot(part.sum(dim=-1).flatten(), weight.flatten())
-                     for part, weight in zip(layout.views(terms), row_weights))
-    return tuple(torch.linalg.vecdot(part.sum(dim=-1), weight)
-                 for part, weight in zip(layout.views(terms), row_weights))
-
-
-def _weighted_row_dots(layout: _Layout, left: Tensor, right: Tensor, row_weights: tuple[Tensor, Tensor],
-                       reduce: bool) -> tuple[Tensor, Tensor]:
-    """The row sums of left * right ([N] each, never materialised), weighted per row and summed per
-    pair: ([P], [P]), or over pairs too (scalars)."""
-    values = []
-    for left_part, right_part, weight in zip(layout.views(left), layout.views(right), row_weights):
-        rows = torch.linalg.vecdot(left_part, right_part)  # [P, r]
-        values.append(torch.dot(rows.flatten(), weight.flatten()) if reduce else torch.linalg.vecdot(rows, weight))
-    return tuple(values)
+        return tuple(torch.dot(row.flatten(), weight.flatten()) for row, weight in zip(rows, row_weights))
+    return tuple(torch.linalg.vecdot(row, weight) for row, weight in zip(rows, row_weights))
 
 
 def _scale_by_weights(layout: _Layout, flats: tuple[Tensor, ...], grads, row_weights, col_masks=None) -> None:
@@ -205,7 +192,8 @@ def _singular_forward(layout, target, pseudo, cross, masks, cols, row_weights, n
     floor_s = target.clamp_min(LOG_FLOOR)
     diff_log = _log_(pseudo.clamp_min(LOG_FLOOR).div_(floor_s))  # log max(p, floor) - log max(s, floor): one log
     diff = pseudo - target  # [N]
-    return _weighted_row_dots(layout, diff, diff_log, row_weights, reduce), \
+    rows = tuple(torch.linalg.vecdot(d, lg) for d, lg in zip(layout.views(diff), layout.views(diff_log)))  # no [N] product
+    return _weighted_rows(rows, row_weights, reduce), \
         (target, pseudo, floor_s, diff, diff_log, gathered_at, totals)
 
 
@@ -243,7 +231,8 @@ def _distributed_forward(layout, target, pseudo, cross, masks, cols, row_weights
     log_ps = _log_(pseudo.clamp_min(LOG_FLOOR).div_(eps_s))  # log max(p, floor) - log(s + eps)
     log_sp = _log_(target.clamp_min(LOG_FLOOR).div_(eps_p))  # log max(s, floor) - log(p + eps)
     terms = (pseudo * log_ps).addcmul_(target, log_sp)  # [N]
-    return _row_sums_weighted(terms, layout, row_weights, reduce), (target, pseudo, eps_p, eps_s, log_ps, log_sp, cross)
+    rows = tuple(part.sum(dim=-1) for part in layout.views(terms))
+    return _weighted_rows(rows, row_weights, reduce), (target, pseudo, eps_p, eps_s, log_ps, log_sp, cross)
 
 
 def _distributed_backward(ctx, grads):
