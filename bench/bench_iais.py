@@ -158,7 +158,7 @@ def floor_kernels(mode: str, request: BlockRequest):
         with torch.no_grad():
             terms.log()
             for cross, other, size in ((s_lv, s_vv, visual), (s_vl, s_ll, words)):
-                aligned = cross.argmax(-1)
+                aligned = cross.max(-1).indices
                 flat = ((aligned * size)[:, :, None] + aligned[:, None, :]).flatten(1)
                 pseudo = other.flatten(1).gather(1, flat).view(aligned.shape[0], aligned.shape[1], -1).softmax(-1)
                 grad = torch.ops.aten._softmax_backward_data(pseudo, pseudo, -1, pseudo.dtype)

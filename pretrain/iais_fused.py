@@ -173,8 +173,9 @@ def _singular_forward(layout, target, pseudo, cross, masks, cols, row_weights, n
     for part, cross_block, other, col, other_col, bias in zip(layout.views(pseudo), cross, targets[::-1], cols,
                                                               cols[::-1], biases):
         size = other.shape[-1]
-        # r(i) = argmax over the other modality's real tokens; an index, so it carries no gradient.
-        aligned = cross_block.add(other_col, alpha=ARGMAX_PENALTY).argmax(dim=-1)  # [P, r] (+2 on real = -2 on padded)
+        # r(i) = argmax over the other modality's real tokens; an index, so it carries no gradient. max(dim)
+        # gives argmax's index (the first maximum; NaN wins) in half its time on rows this short (CPU).
+        aligned = cross_block.add(other_col, alpha=ARGMAX_PENALTY).max(dim=-1).indices  # [P, r] (+2 real = -2 padded)
         flat = torch.add(aligned[:, None, :], aligned[:, :, None], alpha=size)  # [P, r, r] in the flattened s x s
         gathered_at.append(flat)
         if normalization == "softmax":

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from data_tools.errors import ConfigError
-from pretrain.iais import (IAISConfig, IAISRegularizer, pair_divergence, pseudo_and_target, schedule_factor,
-                           symmetric_kl)
+from pretrain.iais import (IAISConfig, IAISRegularizer, pair_divergence, pair_divergences, pseudo_and_target,
+                           schedule_factor, symmetric_kl)
 from pretrain.model import AttentionBlocks, ModelConfig, RelAlignModel
 from pretrain.model.encoder import BlockRequest, attention_blocks
 
@@ -335,3 +335,40 @@ def test_a_logged_direction_gets_no_gradient(mode):
     for got, want in zip(grads, torch.autograd.grad(ref, (query, key))):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert out.isd["V"].item() > 1e-3 and not out.isd["V"].requires_grad  # still measured, for logging
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_exact_zeros_on_real_columns_match_the_plain_statement(mode, normalization):
+    # Attention that underflowed to exactly 0 on real columns (below the log floor): the fused backward's
+    # [x >= floor] branches against autograd through iais.py's plain formulation (the same clamps).
+    g = torch.Generator().manual_seed(11)
+    word_mask = torch.tensor([[True] * 5 + [False], [True] * 3 + [False] * 3])
+    visual_mask = torch.tensor([[True] * 4, [True] * 3 + [False]])
+
+    def rows(p, r, c, mask, zeros):
+        x = torch.rand(p, r, c, generator=g, dtype=torch.float64) * mask[:, None, :]
+        if zeros:  # exact zeros on real columns too; every row keeps a real entry (the diagonal)
+            x[x < 0.4] = 0.0
+            x += torch.eye(r, c, dtype=x.dtype) * mask[:, None, :]
+        return x / x.sum(-1, keepdim=True).clamp_min(1e-300)
+
+    blocks = [rows(2, 6, 6, word_mask, True), rows(2, 4, 4, visual_mask, True), rows(2, 6, 4, visual_mask, False),
+              rows(2, 4, 6, word_mask, False)]
+    fused_in = [b.clone().requires_grad_() for b in blocks]
+    plain_in = [b.clone().requires_grad_() for b in blocks]
+    values, _ = pair_divergences(AttentionBlocks(*fused_in, word_mask, visual_mask), mode, normalization)
+    plain_blocks = AttentionBlocks(*plain_in, word_mask, visual_mask)
+    plain = torch.stack([symmetric_kl(*pseudo_and_target(plain_blocks, d, mode, normalization),
+                                      distributed=mode == "distributed") for d in ("L", "V")])
+    torch.testing.assert_close(values, plain, atol=1e-12, rtol=1e-10)
+    weights = torch.tensor([[0.7, 1.3], [-0.4, 2.0]], dtype=torch.float64)
+    got = torch.autograd.grad((values * weights).sum(), fused_in, allow_unused=True)
+    want = torch.autograd.grad((plain * weights).sum(), plain_in, allow_unused=True)
+    real = [(r[:, :, None] & c[:, None, :]).double() for r, c in  # padded entries' gradients are meaningless
+            ((word_mask, word_mask), (visual_mask, visual_mask), (word_mask, visual_mask), (visual_mask, word_mask))]
+    for got_grad, want_grad, mask in zip(got, want, real):  # singular: the cross blocks only choose (no gradient)
+        assert (got_grad is None) == (want_grad is None) == (mode == "singular" and got_grad is None)
+        if got_grad is not None:
+            assert torch.isfinite(got_grad).all()
+            torch.testing.assert_close(got_grad * mask, want_grad * mask, atol=1e-9, rtol=1e-9)
