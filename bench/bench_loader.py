@@ -24,7 +24,8 @@ shared machine's load swings hit all of them alike; medians over trials:
   `cpu_ratio` there, and `load_avg_1m`.
 - stages: CPU ms per sample of each stage in one in-process pass (workers=0), each stage's own time
   (nested stages subtracted): read (tar members), parse (json, caption choice), decode (image
-  bytes -> RGB), crop_resize, tokenize, mask (MLM), collate (the rest of batch assembly),
+  bytes -> RGB pixels, `data_tools.images.decode_pixels`: simplejpeg for colour and grey JPEGs, PIL
+  otherwise), crop_resize, tokenize, mask (MLM), collate (the rest of batch assembly),
   normalise (host, reference only), other (order, batching, generators: total - the rest).
 
 Prints one JSON object per (dataset, measurement).
@@ -179,7 +180,7 @@ def instrumented(clock: StageClock):
     targets = [
         (reader_mod.ShardReader, "fetch", "read"),
         (loader_mod, "decode_sample", "parse"),
-        (decode_mod, "decode_image", "decode"),
+        (decode_mod, "decode_pixels", "decode"),
         (loader_mod, "transform_sample", "crop_resize"),
         (collate_mod.TextEncoder, "__call__", "tokenize"),
         (collate_mod, "mlm_mask", "mask"),

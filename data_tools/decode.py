@@ -7,7 +7,7 @@ BadSample with one of errors.BAD_SAMPLE_REASONS, which the loader counts and ski
 
 The decoded sample (consumed by transforms and collate):
   key, image_id, repeat      str, str, int
-  image                      PIL RGB image (visual="pixels"), else None
+  image                      uint8 RGB pixels [H, W, 3] (visual="pixels"), else None
   caption, caption_index     the caption chosen for this epoch (seeded by seed, epoch, key)
   boxes                      float32 [k, 4] x, y, w, h in stored-image pixels, or None
   box_labels                 [k] category names of the boxes (json `box_labels`), or None
@@ -29,7 +29,7 @@ import torch
 
 from data_tools import schema
 from data_tools.errors import BadSample
-from data_tools.images import DEFAULT_MAX_PIXELS, decode_image
+from data_tools.images import DEFAULT_MAX_PIXELS, decode_pixels
 from data_tools.order import sample_seed
 
 
@@ -154,7 +154,7 @@ def decode_sample(
         image_bytes = _image_member(raw)
         if image_bytes is None:
             raise BadSample("missing_image", key)
-        image = decode_image(image_bytes, max_pixels)
+        image = decode_pixels(image_bytes, max_pixels)
 
     boxes = meta.get("boxes")
     phrases = None

@@ -1,6 +1,13 @@
 """Safe image decoding shared by the builders and the loader: PIL with a pixel limit, RGB output,
 plus what the builders need on top: resize + re-encode, and the content hash used for dedup.
 
+The loader takes pixels, not PIL images (`decode_pixels`): a colour or grey JPEG is decoded by
+simplejpeg (libjpeg-turbo, as PIL's decoder, with the same IDCT and upsampling: the same pixels,
+bit for bit) straight into a numpy array, in 0.63 of the time PIL takes to decode and hand the
+pixels over (0.48 vs 0.76 ms for a COCO photo stored at 384 px, `bench/bench_loader.py`); decoding
+is most of the loader's time on photos. Every other image, and any JPEG simplejpeg refuses, goes
+through PIL, whose error is the one reported.
+
 A decompression bomb, a truncated file or a non-image raises BadSample with the reason, never a
 PIL warning or a crash. The pixel limit given here is the one that decides: PIL's own global guard
 (`Image.MAX_IMAGE_PIXELS`, which warns above ~89 MP and raises above twice that) would otherwise
@@ -15,9 +22,15 @@ import io
 import re
 import warnings
 
+import numpy as np
 from PIL import Image
 
 from data_tools.errors import BadSample
+
+try:
+    import simplejpeg
+except ImportError:  # optional speed-up: PIL decodes everything without it
+    simplejpeg = None
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Default pixel limit (about 8000 x 8000); configurable by every builder and the loader."""
@@ -59,6 +72,29 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes fully to an RGB PIL image; raises BadSample on any problem."""
     return decode_image_from(open_image(data, max_pixels))
+
+
+_JPEG_MAGIC = b"\xff\xd8"
+_SIMPLEJPEG_COLOURS = ("YCbCr", "Gray")
+"""JPEG colour spaces whose RGB decoding by simplejpeg equals PIL's (CMYK and YCCK do not)."""
+
+
+def decode_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to uint8 RGB pixels [H, W, 3] (C-contiguous); BadSample on any problem,
+    with the pixel limit checked on the header first (module docstring: the fast JPEG path)."""
+    if simplejpeg is not None and data[:2] == _JPEG_MAGIC:
+        try:
+            height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            colour = None  # PIL says what is wrong
+        if colour in _SIMPLEJPEG_COLOURS:
+            if width * height > max_pixels:
+                raise BadSample("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+            try:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB")  # strict: warnings (truncation) raise
+            except ValueError:
+                pass  # PIL decodes it or names the problem
+    return np.array(decode_image(data, max_pixels))  # a writable copy (asarray would be read-only)
 
 
 def content_hash(data: bytes) -> str:

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from data_tools.order import sample_seed
 
@@ -68,11 +67,11 @@ def centre_crop_box(width: int, height: int) -> tuple[float, float, float, float
     return float((width - side) // 2), float((height - side) // 2), float(side), float(side)
 
 
-def resize_crop(image: Image.Image, crop: tuple[float, float, float, float], size: int, mirrored: bool) -> np.ndarray:
-    """The whole-pixel `crop` (x0, y0, w, h) of an RGB image, resized to size x size (antialiased
-    bilinear) and optionally mirrored: uint8 [size, size, 3]."""
+def resize_crop(image: np.ndarray, crop: tuple[float, float, float, float], size: int, mirrored: bool) -> np.ndarray:
+    """The whole-pixel `crop` (x0, y0, w, h) of RGB pixels [H, W, 3] uint8, resized to size x size
+    (antialiased bilinear) and optionally mirrored: uint8 [size, size, 3]."""
     x0, y0, cw, ch = (int(v) for v in crop)
-    region = torch.from_numpy(np.array(image))[y0 : y0 + ch, x0 : x0 + cw]  # [h, w, 3] view
+    region = torch.from_numpy(image)[y0 : y0 + ch, x0 : x0 + cw]  # [h, w, 3] view
     region = region.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)  # [1, 3, h, w]
     out = torch.nn.functional.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     if mirrored:
@@ -130,14 +129,14 @@ def transform_sample(
     epoch: int,
 ) -> dict[str, Any]:
     """Crop and resize the image to image_size x image_size (uint8 [S, S, 3] in `pixels`), boxes and phrases along."""
-    image: Image.Image | None = sample["image"]
+    image: np.ndarray | None = sample["image"]  # uint8 [H, W, 3]
     out = dict(sample, image=None, pixels=None)
     if image is None:  # features only: boxes stay in stored pixels, as x1, y1, x2, y2
         if sample["boxes"] is not None:
             b = sample["boxes"]
             out["boxes"] = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1).astype(np.float32)
         return out
-    width, height = image.size
+    height, width = image.shape[:2]
     gen = torch.Generator().manual_seed(sample_seed(seed, epoch, sample["key"], "crop", sample["repeat"]))
     crop = random_crop_box(width, height, crop_scale, gen) if train else centre_crop_box(width, height)
     mirrored = bool(train and flip and float(torch.rand(1, generator=gen)) < 0.5)

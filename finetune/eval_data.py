@@ -115,7 +115,7 @@ def transform_image(sample: dict[str, Any], image_size: int) -> tuple[dict[str, 
     kept = None
     if sample["boxes"] is not None:
         if sample["image"] is not None:
-            width, height = sample["image"].size
+            height, width = sample["image"].shape[:2]
             _, kept = crop_boxes(sample["boxes"], centre_crop_box(width, height), image_size, False)
         else:
             kept = np.arange(len(sample["boxes"]))

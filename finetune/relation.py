@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from data_tools.errors import BadSample, ExitCode, UserError
-from data_tools.images import DEFAULT_MAX_PIXELS, decode_image
+from data_tools.images import DEFAULT_MAX_PIXELS, decode_pixels
 
 from .eval_data import Triple, transform_image
 from .scoring import PairScorer, embed_images, image_embeddings, text_embeddings, tokenize
@@ -68,7 +68,7 @@ def load_images(paths: list[Path], image_size: int, max_pixels: int = DEFAULT_MA
     samples = []
     for path in paths:
         try:
-            image = decode_image(path.read_bytes(), max_pixels)
+            image = decode_pixels(path.read_bytes(), max_pixels)
         except BadSample as err:
             raise UserError(f"{path}: unusable image ({err})", ExitCode.DATA) from None
         decoded = {"key": path.name, "image_id": path.name, "repeat": 0, "image": image, "caption": "",

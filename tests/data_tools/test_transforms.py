@@ -16,12 +16,12 @@ from data_tools.transforms import (IMAGENET_MEAN, IMAGENET_STD, centre_crop_box,
 RED = (255, 0, 0)
 
 
-def scene(boxes: list[tuple[int, int, int, int]], size=(120, 90)) -> Image.Image:
-    """Black canvas with a red rectangle per [x, y, w, h] box."""
+def scene(boxes: list[tuple[int, int, int, int]], size=(120, 90)) -> np.ndarray:
+    """Black canvas (uint8 [H, W, 3], as decode_sample gives) with a red rectangle per [x, y, w, h] box."""
     pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
     for x, y, w, h in boxes:
         pixels[y : y + h, x : x + w] = RED
-    return Image.fromarray(pixels)
+    return pixels
 
 
 def sample(image, boxes, phrases=None, key="k", caption="a red box and another red box"):
@@ -141,13 +141,13 @@ def test_text_encoder_equals_the_hugging_face_call(tokenizer):
 def test_resize_crop_is_pils_bilinear_resize_of_the_crop(crop, size):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((120, 90), Image.BICUBIC)  # smooth photo-like
-    ours = resize_crop(image, tuple(float(v) for v in crop), size, mirrored=False)
+    ours = resize_crop(np.array(image), tuple(float(v) for v in crop), size, mirrored=False)
     x, y, w, h = crop
     theirs = np.asarray(image.crop((x, y, x + w, y + h)).resize((size, size), Image.BILINEAR))
     assert ours.shape == (size, size, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous
     diff = np.abs(ours.astype(int) - theirs.astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.05  # the same filter; rounding differs by one level at most
-    assert np.array_equal(resize_crop(image, tuple(float(v) for v in crop), size, mirrored=True), ours[:, ::-1])
+    assert np.array_equal(resize_crop(np.array(image), tuple(float(v) for v in crop), size, mirrored=True), ours[:, ::-1])
 
 
 def test_crop_boxes_are_whole_pixels():
@@ -159,7 +159,7 @@ def test_crop_boxes_are_whole_pixels():
 
 
 def test_uint8_batches_normalise_to_the_host_pixel_values(tokenizer):
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    image = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     samples = [transform_sample(sample(image, [], key=f"n{i}"), image_size=16, train=True, crop_scale=(0.5, 1.0), flip=False,
                                 seed=0, epoch=0) for i in range(3)]
     host = collate(samples + [None], tokenizer=tokenizer, max_text_len=8, mlm_probability=0.15, seed=0, epoch=0, image_size=16)
