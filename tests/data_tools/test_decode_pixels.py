@@ -83,3 +83,12 @@ def test_damaged_and_oversized_images_are_bad_samples_with_pils_reason(fast, mon
         images.decode_pixels(CASES["ycbcr 4:2:0"], max_pixels=97 * 61 - 1)
     assert err.value.reason == "too_many_pixels" and "97x61 > 5916 pixels" in str(err.value)
     assert images.decode_pixels(CASES["ycbcr 4:2:0"], max_pixels=97 * 61).shape == (61, 97, 3)
+
+
+def test_every_coco_photo_decodes_to_pils_pixels(coco_mini):
+    pytest.importorskip("simplejpeg")
+    photos = sorted((coco_mini / "images").rglob("*.jpg"))
+    assert len(photos) > 100
+    for path in photos:
+        data = path.read_bytes()
+        assert np.array_equal(images.decode_pixels(data), pil_pixels(data)), path.name
