@@ -85,14 +85,14 @@ def decode_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     if simplejpeg is not None and data[:2] == _JPEG_MAGIC:
         try:
             height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
-        except ValueError:
-            colour = None  # PIL says what is wrong
+        except Exception:  # untrusted bytes: whatever the extension raises, PIL says what is wrong
+            colour = None
         if colour in _SIMPLEJPEG_COLOURS:
             if width * height > max_pixels:
                 raise BadSample("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
             try:
                 return simplejpeg.decode_jpeg(data, colorspace="RGB")  # strict: warnings (truncation) raise
-            except ValueError:
+            except Exception:
                 pass  # PIL decodes it or names the problem
     return np.array(decode_image(data, max_pixels))  # a writable copy (asarray would be read-only)
 
