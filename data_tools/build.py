@@ -37,6 +37,7 @@ from data_tools.errors import BadSample, UserError, atomic_write_text
 from data_tools.merge import STATE_DIR
 from data_tools.records import Record, process_record, read_image_bytes
 from data_tools.schema import DATASET_FILE, SHARD_PATTERN, SHARDS_DIR
+from data_tools.trust import is_local
 from data_tools.writer import ShardWriter
 
 DEFAULT_SHARD_SAMPLES = 10_000
@@ -271,7 +272,9 @@ def shard_is_done(out: str, index: int, args_hash: str) -> dict[str, Any] | None
     if state.get("args_hash") != args_hash:
         return None
     location = state.get("location")
-    if location is not None and "://" not in location and not location.startswith("pipe:"):
+    if location is not None:
+        if not isinstance(location, str) or not is_local(location):
+            return None  # a build writes file paths only: rebuild this shard
         shard = Path(out) / location  # an absolute location stays absolute
         if not shard.is_file() or shard.stat().st_size != state["size"]:
             return None

@@ -38,6 +38,10 @@ def load_dataset_info(directory: str | os.PathLike) -> DatasetInfo:
         info = DatasetInfo.from_json(data)
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise UserError(f"{path}: malformed dataset.json ({type(err).__name__}: {err})", ExitCode.DATA) from None
+    bad = next((i for i, s in enumerate(info.shards) if not isinstance(s.location, str) or not s.location), None)
+    if bad is not None:
+        raise UserError(f"{path}: malformed dataset.json (shard {bad}: location {info.shards[bad].location!r} is not "
+                        f"a path, URL or pipe: command)", ExitCode.DATA)
     if not isinstance(info.shards, list) or info.total_samples != sum(s.samples for s in info.shards):
         raise UserError(f"{path}: malformed dataset.json (total_samples does not match the shards)", ExitCode.DATA)
     return info

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from data_tools.errors import ExitCode, UserError, atomic_write
 from data_tools.manifest import manifest_table, write_dataset_info, write_manifest
 from data_tools.schema import DATASET_FILE, REJECTED_FILE, SHARDS_DIR, DatasetInfo, ShardInfo
+from data_tools.trust import is_local
 
 STATE_DIR = ".build"
 """Per-shard completion records of an unfinished build (removed once dataset.json is written)."""
@@ -74,6 +75,9 @@ def finalize(out: str | os.PathLike, args_hash: str | None = None, finish: Finis
         labels.update(state.get("box_labels") or ())
         if state["samples"] == 0:
             continue
+        if not isinstance(state["location"], str) or not is_local(state["location"]):
+            raise UserError(f"{out / STATE_DIR}: shard {state['index']} has the location {state['location']!r}; a build "
+                            f"writes file paths only, so this state file was not written by one", ExitCode.DATA)
         for row in state["rows"]:
             rows.append({**row, "shard": len(shards)})
         shards.append(ShardInfo(state["location"], state["samples"], state["size"], state["sha256"]))

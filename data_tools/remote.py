@@ -14,6 +14,8 @@ the URL; the shard reader then counts the rest of that shard as bad samples with
 
 Other remote forms (`pipe:aws s3 cp s3://bucket/shard.tar -`, `pipe:gsutil cat ...`, `gs://` and so
 on) go to webdataset's gopen unchanged: a `pipe:` command is the user's own retry policy.
+This is the only code that fetches a URL or runs a command, and it takes only locations that
+data_tools.trust allowed (the user's opt-in, never a dataset.json's say).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import time
 import urllib.error
 import urllib.request
 from typing import BinaryIO
+
+from data_tools.trust import require_allowed
 
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,9 @@ BACKOFF_S = 0.5
 
 
 def open_shard(location: str, retries: int = RETRIES, timeout_s: float = TIMEOUT_S) -> BinaryIO:
-    """A binary stream of a remote shard: http(s) with resumption, anything else through gopen."""
+    """A binary stream of a remote shard: http(s) with resumption, anything else through gopen.
+    `location` must come from data_tools.trust.shard_locations (RuntimeError otherwise: a bug)."""
+    require_allowed(location)
     if location.startswith(("http://", "https://")):
         # unbuffered on purpose: a read returns what arrived before a failure, so the samples before
         # an unrecoverable drop are still delivered (the HTTP response buffers the socket itself)

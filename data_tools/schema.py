@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from data_tools.errors import atomic_write
+from data_tools.trust import Trust, check_location, shard_locations
 
 # --- shard members -------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -27,9 +28,6 @@ GEOMETRY_EXTENSION = "pos.npy"
 """Optional box geometry for the features: m x 7 (x1, y1, x2, y2, w, h, area), normalised."""
 REFUSED_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "ckpt", "npz")
 """Members that would need unpickling: refused and counted, never loaded."""
-
-META_FIELDS = ("image_id", "captions", "width", "height", "source", "split", "boxes", "box_labels", "phrases", "negatives")
-"""Known metadata fields (all optional). Unknown ones (img2dataset's url, status, ...) are kept and ignored."""
 
 SHARD_PATTERN = "{name}-{index:06d}.tar"
 """Shard file names inside `shards/`."""
@@ -98,11 +96,16 @@ class DatasetInfo:
         kwargs["shards"] = [ShardInfo(**s) for s in data["shards"]]
         return cls(**kwargs)
 
-    def resolve(self, root: str | os.PathLike, location: str) -> str:
-        """A shard location as something webdataset/open can read: relative paths join the dataset folder."""
-        if "://" in location or location.startswith("pipe:") or os.path.isabs(location):
-            return location
-        return str(Path(root) / location)
+    def locations(self, root: str | os.PathLike, trust: Trust | None = None) -> list[str]:
+        """Every shard's location as the readers open it (relative paths join the dataset folder),
+        all checked by data_tools.trust before any is opened: a `pipe:` command or a URL only with
+        the user's opt-in in `trust` (default: none), else UserError (exit 3)."""
+        return list(shard_locations(root, [s.location for s in self.shards], trust))
+
+    def resolve(self, root: str | os.PathLike, location: str, trust: Trust | None = None) -> str:
+        """One shard location through the same check as `locations`."""
+        index = next((i for i, s in enumerate(self.shards) if s.location == location), 0)
+        return check_location(root, index, location, trust)
 
 
 def fingerprint(shard_hashes: list[str]) -> str:

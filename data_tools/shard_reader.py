@@ -27,6 +27,7 @@ from data_tools.errors import BadSample, ExitCode, UserError
 from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.manifest import load_dataset_info, load_manifest
 from data_tools.remote import open_shard
+from data_tools.trust import Trust, is_local  # noqa: F401  (is_local: part of this module's interface)
 
 
 @dataclasses.dataclass
@@ -38,8 +39,10 @@ class DatasetRef:
     source: order.Source
 
 
-def open_datasets(paths: list[str], weights: list[float] | None = None) -> list[DatasetRef]:
-    """dataset.json of each folder (UserError naming the folder when missing or malformed)."""
+def open_datasets(paths: list[str], weights: list[float] | None = None, trust: Trust | None = None) -> list[DatasetRef]:
+    """dataset.json of each folder (UserError naming the folder when missing or malformed), every
+    shard location checked by data_tools.trust (`pipe:` commands and URLs only with the user's
+    opt-in in `trust`) before anything is read."""
     refs = []
     for i, path in enumerate(paths):
         info = load_dataset_info(path)
@@ -48,15 +51,11 @@ def open_datasets(paths: list[str], weights: list[float] | None = None) -> list[
         refs.append(
             DatasetRef(
                 path=str(path),
-                locations=[info.resolve(path, s.location) for s in info.shards],
+                locations=info.locations(path, trust),
                 source=order.Source(tuple(s.samples for s in info.shards), info.sha256, float(weights[i]) if weights else 1.0),
             )
         )
     return refs
-
-
-def is_local(location: str) -> bool:
-    return "://" not in location and not location.startswith("pipe:")
 
 
 def member_key(name: str) -> tuple[str, str] | None:
@@ -331,8 +330,10 @@ class ShardReader:
         self._index += 1
 
 
-def read_sample(dataset_dir: str | os.PathLike, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """One sample by key through the manifest's member offsets (seeks in local shards).
+def read_sample(dataset_dir: str | os.PathLike, key: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                trust: Trust | None = None) -> dict[str, Any]:
+    """One sample by key through the manifest's member offsets (seeks in local shards); `trust`: the
+    user's opt-in for `pipe:` and URL locations (data_tools.trust).
 
     Returns {key, image_id, image (PIL RGB), captions (all), meta (the json, parsed)}; UserError
     when the key is not in the manifest; BadSample when the stored sample is unusable.
@@ -349,7 +350,7 @@ def read_sample(dataset_dir: str | os.PathLike, key: str, max_pixels: int = DEFA
         raise UserError(f"{Path(dataset_dir) / schema.MANIFEST_FILE}: no sample with key {key!r}")
     shard = int(rows.column("shard")[0].as_py())
     members = json.loads(rows.column("members")[0].as_py())
-    location = info.resolve(dataset_dir, info.shards[shard].location)
+    location = info.locations(dataset_dir, trust)[shard]
     raw: dict[str, Any] = {"__key__": key}
     if is_local(location):
         with open(location, "rb") as f:

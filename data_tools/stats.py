@@ -17,23 +17,25 @@ import numpy as np
 
 from data_tools.manifest import load_dataset
 from data_tools.shard_reader import member_key
+from data_tools.trust import Trust, is_local
 
 
-def iter_metadata(directory: str | os.PathLike) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+def iter_metadata(directory: str | os.PathLike, trust: Trust | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """(manifest row, sample json with at least `captions`) for every sample, in dataset order.
 
     Samples without a json member (or whose json lacks captions) get the txt member as their caption.
-    Local shards are read by seeking to the recorded offsets; remote ones are streamed.
+    Local shards are read by seeking to the recorded offsets; remote ones are streamed (`pipe:` and
+    URL locations only with the user's opt-in in `trust`: data_tools.trust, checked before any read).
     """
     root = Path(directory)
     info, table = load_dataset(root)
+    locations = info.locations(root, trust)
     rows = table.to_pylist()
     by_shard: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
     for row in rows:
         by_shard[row["shard"]].append(row)
-    for index, shard in enumerate(info.shards):
-        location = info.resolve(root, shard.location)
-        if "://" in location or location.startswith("pipe:"):
+    for index, location in enumerate(locations):
+        if not is_local(location):
             yield from _stream_metadata(location, by_shard[index])
             continue
         with open(location, "rb") as f:
@@ -65,11 +67,11 @@ def _metadata(read) -> dict[str, Any]:
 def _stream_metadata(location: str, rows: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     import tarfile
 
-    import webdataset as wds
+    from data_tools.remote import open_shard
 
     wanted = {row["key"]: row for row in rows}
     found: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
-    with wds.gopen(location, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    with open_shard(location) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             key, ext = member_key(member.name) or (None, None)
             if key in wanted and ext in ("json", "txt") and ext not in found[key]:  # a key's first copy, as the reader
@@ -90,11 +92,11 @@ def distribution(values: list[float] | np.ndarray) -> dict[str, float]:
     }
 
 
-def compute_stats(directory: str | os.PathLike) -> dict[str, Any]:
+def compute_stats(directory: str | os.PathLike, trust: Trust | None = None) -> dict[str, Any]:
     info, table = load_dataset(directory)
     caption_words: list[int] = []
     counts = collections.Counter()
-    for _, meta in iter_metadata(directory):
+    for _, meta in iter_metadata(directory, trust):
         caption_words += [len(str(c).split()) for c in meta["captions"]]
         counts["with_boxes"] += bool(meta.get("boxes"))
         counts["with_phrases"] += bool(meta.get("phrases"))
@@ -134,7 +136,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def stats(directory: str, as_json: bool = False) -> int:
-    result = compute_stats(directory)
+def stats(directory: str, as_json: bool = False, trust: Trust | None = None) -> int:
+    result = compute_stats(directory, trust)
     print(json.dumps(result) if as_json else format_stats(result))
     return 0

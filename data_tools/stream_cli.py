@@ -20,6 +20,7 @@ from data_tools import order
 from data_tools.errors import UserError
 from data_tools.loader import DataConfig, open_datasets, stream_pipeline
 from data_tools.schema import write_json_atomic
+from data_tools.trust import add_trust_arguments, command_trust
 
 
 def int_at_least(low: int):
@@ -54,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-cursor", default=None, metavar="OUT", help="write the global cursor after the last printed step")
     parser.add_argument("--decode", action="store_true", help="read and decode the samples (omits bad ones, reasons on stderr)")
     parser.add_argument("--max-pixels", type=_positive, default=DataConfig.max_pixels, help="with --decode: images with more pixels are bad samples")
+    add_trust_arguments(parser)
 
 
 def _read_cursor(path: str) -> dict[str, Any]:
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         paths=list(args.dirs), weights=args.weights, batch_size=args.batch_size, workers=args.workers,
         shuffle_block=args.shuffle_block, seed=args.seed, max_pixels=args.max_pixels,
     )  # fmt: skip
-    datasets = open_datasets(config.paths, config.weights)
+    datasets = open_datasets(config.paths, config.weights, command_trust(args, args.dirs))
     sources = [d.source for d in datasets]
     layout = order.Layout(args.world_size, max(args.workers, 1), args.batch_size, args.shuffle_block)
     if args.cursor:

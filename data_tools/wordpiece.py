@@ -98,7 +98,8 @@ def train_tokenizer(captions: Iterable[str] | Iterator[str], vocab_size: int, fo
     return _save(backend, folder)
 
 
-def train_dataset_tokenizer(dataset: str | os.PathLike, vocab_size: int, folder: str | os.PathLike) -> int:
+def train_dataset_tokenizer(dataset: str | os.PathLike, vocab_size: int, folder: str | os.PathLike,
+                            trust=None) -> int:
     """`python -m data_tools tokenizer DIR --vocab-size V --out T`: train over every caption of a dataset."""
     import sys
 
@@ -108,10 +109,11 @@ def train_dataset_tokenizer(dataset: str | os.PathLike, vocab_size: int, folder:
     minimum = len(SPECIAL_TOKENS) + 1
     if vocab_size < minimum:
         raise UserError(f"--vocab-size={vocab_size}: must be at least {minimum}")
-    captions = (str(c) for _, meta in iter_metadata(dataset) for c in meta["captions"])
+    metadata = iter_metadata(dataset, trust)  # `trust` (data_tools.trust): the user's opt-ins for pipe:/URL shards
+    captions = (str(c) for _, meta in metadata for c in meta["captions"])
     out = train_tokenizer(captions, vocab_size, folder)
     from transformers import AutoTokenizer
 
-    size = len(AutoTokenizer.from_pretrained(str(out)))
+    size = len(AutoTokenizer.from_pretrained(str(out), local_files_only=True, trust_remote_code=False))
     print(f"{out}: WordPiece tokenizer with {size} tokens trained on {dataset}", file=sys.stderr)
     return 0

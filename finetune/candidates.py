@@ -42,7 +42,7 @@ class CandidateStore:
         dataset_of, shard, members, image_ids, num_captions = [], [], [], [], []
         for d, path in enumerate(data.paths):
             info = load_dataset_info(path)
-            locations = [info.resolve(path, s.location) for s in info.shards]
+            locations = info.locations(path, data.trust)  # pipe:/URL only with the user's opt-in (data_tools.trust)
             remote = [loc for loc in locations if not is_local(loc)]
             if remote:
                 raise UserError(f"{path}: hard-negative mining reads candidates by offset and needs local shards "

@@ -32,6 +32,7 @@ from data_tools.decode import decode_sample, parse_meta
 from data_tools.errors import BadSample, ExitCode, UserError
 from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.shard_reader import ShardReader, open_datasets
+from data_tools.trust import Trust
 from data_tools.synthetic import shapes_from_metadata, truth_table
 from data_tools.transforms import centre_crop_box, crop_boxes, relink_phrases, transform_sample
 
@@ -124,12 +125,13 @@ def transform_image(sample: dict[str, Any], image_size: int) -> tuple[dict[str, 
 
 
 def read_eval_set(path: str | Path, *, image_size: int, visual: str = "pixels",
-                  max_pixels: int = DEFAULT_MAX_PIXELS, limit: int | None = None) -> EvalSet:
-    """Every readable sample of the dataset folder `path` (at most `limit` images).
+                  max_pixels: int = DEFAULT_MAX_PIXELS, limit: int | None = None, trust: Trust | None = None) -> EvalSet:
+    """Every readable sample of the dataset folder `path` (at most `limit` images); `trust`: the
+    user's opt-ins for `pipe:` and URL shard locations (data_tools.trust; default none).
 
-    UserError (exit 3) when no sample has a caption to evaluate.
+    UserError (exit 3) when no sample has a caption to evaluate, or a location is not allowed.
     """
-    ref = open_datasets([str(path)])[0]
+    ref = open_datasets([str(path)], trust=trust)[0]
     reader = ShardReader(ref.locations)
     images: list[dict[str, Any]] = []
     captions: list[str] = []

@@ -28,6 +28,7 @@ from data_tools.records import clean_captions
 from data_tools.schema import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
 from data_tools.shard_reader import sample_members
 from data_tools.writer import file_sha256
+from data_tools.trust import location_kind
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,9 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def shard_location(tar: Path, out: Path) -> str:
-    """Relative to the dataset folder when the tar lies inside it, else absolute."""
+    """Relative to the dataset folder when the tar lies inside it, else absolute; always a location
+    the readers take for a file path (a tar named `pipe:...` is `./pipe:...`, not a command)."""
     tar, out = tar.resolve(), out.resolve()
-    return os.path.relpath(tar, out) if out in tar.parents else str(tar)
+    location = os.path.relpath(tar, out) if out in tar.parents else str(tar)
+    return location if location_kind(location) == "path" else f"./{location}"
 
 
 def check_sample(read, members: dict[str, tuple[int, int]], max_pixels: int, split: str) -> dict[str, Any]:

@@ -55,6 +55,12 @@ def served(built, tmp_path):
         server.stop()
 
 
+def allowed(cfg, server):
+    """The loader config with the server's URLs allowed (a dataset.json URL is fetched only under an allowed prefix)."""
+    cfg.remote_allow = [f"{server.url}/"]
+    return cfg
+
+
 def all_keys() -> list[str]:
     return sorted(scene_key(0, i) for i in range(SAMPLES))
 
@@ -66,7 +72,7 @@ def shard_path(i: int) -> str:
 def test_two_ranks_stream_remote_shards_exactly_once_through_a_dropped_connection(served, caplog):
     server, remote = served
     server.drops[shard_path(2)] = 9000  # cut inside the shard's third sample
-    ranks = run_ranks(config(remote), world=2)
+    ranks = run_ranks(allowed(config(remote), server), world=2)
     assert sorted(k for r in ranks for k in real_keys(r)) == all_keys()
     assert all(r[-1]["bad_samples"] == {} for r in ranks)
     assert (shard_path(2), "bytes=9000-") in server.requests  # resumed where it was cut
@@ -78,10 +84,11 @@ def test_without_range_support_the_rest_of_the_shard_is_bad_with_a_reason(built,
     server = ShardServer(built, ranges=False).start()
     try:
         from data_tools.shard_reader import ShardReader
+        from data_tools.trust import Allowed
         from data_tools.errors import BadSample
 
         server.drops[shard_path(0)] = 9000
-        reader = ShardReader([f"{server.url}{shard_path(0)}"])
+        reader = ShardReader([Allowed(f"{server.url}{shard_path(0)}")])  # as data_tools.trust passes it
         got, bad = [], []
         for index in range(SHARD_SAMPLES):
             try:
@@ -98,7 +105,7 @@ def test_without_range_support_the_rest_of_the_shard_is_bad_with_a_reason(built,
 
 def test_cut_and_resume_over_http_equals_one_pass(served):
     server, remote = served
-    cfg = config(remote)
+    cfg = allowed(config(remote), server)
     full = run_ranks(cfg, world=2)
     server.drops[shard_path(4)] = 5000
     first = run_ranks(cfg, world=2, limit=2)
@@ -112,7 +119,7 @@ def test_cut_and_resume_over_http_equals_one_pass(served):
 def test_verify_checks_remote_shards_through_a_drop_and_finds_a_changed_byte(served):
     server, remote = served
     server.drops[shard_path(1)] = 7000
-    verify = [sys.executable, "-m", "data_tools", "verify", str(remote)]
+    verify = [sys.executable, "-m", "data_tools", "verify", str(remote), "--allow-remote", f"{server.url}/"]
     proc = subprocess.run(verify, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (shard_path(1), "bytes=7000-") in server.requests and "OK" in proc.stdout

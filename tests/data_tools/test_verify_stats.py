@@ -72,16 +72,16 @@ def test_verify_names_the_damage(synthetic_dataset, tmp_path, capsys, how, expec
 
 
 def test_verify_streams_pipe_locations(synthetic_dataset, tmp_path, capsys):
-    """Shards listed as `pipe:` commands (remote storage) are streamed: size, hash, keys, decoding."""
+    """Shards listed as `pipe:` commands (remote storage) are streamed with --allow-pipe: size, hash, keys, decoding."""
     out = tmp_path / "remote"
     shutil.copytree(synthetic_dataset, out)
     info = json.loads((out / DATASET_FILE).read_text())
     for shard in info["shards"]:
         shard["location"] = f"pipe:cat {out / shard['location']}"
     (out / DATASET_FILE).write_text(json.dumps(info))
-    assert build("verify", str(out)) == 0
+    assert build("verify", str(out), "--allow-pipe") == 0
     (out / "shards" / "synthetic-000002.tar").write_bytes(b"")
-    assert build("verify", str(out)) == 3
+    assert build("verify", str(out), "--allow-pipe") == 3
     assert "shard 2 (pipe:cat" in capsys.readouterr().out
 
 

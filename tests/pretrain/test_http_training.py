@@ -17,7 +17,8 @@ def test_two_ranks_train_on_http_shards_exactly_once_through_a_drop(served, tmp_
     server, remote = served
     server.drops[shard_path(3)] = 12000
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    args = base_args(remote, run_dir, "data.batch_size=4", "train.epochs=1", "train.record_keys=true")
+    args = base_args(remote, run_dir, "data.batch_size=4", "train.epochs=1", "train.record_keys=true",
+                     f"data.remote_allow=[{server.url}/]")
     codes = run_ranks(2, args, free_port(), logs)
     assert codes == [0, 0], logs_text(logs)
     keys = [key for _, _, key in read_keys(run_dir)]
