@@ -1,4 +1,4 @@
-"""`python -m data_tools {build,verify,stats,merge,tokenizer,stream} ...`: the data plane's command line.
+"""`python -m data_tools {build,features,verify,stats,merge,tokenizer,stream} ...`: the data plane's command line.
 
 Each subcommand parses its arguments here and calls one module that does the work; user mistakes
 become one `data_tools: error: ...` line and exit code 2 through `errors.run_cli`.
@@ -11,8 +11,9 @@ import sys
 from typing import Sequence
 
 from data_tools.errors import OneLineParser, UserError, run_cli
+from data_tools.trust import add_trust_arguments, command_trust
 
-COMMANDS = ("build", "verify", "stats", "merge", "tokenizer", "stream")
+COMMANDS = ("build", "features", "verify", "stats", "merge", "tokenizer", "stream")
 
 
 def parse_size(text: str) -> int:
@@ -59,15 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(sub)
         add_common_build_arguments(sub, default_name=name)
 
+    from data_tools import features as features_module
+
+    features = commands.add_parser("features", help="run a frozen backbone once over a dataset: a feature cache",
+                                   description=(features_module.__doc__ or "").strip(),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    features_module.add_arguments(features)
+
     verify = commands.add_parser("verify", help="check every shard against dataset.json; non-zero exit on a mismatch")
     verify.add_argument("dataset")
     verify.add_argument("--workers", type=int, default=1, help="processes checking shards")
     verify.add_argument("--no-decode", action="store_true", help="check sizes, hashes and counts only")
     verify.add_argument("--max-pixels", type=int, default=None, help="pixel limit when decoding (default: the build's)")
+    add_trust_arguments(verify)
 
     stats = commands.add_parser("stats", help="counts, caption length and image size distributions")
     stats.add_argument("dataset")
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_trust_arguments(stats)
 
     merge = commands.add_parser("merge", help="finalize a parts build (--num-parts) once every part is done")
     merge.add_argument("dataset")
@@ -76,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("dataset")
     tokenizer.add_argument("--vocab-size", type=int, required=True)
     tokenizer.add_argument("--out", required=True, help="folder for the Hugging Face tokenizer files")
+    add_trust_arguments(tokenizer)
 
     commands.add_parser("stream", help="print what the loader delivers to every rank (see: stream --help)", add_help=False)
     return parser
@@ -113,14 +124,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build":
         return run_build(args)
+    if args.command == "features":
+        from data_tools.features import run
+
+        return run(args)
     if args.command == "verify":
         from data_tools.verify import verify
 
-        return verify(args.dataset, workers=args.workers, decode=not args.no_decode, max_pixels=args.max_pixels)
+        return verify(args.dataset, workers=args.workers, decode=not args.no_decode, max_pixels=args.max_pixels,
+                      trust=command_trust(args, [args.dataset]))
     if args.command == "stats":
         from data_tools.stats import stats
 
-        return stats(args.dataset, as_json=args.json)
+        return stats(args.dataset, as_json=args.json, trust=command_trust(args, [args.dataset]))
     if args.command == "merge":
         from data_tools.builders import finish_for
         from data_tools.merge import merge
@@ -129,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "tokenizer":
         from data_tools.wordpiece import train_dataset_tokenizer
 
-        return train_dataset_tokenizer(args.dataset, args.vocab_size, args.out)
+        return train_dataset_tokenizer(args.dataset, args.vocab_size, args.out, command_trust(args, [args.dataset]))
     raise AssertionError(args.command)
 
 

@@ -5,6 +5,8 @@ members) are the manifest's keys in the manifest's order with the recorded membe
 unless --no-decode, every sample decodes (image through the same safe decoder as the loader, UTF-8
 caption, JSON metadata). A sample that is listed in rejected.jsonl (an img2dataset tar indexed in
 place keeps its bad samples) is expected to fail and is not a mismatch.
+`pipe:` commands and URLs are read only with the user's opt-in (--allow-pipe, --allow-remote:
+data_tools.trust); without it every such shard is reported and nothing is read, never "OK".
 Prints one line per problem and a summary; exit code 3 (ExitCode.DATA) when anything is wrong.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from data_tools.errors import BadSample, ExitCode
 from data_tools.manifest import load_dataset
 from data_tools.schema import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS, REJECTED_FILE
 from data_tools.shard_reader import member_key
+from data_tools.trust import Trust, is_local, refusals
 
 
 @dataclasses.dataclass
@@ -35,6 +38,8 @@ class ShardCheck:
     decode: bool
     max_pixels: int
     expected_bad: frozenset[str]
+    features: dict | None = None
+    """A feature cache's `arguments.features` (data_tools.features): its samples carry features, not images."""
 
 
 def _open(check: ShardCheck):
@@ -64,14 +69,20 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def check_sample(members: dict[str, bytes], max_pixels: int) -> None:
-    """Raise BadSample if the loader would reject this sample."""
+def check_sample(members: dict[str, bytes], max_pixels: int, features: dict | None = None) -> None:
+    """Raise BadSample if the loader would reject this sample (`features`: a feature cache's record,
+    whose samples need feat.npy / pos.npy of the recorded shapes, finite, instead of an image)."""
     if any(ext.rsplit(".", 1)[-1] in REFUSED_EXTENSIONS for ext in members):
         raise BadSample("refused_member")
-    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-    if ext is None:
-        raise BadSample("missing_image")
-    images.decode_image(members[ext], max_pixels)
+    if features is not None:
+        from data_tools.features import check_feature_members
+
+        check_feature_members(members, features)
+    else:
+        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        if ext is None:
+            raise BadSample("missing_image")
+        images.decode_image(members[ext], max_pixels)
     try:
         if "txt" in members and not members["txt"].decode("utf-8").strip():
             raise BadSample("empty_caption")
@@ -123,7 +134,7 @@ def check_shard(check: ShardCheck) -> list[str]:
     if check.decode:
         for key, _, members in groups:
             try:
-                check_sample(members, check.max_pixels)
+                check_sample(members, check.max_pixels, check.features)
             except BadSample as bad:
                 if key not in check.expected_bad:
                     problems.append(f"{name}: sample {key} is bad ({bad})")
@@ -143,9 +154,19 @@ def rejected_keys(directory: Path) -> frozenset[str]:
     return frozenset(keys)
 
 
-def verify(directory: str, workers: int = 1, decode: bool = True, max_pixels: int | None = None) -> int:
+def verify(directory: str, workers: int = 1, decode: bool = True, max_pixels: int | None = None,
+           trust: Trust | None = None) -> int:
     root = Path(directory)
     info, table = load_dataset(root)
+    refused = refusals(root, [s.location for s in info.shards], trust)
+    if refused:  # checked before any shard is read: verifying must not run what it checks
+        for reason in refused.values():
+            print(reason)
+        what = "1 shard is" if len(refused) == 1 else f"{len(refused)} shards are"
+        print(f"verify {root}: {len(info.shards)} shards, {info.total_samples} samples: {what} not allowed to be "
+              f"read, nothing checked")
+        return int(ExitCode.DATA)
+    locations = info.locations(root, trust)
     limit = max_pixels or info.arguments.get("max_pixels") or images.DEFAULT_MAX_PIXELS
     rows: dict[int, list[tuple[str, dict[str, list[int]]]]] = {i: [] for i in range(len(info.shards))}
     problems: list[str] = []
@@ -157,10 +178,9 @@ def verify(directory: str, workers: int = 1, decode: bool = True, max_pixels: in
     # only an img2dataset index keeps rejected samples inside its (untouched) tars
     expected_bad = rejected_keys(root) if info.builder == "img2dataset" else frozenset()
     checks = []
-    for i, shard in enumerate(info.shards):
-        location = info.resolve(root, shard.location)
-        local = "://" not in location and not location.startswith("pipe:")
-        checks.append(ShardCheck(i, location, local, shard.size, shard.sha256, rows[i], decode, limit, expected_bad))
+    for i, (shard, location) in enumerate(zip(info.shards, locations)):
+        checks.append(ShardCheck(i, location, is_local(location), shard.size, shard.sha256, rows[i], decode, limit, expected_bad,
+                                 info.arguments.get("features") if info.builder == "features" else None))
     if workers > 1:
         with multiprocessing.get_context().Pool(workers) as pool:
             results = pool.map(check_shard, checks)

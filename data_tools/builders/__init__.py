@@ -26,5 +26,10 @@ def load(name: str) -> ModuleType:
 
 
 def finish_for(name: str) -> Callable[[Any, dict[str, Any]], None] | None:
-    """Format `name`'s `finish` step, if it has one (`merge` of a parts build needs it by name)."""
+    """Format `name`'s `finish` step, if it has one (`merge` of a parts build needs it by name); the
+    feature cache (data_tools.features, a build but not a format) has its own."""
+    if name == "features":
+        from data_tools.features import finish
+
+        return finish
     return getattr(load(name), "finish", None)

@@ -8,6 +8,7 @@ carries the IAIS blocks (`AttentionBlocks`) of the layers set with `set_iais_lay
 from .config import ARCHITECTURES, PRESETS, ModelConfig
 from .dual_encoder import DualEncoderModel
 from .encoder import AttentionBlocks
+from .freeze import freeze_text
 from .hf_init import load_hf_text_weights
 from .model import EncoderOutput, ModelBase, RelAlignModel
 from .two_stream import TwoStreamModel
@@ -16,8 +17,11 @@ MODEL_CLASSES = {"single_stream": RelAlignModel, "two_stream": TwoStreamModel, "
 
 
 def build_model(config: ModelConfig) -> ModelBase:
-    """A freshly initialised model of `config.architecture` (vocab_size must be set)."""
-    return MODEL_CLASSES[config.architecture](config)
+    """A freshly initialised model of `config.architecture` (vocab_size must be set), its
+    `model.freeze_text` part frozen (requires_grad False: the optimizer never sees it)."""
+    model = MODEL_CLASSES[config.architecture](config)
+    freeze_text(model, config.freeze_text)
+    return model
 
 
 __all__ = ["ARCHITECTURES", "PRESETS", "AttentionBlocks", "DualEncoderModel", "EncoderOutput", "ModelBase",

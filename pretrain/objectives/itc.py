@@ -17,6 +17,10 @@ from .base import StepContext, Term, TermConfig, masked_mean, register, wide
 class ITCConfig(TermConfig):
     """Image-text contrastive loss (symmetric InfoNCE over features gathered from every rank)."""
 
+    learn_temperature: bool = True
+    """Learn the temperature, CLIP-style: `logit_scale` starts at log(1 / model.itc_temperature) (0.07) and
+    exp(logit_scale) is clamped to model.itc_max_scale (100); false: it stays at model.itc_temperature."""
+
 
 def itc_loss(text_emb: Tensor, image_emb: Tensor, scale: Tensor, codes: Tensor,
              sample_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,5 +64,8 @@ class ITC(Term):
         visual_tokens, visual_mask = ctx.visual
         text_emb = model.encode_text(batch["input_ids"], batch["text_mask"])  # [B, E]
         image_emb = model.encode_image(visual_tokens, visual_mask)  # [B, E]
-        loss, ctx.itc_similarity = itc_loss(text_emb, image_emb, model.itc_scale(), ctx.codes, ctx.sample_mask)
+        scale = model.itc_scale()  # [1]
+        if not self.config.learn_temperature:
+            scale = scale.detach()  # no gradient: Adam leaves the (undecayed) logit_scale where it is
+        loss, ctx.itc_similarity = itc_loss(text_emb, image_emb, scale, ctx.codes, ctx.sample_mask)
         return loss
