@@ -16,8 +16,7 @@ from typing import Any, Literal
 import torch
 
 from data_tools.errors import ConfigError, check
-from data_tools.pixel_pool import release_pixels
-from data_tools.transforms import normalise_batch
+from pretrain.transfer import DeviceFeeder
 
 
 @dataclasses.dataclass
@@ -176,8 +175,25 @@ class EngineSpec:
     optimizer: OptimizerConfig
     schedule: ScheduleConfig
     zero: ZeroConfig
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float = 1.0
+    tf32: bool = True
+
+
+def set_tf32(enabled: bool, device_type: str) -> bool:
+    """Let float32 matrix products (cuBLAS) and convolutions (cuDNN) use TensorFloat-32, or not: the
+    config's `tf32`, applied once when the engine is built. Returns whether TF32 is on afterwards.
+
+    Only CUDA has TF32, so on any other device this changes nothing and returns False. torch's per-backend
+    flags are set rather than `torch.set_float32_matmul_precision("high")`, which would also switch
+    oneDNN's CPU matmuls, and rather than the newer `fp32_precision` attributes, which torch refuses to
+    read back through the older API once they are set (DeepSpeed and others still read it).
+    """
+    if device_type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
 
 
 def deepspeed_config(spec: EngineSpec, geometry: BatchGeometry, load_universal: bool = False) -> dict[str, Any]:
@@ -255,6 +271,7 @@ def build_engine(model: torch.nn.Module, objective: Any, spec: EngineSpec, geome
         model=module, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(spec, geometry, load_universal),
     )
+    set_tf32(spec.tf32, engine.device.type)
     return engine, scheduler
 
 
@@ -264,24 +281,22 @@ def model_dtype(engine: Any) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
 
-def to_engine(batch: dict[str, Any], engine: Any) -> dict[str, Any]:
+def to_engine(batch: dict[str, Any], engine: Any, feeder: DeviceFeeder | None = None) -> dict[str, Any]:
     """The batch on the engine's device, floating tensors in the model's dtype. Lists of tensors
     (per-sample boxes) move too; other values stay as they are.
 
     A loader batch's uint8 `pixel_uint8` [B, S, S, 3] moves as uint8 (a quarter of the bytes) and
-    becomes normalised `pixel_values` [B, 3, S, S] on the device (data_tools.batch). Then the loader
-    worker's pixel buffer is released (`pixel_lease`, data_tools.pixel_pool): nothing reads the batch's
-    `pixel_uint8` after this (a copy from pageable memory has read its source when `.to()` returns)."""
-    dtype, device = model_dtype(engine), engine.device
+    becomes normalised `pixel_values` [B, 3, S, S] on the device (data_tools.batch). The copies go
+    through pinned staging without blocking the host (pretrain.transfer); the loader worker's pixel
+    buffer (`pixel_lease`, data_tools.pixel_pool) is released once they have finished: nothing may
+    read the batch's `pixel_uint8` after this call.
 
-    def move(v: Any) -> Any:
-        if torch.is_tensor(v):
-            return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
-        if isinstance(v, list) and v and all(torch.is_tensor(x) for x in v):
-            return [move(x) for x in v]
-        return v
-    moved = normalise_batch({k: move(v) for k, v in batch.items() if k != "pixel_lease"})
-    if "pixel_values" in moved and moved["pixel_values"].dtype != dtype:
-        moved["pixel_values"] = moved["pixel_values"].to(dtype)
-    release_pixels(batch)
+    feeder: the training loop's, kept across steps, so a batch's lease is released at a later step
+    once its copy is done, without waiting for it. Without one (evaluation, tests), a feeder for this
+    batch alone waits for the copy before releasing."""
+    if feeder is not None:
+        return feeder(batch, model_dtype(engine))
+    once = DeviceFeeder(engine.device)
+    moved = once(batch, model_dtype(engine))
+    once.flush()
     return moved

@@ -19,7 +19,7 @@ import torch
 from data_tools.errors import check
 from data_tools.loader import DataConfig, Loader
 from data_tools.manifest import category_vocabulary
-from pretrain.distributed import all_gather_object, all_reduce_floats
+from pretrain.distributed import all_gather_object, all_reduce_floats, gather_uneven
 from pretrain.engine import to_engine
 from pretrain.objectives import Progress, image_id_codes
 
@@ -107,15 +107,15 @@ class HeldOutEvaluator:
 
 def in_batch_recall_at_1(text_embs: list, image_embs: list, ids: list[str]) -> dict[str, float]:
     """R@1 both ways by ITC cosine over the validation batches of every rank (one image per caption
-    row; another caption of the same image counts as a hit)."""
-    gathered = all_gather_object((torch.cat(text_embs) if text_embs else torch.zeros(0, 1),
-                                  torch.cat(image_embs) if image_embs else torch.zeros(0, 1), ids))
-    all_ids = [i for g in gathered for i in g[2]]
+    row; another caption of the same image counts as a hit). The embeddings travel by tensor
+    collectives on the backend's device, the ids as objects: a pickled CUDA tensor would unpickle
+    onto the sender's GPU. Every rank evaluated the same number of batches (at least one, or none)."""
+    all_ids = [i for part in all_gather_object(ids) for i in part]
     if not all_ids:
         return {}
-    text = torch.cat([g[0] for g in gathered if len(g[2])])  # [N, E]
-    image = torch.cat([g[1] for g in gathered if len(g[2])])  # [N, E]
-    codes = image_id_codes(all_ids)
+    text = gather_uneven(torch.cat(text_embs))  # [N, E], rank order like all_ids
+    image = gather_uneven(torch.cat(image_embs))  # [N, E]
+    codes = image_id_codes(all_ids).to(text.device)
     sim = text @ image.T  # [N texts, N images]
     t2i = (codes[sim.argmax(dim=1)] == codes).float().mean().item()
     i2t = (codes[sim.argmax(dim=0)] == codes).float().mean().item()

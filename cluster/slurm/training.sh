@@ -46,7 +46,7 @@ relalign_print_training() {
 relalign_train() {
     local code rank_code f
     if [[ -n "${PROM_TARGETS_DIR:-}" ]]; then relalign_write_targets; fi
-    mkdir -p logs "$RUN_DIR/ranks"
+    mkdir -p "$RUN_DIR/ranks"
     rm -f "$RUN_DIR"/ranks/rank*.exit  # codes of this attempt only
     echo "relalign: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} run ${RUN_DIR}" >&2
     # --kill-on-bad-exit: a rank that crashes takes the step down at once (the watchdog covers hangs).

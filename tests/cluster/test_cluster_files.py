@@ -3,8 +3,8 @@
 DeepSpeed configs go through DeepSpeed's own config parser (and a real engine step per stage),
 the accelerate config through accelerate's loader, the Prometheus files through `promtool` (check
 and rule unit tests), and every `relalign_*` name in alerts and dashboard must be a series that
-pretrain/metrics.py exports. The Slurm templates only get a syntax and directive check here: they
-run against a real local Slurm in tests/cluster/test_slurm.py.
+pretrain/metrics/names.py declares and the Prometheus exporter exports. The Slurm templates only get a
+syntax and directive check here: they run against a real local Slurm in tests/cluster/test_slurm.py.
 """
 from __future__ import annotations
 
@@ -21,11 +21,16 @@ import yaml
 
 from data_tools.errors import ExitCode
 from pretrain.metrics import MetricsConfig, MetricsLogger
-from tests.conftest import REPO
+from tests.conftest import REPO, require
 
 CLUSTER = REPO / "cluster"
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool absent (apt: prometheus)")
+
+
+@pytest.fixture
+def promtool() -> str:
+    """Prometheus's own checker; absent: skipped outside CI, failed in CI."""
+    require(shutil.which("promtool") is not None, "promtool absent (apt: prometheus)")
+    return shutil.which("promtool")
 
 
 def test_every_json_and_yaml_file_parses():
@@ -149,10 +154,9 @@ def test_scrape_config_targets_the_default_per_rank_ports():
     assert config["rule_files"] == ["alerts.yml"]
 
 
-@needs_promtool
-def test_promtool_accepts_config_and_rules():
+def test_promtool_accepts_config_and_rules(promtool):
     for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
-        proc = subprocess.run([PROMTOOL, *args], cwd=CLUSTER / "prometheus", capture_output=True, text=True,
+        proc = subprocess.run([promtool, *args], cwd=CLUSTER / "prometheus", capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -222,11 +226,10 @@ tests:
 """
 
 
-@needs_promtool
-def test_alert_rules_fire_on_the_situations_they_name(tmp_path):
+def test_alert_rules_fire_on_the_situations_they_name(tmp_path, promtool):
     tests = tmp_path / "alerts_test.yml"
     tests.write_text(RULE_TESTS.format(rules=json.dumps(str(CLUSTER / "prometheus" / "alerts.yml"))))
-    proc = subprocess.run([PROMTOOL, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -241,3 +244,21 @@ def test_sbatch_files_are_valid_bash_with_the_right_directives():
         assert 'source "$here/training.sh"' in text
     assert f"PREEMPTED={int(ExitCode.PREEMPTED)}" in (CLUSTER / "slurm" / "training.sh").read_text()
     assert "#SBATCH --array=" in (CLUSTER / "slurm" / "build_shards.sbatch").read_text()
+
+
+def test_sbatch_output_files_need_no_folder_the_job_would_create():
+    """Slurm opens --output before the script runs: a folder in it must already exist at submission, and
+    the README submits from a fresh clone, so every output file goes straight into the submit folder."""
+    for name in ("pretrain.sbatch", "finetune.sbatch", "build_shards.sbatch"):
+        code = [line for line in (CLUSTER / "slurm" / name).read_text().splitlines() if not line.startswith("# ")]
+        outputs = re.findall(r"--output=\"?([^\s\"]+)", "\n".join(code))
+        assert outputs and all("/" not in o for o in outputs), (name, outputs)
+
+
+def test_readme_submits_each_template_once_as_typed_from_the_repository_root():
+    """The lines tests/cluster/test_slurm*.py submit unchanged: relative template paths, no --output."""
+    from tests.cluster.readme_commands import sbatch_command
+
+    for name in ("pretrain.sbatch", "finetune.sbatch", "build_shards.sbatch"):
+        argv = sbatch_command(name).argv
+        assert f"cluster/slurm/{name}" in argv and not any(a.startswith(("--output", "-o")) for a in argv), argv

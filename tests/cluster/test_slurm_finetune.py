@@ -1,9 +1,11 @@
 """cluster/slurm/finetune.sbatch against the real local Slurm (tests/cluster/slurm_cluster.py).
 
-A one-process tiny pretraining run (started directly: the 2-node pretraining job is test_slurm.py's)
-is the INIT; the template finetunes it as a 2-node x 1-task job and then evaluates the finished run
-on a 32-scene eval set with one task: the job completes, each rank ran on its own node, the
-finetuning checkpoint exists, and `<run>/eval/<name>/report.json` and report.md hold recall figures.
+The README's finetuning command line, exactly (tests/cluster/readme_commands.py), typed in a fresh
+clone without logs/: its INIT is a one-process tiny pretraining run at the README's path (started
+directly: the 2-node pretraining job is test_slurm.py's), its data and EVAL_DATA small synthetic sets
+at the README's paths. The template finetunes as a 2-node x 1-task job and then evaluates the finished
+run with one task: the job completes, each rank ran on its own node, the finetuning checkpoint exists,
+and `<run>/eval/<name>/report.json` and report.md hold recall figures.
 """
 from __future__ import annotations
 
@@ -12,53 +14,64 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.cluster.readme_commands import fresh_clone, sbatch_command
 from tests.cluster.slurm_cluster import NODES
-from tests.cluster.test_slurm import JOB_TIMEOUT_S, job_env, job_output, submit
+from tests.cluster.test_slurm import JOB_TIMEOUT_S, job_output, readme_env, submitted_job_id
 from tests.conftest import REPO
 from tests.pretrain.runs import build_synthetic, env_for, latest_tag
 
 pytestmark = [pytest.mark.cluster, pytest.mark.multiprocess, pytest.mark.slow]
 
 TEMPLATE = REPO / "cluster" / "slurm" / "finetune.sbatch"
-STEPS = 4
-SETTINGS = ("finetune.candidates=6", "finetune.hard=2", f"train.steps={STEPS}", "data.batch_size=4",
-            "metrics.enabled=false", "checkpoint.every_steps=0", "train.lost_rank_timeout_s=120")
 
 
 def test_finetune_job_trains_from_the_pretraining_run_and_writes_the_report(slurm, tmp_path):
-    data = build_synthetic(tmp_path / "data", samples=48)
-    eval_data = build_synthetic(tmp_path / "eval-data", samples=32)
-    pretrained = tmp_path / "pretrain"
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "--config", "configs/tiny.yaml", f"data.paths=[{data}]",
+    command = sbatch_command("finetune.sbatch")
+    clone = fresh_clone(tmp_path / "relalign")
+    data = next(a for a in command.argv if a.startswith("data.paths=")).split("=", 1)[1].strip("[]")
+    steps = int(next(a for a in command.argv if a.startswith("train.steps=")).split("=", 1)[1])
+    build_synthetic(clone / data, samples=48)
+    eval_data = build_synthetic(clone / command.env["EVAL_DATA"], samples=32)
+    pretrained = command.env["INIT"]
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "--config", command.env["CONFIG"], f"data.paths=[{data}]",
                            f"run.dir={pretrained}", "metrics.enabled=false", "train.steps=2", "data.batch_size=8"],
-                          cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+                          cwd=clone, env={**env_for(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    run_dir = tmp_path / "run"
-    env = job_env(RUN_DIR=str(run_dir), INIT=str(pretrained), EVAL_DATA=str(eval_data), EVAL_K="8")
+    run_dir = clone / command.env["RUN_DIR"]
     start = time.monotonic()
-    job_id, code = submit(slurm, tmp_path, env, [f"data.paths=[{data}]", *SETTINGS], wait=True, template=TEMPLATE)
+    proc = subprocess.run(command.argv, cwd=clone, env=readme_env(slurm, command), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S)
     print(f"finetune Slurm job: {time.monotonic() - start:.1f} s")
-    output = job_output(tmp_path, job_id)
-    assert code == 0, output
+    job_id = submitted_job_id(proc.stdout)
+    output = job_output(clone, job_id)
+    assert proc.returncode == 0, proc.stderr + output
     assert slurm.job_field(job_id, "JobState") == "COMPLETED" and slurm.job_field(job_id, "Restarts") == "0"
     assert f"finetune.init={pretrained}" in output and "evaluating" in output, output
+    assert (clone / f"relalign-finetune-{job_id}.out").exists() and not (clone / "logs").exists()
     ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in (run_dir / "ranks").glob("rank*.json")}
     assert sorted(ranks) == [0, 1] and {r["slurmd_nodename"] for r in ranks.values()} == set(NODES)
-    assert latest_tag(run_dir) == f"step{STEPS:08d}"
+    assert latest_tag(run_dir) == f"step{steps:08d}"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "loss/hinge" in next(r for r in records if r.get("kind") == "train")  # the finetuning recipe ran
 
-    report_dir = run_dir / "eval" / "eval-data-rerank-k8"
+    report_dir = run_dir / "eval" / f"{eval_data.name}-rerank-k{command.env['EVAL_K']}"
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["data"] == str(eval_data) and f"step{STEPS:08d}" in report["weights"]
-    for key in ("i2t@1", "i2t@10", "t2i@1", "t2i@10"):
-        assert 0.0 <= report["recall"][key] <= 1.0, report["recall"]
-    assert report["recall"]["t2i@10"] >= report["recall"]["t2i@1"]
+    assert report["data"] == command.env["EVAL_DATA"] and f"step{steps:08d}" in report["weights"]
+    got = report["recall"]
+    for direction, count in (("i2t", report["images"]), ("t2i", report["captions"])):
+        for k in (1, 5, 10):  # a share of the images (i2t) or captions (t2i): a whole number of hits each
+            hits = got[f"{direction}@{k}"] * count
+            assert hits == pytest.approx(round(hits), abs=1e-6) and 0 <= round(hits) <= count, got
+            if direction == "t2i" and k == 10 and report["images"] <= 10:
+                assert got["t2i@10"] == 1.0, got  # ten ranks cover the whole image gallery
+        assert got[f"{direction}@1"] <= got[f"{direction}@5"] <= got[f"{direction}@10"], got
+    six = [got[f"{d}@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert got["mean"] == pytest.approx(sum(six) / 6) and got["rsum"] == pytest.approx(100 * sum(six))
     markdown = (report_dir / "report.md").read_text()
     assert "| direction | R@1 | R@5 | R@10 |" in markdown and "rsum" in markdown
 
