@@ -15,6 +15,15 @@ Keys present in every batch:
 - `key`            list[str]      sample keys ("" for padding slots).
 - `caption_index`  long  [B]      which of the image's captions was chosen.
 
+What the training step would otherwise compute from device tensors, with a host read, or build on the
+host in the middle of the step (a GPU would wait for either); here they travel with the batch:
+- `image_code`     long  [B]      `image_id_codes(image_id)`: equal for captions of one image, -1 for padding.
+- `sample_rows`    long  [P]      indices of the real samples (`sample_mask.nonzero()`): the matched pairs
+                                   whose IAIS attention blocks are computed.
+- `mlm_positions`  long  [N]      flat indices into [B * Lt] of the MLM targets (`mlm_labels != -100`).
+- `text_unpadded`  bool           (a Python bool) every `text_mask` entry is True: attention over the text
+                                   needs no mask.
+
 Visual input, one of:
 - `pixel_values`   float [B, 3, H, W]  normalised image (ImageNet mean and std): what the patch and grid
                                        embedders read.
@@ -58,7 +67,30 @@ Present where the samples carry them (lists are per sample, padding slots hold e
 """
 from __future__ import annotations
 
+import hashlib
+
+import torch
+
 TEXT_KEYS = ("input_ids", "text_mask", "word_mask", "mlm_input_ids", "mlm_labels")
 NEGATIVE_KEYS = ("neg_input_ids", "neg_text_mask", "neg_word_mask", "has_negative")
-FEATURE_KEYS = ("visual_feats", "visual_pos", "visual_mask")
+STEP_KEYS = ("image_code", "sample_rows", "mlm_positions", "text_unpadded")
 IGNORE_INDEX = -100
+
+
+def image_id_codes(image_ids: list[str]) -> torch.Tensor:
+    """[B] int64 codes of the image ids (stable across processes; "" for padding slots -> -1)."""
+    codes = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=7).digest(), "little") if s else -1
+             for s in image_ids]
+    return torch.tensor(codes, dtype=torch.long)
+
+
+def step_keys(batch: dict) -> dict:
+    """The `STEP_KEYS` of a batch that has `image_id`, `sample_mask`, `text_mask` and `mlm_labels`,
+    computed on the host (where the batch is built)."""
+    labels = batch["mlm_labels"]
+    return {
+        "image_code": image_id_codes(batch["image_id"]),
+        "sample_rows": batch["sample_mask"].nonzero().flatten(),
+        "mlm_positions": ((labels != IGNORE_INDEX) & batch["sample_mask"][:, None]).flatten().nonzero().flatten(),
+        "text_unpadded": bool(batch["text_mask"].all()),
+    }

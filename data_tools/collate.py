@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from data_tools.batch import IGNORE_INDEX
+from data_tools.batch import IGNORE_INDEX, step_keys
 from data_tools.errors import UserError
 from data_tools.order import sample_seed
 from data_tools.pixel_pool import PixelPool, release_pixels
@@ -29,14 +29,19 @@ MLM_REPLACE = (0.8, 0.1)
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """A Hugging Face fast tokenizer from a local folder (never the network); one clear line if absent."""
+    """A Hugging Face fast tokenizer from a local folder (never the network); one clear line if absent.
+
+    A tokenizer folder comes with data or a run folder, so it is untrusted: `trust_remote_code=False`
+    says no to the Python code its `auto_map` may name (left unset, transformers would ask on the
+    terminal), so only transformers' own tokenizer classes load it, never code from the folder."""
     from transformers import AutoTokenizer
 
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"tokenizer: {folder} is not a folder (expected a Hugging Face tokenizer folder, e.g. <dataset>/tokenizer)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True,
+                                                  trust_remote_code=False)
     except Exception as err:  # transformers raises OSError/ValueError/... for unusable folders
         raise UserError(f"tokenizer: {folder} could not be loaded: {type(err).__name__}: {err}".splitlines()[0]) from None
     if not tokenizer.is_fast or tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
@@ -184,6 +189,7 @@ def collate(
         "key": [s["key"] if s is not None else "" for s in samples],
         "caption_index": torch.tensor([s["caption_index"] if s is not None else 0 for s in samples], dtype=torch.long),
     }
+    batch.update(step_keys(batch))  # what the step would otherwise read back from the device or build mid-step
     if visual == "features":
         batch.update(_collate_features(samples))
         sizes = [s.get("image_hw") for s in samples if s is not None]

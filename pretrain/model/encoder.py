@@ -1,6 +1,8 @@
 """The single-stream encoder: BERT-layout post-LN layers over `[CLS] words [SEP] visual tokens`.
 
-Every layer attends with `torch.nn.functional.scaled_dot_product_attention` (the fused kernel).
+Every layer attends with `torch.nn.functional.scaled_dot_product_attention` (the fused kernel),
+without a mask where the keys are known on the host to have no padding (`masks`), else with one
+additive [B, 1, 1, L] mask built once per pass.
 The layers chosen for IAIS additionally compute, from the same Q and K (no dropout), for the
 selected rows only (the matched pairs), the four block-restricted softmaxes of DESIGN.md 1
 averaged over heads: `S_LL`, `S_VV`, `S_LV`, `S_VL`. Nothing else materialises attention
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .masks import attention_bias
 
 
 @dataclasses.dataclass
@@ -85,6 +88,17 @@ def attention_blocks(query: Tensor, key: Tensor, request: BlockRequest) -> Atten
             word_mask=request.word_mask,
             visual_mask=request.visual_mask,
         )
+
+
+def fused_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float) -> Tensor:
+    """`scaled_dot_product_attention` with an additive mask (`attention_bias`) or none.
+
+    query [B, h, Lq, d], key / value [B, h, Lk, d] as `split_heads` gives them: views of [B, L, h, d]
+    whose last dimension is contiguous, the layout the flash and memory-efficient kernels read
+    (a `.contiguous()` copy would only cost time). The mask follows the query's dtype (autocast)."""
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
+        attn_mask = attn_mask.to(query.dtype)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -155,21 +169,20 @@ class EncoderLayer(nn.Module):
         self.intermediate = _Intermediate(config)
         self.output = _ResidualOutput(config.intermediate_size, config.width, config)
 
-    def attend_with_qk(self, hidden: Tensor, attn_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def attend_with_qk(self, hidden: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention and feed-forward -> (out [B, L, W], query, key [B, h, L, d]); the two-stream
-        co-attention blocks read the query and key for their IAIS blocks."""
+        co-attention blocks read the query and key for their IAIS blocks. attn_mask: `attention_bias`."""
         query, key, value = (split_heads(p(hidden), self.num_heads) for p in
                              (self.attention.self.query, self.attention.self.key, self.attention.self.value))
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0)  # [B, h, L, d]
+        context = fused_attention(query, key, value, attn_mask,
+                                  self.attention_dropout if self.training else 0.0)  # [B, h, L, d]
         attended = self.attention.output(merge_heads(context), hidden)
         out = self.output(F.gelu(self.intermediate.dense(attended)), attended)
         return out, query, key
 
-    def forward(self, hidden: Tensor, attn_mask: Tensor,
+    def forward(self, hidden: Tensor, attn_mask: Tensor | None,
                 request: BlockRequest | None = None) -> tuple[Tensor, AttentionBlocks | None]:
-        # hidden [B, L, W], attn_mask [B, 1, 1, L] bool (True = attend)
+        # hidden [B, L, W], attn_mask [B, 1, 1, L] additive (attention_bias) or None (no padding)
         out, query, key = self.attend_with_qk(hidden, attn_mask)
         blocks = None
         if request is not None:
@@ -185,14 +198,10 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
         self.gradient_checkpointing = config.gradient_checkpointing
 
-    def forward(self, hidden: Tensor, key_mask: Tensor, request: BlockRequest | None = None,
+    def forward(self, hidden: Tensor, key_mask: Tensor | None, request: BlockRequest | None = None,
                 iais_layers: frozenset[int] = frozenset()) -> tuple[Tensor, dict[int, AttentionBlocks]]:
-        # hidden [B, L, W], key_mask [B, L] bool
-        # A row without any real key would make the fused kernel return NaN (e.g. an image-only pass
-        # over a padding slot): let such rows see their first position.
-        key_mask = key_mask.clone()
-        key_mask[:, 0] |= ~key_mask.any(dim=1)
-        attn_mask = key_mask[:, None, None, :]  # [B, 1, 1, L]
+        # hidden [B, L, W], key_mask [B, L] bool (None, or marked unpadded: attention without a mask)
+        attn_mask = attention_bias(key_mask, hidden.dtype)  # [B, 1, 1, L] or None
         attention: dict[int, AttentionBlocks] = {}
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layer):

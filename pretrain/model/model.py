@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .embeddings import TextEmbeddings
 from .encoder import AttentionBlocks, BlockRequest, Encoder
 from .heads import ContrastiveHead, ITMHead, MLMHead
+from .masks import cat_masks
 from .visual import build_visual_embedder
 
 
@@ -48,12 +49,16 @@ def block_request(iais_rows: Tensor | None, text_mask: Tensor, visual_mask: Tens
                   device: torch.device) -> BlockRequest | None:
     """What the IAIS layers compute blocks for (None: nothing to compute).
 
-    iais_rows [B] bool (the matched pairs), text_mask [B, Lt], visual_mask [B, M].
+    iais_rows: the matched pairs, [P] long row indices (the loader's `sample_rows`: no host read) or a
+    bool mask over the first rows (turned into indices here: a host read when it lives on a GPU);
+    text_mask [B, Lt], visual_mask [B, M].
     """
     text_len = text_mask.shape[1]
     if iais_rows is None or not iais_layers or visual_mask.shape[1] == 0 or text_len <= 2:
         return None
-    rows = iais_rows.bool().nonzero().flatten().to(device, non_blocking=True)  # [P]
+    if iais_rows.dtype == torch.bool:
+        iais_rows = iais_rows.nonzero().flatten()
+    rows = iais_rows.to(device, non_blocking=True)  # [P]
     words = word_mask_from_text_mask(text_mask.bool())[:, 1:text_len - 1]  # [B, n]
     return BlockRequest(rows=rows, text_len=text_len, word_mask=words.index_select(0, rows),
                         visual_mask=visual_mask.bool().index_select(0, rows))
@@ -139,11 +144,14 @@ class ModelBase(nn.Module):
         return self.itc.text(hidden, text_mask.bool())
 
     def mlm_logits(self, out: EncoderOutput, positions: Tensor | None = None) -> Tensor:
-        """Vocabulary logits over the text tokens [B, Lt, V]; with `positions` ([B, Lt] bool, e.g.
-        `mlm_labels != -100`) only at those positions: [N, V] (saves the V-wide matmul elsewhere)."""
+        """Vocabulary logits over the text tokens [B, Lt, V]; with `positions` only at those positions:
+        [N, V] (saves the V-wide matmul elsewhere). positions: [B, Lt] bool (e.g. `mlm_labels != -100`;
+        a host read on a GPU) or [N] long flat indices into [B * Lt] (the loader's `mlm_positions`)."""
         text = out.hidden[:, :out.text_len]  # [B, Lt, W]
-        if positions is not None:
+        if positions is not None and positions.dtype == torch.bool:
             text = text[positions]  # [N, W]
+        elif positions is not None:
+            text = text.reshape(-1, text.shape[-1]).index_select(0, positions)  # [N, W], same order
         return self.mlm(text, self.embeddings.word_embeddings.weight)
 
 
@@ -159,14 +167,14 @@ class RelAlignModel(ModelBase):
         """Joint pass over `[CLS] words [SEP] | visual tokens`.
 
         input_ids, text_mask [B, Lt]; visual_tokens [B, M, W]; visual_mask [B, M];
-        iais_rows [B] bool: rows (matched pairs) whose IAIS blocks are computed; None: none.
-        Turning the mask into row indices is the one host synchronisation of an IAIS step when the
-        mask lives on the GPU; a CPU mask (e.g. the batch's `sample_mask` before moving) avoids it.
+        iais_rows: rows (matched pairs) whose IAIS blocks are computed, [P] long or a bool mask; None: none.
+        iais_rows as long row indices (the batch's `sample_rows`) need no host read; a bool mask on a
+        GPU does (see `block_request`).
         """
         text_len = input_ids.shape[1]
         hidden = torch.cat([self.embeddings(input_ids), visual_tokens.to(self.embeddings.LayerNorm.weight.dtype)],
                            dim=1)  # [B, Lt + M, W]
-        key_mask = torch.cat([text_mask.bool(), visual_mask.bool()], dim=1)  # [B, Lt + M]
+        key_mask = cat_masks([text_mask, visual_mask], dim=1)  # [B, Lt + M]
         request = block_request(iais_rows, text_mask, visual_mask, self.iais_layers, hidden.device)
         hidden, attention = self.encoder(hidden, key_mask, request, self.iais_layers)
         return EncoderOutput(hidden=hidden, text_len=text_len, attention=attention)

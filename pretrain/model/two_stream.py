@@ -14,28 +14,21 @@ IAIS at a block (our extension, DESIGN.md 1 *Other architectures*): `S_LL` and `
 block's two self-attentions, `S_LV` from the text-to-visual cross-attention, `S_VL` from the
 visual-to-text one; real words (positions 1..Lt-2) and real visual tokens, head mean, matched rows
 only. Every block is row-stochastic over its own keys, so `pretrain.iais` applies unchanged;
-`iais.layers` indexes the co-attention blocks. Attention itself is always the fused kernel.
+`iais.layers` indexes the co-attention blocks. Attention itself is always the fused kernel, without a
+mask over keys known to have no padding (`masks`).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .encoder import (AttentionBlocks, BlockRequest, Encoder, EncoderLayer, _Projections, _ResidualOutput,
-                      head_mean_softmax, merge_heads, split_heads)
+                      fused_attention, head_mean_softmax, merge_heads, split_heads)
+from .masks import attention_bias
 from .heads import MLMHead, masked_mean
 from .model import EncoderOutput, ModelBase, block_request
-
-
-def attention_mask(key_mask: Tensor) -> Tensor:
-    """key_mask [B, L] bool -> [B, 1, 1, L]; a row without any real key sees its first position
-    (the fused kernel would return NaN; such rows are padding and masked downstream)."""
-    key_mask = key_mask.bool().clone()
-    key_mask[:, 0] |= ~key_mask.any(dim=1)
-    return key_mask[:, None, None, :]
 
 
 class CrossAttention(nn.Module):
@@ -48,13 +41,13 @@ class CrossAttention(nn.Module):
         self.self = _Projections(config.width)
         self.output = _ResidualOutput(config.width, config.width, config)
 
-    def forward(self, hidden: Tensor, other: Tensor, other_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # hidden [B, Lq, W], other [B, Lk, W], other_mask [B, 1, 1, Lk] -> (out [B, Lq, W], query, key [B, h, L, d])
+    def forward(self, hidden: Tensor, other: Tensor, other_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        # hidden [B, Lq, W], other [B, Lk, W], other_mask [B, 1, 1, Lk] (attention_bias, None: no padding)
+        # -> (out [B, Lq, W], query, key [B, h, L, d])
         query = split_heads(self.self.query(hidden), self.num_heads)
         key = split_heads(self.self.key(other), self.num_heads)
         value = split_heads(self.self.value(other), self.num_heads)
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=other_mask,
-                                                 dropout_p=self.attention_dropout if self.training else 0.0)
+        context = fused_attention(query, key, value, other_mask, self.attention_dropout if self.training else 0.0)
         return self.output(merge_heads(context), hidden), query, key
 
 
@@ -70,7 +63,7 @@ class CoAttentionBlock(nn.Module):
 
     def forward(self, text: Tensor, visual: Tensor, text_mask: Tensor, visual_mask: Tensor,
                 request: BlockRequest | None = None) -> tuple[Tensor, Tensor, AttentionBlocks | None]:
-        # text [B, Lt, W], visual [B, M, W]; masks [B, 1, 1, Lt] / [B, 1, 1, M] (attention_mask)
+        # text [B, Lt, W], visual [B, M, W]; masks [B, 1, 1, Lt] / [B, 1, 1, M] (attention_bias) or None
         text_x, q_text_cross, k_visual_cross = self.text_cross(text, visual, visual_mask)
         visual_x, q_visual_cross, k_text_cross = self.visual_cross(visual, text, text_mask)
         text_out, q_text, k_text = self.text_layer.attend_with_qk(text_x, text_mask)
@@ -122,13 +115,14 @@ class TwoStreamModel(ModelBase):
                 iais_rows: Tensor | None = None) -> EncoderOutput:
         """Both streams, then the co-attention blocks; hidden = [text out | visual out] [B, Lt + M, W].
 
-        iais_rows [B] bool: rows whose IAIS blocks the blocks in `iais_layers` compute; None: none.
+        iais_rows: rows whose IAIS blocks the blocks in `iais_layers` compute ([P] long or a bool mask,
+        see `block_request`); None: none.
         """
         text_len = input_ids.shape[1]
         text, _ = self.encoder(self.embeddings(input_ids), text_mask.bool())  # [B, Lt, W]
         visual, _ = self.visual_encoder(visual_tokens.to(self.embeddings.LayerNorm.weight.dtype),
                                         visual_mask.bool())  # [B, M, W]
-        text_attn, visual_attn = attention_mask(text_mask), attention_mask(visual_mask)
+        text_attn, visual_attn = attention_bias(text_mask, text.dtype), attention_bias(visual_mask, visual.dtype)
         request = block_request(iais_rows, text_mask, visual_mask, self.iais_layers, text.device)
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         attention: dict[int, AttentionBlocks] = {}

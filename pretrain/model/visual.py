@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from data_tools.errors import UserError
 
 from .config import GRID_BACKBONE_CHANNELS, ModelConfig
+from .masks import unpadded_mask
 
 
 def _require(batch: dict, key: str, embedder: str) -> Tensor:
@@ -83,7 +84,7 @@ class PatchEmbedder(nn.Module):
         patches = self.proj(pixels.to(self.proj.weight.dtype))  # [B, W, rows, cols]
         batch_size, _, rows, cols = patches.shape
         tokens = patches.flatten(2).transpose(1, 2) + self.positions(rows, cols)  # [B, M, W]
-        mask = torch.ones(batch_size, rows * cols, dtype=torch.bool, device=tokens.device)
+        mask = unpadded_mask((batch_size, rows * cols), tokens.device)  # every image: the same tokens
         boxes = cell_boxes(rows, cols, self.patch_size, self.patch_size, tokens.device)
         return tokens, mask, boxes.expand(batch_size, -1, -1)
 
@@ -175,7 +176,7 @@ class GridEmbedder(nn.Module):
         cells = fmap.flatten(2).transpose(1, 2).to(dtype)  # [B, M, 1280]
         tokens = (self.feature_norm(self.feature_proj(cells))
                   + self.position_norm(self.position_proj(geometry.to(dtype)))[None])  # [B, M, W]
-        mask = torch.ones(batch_size, rows * cols, dtype=torch.bool, device=tokens.device)
+        mask = unpadded_mask((batch_size, rows * cols), tokens.device)  # every image: the same tokens
         return tokens, mask, boxes.expand(batch_size, -1, -1)
 
 

@@ -34,7 +34,8 @@ class IAISTerm(Term):
         if ctx.matched_attention is None:
             batch = ctx.batch
             visual_tokens, visual_mask = ctx.visual
-            ctx.joint(batch["input_ids"], batch["text_mask"], visual_tokens, visual_mask, matched_rows=ctx.sample_mask)
+            ctx.joint(batch["input_ids"], batch["text_mask"], visual_tokens, visual_mask,
+                      matched_rows=ctx.matched_rows)
         progress = ctx.progress
         reg = self.regularizer(ctx.matched_attention, progress.step, progress.total_steps, ctx.iais_direction)
         ctx.logs["iais_weight"] = torch.as_tensor(float(reg.weight))

@@ -27,11 +27,18 @@ class MLM(Term):
         batch, model = ctx.batch, ctx.model
         visual_tokens, visual_mask = ctx.visual
         input_ids, text_mask, labels = ctx.mlm_text()
-        labels = labels.masked_fill(~ctx.sample_mask[:, None], IGNORE_INDEX)  # [B, L]
-        positions = labels != IGNORE_INDEX  # [B, L] bool
+        # The loader's flat indices of the targets: their count is known on the host. A text extended on
+        # the device (tags), or a hand-built batch, selects them with a boolean mask (a host read).
+        positions = batch.get("mlm_positions") if ctx.extend_mlm_text is None else None  # [N] long
+        if positions is None:
+            labels = labels.masked_fill(~ctx.sample_mask[:, None], IGNORE_INDEX)  # [B, L]
+            positions = labels != IGNORE_INDEX  # [B, L] bool
+            targets = labels[positions]  # [N]
+        else:
+            targets = labels.flatten().index_select(0, positions)  # [N]
         out = ctx.joint(input_ids, text_mask, visual_tokens, visual_mask)
         ctx.mlm_output = out
         logits = model.mlm_logits(out, positions)  # [N, V]: only masked positions
         if logits.shape[0]:
-            return F.cross_entropy(wide(logits), labels[positions])
+            return F.cross_entropy(wide(logits), targets)
         return model.mlm_logits(out).sum() * 0.0  # no masked word in this micro-batch: keeps the graph connected

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from data_tools.errors import UserError, check
 
-from .base import StepContext, Term, TermConfig, masked_mean, register, wide
+from .base import StepContext, Term, TermConfig, masked_mean, register, sample_categorical, wide
 
 
 @dataclasses.dataclass
@@ -61,13 +61,13 @@ def pollute(tag_ids: Tensor, sample_mask: Tensor, probability: float) -> tuple[T
     """For each row, the row whose tags it gets [B] and whether those differ from its own [B] bool.
 
     With `probability` a real row takes the tags of another real row drawn uniformly (torch RNG, saved
-    in checkpoints); a row without another real row keeps its own."""
+    in checkpoints; on the device, `sample_categorical`); a row without another real row keeps its own."""
     b = tag_ids.shape[0]
     rows = torch.arange(b, device=tag_ids.device)
     others = sample_mask[None, :] & sample_mask[:, None] & (rows[None, :] != rows[:, None])  # [B, B]
     has_other = others.any(dim=1)
-    weights = torch.where(has_other[:, None], others.float(), torch.ones(b, b, device=tag_ids.device))
-    drawn = torch.multinomial(weights, 1).squeeze(1)  # [B]
+    logits = torch.zeros(b, b, device=tag_ids.device).masked_fill(has_other[:, None] & ~others, float("-inf"))
+    drawn = sample_categorical(logits)  # [B], uniform over the others (over all rows where there is none)
     swap = (torch.rand(b, device=tag_ids.device) < probability) & has_other & sample_mask
     source = torch.where(swap, drawn, rows)
     polluted = (tag_ids[source] != tag_ids).any(dim=1)  # [B]: equal tags are not polluted

@@ -96,7 +96,7 @@ class WRA(Term):
         input_ids, text_mask = batch["input_ids"], batch["text_mask"]  # [B, Lt]
         visual_tokens, visual_mask = ctx.visual
         if ctx.matched_hidden is None:
-            out = ctx.joint(input_ids, text_mask, visual_tokens, visual_mask, matched_rows=ctx.sample_mask)
+            out = ctx.joint(input_ids, text_mask, visual_tokens, visual_mask, matched_rows=ctx.matched_rows)
             ctx.matched_hidden = out.hidden
         hidden = ctx.matched_hidden  # [B, Lt + M, W]
         text_len = input_ids.shape[1]

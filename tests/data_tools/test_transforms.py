@@ -89,9 +89,9 @@ def test_collate_maps_phrases_to_tokens_and_follows_the_contract(tokenizer):
         s["negative"] = "a small blue circle left of a red square" if i != 1 else None
         samples.append(s)
     batch = collate(samples + [None], tokenizer=tokenizer, max_text_len=8, mlm_probability=0.15, seed=0, epoch=0, image_size=32)
-    expected = set(contract.TEXT_KEYS) | set(contract.NEGATIVE_KEYS) | {"sample_mask", "image_id", "key", "caption_index",
-                                                                        "pixel_values", "boxes", "phrase_tokens", "phrase_boxes",
-                                                                        "image_hw", "negative_kind", "box_categories"}
+    expected = set(contract.TEXT_KEYS) | set(contract.NEGATIVE_KEYS) | set(contract.STEP_KEYS) | {
+        "sample_mask", "image_id", "key", "caption_index", "pixel_values", "boxes", "phrase_tokens", "phrase_boxes",
+        "image_hw", "negative_kind", "box_categories"}
     assert set(batch) == expected
     assert batch["negative_kind"] == ["", "", "", ""]  # these negatives carry no kind
     assert batch["image_hw"].dtype == torch.long and batch["image_hw"].tolist() == [[32, 32]] * 4  # boxes' pixel frame

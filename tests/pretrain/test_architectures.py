@@ -1,4 +1,4 @@
-"""The architectures of `model.architecture` (issue 12), in process and fast:
+"""The architectures of `model.architecture`, in process and fast:
 
 - two_stream: IAIS blocks and loss at a co-attention block equal a direct, per-sample implementation of
   DESIGN.md 1 *Other architectures* (value and gradient, singular and distributed); the output is the
@@ -195,7 +195,7 @@ DUAL_ITC = (*DUAL, "objectives.itm=false", "objectives.mlm=false", "iais.enabled
 
 
 @pytest.mark.parametrize("module, overrides, field, words", [
-    ("pretrain", ("model.architecture=triple",), "model.architecture", "single_stream | two_stream | dual_encoder"),
+    ("pretrain", ("model.architecture=triple",), "model.architecture", "'single_stream' | 'two_stream' | 'dual_encoder'"),
     ("pretrain", ("model.architecture=two_stream", "model.cross_layers=0"), "model.cross_layers", ">= 1"),
     ("pretrain", DUAL, "iais.enabled", "IAIS is undefined"),
     ("pretrain", (*DUAL, "iais.enabled=false"), "objectives.itm.enabled", "ITC is its only objective"),
