@@ -3,11 +3,17 @@ re-cut and a two-dataset mixture, for 10M, 100M, 1B and 5B samples in 10,000-sam
 1024 ranks x 8 workers (8192 streams), as one rank does it.
 
 Prints one JSON object per (samples, case, implementation). `impl` is "runs" (data_tools/order.py)
-or "reference" (tests/data_tools/order_reference.py, today's per-sample implementation before this
-change), the baseline, run where it fits in memory (10M and 100M). Each measurement runs in its own
-subprocess; `seconds` is the timed part (setup such as writing the cursor to resume from is not
-timed), `peak_mb` the growth of the process's peak resident memory over its size when the timed
-part starts (ru_maxrss), `rss_mb` that peak in total (Python, numpy and the imports included).
+or "reference" (bench/order_per_sample.py, the per-sample implementation), the baseline, run where
+it fits in memory (10M and 100M). Each measurement runs in fresh subprocesses, so one case's memory
+never shows in another's:
+- `seconds`: the timed part, in a process that has only imported numpy and the order module. Setup
+  that a planning process would not do (writing the saved cursor to resume from) runs in another
+  subprocess beforehand; reading the cursor's JSON is timed, as the planning process must do it.
+- `peak_mb`: the process's peak resident memory (ru_maxrss, the kernel's high-water mark, so no
+  peak between samples is missed) above its resident size right after those imports (the import
+  baseline), in the same process as `seconds`. `rss_mb`: that peak in total.
+- `traced_mb`: the peak of Python and numpy allocations during the timed part (tracemalloc, which
+  numpy reports its buffers to), in a second process of its own (tracing slows the timed part).
 
 The cases, each what a rank does:
 - plan: the epoch list, the plan, this rank's cursor and batch schedule, the first block of each of
@@ -28,7 +34,9 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -72,17 +80,23 @@ def saved_cursor(order, samples: int) -> str:
     return json.dumps(cursor)
 
 
-def run_case(case: str, samples: int, impl: str) -> dict:
+def order_module(impl: str):
     if impl == "reference":
         sys.path.insert(0, str(REPO))
-        from tests.data_tools import order_reference as order
+        from bench import order_per_sample as order
     else:
         from data_tools import order
+    return order
+
+
+def run_case(case: str, samples: int, impl: str, cursor_path: str | None, traced: bool = False) -> dict:
+    order = order_module(impl)
+    before = rss_mb()  # the import baseline: Python, numpy and the order module
+    if traced:
+        tracemalloc.start()
+    start = time.perf_counter()
     layout = order.Layout(WORLD, WORKERS, BATCH, BLOCK)
     shards = (SHARD,) * (samples // SHARD)
-    saved = saved_cursor(order, samples) if case in ("resume", "recut") else None
-    before = rss_mb()
-    start = time.perf_counter()
     if case in ("plan", "mixture"):
         if case == "plan":
             sources = [order.Source(shards, sha256="a" * 64)]
@@ -93,16 +107,38 @@ def run_case(case: str, samples: int, impl: str) -> dict:
         cursor = plan.new_cursor(rank=0)
         extra = {"epoch_samples": len(plan.epoch_list), "batches": per_rank_work(order, plan, cursor)}
     else:
-        cursor = json.loads(saved)
+        cursor = json.loads(Path(cursor_path).read_text())
         epoch_list = order.EpochList([order.Source(shards, sha256="a" * 64)], 1, 0)
         target = layout if case == "resume" else order.Layout(WORLD // 2, WORKERS, BATCH, BLOCK)
         plan, cursor = order.resume(epoch_list, target, cursor)
         text = json.dumps(cursor)
         extra = {"base_runs": int(len(plan.base)), "cursor_json_mb": round(len(text) / 2**20, 2), "batches": per_rank_work(order, plan, cursor)}
     seconds = time.perf_counter() - start
+    if traced:
+        return {"traced_mb": round(tracemalloc.get_traced_memory()[1] / 2**20, 1)}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"bench": "order", "case": case, "samples": samples, "shards": len(shards), "streams": WORLD * WORKERS, "impl": impl,
             "seconds": round(seconds, 3), "peak_mb": round(max(0.0, peak - before), 1), "rss_mb": round(peak, 1), **extra}
+
+
+def measure(case: str, samples: int, impl: str) -> dict:
+    """One case in fresh processes: the saved cursor written by one, time and RSS in the next, traced in a third."""
+    def one(*args: str) -> str:
+        done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
+        if done.returncode:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1])
+        return done.stdout.strip()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cursor_path = str(Path(tmp) / "cursor.json")
+        try:
+            if case in ("resume", "recut"):
+                one("--write-cursor", str(samples), impl, cursor_path)
+            result = json.loads(one("--one", case, str(samples), impl, cursor_path))
+            result.update(json.loads(one("--one", case, str(samples), impl, cursor_path, "--traced")))
+        except RuntimeError as err:
+            return {"bench": "order", "case": case, "samples": samples, "impl": impl, "error": str(err)}
+    return result
 
 
 def main() -> None:
@@ -110,20 +146,24 @@ def main() -> None:
     parser.add_argument("--samples", default="10M,100M,1B,5B", help="comma-separated sample counts (K, M, B suffixes)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--reference-up-to", default="100M", help="run the reference baseline up to this many samples")
-    parser.add_argument("--one", nargs=3, metavar=("CASE", "SAMPLES", "IMPL"), help=argparse.SUPPRESS)  # the per-case subprocess
+    # the per-measurement subprocesses
+    parser.add_argument("--one", nargs=4, metavar=("CASE", "SAMPLES", "IMPL", "CURSOR"), help=argparse.SUPPRESS)
+    parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--write-cursor", nargs=3, metavar=("SAMPLES", "IMPL", "CURSOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_cursor:
+        samples, impl, path = args.write_cursor
+        Path(path).write_text(saved_cursor(order_module(impl), int(samples)))
+        return
     if args.one:
-        print(json.dumps(run_case(args.one[0], int(args.one[1]), args.one[2])), flush=True)
+        case, samples, impl, path = args.one
+        print(json.dumps(run_case(case, int(samples), impl, path, traced=args.traced)), flush=True)
         return
     limit = parse_count(args.reference_up_to)
     for samples in [parse_count(x) for x in args.samples.split(",")]:
         for case in args.cases.split(","):
             for impl in ("runs", "reference") if samples <= limit else ("runs",):
-                done = subprocess.run([sys.executable, __file__, "--one", case, str(samples), impl], capture_output=True, text=True, cwd=REPO)
-                if done.returncode:
-                    print(json.dumps({"bench": "order", "case": case, "samples": samples, "impl": impl, "error": done.stderr.strip().splitlines()[-1:]}), flush=True)
-                else:
-                    print(done.stdout.strip(), flush=True)
+                print(json.dumps(measure(case, samples, impl)), flush=True)
 
 
 if __name__ == "__main__":

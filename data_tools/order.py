@@ -49,6 +49,9 @@ READABLE_CURSOR_FORMATS = (1, 2)
 """2 stores the base encoded (runs.RUNS_ENCODING); 1 stored a list of [start, end] pairs and still loads."""
 _TAG_SHARDS, _TAG_BLOCK = 0x5AD5, 0xB10C
 """Distinct first words of the seed sequences, so shard permutations and block shuffles never share a stream."""
+_PARTIAL_ENTRIES = 1 << 18
+"""Entries of partly consumed blocks that a re-cut marks at once: a re-cut at thousands of streams has
+millions of them, and marking them all in one array cost most of its peak memory."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,30 +264,51 @@ class Plan:
 
         Worked out as runs of base indices, then mapped through the base: per stream, what is past
         its consumed whole blocks, less the entries taken from a partly consumed block (the only
-        place that looks at single entries, a block at a time). Cost: streams + base runs +
-        partly consumed blocks x shuffle_block.
+        place that looks at single entries, a bounded number of blocks at a time). Cost: streams +
+        base runs + partly consumed blocks x shuffle_block in time; memory in the runs left, not in
+        the entries of the partly consumed blocks.
         """
         blk, n = self.layout.shuffle_block, self.layout.num_streams
-        position = np.asarray([int(cursor["streams"][s]["position"]) for s in range(n)], dtype=np.int64)
+        position = np.fromiter((int(cursor["streams"][s]["position"]) for s in range(n)), dtype=np.int64, count=n)
         lo, hi = self._starts[:-1], self._starts[1:]  # [streams] base-index range of each stream
         full = np.minimum(hi, lo + (position // blk) * blk)  # whole blocks consumed up to here
         taken = position % blk
         partial = (taken > 0) & (full < hi)
         after = np.where(partial, np.minimum(hi, full + blk), full)  # untouched from here to hi
-        pieces = [np.stack([after, hi], axis=1)]
-        if partial.any():
-            ps = np.flatnonzero(partial)  # [partial blocks]
-            lengths = after[ps] - full[ps]
-            offsets = np.cumsum(lengths) - lengths  # where each block's entries start in `kept`
-            kept = np.ones(int(lengths.sum()), dtype=bool)  # [entries of partly consumed blocks]
-            firsts = runs_take(self.base, full[ps], self._base_ends).tolist()
-            for first, length, offset, count in zip(firsts, lengths.tolist(), offsets.tolist(), taken[ps].tolist()):
-                kept[offset + self._block_permutation(first, length)[:count]] = False
-            index = np.repeat(full[ps] - offsets, lengths) + np.arange(len(kept))  # base index of each entry
-            pieces.append(runs_from_positions(index[kept]))
-        index_runs = np.concatenate(pieces)
-        index_runs = index_runs[np.argsort(index_runs[:, 0], kind="stable")]
+        untouched = np.stack([after, hi], axis=1)[after < hi]  # [streams with entries past their partial block, 2]
+        ps = np.flatnonzero(partial)  # [partly consumed blocks], in base order
+        if len(ps) == 0:
+            return take_runs(self.base, coalesce(untouched), self._base_ends)
+        firsts = runs_take(self.base, full[ps], self._base_ends)  # epoch-list position of each block's first entry
+        rows = max(1, _PARTIAL_ENTRIES // blk)
+        pieces = []
+        for i in range(0, len(ps), rows):
+            chunk = ps[i:i + rows]
+            lengths = after[chunk] - full[chunk]
+            pieces.append(self._partial_block_runs(full[chunk], lengths, taken[chunk], firsts[i:i + rows]))
+        kept = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]  # [runs, 2] sorted: blocks in base order
+        del pieces
+        # merge the two sorted lists (each stream's untouched run follows its partial block's runs)
+        index_runs = np.insert(kept, np.searchsorted(kept[:, 0], untouched[:, 0]), untouched, axis=0)
+        del kept
         return take_runs(self.base, coalesce(index_runs), self._base_ends)
+
+    def _partial_block_runs(self, starts: np.ndarray, lengths: np.ndarray, taken: np.ndarray,
+                            firsts: np.ndarray) -> np.ndarray:
+        """Runs of base indices left in partly consumed blocks: block b covers base indices
+        [starts[b], starts[b] + lengths[b]), of which its first taken[b] entries in delivery order
+        are consumed; firsts[b] is the epoch-list position of its first entry (its shuffle's seed)."""
+        blk = self.layout.shuffle_block
+        kept = np.zeros((len(starts), blk + 1), dtype=bool)  # [blocks, blk + 1]: a False column ends each row's runs
+        kept[:, :blk] = np.arange(blk) < lengths[:, None]
+        for row, (first, length, count) in enumerate(zip(firsts.tolist(), lengths.tolist(), taken.tolist())):
+            kept[row, self._block_permutation(first, length)[:count]] = False
+        edges = np.diff(kept.reshape(-1).view(np.int8), prepend=np.int8(0))  # +1 where a run starts, -1 past it
+        del kept
+        run_starts, run_ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # flat, a run's in one row
+        row = run_starts // (blk + 1)
+        offset = starts[row] - row * (blk + 1)  # flat index -> base index
+        return np.stack([run_starts + offset, run_ends + offset], axis=1)
 
 
 def check_cursor(cursor: dict[str, Any], epoch_list: EpochList) -> None:

@@ -7,9 +7,10 @@ in-process pipeline (bench/bench_loader.py). A segment written again costs 0.7 m
 
 The contract that makes reuse safe: a pooled batch carries `pixel_lease`, a one-byte shared flag that
 the worker set to 1 when it filled the pixels; only `release_pixels(batch)` sets it back to 0, and
-the worker refills only buffers whose flag is 0. The training loop releases in
-`pretrain.engine.to_engine`, once the pixels are on the device (or normalised into new memory on a
-CPU device): nothing reads `pixel_uint8` after that. Any other consumer (a script that keeps every
+the worker refills only buffers whose flag is 0. The training loop releases through
+`pretrain.engine.to_engine` (pretrain.transfer), once the copy to the device has finished (a CUDA
+event recorded after it; on a CPU device at once, the copy being synchronous): nothing reads
+`pixel_uint8` after that. Any other consumer (a script that keeps every
 batch, a test) never releases, and the worker then takes fresh segments, as before: unreleased
 batches are never overwritten.
 """

@@ -63,26 +63,45 @@ def runs_from_positions(positions: np.ndarray) -> np.ndarray:
 
 def coalesce(runs: np.ndarray) -> np.ndarray:
     """Sorted, disjoint runs -> the same positions as maximal runs (empty runs dropped, touching ones joined)."""
-    runs = runs[runs[:, 1] > runs[:, 0]]
+    nonempty = runs[:, 1] > runs[:, 0]
+    if not nonempty.all():
+        runs = runs[nonempty]
+    del nonempty
     if len(runs) == 0:
         return empty_runs()
-    starts_new = np.concatenate([[True], runs[1:, 0] != runs[:-1, 1]])
-    first = np.flatnonzero(starts_new)
-    last = np.concatenate([first[1:] - 1, [len(runs) - 1]])
-    return np.stack([runs[first, 0], runs[last, 1]], axis=1)
+    first = np.flatnonzero(np.concatenate([[True], runs[1:, 0] != runs[:-1, 1]]))  # [maximal runs] their first run
+    if len(first) == len(runs):
+        return runs
+    merged = np.empty((len(first), 2), dtype=np.int64)
+    merged[:, 0] = runs[first, 0]
+    merged[:-1, 1] = runs[first[1:] - 1, 1]
+    merged[-1, 1] = runs[-1, 1]
+    return merged
 
 
 def take_runs(runs: np.ndarray, index_runs: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
     """The positions at the indices that `index_runs` (sorted, disjoint runs of indices into `runs`) name, as maximal runs.
 
     runs_take for whole ranges: each index run is split where it crosses from one run of `runs`
-    into the next, so the cost is len(index_runs) + len(runs), whatever the lengths.
+    into the next, so the cost is len(index_runs) + len(runs), whatever the lengths. Index runs are
+    mapped _TAKE_CHUNK at a time, so the temporaries stay small beside the result (a re-cut maps
+    hundreds of thousands of them).
     """
-    index_runs = index_runs[index_runs[:, 1] > index_runs[:, 0]]
-    if len(index_runs) == 0:
-        return empty_runs()
     ends = runs_ends(runs) if ends is None else ends
     starts = ends - (runs[:, 1] - runs[:, 0])  # index of each run's first position  [runs]
+    pieces = [_take_runs_chunk(runs, index_runs[i:i + _TAKE_CHUNK], starts, ends)
+              for i in range(0, len(index_runs), _TAKE_CHUNK)]
+    if not pieces:
+        return empty_runs()
+    return coalesce(np.concatenate(pieces) if len(pieces) > 1 else pieces[0])
+
+
+_TAKE_CHUNK = 1 << 16
+
+
+def _take_runs_chunk(runs: np.ndarray, index_runs: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """take_runs of one chunk of index runs, not coalesced."""
+    index_runs = index_runs[index_runs[:, 1] > index_runs[:, 0]]
     first = np.searchsorted(ends, index_runs[:, 0], side="right")  # run holding each index run's start
     last = np.searchsorted(ends, index_runs[:, 1] - 1, side="right")  # ... and its last index
     pieces = last - first + 1  # [index runs]
@@ -91,7 +110,7 @@ def take_runs(runs: np.ndarray, index_runs: np.ndarray, ends: np.ndarray | None 
     lo = np.maximum(index_runs[owner, 0], starts[run])
     hi = np.minimum(index_runs[owner, 1], ends[run])
     shift = runs[run, 0] - starts[run]
-    return coalesce(np.stack([lo + shift, hi + shift], axis=1))
+    return np.stack([lo + shift, hi + shift], axis=1)
 
 
 def encode_runs(runs: np.ndarray) -> dict[str, Any]:
