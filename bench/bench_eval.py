@@ -27,7 +27,7 @@ def main() -> None:
     from data_tools.collate import load_tokenizer
     from finetune import recall, scoring
     from finetune.eval_data import read_eval_set
-    from finetune.evaluate import load_weights
+    from finetune.evaluate import load_for_evaluation
     from pretrain.model import ModelConfig, RelAlignModel
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.weights:
-        loaded = load_weights(args.weights)
+        loaded = load_for_evaluation(args.weights)
         model, tokenizer, trained = loaded.model, loaded.tokenizer, loaded.source
     else:
         tokenizer = None

@@ -14,8 +14,7 @@ Interface (what the trainer codes against)::
     loader.set_epoch(epoch + 1)      # the next epoch starts from its first batch
     read_sample(dataset_dir, key)    # one sample by key through the manifest offsets
 
-After the last batch of an epoch the loader yields nothing more until `set_epoch`; after
-`load_state_dict`, `batches_remaining()` says how many batches the resumed epoch still has.
+After the last batch of an epoch the loader yields nothing more until `set_epoch`.
 Pixels leave the loader as uint8 `pixel_uint8` [B, S, S, 3] (data_tools.batch), not as normalised
 `pixel_values`: a quarter of the bytes across worker processes and to the device, and no float work
 on the host. The trainer's `pretrain.engine.to_engine` normalises them on the training device; any
@@ -39,7 +38,7 @@ import dataclasses
 import gc
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -56,6 +55,7 @@ from data_tools.order import merge_rank_cursors  # noqa: F401  (part of this mod
 from data_tools.packaged import packaged_folder
 from data_tools.shard_reader import DatasetRef, ShardReader, duplicate_positions, open_datasets, read_sample  # noqa: F401  (interface)
 from data_tools.transforms import transform_sample
+from data_tools.trust import Trust, prefix_problem
 
 
 @dataclasses.dataclass
@@ -64,6 +64,12 @@ class DataConfig:
 
     paths: list[str] = dataclasses.field(default_factory=list)
     """Dataset folders (each with dataset.json; shards listed there as paths, URLs or pipe: commands)."""
+    allow_pipe_from: list[str] = dataclasses.field(default_factory=list)
+    """Dataset folders whose `pipe:` shard locations may run as shell commands (default: none: a
+    dataset.json never runs a command on its own). Name only folders you trust."""
+    remote_allow: list[str] = dataclasses.field(default_factory=list)
+    """URL prefixes (`scheme://host/path/`) that dataset.json shard URLs may start with (default: none:
+    a data file cannot make the loader fetch from a host you did not name)."""
     weights: list[float] | None = None
     """Mixture weights, one per path: each dataset contributes round(weight x size) samples per epoch."""
     batch_size: int = 8
@@ -91,7 +97,7 @@ class DataConfig:
     """Train transforms (random resized crop) or eval transforms (resize, centre crop)."""
     flip: bool = False
     """Random horizontal flip in train mode (off by default: captions name left and right)."""
-    visual: str = "pixels"
+    visual: Literal["pixels", "features"] = "pixels"
     """Visual input: "pixels" (decoded images) or "features" (the samples' feat.npy/pos.npy)."""
     max_tag_len: int = 0
     """Token length of the object tags `[CLS] tags [SEP]` (the boxes' `box_labels`) in `tag_ids`;
@@ -108,6 +114,18 @@ class DataConfig:
         check("data.crop_scale", self.crop_scale, len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "[low, high] with 0 < low <= high <= 1")
         check("data.mlm_probability", self.mlm_probability, 0.0 <= float(self.mlm_probability) < 1.0, "a number in [0, 1)")
         check("data.visual", self.visual, self.visual in ("pixels", "features"), "'pixels' or 'features'")
+        for name in ("allow_pipe_from", "remote_allow"):
+            value = getattr(self, name)
+            check(f"data.{name}", value, isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+                  "a list of strings")
+        for prefix in self.remote_allow:
+            problem = prefix_problem(prefix)
+            check("data.remote_allow", prefix, problem is None, str(problem))
+
+    @property
+    def trust(self) -> Trust:
+        """The opt-ins of this config for `pipe:` and URL shard locations (data_tools.trust)."""
+        return Trust(tuple(self.allow_pipe_from), tuple(self.remote_allow), "config")
 
 
 def tokenizer_folder(config: DataConfig) -> Path:
@@ -323,7 +341,7 @@ class Loader:
         check("world_size", world_size, isinstance(world_size, int) and world_size >= 1, "an integer >= 1")
         check("rank", rank, isinstance(rank, int) and 0 <= rank < world_size, f"an integer in [0, {world_size})")
         self.config, self.rank = config, rank
-        self.datasets = open_datasets(config.paths, config.weights)
+        self.datasets = open_datasets(config.paths, config.weights, config.trust)
         vocabulary = category_vocabulary(config.paths) if categories is None else categories
         self.categories = {name: i for i, name in enumerate(vocabulary)}
         """Box label -> class index (batches' `box_categories`): `categories` where given (a held-out
@@ -350,10 +368,6 @@ class Loader:
     def batches_per_epoch(self) -> int:
         """Batches per rank in a full epoch: the same on every rank, from dataset.json counts."""
         return order.Plan(order.EpochList(self._sources(), self.config.seed, 0), self.layout).batches_per_rank()
-
-    def batches_remaining(self) -> int:
-        """Batches this rank still yields in the current epoch (after a resume: fewer)."""
-        return len(self._plan.rank_schedule(self._cursor, self.rank))
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's cursor now (the same as the last batch's `cursor`)."""

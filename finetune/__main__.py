@@ -44,15 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     overrides = list(args.overrides) + ([f"finetune.init={args.init}"] if args.init else []) \
         + ([f"resume={args.resume}"] if args.resume else [])
-    cfg, resume_path = prepare(load_finetune_config, args.config, overrides)
-    return run_training(cfg, resume_path, FinetuneTask, prog="finetune")
+    cfg, resume = prepare(load_finetune_config, args.config, overrides)
+    return run_training(cfg, resume, FinetuneTask, prog="finetune")
 
 
 def _config_reference(argv: list[str]) -> int:
     """Print the configuration reference (every section, the finetuning one included), or write it
     between the README's markers with --readme."""
-    import finetune.config  # noqa: F401  (registers the `finetune` section)
     from data_tools.errors import OneLineParser
+    from finetune.config import SECTIONS
     from pretrain.config_reference import generate, write_readme
 
     parser = OneLineParser(prog="python -m finetune config-reference", allow_abbrev=False,
@@ -61,10 +61,10 @@ def _config_reference(argv: list[str]) -> int:
                                          "(e.g. README.md) instead of printing it")
     args = parser.parse_args(argv)
     if args.readme:
-        write_readme(args.readme)
+        write_readme(args.readme, SECTIONS)
         print(f"wrote the configuration reference into {args.readme}")
     else:
-        print(generate(), end="")
+        print(generate(SECTIONS), end="")
     return 0
 
 

@@ -5,25 +5,23 @@
 A preset's `finetune:` section holds the recipe and `overrides`: dotted settings applied before the
 command line's when finetuning (the paper's optimiser values: lr 5e-5, betas (0.9, 0.98), weight
 decay 0.01, clip 2.0, 500 warm-up steps of 5000), so one preset file serves both stages. The same
-schema validates everything (pretrain.config), before any process group starts.
+schema validates everything (pretrain.config), before any process group starts: this entry point
+declares its section to it (`SECTIONS`), nothing registers itself on import.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 from data_tools.errors import UserError, check
-from pretrain.config import Config, check_environment, config_from_dict, register_section
+from pretrain.config import Config, config_from_dict
+from pretrain.preflight import check_environment
 from pretrain.config_schema import apply_override, read_yaml
 
-RECIPES = ("hard_negative", "itc_itm", "itc")
 ITM_RECIPES = ("hard_negative", "itc_itm")
 """Recipes that score pairs with ITM (a joint pass): not for model.architecture=dual_encoder."""
-BATCH_KINDS = ("alternate", "image", "caption")
-MINING = ("random_n", "itc_topk")
-EVAL_MODES = ("full", "rerank", "embedding")
 
 
 @dataclasses.dataclass
@@ -57,6 +55,9 @@ class FinetuneConfig:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Dotted settings applied before the command line's when finetuning (e.g. optimizer.lr: 5.0e-5)."""
 
+    resume_mutable: ClassVar[tuple[str, ...]] = ("init",)
+    """Fields a resume may change (pretrain.checkpoint.check_resume): a resumed run has its weights."""
+
     def __post_init__(self) -> None:
         check("finetune.candidates", self.candidates, self.candidates >= 1, "an integer >= 1")
         check("finetune.hard", self.hard, 1 <= self.hard <= self.candidates,
@@ -65,11 +66,8 @@ class FinetuneConfig:
         check("finetune.eval_k", self.eval_k, self.eval_k >= 1, "an integer >= 1")
 
 
-def _build_section(value: Any, build: Any) -> FinetuneConfig | None:
-    return None if value is None else build(FinetuneConfig, value, "finetune")
-
-
-register_section("finetune", _build_section, mutable=("init",))
+SECTIONS = {"finetune": FinetuneConfig}
+"""The top-level sections `python -m finetune` adds to the schema (pretrain.config.config_from_dict)."""
 
 
 def load_finetune_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
@@ -84,7 +82,7 @@ def load_finetune_config(path: str | os.PathLike | None, overrides: Sequence[str
     for override in overrides:
         apply_override(tree, override)
     tree.setdefault("finetune", {})
-    cfg = config_from_dict(tree)
+    cfg = config_from_dict(tree, SECTIONS)
     check_finetune_architecture(cfg)
     check_environment(cfg)
     check_init(cfg)
@@ -112,16 +110,16 @@ def check_init(cfg: Config) -> None:
     init = cfg.finetune.init
     if init is None:
         return
-    from finetune.weights import resolve_weights
+    from pretrain.weights import find_model_weights
 
-    source = resolve_weights(init)
+    source = find_model_weights(init)
     mine = dataclasses.asdict(cfg.model)
     theirs = dataclasses.asdict(source.model_config)
-    ignore = {"vocab_size", "init_from", "dropout", "attention_dropout"}
+    ignore = {"vocab_size", "init_from", "dropout", "attention_dropout", "freeze_text"}  # training choices
     diffs = [f"{k}: {theirs[k]!r} (weights) vs {mine[k]!r} (config)" for k in sorted(mine)
              if k not in ignore and mine[k] != theirs.get(k)]
     if diffs:
         raise UserError(f"finetune.init={init}: the weights were trained with another model configuration: "
                         f"{'; '.join(diffs)}")
-    if source.tokenizer_folder is not None and cfg.data.tokenizer is None:
-        cfg.data.tokenizer = str(Path(source.tokenizer_folder).resolve())
+    if source.tokenizer_dir is not None and cfg.data.tokenizer is None:
+        cfg.data.tokenizer = str(Path(source.tokenizer_dir).resolve())

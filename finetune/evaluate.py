@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 
 from data_tools.errors import ExitCode, OneLineParser, UserError
+from data_tools.shard_reader import open_datasets
+from data_tools.trust import add_trust_arguments, command_trust
 
 from . import isd_eval, plots, recall, relation, report, scoring
 from .eval_data import EvalSet, read_eval_set
@@ -42,23 +44,20 @@ class Loaded:
     source: str
 
 
-def load_weights(path: str | Path) -> Loaded:
-    """A run directory, checkpoint folder or export folder -> model (eval mode) and tokenizer."""
-    from data_tools.collate import load_tokenizer
-    from finetune.weights import resolve_weights
+def load_for_evaluation(path: str | Path) -> Loaded:
+    """A run directory, checkpoint folder or export folder -> model (eval mode), tokenizer, and what
+    the evaluation takes from the run (its directory, its data.max_text_len)."""
+    from pretrain.weights import find_model_weights, load_model
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"WEIGHTS {path}: no such file or folder (a run directory, a checkpoint or an export)")
-    source = resolve_weights(path)
-    model = source.build_model()
-    tokenizer = load_tokenizer(source.tokenizer_folder) if source.tokenizer_folder is not None else None
+    source = find_model_weights(path)
+    model, tokenizer = load_model(source)
     run_dir = path if (path / "checkpoints").is_dir() else None
     max_text_len = None
-    if source.kind == "checkpoint":
-        from pretrain.checkpoint import read_client_state
-
-        max_text_len = (read_client_state(source.path)["config"].get("data") or {}).get("max_text_len")
+    if source.run_state is not None:
+        max_text_len = (source.run_state.config.get("data") or {}).get("max_text_len")
     return Loaded(model, tokenizer, run_dir, max_text_len, str(source.path))
 
 
@@ -207,12 +206,13 @@ def evaluate_model(model, tokenizer, dataset: str | Path | EvalSet, **options: A
     `out_dir` additionally writes the report there (rank 0).
     """
     out_dir = options.pop("out_dir", None)
+    trust = options.pop("trust", None)  # the run's data.allow_pipe_from / data.remote_allow (data_tools.trust)
     options.setdefault("plots", 0)
     opts = Options(**options)
     inner = scoring.unwrap(model)
     if not isinstance(dataset, EvalSet):
         visual, image_size = _visual_input(inner)
-        dataset = read_eval_set(dataset, image_size=image_size, visual=visual)
+        dataset = read_eval_set(dataset, image_size=image_size, visual=visual, trust=trust)
     report_dict, figures = run_evaluation(inner, tokenizer, dataset, opts)
     if out_dir is not None and scoring.rank_and_world()[0] == 0:
         report_dict.update(name=Path(out_dir).name, weights="(in memory)", data=dataset.name)
@@ -241,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=None, help="also average recall over N image folds (COCO 1K: 5)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    add_trust_arguments(p)
     return p
 
 
@@ -259,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--pairs needs --images DIR (the folder of the images the files name)")
     if args.limit is not None and args.limit <= 0:
         raise UserError(f"--limit {args.limit}: expected an integer >= 1")
-    loaded = load_weights(args.weights)
+    trust = command_trust(args, [args.data])
+    open_datasets([args.data], trust=trust)  # dataset.json and its shard locations, before the weights load
+    loaded = load_for_evaluation(args.weights)
     model = loaded.model
     options.max_text_len = loaded.max_text_len
     options.check(model.config)
@@ -282,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--pairs needs a model that reads pixels (model.visual_embedder patch or grid)")
         paths, pair_triples = relation.load_sugarcrepe(args.pairs, args.images)
         pair_images = relation.load_images(paths, image_size)
-    eval_set = read_eval_set(args.data, image_size=image_size, visual=visual, limit=args.limit)
+    eval_set = read_eval_set(args.data, image_size=image_size, visual=visual, limit=args.limit, trust=trust)
     _init_distributed()
     report_dict, figures = run_evaluation(model, tokenizer, eval_set, options, pair_images, pair_triples)
     report_dict = {"name": name, "weights": loaded.source, "data": str(args.data), **report_dict}

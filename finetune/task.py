@@ -15,7 +15,7 @@ from finetune.candidates import CandidateStore
 from finetune.hinge import HardNegativeHinge
 from pretrain.evaluator import Evaluator, cadence_due
 from pretrain.iais import IAISRegularizer
-from pretrain.objectives import CompositeObjective, IAISTerm, Objective, Progress, term_sections
+from pretrain.objectives import CompositeObjective, IAISTerm, Objective, Progress
 from pretrain.task import new_model
 
 
@@ -36,10 +36,10 @@ class FinetuneTask:
     def build_model(self, tokenizer: Any, fresh: bool, say: Callable[[str], None]) -> torch.nn.Module:
         model = new_model(self.cfg.model, tokenizer)
         if fresh and self.ft.init is not None:
-            from finetune.weights import load_weights, resolve_weights
+            from pretrain.weights import copy_weights, find_model_weights
 
-            source = resolve_weights(self.ft.init)
-            load_weights(model, source.state_dict(), source.path)
+            source = find_model_weights(self.ft.init)
+            copy_weights(model, source.state_dict(), source.path)
             say(f"finetune.init={self.ft.init}: weights of {source.path}")
         elif fresh and self.cfg.model.init_from is not None:
             from pretrain.model import load_hf_text_weights
@@ -54,8 +54,9 @@ class FinetuneTask:
         extra = [IAISTerm(self.regularizer)] if self.regularizer is not None else []
         if self.ft.recipe in ("itc_itm", "itc"):
             kept = ("itc", "itm") if self.ft.recipe == "itc_itm" else ("itc",)
-            sections = {name: dataclasses.replace(section, enabled=name in kept and section.enabled)
-                        for name, section in term_sections(self.cfg.objectives).items()}
+            terms = {name: dataclasses.replace(section, enabled=name in kept and section.enabled)
+                     for name, section in self.cfg.objectives.terms.items()}
+            sections = dataclasses.replace(self.cfg.objectives, sampling="joint", terms=terms)
             return CompositeObjective.from_sections(sections, extra)
         store = CandidateStore(self.cfg.data, self.tokenizer)
         return CompositeObjective([HardNegativeHinge(self.ft, store, self.cfg.data.seed), *extra])
@@ -86,7 +87,8 @@ class RetrievalEvaluator:
         try:
             with _gathered(engine):
                 results = evaluate_model(model.eval(), self.tokenizer, paths[0], mode=self.cfg.finetune.eval_mode,
-                                         k=self.cfg.finetune.eval_k, max_text_len=self.cfg.data.max_text_len)
+                                         k=self.cfg.finetune.eval_k, max_text_len=self.cfg.data.max_text_len,
+                                         trust=self.cfg.data.trust)
         finally:
             torch.set_rng_state(rng)
             model.train(was_training)

@@ -52,16 +52,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pretrain.config import load_config
 
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    cfg, resume_path = prepare(load_config, args.config, overrides)
-    return run_training(cfg, resume_path)
+    cfg, resume = prepare(load_config, args.config, overrides)
+    return run_training(cfg, resume)
 
 
 def prepare(load, config: str | None, overrides: list[str]):
     """Every check before any process group starts: the configuration (with the DeepSpeed JSON a
     launcher names, e.g. accelerate's deepspeed_config_file, where zero.deepspeed_config is unset)
-    and the one resume check. Returns (cfg, checkpoint to resume or None)."""
+    and the one resume check. Returns (cfg, pretrain.checkpoint.Resume or None)."""
     from pretrain import dist_env
-    from pretrain.config import check_resume
+    from pretrain.checkpoint import check_resume
 
     cfg = load(config, overrides)
     launcher_json = dist_env.launcher_deepspeed_config()
@@ -70,7 +70,7 @@ def prepare(load, config: str | None, overrides: list[str]):
     return cfg, check_resume(cfg)
 
 
-def run_training(cfg, resume_path, task_factory=None, prog: str = "pretrain") -> int:
+def run_training(cfg, resume, task_factory=None, prog: str = "pretrain") -> int:
     """Start the process group, train `task_factory(cfg)` (default: pretraining), tear down and exit
     the process with the run's code. Shared by every training command (`prog` names it in errors)."""
     from pretrain import dist_env
@@ -89,7 +89,7 @@ def run_training(cfg, resume_path, task_factory=None, prog: str = "pretrain") ->
     try:
         from pretrain.train import train
 
-        code = int(train(cfg, env, task_factory(cfg) if task_factory else None, resume_path))
+        code = int(train(cfg, env, task_factory(cfg) if task_factory else None, resume))
     except UserError as err:
         code = int(err.exit_code)
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)

@@ -4,7 +4,7 @@ elastic resume.
 Layout (DESIGN.md 3):
 
     <run>/checkpoints/<tag>/            DeepSpeed state (model, optimizer, scheduler) + ours:
-        client_state.json               step, epoch, global data cursor, config (+ hash), world size
+        client_state.json               pretrain.run_state.RunState: step, epoch, data cursor, config (+ hash), ...
         rng/rank<r>.pt                  every rank's RNG states (torch, python, numpy)
         tokenizer/                      the tokenizer the run trains with
     <run>/checkpoints/latest            tag of the newest complete checkpoint (the commit marker)
@@ -17,33 +17,36 @@ Elastic resume (another world size) at ZeRO 1-3 goes through DeepSpeed's univers
 rank 0 converts `<tag>` into `<tag>.universal` with `deepspeed.checkpoint.ds_to_universal` and every
 rank loads it with `checkpoint.load_universal`. ZeRO 0 keeps full states in every rank's file and
 loads at any world size directly.
+
+Resume identity: a checkpoint continues a run only when the configuration it was trained with equals
+this run's outside the fields a resume may change (`RESUME_MUTABLE`, and the fields a section class
+lists in its `resume_mutable`); `check_resume` says so once, before any process group starts, and
+returns the checkpoint with its run state (read once per resume).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
 import random
 import shutil
-import signal
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from data_tools.errors import UserError, atomic_replace, atomic_write_text, check
+from pretrain import testing_hooks
+from pretrain.config_schema import to_dict
 from pretrain.distributed import barrier, broadcast_object
+from pretrain.run_state import CLIENT_STATE, RunState, read_run_state, write_run_state
 
 LATEST = "latest"
-CLIENT_STATE = "client_state.json"
 TMP_PREFIX = ".tmp-"
 UNIVERSAL_SUFFIX = ".universal"
-FAULT_ENV = "RELALIGN_KILL_DURING_SAVE"
-"""Fault injection for the crash tests: a process whose environment sets this to a tag SIGKILLs
-itself after writing its part of that checkpoint and before the commit."""
 
 
 @dataclasses.dataclass
@@ -133,8 +136,109 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
                     f"(expected <run>/checkpoints/<tag>/{CLIENT_STATE})")
 
 
-def read_client_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / CLIENT_STATE).read_text(encoding="utf-8"))
+# --- resume identity -----------------------------------------------------------------------------
+RESUME_MUTABLE = (
+    "data.paths", "data.workers", "data.batch_size", "data.weights", "data.tokenizer", "data.allow_pipe_from",
+    "data.remote_allow", "metrics", "run", "resume", "eval", "profile", "train.log_every", "train.lost_rank_timeout_s", "train.record_keys",
+    "train.grad_accumulation", "checkpoint", "zero.deepspeed_config", "tf32",
+)
+"""Fields that may differ between a checkpoint's config and the resuming run's (world size too).
+Any other difference is refused: the resumed run would not continue the same training. A section
+class adds its own with a `resume_mutable` class attribute (field names within the section)."""
+
+
+class Resume(NamedTuple):
+    """A checkpoint to continue from and its run state, read once (by `check_resume`)."""
+
+    path: Path
+    state: RunState
+
+
+def mutable_fields(cfg: Any) -> list[str]:
+    """RESUME_MUTABLE plus the `resume_mutable` fields of the sections `cfg` holds (e.g. finetune.init)."""
+    extra = [f"{f.name}.{name}" for f in dataclasses.fields(cfg)
+             for name in getattr(getattr(cfg, f.name), "resume_mutable", ())]
+    return [*RESUME_MUTABLE, *extra]
+
+
+def _strip(tree: dict[str, Any], dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    if isinstance(tree, dict):
+        tree.pop(last, None)
+
+
+def training_identity(tree: dict[str, Any], mutable: list[str]) -> dict[str, Any]:
+    """A config's plain data without the fields a resume may change."""
+    tree = json.loads(json.dumps(tree))
+    for dotted in mutable:
+        _strip(tree, dotted)
+    return tree
+
+
+def config_hash(cfg: Any) -> str:
+    """sha256 of the training identity: equal for configs that train the same run."""
+    blob = json.dumps(training_identity(to_dict(cfg), mutable_fields(cfg)), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def with_new_defaults(saved: Any, current: Any) -> Any:
+    """The saved config tree with every field it lacks at that field's default in `current`'s classes:
+    a field added to the schema after the checkpoint was written trained at its default (a new field
+    defaults to the behaviour before it), so it does not stop an older checkpoint from resuming."""
+    if hasattr(current, "as_tree"):
+        current = current.as_tree()
+    if not isinstance(saved, dict):
+        return saved
+    if isinstance(current, dict):
+        return {key: with_new_defaults(value, current.get(key)) for key, value in saved.items()} | {
+            key: to_dict(type(value)()) for key, value in current.items()
+            if key not in saved and dataclasses.is_dataclass(value)}
+    if not dataclasses.is_dataclass(current):
+        return saved
+    out = dict(saved)
+    for field in dataclasses.fields(current):
+        if field.name in out:
+            out[field.name] = with_new_defaults(out[field.name], getattr(current, field.name))
+        elif field.default is not dataclasses.MISSING:
+            out[field.name] = to_dict(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            out[field.name] = to_dict(field.default_factory())
+    return out
+
+
+def resume_differences(saved: dict[str, Any], current: Any) -> list[str]:
+    """Dotted fields whose values differ between a checkpoint's config and this run's (a field the
+    checkpoint's config lacks counts at its default: `with_new_defaults`)."""
+    mutable = mutable_fields(current)
+    a, b = training_identity(with_new_defaults(saved, current), mutable), training_identity(to_dict(current), mutable)
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y)):
+                walk(x.get(key), y.get(key), f"{path}.{key}" if path else key)
+        elif x != y:
+            out.append(f"{path}: {x!r} -> {y!r}")
+
+    walk(a, b, "")
+    return out
+
+
+def check_resume(cfg: Any) -> Resume | None:
+    """The checkpoint to resume from (None: a fresh start), checked once before any process group
+    starts; UserError when it cannot continue this run: missing, incomplete, or trained with a
+    configuration that differs beyond the resume-mutable fields."""
+    path = resolve_resume(cfg.resume, cfg.run.path)
+    if path is None:
+        return None
+    state = read_run_state(path)
+    diffs = resume_differences(state.config, cfg)
+    if diffs:
+        raise UserError(f"resume: {path} was trained with a different configuration; only the world size and "
+                        f"the fields in pretrain.checkpoint.RESUME_MUTABLE may change: {'; '.join(diffs)}")
+    return Resume(path, state)
 
 
 # --- the manager ---------------------------------------------------------------------------------
@@ -158,7 +262,7 @@ class CheckpointManager:
             return self.config.at_end or bool(every)
         return bool(every) and step % every == 0
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any], tokenizer: Any = None) -> Path:
+    def save(self, engine: Any, step: int, run_state: RunState, tokenizer: Any = None) -> Path:
         """All ranks: DeepSpeed state + RNG into `.tmp-<tag>`, barrier, rank 0 commits. Returns the tag path."""
         from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                     UNIVERSAL_CHECKPOINT_VERSION_VALUE)
@@ -179,10 +283,9 @@ class CheckpointManager:
         if self.rank == 0:
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            state = dict(client_state, world_size=self.world_size, saved_at=time.time(), tag=tag)
-            atomic_write_text(tmp / CLIENT_STATE, json.dumps(state, indent=1))
-        if os.environ.get(FAULT_ENV) == tag:  # fault injection for tests: die with the save half done
-            os.kill(os.getpid(), signal.SIGKILL)
+            write_run_state(tmp, dataclasses.replace(run_state, world_size=self.world_size, saved_at=time.time(),
+                                                     tag=tag))
+        testing_hooks.checkpoint_part_written(tag)
         barrier()  # every rank has written its part
         final = self.root / tag
         if self.rank == 0:
@@ -205,9 +308,9 @@ class CheckpointManager:
             if p.is_dir() and (p.name.startswith(TMP_PREFIX) or stale_universal):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine: Any, path: Path, universal: bool) -> dict[str, Any]:
+    def load(self, engine: Any, resume: Resume, universal: bool) -> None:
         """All ranks: load DeepSpeed state (converted to universal first when asked), restore RNG."""
-        state = read_client_state(path)
+        path = resume.path
         if universal:
             target = universal_path(path)
             load_path, load_root, load_tag = target, str(target.parent), target.name
@@ -225,9 +328,8 @@ class CheckpointManager:
         if loaded is None:
             raise UserError(f"resume: DeepSpeed could not load {load_path}")
         rng_file = path / "rng" / f"rank{self.rank}.pt"
-        if state["world_size"] == self.world_size and rng_file.is_file():
+        if resume.state.world_size == self.world_size and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
-        return state
 
 
 def universal_path(path: Path) -> Path:

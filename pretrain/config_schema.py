@@ -9,6 +9,8 @@ is allowed. `pretrain.config` assembles the sections.
     apply_override(tree, "optimizer.lr=1e-4")        # YAML-typed: x=[a, b] is a list, x=null is None
 
 A string that reads as a number is accepted for a float field because PyYAML reads `1e-4` as a string.
+A section whose keys are not fixed fields (`objectives`: one key per registered term) builds itself
+with a `from_tree(value, build)` class method and writes itself back with `as_tree()`.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     if origin is Literal:
         check(field, value, value in args, " | ".join(repr(a) for a in args))
         return value
+    if hasattr(tp, "from_tree"):
+        return tp.from_tree(value, build)
     if dataclasses.is_dataclass(tp):
         check(field, value, isinstance(value, dict), f"a mapping of {tp.__name__} fields")
         return build(tp, value, field)
@@ -128,6 +132,8 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 def to_dict(obj: Any) -> Any:
     """Plain YAML/JSON data of a config (tuples become lists)."""
+    if hasattr(obj, "as_tree"):
+        return to_dict(obj.as_tree())
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

@@ -5,14 +5,13 @@
     DIR/tokenizer/            the tokenizer the run trained with (Hugging Face folder)
     DIR/export.json           source checkpoint, step, config hash
 
-`load_exported(DIR)` rebuilds the model (eval mode) and the tokenizer; finetuning and evaluation
-start from it. Safetensors: loading exported weights never unpickles anything.
+`pretrain.weights` loads it back (as it loads a run or a checkpoint): finetuning, evaluation and the
+round-trip test all start there. Safetensors: loading exported weights never unpickles anything.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import pickle
@@ -23,7 +22,9 @@ from typing import Any, Iterator
 import torch
 
 from data_tools.errors import ExitCode, UserError
-from pretrain.checkpoint import read_client_state, resolve_resume
+from pretrain.checkpoint import resolve_resume
+from pretrain.config_schema import to_dict
+from pretrain.run_state import read_run_state
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -81,14 +82,6 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v.detach().float().contiguous().clone() for k, v in state.items() if k.startswith(prefix)}
 
 
-def _model_config(client: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    from pretrain.config_schema import build
-    from pretrain.model import ModelConfig
-
-    model_cfg = build(ModelConfig, client["config"]["model"], "model")
-    return dataclasses.asdict(dataclasses.replace(model_cfg, vocab_size=vocab_size))
-
-
 def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the newest complete checkpoint of `run` (or the checkpoint `run` names) into `out`."""
     from safetensors.torch import save_file
@@ -96,42 +89,21 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     checkpoint = resolve_resume(str(run), Path(run))
     if checkpoint is None:
         raise UserError(f"export: {run} has no complete checkpoint")
-    client = read_client_state(checkpoint)
-    state = consolidated_state_dict(checkpoint)
+    state = consolidated_state_dict(checkpoint)  # first: a hostile state file is refused before anything else
+    run_state = read_run_state(checkpoint)
     embedding = next((v for k, v in state.items() if k.endswith("word_embeddings.weight")), None)
     if embedding is None:
         raise UserError(f"export: {checkpoint} has no word embedding table; not a relalign model checkpoint")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "source": str(checkpoint)})
-    (out / MODEL_CONFIG).write_text(json.dumps(_model_config(client, int(embedding.shape[0])), indent=1))
+    model_config = run_state.model_config(vocab_size=int(embedding.shape[0]))
+    (out / MODEL_CONFIG).write_text(json.dumps(to_dict(model_config), indent=1))
     if (checkpoint / TOKENIZER).is_dir():
         shutil.rmtree(out / TOKENIZER, ignore_errors=True)
         shutil.copytree(checkpoint / TOKENIZER, out / TOKENIZER)
     (out / "export.json").write_text(json.dumps({
-        "checkpoint": str(checkpoint.resolve()), "step": client["step"], "config_hash": client["config_hash"],
+        "checkpoint": str(checkpoint.resolve()), "step": run_state.progress.step, "config_hash": run_state.config_hash,
         "parameters": int(sum(v.numel() for v in state.values())),
     }, indent=1))
     return out
-
-
-def load_exported(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
-    """(the model in eval mode, tokenizer or None) from an export folder."""
-    from safetensors.torch import load_file
-
-    from pretrain.model import ModelConfig, build_model
-
-    folder = Path(folder)
-    if not (folder / WEIGHTS).is_file() or not (folder / MODEL_CONFIG).is_file():
-        raise UserError(f"{folder}: not an exported model (expected {WEIGHTS} and {MODEL_CONFIG})")
-    config = ModelConfig(**json.loads((folder / MODEL_CONFIG).read_text()))
-    model = build_model(config)
-    state = load_file(str(folder / WEIGHTS))
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    tokenizer = None
-    if (folder / TOKENIZER).is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER))
-    return model, tokenizer

@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import typing
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -36,10 +38,12 @@ from .iais_fused import DISTRIBUTED_EPS, LOG_FLOOR, pair_divergence_outputs
 from .model.encoder import AttentionBlocks, key_bias
 from .profiling import IAIS_LOSS
 
-MODES = ("singular", "distributed")
-DIRECTIONS = ("L", "V", "both", "alternate")
-NORMALIZATIONS = ("softmax", "sum")
-SCHEDULES = ("constant", "linear", "exp", "log")
+Mode = Literal["singular", "distributed"]
+Direction = Literal["L", "V", "both", "alternate"]
+Normalization = Literal["softmax", "sum"]
+Schedule = Literal["constant", "linear", "exp", "log"]
+MODES, DIRECTIONS = typing.get_args(Mode), typing.get_args(Direction)
+NORMALIZATIONS, SCHEDULES = typing.get_args(Normalization), typing.get_args(Schedule)
 
 
 @dataclasses.dataclass
@@ -48,15 +52,15 @@ class IAISConfig:
 
     enabled: bool = True
     """Apply the regulariser (False: zero loss, no attention blocks computed)."""
-    mode: str = "singular"
+    mode: Mode = "singular"
     """singular (argmax alignment, the paper's best) | distributed (attention-weighted alignment)."""
-    direction: str = "both"
+    direction: Direction = "both"
     """L (text relations from the image) | V (image relations from the text) | both (sum) | alternate (L even steps, V odd)."""
-    normalization: str = "softmax"
+    normalization: Normalization = "softmax"
     """Row normalisation of the singular pseudo matrix: softmax (official code) | sum (divide by row sum)."""
     weight: float = 1.0
     """lambda: the loss weight at the end of the schedule."""
-    schedule: str = "exp"
+    schedule: Schedule = "exp"
     """Weight ramp s(p), p = step / total_steps: constant | linear | exp (official: exp(5 (p - 1))) | log (1 - exp(-5 p))."""
     layers: list[int] = dataclasses.field(default_factory=lambda: [-1])
     """Layers to regularise; negative counts from the end (official: the last, -1). For model.architecture=two_stream

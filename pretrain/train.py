@@ -1,7 +1,7 @@
 """The one training loop: a task's batches -> its objective -> the DeepSpeed step, with checkpoints,
 evaluation, non-finite handling and preemption.
 
-    code = train(cfg, env, task, resume_path)     # ExitCode: OK, PREEMPTED (UserError: NONFINITE, ...)
+    code = train(cfg, env, task, resume)          # ExitCode: OK, PREEMPTED (UserError: NONFINITE, ...)
 
 Per optimizer step every rank consumes `accumulation` micro-batches (equal counts per rank, so no
 rank waits at a collective), runs the objective and the engine's backward/step. Two agreements keep
@@ -15,105 +15,33 @@ evaluate, the metrics logger what the throughput was.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch.profiler import record_function
 
-from data_tools.errors import ExitCode, UserError, check
+from data_tools.errors import ExitCode, UserError
 from data_tools.loader import Loader, merge_rank_cursors
-from pretrain.checkpoint import CheckpointManager, convert_to_universal, read_client_state
+from pretrain import testing_hooks
+from pretrain.checkpoint import CheckpointManager, Resume, config_hash, convert_to_universal
+from pretrain.config_schema import to_dict
 from pretrain.dist_env import record_rank_host
 from pretrain.distributed import all_gather_object, any_rank
 from pretrain.engine import BatchGeometry, EngineSpec, batch_geometry, build_engine, to_engine
 from pretrain.objectives import Progress
 from pretrain.preemption import PreemptionFlag
 from pretrain.profiling import BACKWARD, DATA, FINITE_CHECK, FORWARD, OPTIMIZER, StepProfiler
+from pretrain.run_state import RunState, TrainState
 from pretrain.throughput import ThroughputMeter
+from pretrain.transfer import DeviceFeeder
 
 if TYPE_CHECKING:
     from pretrain.config import Config
     from pretrain.task import Task
-
-SIGNAL_DURING_STEP_ENV = "RELALIGN_SIGTERM_DURING_STEP"
-"""Fault injection for the preemption tests: a process whose environment sets this to N sends itself
-SIGTERM after the forward of step N's last micro-batch (inside the step)."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Length of the run, batch geometry, clipping, seeding and the loop's own limits."""
-
-    steps: int = 0
-    """Optimizer steps; 0 = derived from `epochs`."""
-    epochs: int = 1
-    """Used when `steps` is 0: that many passes over the data."""
-    global_batch_size: int = 0
-    """Samples per optimizer step over all ranks; 0 = data.batch_size x world size x grad_accumulation.
-    Kept fixed on an elastic resume: the per-rank batch or the accumulation adapts."""
-    grad_accumulation: int = 1
-    """Micro-batches per optimizer step on every rank."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip; 0 disables."""
-    seed: int = 0
-    """Initial weights and per-rank dropout/sampling streams (the data order has data.seed)."""
-    log_every: int = 10
-    """Steps between progress lines and metric records."""
-    max_nonfinite_steps: int = 5
-    """Stop (exit code NONFINITE, last good state saved) after this many non-finite steps in a row."""
-    record_keys: bool = False
-    """Append every consumed sample key to <run>/keys/rank<r>.txt ("epoch step key" lines): an audit of
-    exactly-once data order across resumes."""
-    lost_rank_timeout_s: float = 300.0
-    """A rank that stops answering for this long makes the others exit naming it (watchdog)."""
-
-    def __post_init__(self) -> None:
-        check("train.steps", self.steps, self.steps >= 0, "an integer >= 0 (0 = use train.epochs)")
-        check("train.epochs", self.epochs, self.epochs >= 1, "an integer >= 1")
-        check("train.global_batch_size", self.global_batch_size, self.global_batch_size >= 0, "an integer >= 0")
-        check("train.grad_accumulation", self.grad_accumulation, self.grad_accumulation >= 1, "an integer >= 1")
-        check("train.grad_clip", self.grad_clip, self.grad_clip >= 0, "a norm >= 0 (0 = off)")
-        check("train.log_every", self.log_every, self.log_every >= 1, "an integer >= 1")
-        check("train.max_nonfinite_steps", self.max_nonfinite_steps, self.max_nonfinite_steps >= 1, "an integer >= 1")
-        check("train.lost_rank_timeout_s", self.lost_rank_timeout_s, self.lost_rank_timeout_s > 0, "seconds > 0")
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """The run directory (config.yaml, checkpoints/, metrics.jsonl, eval/) and the run's label."""
-
-    dir: str = "runs/run"
-    """The run directory itself; `--resume auto` looks for checkpoints in it."""
-    name: str = ""
-    """Label of the run in metrics (`run` label); empty = the directory's name."""
-
-    def __post_init__(self) -> None:
-        check("run.dir", self.dir, bool(self.dir), "a directory path")
-        if not self.name:
-            self.name = Path(self.dir).resolve().name
-
-    @property
-    def path(self) -> Path:
-        return Path(self.dir)
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Where the run stands: saved in every checkpoint's client state."""
-
-    step: int = 0
-    epoch: int = 0
-    cursor: dict[str, Any] | None = None
-    """The global data cursor (merged over ranks) after the last consumed micro-batch."""
-    samples: int = 0
-    nonfinite_in_a_row: int = 0
-    nonfinite_total: int = 0
 
 
 def micro_step(engine: Any, batch: dict[str, Any], progress: Progress,
@@ -129,7 +57,7 @@ def micro_step(engine: Any, batch: dict[str, Any], progress: Progress,
     if after_forward is not None:
         after_forward()
     with record_function(FINITE_CHECK):
-        finite = not any_rank(not bool(torch.isfinite(total).item()))
+        finite = not any_rank(~torch.isfinite(total).all())  # reduced on the device: one host read
     if not finite:
         return False, logs
     with record_function(BACKWARD):
@@ -166,42 +94,42 @@ def _data_stream(loader: Loader, epoch: int, cursor: dict[str, Any] | None) -> I
 class Trainer:
     """Builds the run's parts from a Config and a Task and runs the loop; `run()` returns the exit code."""
 
-    def __init__(self, cfg: "Config", env: Any, task: "Task", resume_path: Path | None = None):
+    def __init__(self, cfg: "Config", env: Any, task: "Task", resume: Resume | None = None):
         self.cfg, self.env, self.task = cfg, env, task
         self.rank, self.world = env.rank, env.world_size
         self.run_dir = cfg.run.path
-        self.resume_path = resume_path
+        self.resume = resume
 
     # --- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         # DeepSpeed 0.19.8 calls deprecated c10d functions every step: one warning per call otherwise.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-        saved = read_client_state(self.resume_path) if self.resume_path is not None else None
+        saved = self.resume.state if self.resume is not None else None
         self.geometry: BatchGeometry = batch_geometry(
             cfg.data.batch_size, cfg.train.grad_accumulation, self.world,
-            saved["global_batch"] if saved else cfg.train.global_batch_size)
+            saved.global_batch if saved else cfg.train.global_batch_size)
         self.loader = self.task.train_loader(self.geometry.per_rank, self.rank, self.world)
         self.tokenizer = self.loader.tokenizer
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = self.task.build_model(self.tokenizer, fresh=saved is None, say=self._say)
         torch.manual_seed(cfg.train.seed + 1000 * (self.rank + 1))  # per-rank dropout / sampling streams
         self.total_steps = self._total_steps(saved)
-        universal = bool(saved) and saved["world_size"] != self.world and cfg.zero.stage > 0
+        universal = saved is not None and saved.world_size != self.world and cfg.zero.stage > 0
         if universal:
-            convert_to_universal(self.resume_path, self.rank)
-        spec = EngineSpec(cfg.optimizer, cfg.schedule, cfg.zero, cfg.precision, cfg.train.grad_clip)
+            convert_to_universal(self.resume.path, self.rank)
+        spec = EngineSpec(cfg.optimizer, cfg.schedule, cfg.zero, cfg.precision, cfg.train.grad_clip, cfg.tf32)
         self.engine, self.scheduler = build_engine(model, self.task.objective(), spec, self.geometry,
                                                    self.total_steps, load_universal=universal)
+        self.feeder = DeviceFeeder(self.engine.device)  # pinned, non-blocking copies; leases released when done
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.rank, self.world)
         record_rank_host(self.run_dir)  # <run>/ranks/rank<r>.json: host and Slurm node of this rank
         self.state = TrainState()
-        if self.resume_path is not None:
-            client = self.checkpoints.load(self.engine, self.resume_path, universal)
-            self.state = TrainState(step=client["step"], epoch=client["epoch"], cursor=client["cursor"],
-                                    samples=client["samples"], nonfinite_total=client.get("nonfinite_total", 0))
-            self._say(f"resumed from {self.resume_path} at step {self.state.step} (saved by "
-                      f"{client['world_size']} ranks, now {self.world})")
+        if self.resume is not None:
+            self.checkpoints.load(self.engine, self.resume, universal)
+            self.state = dataclasses.replace(saved.progress)
+            self._say(f"resumed from {self.resume.path} at step {self.state.step} (saved by "
+                      f"{saved.world_size} ranks, now {self.world})")
         self.evaluator = self.task.evaluator(self.geometry.per_rank, self.rank, self.world)
         from pretrain.config import save_config
         from pretrain.metrics import MetricsLogger
@@ -216,9 +144,9 @@ class Trainer:
             (self.run_dir / "keys").mkdir(parents=True, exist_ok=True)
             self.keys_file = open(self.run_dir / "keys" / f"rank{self.rank}.txt", "a", encoding="utf-8", buffering=1)
 
-    def _total_steps(self, saved: dict[str, Any] | None) -> int:
-        if saved:
-            return int(saved["total_steps"])
+    def _total_steps(self, saved: RunState | None) -> int:
+        if saved is not None:
+            return saved.total_steps
         if self.cfg.train.steps:
             return self.cfg.train.steps
         total = self.cfg.train.epochs * self.loader.batches_per_epoch() // self.geometry.accumulation
@@ -281,11 +209,11 @@ class Trainer:
                 self.keys_file.write("".join(f"{state.epoch} {state.step} {k}\n" for k in batch["key"] if k))
             if batch.get("bad_samples"):
                 self.metrics.add_bad_samples(batch["bad_samples"])
-            inject = micro == self.geometry.accumulation - 1 and os.environ.get(SIGNAL_DURING_STEP_ENV) == str(state.step + 1)
             with record_function(DATA):
-                on_engine = to_engine(batch, self.engine)
+                on_engine = to_engine(batch, self.engine, self.feeder)
             finite, logs = micro_step(self.engine, on_engine, Progress(state.step, self.total_steps),
-                                      after_forward=_sigterm_self if inject else None)
+                                      after_forward=testing_hooks.after_forward(
+                                          state.step + 1, last_micro_batch=micro == self.geometry.accumulation - 1))
             if not finite:
                 finite_all = False
                 continue
@@ -334,22 +262,17 @@ class Trainer:
     # --- checkpoints -----------------------------------------------------------------------------
     def save(self) -> None:
         """All ranks: merge the cursors, save; the metrics record the duration and outcome."""
-        from pretrain.config import config_hash, to_dict
-
         start = _now()
         ok = False
         try:
             cursors = all_gather_object(getattr(self, "_last_cursor", None))
             if all(c is not None for c in cursors):
                 self.state.cursor = merge_rank_cursors(cursors)
-            client = {
-                "step": self.state.step, "epoch": self.state.epoch, "cursor": self.state.cursor,
-                "samples": self.state.samples, "nonfinite_total": self.state.nonfinite_total,
-                "total_steps": self.total_steps, "global_batch": self.geometry.global_batch,
-                "task": self.task.name, "config": to_dict(self.cfg), "config_hash": config_hash(self.cfg),
-                "categories": getattr(self.task, "categories", None),
-            }
-            path = self.checkpoints.save(self.engine, self.state.step, client, self.tokenizer)
+            run_state = RunState(
+                progress=dataclasses.replace(self.state), total_steps=self.total_steps,
+                global_batch=self.geometry.global_batch, task=self.task.name, config=to_dict(self.cfg),
+                config_hash=config_hash(self.cfg), categories=getattr(self.task, "categories", None))
+            path = self.checkpoints.save(self.engine, self.state.step, run_state, self.tokenizer)
             ok = True
             self._say(f"checkpoint {path} ({_now() - start:.1f} s)")
         finally:
@@ -360,18 +283,14 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def _sigterm_self() -> None:
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def train(cfg: "Config", env: Any, task: "Task | None" = None, resume_path: Path | None = None) -> ExitCode:
-    """Set up and run `task` (default: pretraining); `resume_path` comes from
-    `pretrain.config.check_resume`, called once before the process group started."""
+def train(cfg: "Config", env: Any, task: "Task | None" = None, resume: Resume | None = None) -> ExitCode:
+    """Set up and run `task` (default: pretraining); `resume` comes from
+    `pretrain.checkpoint.check_resume`, called once before the process group started."""
     if task is None:
         from pretrain.task import PretrainTask
 
-        saved = read_client_state(resume_path) if resume_path is not None else {}
-        task = PretrainTask(cfg, categories=saved.get("categories"))  # a resumed run keeps its classes
-    trainer = Trainer(cfg, env, task, resume_path)
+        categories = resume.state.categories if resume is not None else None
+        task = PretrainTask(cfg, categories=categories)  # a resumed run keeps its classes
+    trainer = Trainer(cfg, env, task, resume)
     trainer.setup()
     return trainer.run()

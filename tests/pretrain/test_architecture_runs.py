@@ -1,4 +1,4 @@
-"""Every architecture through the real trainer (issue 12), with real processes:
+"""Every architecture through the real trainer, with real processes:
 
 - two_stream and dual_encoder train 2 steps on 2 ranks under ZeRO 2, and a run resumed from the step-1
   checkpoint ends with the same losses and weights, bit for bit (single_stream: tests/pretrain/test_resume.py);
@@ -95,7 +95,7 @@ def test_zero3_bf16_trains_and_exports(synthetic: Path, tmp_path: Path, architec
     proc = _run("export", str(run), "--out", str(tmp_path / "export"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    from pretrain.export import load_exported
+    from pretrain.weights import load_model
 
-    model, _ = load_exported(tmp_path / "export")
+    model, _ = load_model(tmp_path / "export")
     assert model.config.architecture == architecture

@@ -10,8 +10,9 @@ import torch
 
 from data_tools.errors import ConfigError, ExitCode, run_cli
 from pretrain.__main__ import main
-from pretrain.config import (RESUME_MUTABLE, apply_override, config_hash, load_config, resume_differences,
-                             save_config, to_dict)
+from pretrain.checkpoint import RESUME_MUTABLE, check_resume, config_hash, resume_differences
+from pretrain.config import apply_override, load_config, save_config, to_dict
+from pretrain.run_state import RunState, TrainState, write_run_state
 from pretrain.engine import batch_geometry, lr_lambda, param_groups
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,6 +124,15 @@ def test_resume_identity_ignores_mutable_fields_only(dataset: Path) -> None:
     assert "data.workers" in RESUME_MUTABLE
 
 
+def test_a_field_added_after_the_checkpoint_counts_at_its_default(dataset: Path) -> None:
+    cfg = load_config(TINY, [f"data.paths=[{dataset}]"])
+    older = to_dict(cfg)
+    del older["model"]["gradient_checkpointing"], older["objectives"]["itc"]  # not in the schema back then
+    assert resume_differences(older, cfg) == []
+    older["model"]["width"] = 32
+    assert resume_differences(older, cfg) == ["model.width: 32 -> 64"]
+
+
 def test_apply_override_rejects_malformed() -> None:
     tree: dict = {"train": {"steps": 1}}
     with pytest.raises(Exception, match="dotted.field=value"):
@@ -183,7 +193,8 @@ def _fake_checkpoint(root: Path, cfg) -> Path:
     """A committed checkpoint folder as far as resume validation reads it (client_state.json)."""
     tag = root / "checkpoints" / "step00000004"
     tag.mkdir(parents=True)
-    (tag / "client_state.json").write_text(json.dumps({"step": 4, "config": to_dict(cfg), "world_size": 2}))
+    write_run_state(tag, RunState(progress=TrainState(step=4), total_steps=8, global_batch=32, task="pretrain",
+                                  config=to_dict(cfg), config_hash=config_hash(cfg), world_size=2))
     (root / "checkpoints" / "latest").write_text("step00000004\n")
     return tag
 
@@ -205,15 +216,13 @@ def test_resume_with_changed_training_fields_is_refused(capsys, dataset: Path, t
 
 
 def test_resume_auto_picks_latest_complete_and_ignores_torn(dataset: Path, tmp_path: Path) -> None:
-    from pretrain.config import check_resume
-
     run = tmp_path / "run"
     cfg = load_config(TINY, [f"data.paths=[{dataset}]", f"run.dir={run}", "resume=auto"])
     assert check_resume(cfg) is None  # a fresh run: nothing to resume
     tag = _fake_checkpoint(run, cfg)
     (run / "checkpoints" / ".tmp-step00000008").mkdir()  # a crash during the next save
     (run / "checkpoints" / "step00000012").mkdir()  # no client_state.json: never committed
-    assert check_resume(cfg) == tag
+    assert check_resume(cfg).path == tag and check_resume(cfg).state.progress.step == 4
 
 
 def test_raw_deepspeed_json_settings_win_and_show_in_config(dataset: Path, tmp_path: Path) -> None:

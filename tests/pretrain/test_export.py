@@ -1,5 +1,5 @@
 """`python -m pretrain export RUN --out DIR`: consolidated safetensors + model config + tokenizer,
-loadable by `load_exported`, from ZeRO 0 fp32 and ZeRO 2 bf16 runs."""
+loadable by `pretrain.weights.load_model`, from ZeRO 0 fp32 and ZeRO 2 bf16 runs."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.export import consolidated_state_dict, load_exported
+from pretrain.export import consolidated_state_dict
+from pretrain.weights import load_model
 from tests.pretrain.runs import PYTHON, REPO, RUN_TIMEOUT_S, base_args, build_synthetic, env_for, latest_tag
 
 
@@ -37,7 +38,7 @@ def test_export_round_trip(synthetic: Path, tmp_path: Path, stage: int, precisio
     info = json.loads((out / "export.json").read_text())
     assert info["step"] == 3 and info["checkpoint"].endswith(latest_tag(run))
 
-    model, tokenizer = load_exported(out)
+    model, tokenizer = load_model(out)
     trained = consolidated_state_dict(run / "checkpoints" / latest_tag(run))
     state = model.state_dict()
     assert set(state) == set(trained)

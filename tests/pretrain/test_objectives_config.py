@@ -29,7 +29,7 @@ def _dataset(tmp_path: Path, box_labels) -> Path:
      "carries box categories"),
     (["objectives.tags.enabled=true"], "data.max_tag_len", "an integer > 0"),
     (["objectives.tags.enabled=true", "data.max_tag_len=40"], "data.max_tag_len", "at most model.max_text_len"),
-    (["objectives.sampling=sometimes"], "objectives.sampling", "joint or per_batch"),
+    (["objectives.sampling=sometimes"], "objectives.sampling", "'joint' | 'per_batch'"),
     (["objectives.sampling=per_batch", "objectives.itc.weight=0", "objectives.itm.weight=0", "objectives.mlm=false"],
      "objectives.sampling", "weight > 0 to draw"),
     (["objectives.wra.enabled=true", "objectives.wra.iterations=0"], "objectives.wra.iterations", ">= 1"),
@@ -57,4 +57,4 @@ def test_mrc_and_tags_pass_the_check_with_categories(tmp_path: Path) -> None:
     cfg = load_config(str(TINY), [f"data.paths=[{data}]", "objectives.mrm.enabled=true", "objectives.mrm.mrc=true",
                                   "objectives.tags.enabled=true", "data.max_tag_len=8", "model.max_text_len=64",
                                   "objectives.sampling=per_batch"])
-    assert cfg.objectives["mrm"].mrc and cfg.objectives["sampling"] == "per_batch"
+    assert cfg.objectives.terms["mrm"].mrc and cfg.objectives.sampling == "per_batch"

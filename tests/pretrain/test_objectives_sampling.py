@@ -69,4 +69,4 @@ def test_sampling_is_configured_beside_the_terms() -> None:
     objective = pretraining_objective(sections, seed=5)
     assert objective.sampling == "per_batch" and objective.seed == 5
     assert [t.name for t in objective.terms] == ["itm", "mlm"]
-    assert build_sections({}, build)["sampling"] == "joint"
+    assert build_sections({}, build).sampling == "joint"
