@@ -1,4 +1,4 @@
-"""The controlled comparison of architectures (issue 12, VOLTA's point: same data, steps, trainer, seeds).
+"""The controlled comparison of architectures (VOLTA's point: same data, steps, trainer, seeds).
 
     python bench/architectures.py [--seeds 0 1 2] [--variants single_stream/off ...] [--out bench_out/architectures]
 

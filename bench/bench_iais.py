@@ -1,6 +1,6 @@
 """Benchmark: the project's IAIS loss against a loop that costs what the published code's loop costs.
 
-Setting of issue 11: 32 matched pairs, 40 words, 36 visual tokens, 12 heads, width 768, CPU, 1 thread
+Setting: 32 matched pairs, 40 words, 36 visual tokens, 12 heads, width 768, CPU, 1 thread
 (also run it with --threads 2). Forward and backward of each, on the same inputs, in the same
 process, interleaved repeat by repeat; the figure is the ratio of the medians (of wall time, and of
 the thread's CPU time, steadier on a shared machine).
@@ -30,11 +30,11 @@ the kernels every formulation of the loss needs, run back to back with nothing e
 the two pseudo products, their four backward products and the logs over the divergence terms (two
 per element); singular, the two argmaxes, gathers, row softmaxes and their backward, the scatter-adds
 and one log per element. `published_over_floor` is then the largest ratio any implementation
-assembled from torch's kernels can reach on this machine (issue 11 asks for 20x).
+assembled from torch's kernels can reach on this machine (the target is 20x).
 
 Two measurements, one JSON object each:
-- `loss`: from the head-averaged attention blocks to the loss (what the regulariser adds; issue 11's
-  goal: >= 20x in both modes);
+- `loss`: from the head-averaged attention blocks to the loss (what the regulariser adds; the
+  target: >= 20x in both modes);
 - `blocks+loss`: from the layer's Q and K (block softmaxes, head mean) to the loss.
 
     python bench/bench_iais.py [--threads 1] [--repeats 30] [--mode singular|distributed]

@@ -1,4 +1,4 @@
-"""Can ITM learn the synthetic scenes' spatial relation? A diagnostic of issue 8's open part.
+"""Can ITM learn the synthetic scenes' spatial relation? A diagnostic of why relation swaps sit at chance.
 
     python bench/itm_relation.py [--train-scenes 2048] [--kinds relation] [--steps 4000] [--positions learned|sincos]
 

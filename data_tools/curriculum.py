@@ -1,5 +1,5 @@
 """Position captions and single-shape views of synthetic batches: the first two steps of the relation
-curriculum (issue 8; `bench/itm_relation.py --objective curriculum`).
+curriculum (`bench/itm_relation.py --objective curriculum`).
 
 Why: ITM trained from scratch on relation swaps ("a red circle left of a blue square" against "... right
 of ...") stays at ln 2, because the signal is a product of three things the model has not learned

@@ -17,6 +17,10 @@ The decoded sample (consumed by transforms and collate):
   feats, pos                 float32 [m, D], [m, 7] precomputed features (visual="features"), else None
   image_hw                   (height, width) of the stored image from the json (visual="features", when
                              the json has both), else None: the pixels `boxes` and region boxes refer to
+
+The json fields read here are the schema's metadata fields (all optional): image_id, captions, width,
+height, boxes, box_labels, phrases, negatives; source and split are written for people and not read.
+Others (img2dataset's url, status, ...) stay in the shard and are ignored.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -15,6 +16,24 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip outside CI, fail in CI: a test that needs a program must not pass CI by skipping.
+
+    .ci/run installs everything these tests need, so with CI=true a missing program is a broken setup.
+    """
+    if condition:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: .ci/run must provide it)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_programs(*names: str) -> None:
+    """`require` that each program is on PATH (or in /usr/sbin, where daemons live)."""
+    missing = [n for n in names if shutil.which(n) is None and not os.path.exists(f"/usr/sbin/{n}")]
+    require(not missing, f"{', '.join(missing)} absent (apt: see .ci/run)")
 
 
 @pytest.fixture

@@ -1,34 +1,21 @@
 """Fixtures of the `cluster` tests: a real local Slurm cluster, a real sshd, a real Prometheus.
 
 Outside CI a missing program (or not being root, which the daemons need) skips these tests with the
-reason; with CI=true it fails them, so CI cannot pass without having run them.
+reason; with CI=true it fails them (`require` in tests/conftest.py), so CI cannot pass without having
+run them.
 """
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
 from tests.cluster.slurm_cluster import SlurmCluster, missing_programs
-
-
-def require(condition: bool, reason: str) -> None:
-    """Skip outside CI, fail in CI (.ci/run installs everything these tests need)."""
-    if condition:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: .ci/run must provide it)", pytrace=False)
-    pytest.skip(reason)
+from tests.conftest import require, require_programs
 
 
 def require_root(what: str) -> None:
     require(os.geteuid() == 0, f"{what} needs root (it starts system daemons on private ports)")
-
-
-def require_programs(*names: str) -> None:
-    missing = [n for n in names if shutil.which(n) is None and not os.path.exists(f"/usr/sbin/{n}")]
-    require(not missing, f"{', '.join(missing)} absent (apt: see .ci/run)")
 
 
 @pytest.fixture(scope="session")

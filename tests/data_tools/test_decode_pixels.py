@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+import simplejpeg  # a core dependency: a broken install fails here, it is not skipped
 from PIL import Image
 
 from data_tools import images
@@ -45,7 +46,7 @@ CASES = {
 @pytest.mark.parametrize("fast", [True, False], ids=["simplejpeg", "pil-only"])
 def test_pixels_are_pils_bit_for_bit(name, fast, monkeypatch):
     if fast:
-        pytest.importorskip("simplejpeg")
+        assert images.simplejpeg is simplejpeg
     else:
         monkeypatch.setattr(images, "simplejpeg", None)
     data = CASES[name]
@@ -57,7 +58,6 @@ def test_pixels_are_pils_bit_for_bit(name, fast, monkeypatch):
 
 
 def test_colour_jpegs_take_the_simplejpeg_path(monkeypatch):
-    simplejpeg = pytest.importorskip("simplejpeg")
     calls = []
     monkeypatch.setattr(images, "decode_image", lambda *a, **k: calls.append(a) or Image.new("RGB", (1, 1)))
     for name in ("ycbcr 4:2:0", "progressive", "grey"):
@@ -86,7 +86,6 @@ def test_damaged_and_oversized_images_are_bad_samples_with_pils_reason(fast, mon
 
 
 def test_every_coco_photo_decodes_to_pils_pixels(coco_mini):
-    pytest.importorskip("simplejpeg")
     photos = sorted((coco_mini / "images").rglob("*.jpg"))
     assert len(photos) > 100
     for path in photos:

@@ -30,7 +30,7 @@ def test_fifo_named_like_an_image_or_caption_is_rejected_not_waited_on(tmp_path)
     write(root / "c.jpg", image_bytes(3))
     os.mkfifo(root / "c.txt")
     out = tmp_path / "out"
-    # a subprocess with a timeout: the old code blocked in open() forever
+    # a subprocess with a timeout: opening a FIFO without O_NONBLOCK would block forever
     result = subprocess.run([sys.executable, "-m", "data_tools", "build", "folder", str(root), "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,10 +1,15 @@
-"""order.py (runs arithmetic, counting interleave) against order_reference.py (today's per-sample
-implementation) on many small random cases: the exact positions every stream delivers, block by
-block, after planning, same-layout resume, elastic re-cuts (consecutive ones too) and in weighted
-mixtures; and format-1 cursors written by the reference load into order.py with the same result."""
+"""data_tools/order.py against the contract of DESIGN.md 3 "Data order and resume".
+
+Two kinds of check on many small random cases (one dataset or a weighted mixture, any layout):
+exact deliveries against order_reference.py, a per-sample statement of the contract that shares no
+code with order.py (after planning, same-layout resumes, consecutive re-cuts, and from format-1
+cursors the oracle writes); and properties checked on order.py alone: every sample once per epoch,
+the same number of batches on every rank, a resume continues exactly, a re-cut loses and repeats
+nothing. Plus the arithmetic order.py is built on (mixture positions, runs)."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 from fractions import Fraction
 
 import numpy as np
@@ -28,90 +33,123 @@ def random_sources(rng: random.Random) -> list[tuple[tuple[int, ...], float]]:
             return sources
 
 
-def both(sources, seed: int, epoch: int):
-    mine = order.EpochList([order.Source(s, sha256=f"{d:064d}", weight=w) for d, (s, w) in enumerate(sources)], seed, epoch)
-    theirs = ref.EpochList([ref.Source(s, sha256=f"{d:064d}", weight=w) for d, (s, w) in enumerate(sources)], seed, epoch)
-    return mine, theirs
-
-
 def random_layout(rng: random.Random) -> tuple[int, int, int, int]:
     return rng.randint(1, 4), rng.randint(1, 3), rng.randint(1, 5), rng.randint(1, 7)
 
 
-def delivered(plan, stream: int, start: int = 0) -> list[tuple[int, list[int]]]:
-    return [(offset, positions.tolist()) for offset, positions in plan.delivery(stream, start)]
+def sha(d: int) -> str:
+    return f"{d:064d}"
 
 
-def assert_same_plans(mine: order.Plan, theirs: ref.Plan, cursor_mine: dict, cursor_theirs: dict) -> None:
-    assert mine.base.tolist() == theirs.base.tolist()
-    assert mine.batches_per_stream == theirs.batches_per_stream
-    for s in range(mine.layout.num_streams):
-        assert mine.stream_length(s) == theirs.stream_length(s)
-        start = int(cursor_mine["streams"][s]["position"])
-        assert start == int(cursor_theirs["streams"][s]["position"])
-        assert delivered(mine, s, start) == delivered(theirs, s, start), f"stream {s}"
-    for rank in range(mine.layout.world_size):
-        assert mine.rank_schedule(cursor_mine, rank) == theirs.rank_schedule(cursor_theirs, rank)
-        assert mine.worker_streams(cursor_mine, rank) == theirs.worker_streams(cursor_theirs, rank)
+def mine(sources, seed: int, epoch: int) -> order.EpochList:
+    return order.EpochList([order.Source(s, sha256=sha(d), weight=w) for d, (s, w) in enumerate(sources)], seed, epoch)
 
 
-def consume_randomly(rng: random.Random, plan, cursors: list[dict]) -> None:
-    """The same random consumption (mid-block positions, some streams untouched or done) in each cursor."""
-    for s in range(plan.layout.num_streams):
-        length = plan.stream_length(s)
-        position = rng.choice((0, length, rng.randint(0, length), rng.randint(0, length)))
-        batches = min(plan.batches_per_stream, -(-position // plan.layout.batch_size))
-        for cursor in cursors:
-            cursor["streams"][s] = {"position": position, "batches": batches}
+def samples_of(epoch_list: order.EpochList, positions) -> list[tuple]:
+    where = epoch_list.locate(np.asarray(list(positions), dtype=np.int64))
+    return list(zip(where.dataset.tolist(), where.repeat.tolist(), where.shard.tolist(), where.index.tolist()))
+
+
+def stream_positions(plan: order.Plan, stream: int, start: int = 0) -> list[int]:
+    return [p for _, block in plan.delivery(stream, start) for p in block.tolist()]
+
+
+def assert_delivers_as_oracle(plan: order.Plan, cursor: dict, oracle: ref.Epoch) -> None:
+    """Each stream of `plan` delivers, from its cursor position on, the oracle's samples in the oracle's order."""
+    assert plan.layout.num_streams == len(oracle.deliveries)
+    assert plan.batches_per_stream == oracle.batches_per_stream
+    for s, delivery in enumerate(oracle.deliveries):
+        start = int(cursor["streams"][s]["position"])
+        assert start == oracle.positions[s]
+        assert plan.stream_length(s) == len(delivery)
+        expected = [oracle.samples[p] for p in delivery[start:]]
+        assert samples_of(plan.epoch_list, stream_positions(plan, s, start)) == expected, f"stream {s}"
+
+
+def consume(rng: random.Random, oracle: ref.Epoch, cursor: dict) -> None:
+    """The same random consumption (mid-block, untouched and finished streams) in the oracle and a cursor."""
+    for s, delivery in enumerate(oracle.deliveries):
+        left = len(delivery) - oracle.positions[s]
+        oracle.consume(s, rng.choice((0, left, rng.randint(0, left), rng.randint(0, left))))
+        n, batch_size = oracle.positions[s], oracle.layout[2]
+        cursor["streams"][s] = {"position": n, "batches": min(oracle.batches_per_stream, -(-n // batch_size))}
 
 
 @pytest.mark.parametrize("case", range(150))
-def test_plan_resume_and_recuts_deliver_exactly_what_the_reference_does(case):
+def test_plan_resume_and_recuts_deliver_what_the_contract_says(case):
     rng = random.Random(case)
     sources = random_sources(rng)
     seed, epoch = rng.randint(0, 3), rng.randint(0, 2)
-    mine_list, their_list = both(sources, seed, epoch)
-    assert len(mine_list) == len(their_list)
-    everything = np.arange(len(their_list))
-    a, b = mine_list.locate(everything), their_list.locate(everything)
-    for field in ("dataset", "repeat", "shard", "index"):
-        assert getattr(a, field).tolist() == getattr(b, field).tolist(), field
-
     layout = random_layout(rng)
-    mine = order.Plan(mine_list, order.Layout(*layout))
-    theirs = ref.Plan(their_list, ref.Layout(*layout))
-    cursor_mine, cursor_theirs = mine.new_cursor(), theirs.new_cursor()
-    assert_same_plans(mine, theirs, cursor_mine, cursor_theirs)
-
+    oracle = ref.Epoch(sources, seed, epoch, layout)
+    epoch_list = mine(sources, seed, epoch)
+    assert samples_of(epoch_list, range(len(epoch_list))) == oracle.samples
+    plan = order.Plan(epoch_list, order.Layout(*layout))
+    cursor = plan.new_cursor()
+    assert_delivers_as_oracle(plan, cursor, oracle)
     for _ in range(3):  # consecutive resumes: same layout or a re-cut to another one
-        consume_randomly(rng, theirs, [cursor_mine, cursor_theirs])
+        consume(rng, oracle, cursor)
+        written = oracle.cursor([sha(d) for d in range(len(sources))])  # format 1, written from the contract
         new_layout = layout if rng.random() < 0.3 else random_layout(rng)
-        mine, cursor_mine = order.resume(mine_list, order.Layout(*new_layout), cursor_mine)
-        theirs, cursor_theirs = ref.resume(their_list, ref.Layout(*new_layout), cursor_theirs)
-        assert_same_plans(mine, theirs, cursor_mine, cursor_theirs)
-        assert decode_runs(cursor_mine["base"]).tolist() == cursor_theirs["base"]
-        assert cursor_mine["streams"] == cursor_theirs["streams"]
+        if new_layout != layout:
+            oracle.recut(new_layout)
+        plan, cursor = order.resume(epoch_list, order.Layout(*new_layout), cursor)
+        assert_delivers_as_oracle(plan, cursor, oracle)
+        from_written, written_cursor = order.resume(epoch_list, order.Layout(*new_layout), written)
+        assert written_cursor["format"] == order.CURSOR_FORMAT
+        assert_delivers_as_oracle(from_written, written_cursor, oracle)
         layout = new_layout
 
 
-@pytest.mark.parametrize("case", range(40))
-def test_format_1_cursors_written_today_load_with_the_same_result(case):
-    rng = random.Random(1000 + case)
+def all_positions(plan: order.Plan, starts=None) -> list[int]:
+    n = plan.layout.num_streams
+    return [p for s in range(n) for p in stream_positions(plan, s, 0 if starts is None else starts[s])]
+
+
+@pytest.mark.parametrize("case", range(300))
+def test_every_sample_once_equal_batches_exact_resume_and_lossless_recuts(case):
+    """Properties of order.py alone, whatever the seeded choices are."""
+    rng = random.Random(10_000 + case)
     sources = random_sources(rng)
-    mine_list, their_list = both(sources, 1, 0)
-    layout = random_layout(rng)
-    theirs = ref.Plan(their_list, ref.Layout(*layout))
-    saved = theirs.new_cursor()
-    consume_randomly(rng, theirs, [saved])
-    if rng.random() < 0.5:  # a base with holes, as a re-cut leaves it
-        theirs, saved = ref.resume(their_list, ref.Layout(*random_layout(rng)), saved)
-        consume_randomly(rng, theirs, [saved])
-    assert saved["format"] == 1 and isinstance(saved["base"], list)
-    new_layout = layout if rng.random() < 0.5 else random_layout(rng)
-    mine, cursor_mine = order.resume(mine_list, order.Layout(*new_layout), dict(saved))
-    theirs, cursor_theirs = ref.resume(their_list, ref.Layout(*new_layout), saved)
-    assert cursor_mine["format"] == order.CURSOR_FORMAT
-    assert_same_plans(mine, theirs, cursor_mine, cursor_theirs)
+    epoch_list = mine(sources, rng.randint(0, 5), rng.randint(0, 3))
+    size = len(epoch_list)
+    assert size == sum(round(w * sum(s)) for s, w in sources)
+    counts = Counter(d for d, *_ in samples_of(epoch_list, range(size)))
+    assert all(counts[d] == round(w * sum(s)) for d, (s, w) in enumerate(sources))
+    assert len(set(samples_of(epoch_list, range(size)))) == size  # no sample twice in one epoch list
+
+    layout = order.Layout(*random_layout(rng))
+    plan = order.Plan(epoch_list, layout)
+    cursor = plan.new_cursor()
+    consumed: list[int] = []
+    for _ in range(3):
+        everything = all_positions(plan)
+        assert sorted(consumed + everything) == list(range(size))  # every sample once, none lost to a re-cut
+        lengths = [plan.stream_length(s) for s in range(layout.num_streams)]
+        assert max(lengths) - min(lengths) <= 1
+        assert max(lengths) <= plan.batches_per_stream * layout.batch_size
+        per_rank = [len(plan.rank_schedule(cursor, r)) for r in range(layout.world_size)]
+        assert per_rank == [plan.batches_per_rank()] * layout.world_size  # no rank waits on another
+        for rank in range(layout.world_size):
+            assert Counter(plan.rank_schedule(cursor, rank)) == Counter(
+                {rank * layout.workers + w: plan.batches_per_stream for w in range(layout.workers)})
+
+        taken = {}
+        for s in range(layout.num_streams):
+            taken[s] = rng.choice((0, lengths[s], rng.randint(0, lengths[s])))
+            batches = min(plan.batches_per_stream, -(-taken[s] // layout.batch_size))
+            cursor["streams"][s] = {"position": taken[s], "batches": batches}
+        same, same_cursor = order.resume(epoch_list, layout, cursor)
+        for s in range(layout.num_streams):  # a resume at the same layout continues each stream exactly
+            assert stream_positions(same, s, taken[s]) == stream_positions(plan, s)[taken[s]:]
+        assert same_cursor["streams"] == cursor["streams"]
+
+        consumed += [p for s in range(layout.num_streams) for p in stream_positions(plan, s)[:taken[s]]]
+        layout = order.Layout(*random_layout(rng))
+        plan, cursor = order.resume(epoch_list, layout, cursor)
+        left = sorted(set(range(size)) - set(consumed))
+        # the unconsumed samples in epoch-list order, cut into contiguous stretches, one per stream
+        assert [p for s in range(layout.num_streams) for p in sorted(stream_positions(plan, s))] == left
 
 
 def test_mixture_interleave_is_the_rule_exactly_at_any_size():

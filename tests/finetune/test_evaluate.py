@@ -3,6 +3,7 @@ bad-input errors: one line, exit 2 or 3, no report folder left behind."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,13 +55,21 @@ def test_evaluate_model_returns_flat_metrics(model, tokenizer, eval_set, tmp_pat
     for key in ("recall/i2t@1", "recall/i2t@5", "recall/i2t@10", "recall/t2i@1", "recall/t2i@5", "recall/t2i@10",
                 "recall/mean", "relation/relation", "relation/attribute", "relation/all", "isd/L", "isd/V", "isda"):
         assert key in metrics, key
-        assert 0.0 <= metrics[key] <= 1.0 or key.startswith("isd")
+        assert math.isfinite(metrics[key]), key  # NaN fails every comparison below, so say it first
+        if key.startswith("isd"):
+            assert metrics[key] >= 0.0, key  # symmetric KL divergences
+        else:
+            assert 0.0 <= metrics[key] <= 1.0, key
+    six = [metrics[f"recall/{d}@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert metrics["recall/mean"] == pytest.approx(sum(six) / 6)
     assert (tmp_path / "r" / "report.json").is_file()
     assert model.training is False
     # synthetic scenes: recall also counts another scene's caption that is true of the image (never lower)
     for key in ("i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10", "mean"):
         assert metrics[f"recall/{key}"] <= metrics[f"recall_any_true/{key}"] <= 1.0, key
     report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert (metrics["isd/L"], metrics["isd/V"], metrics["isda"]) == (report["isd"]["L"], report["isd"]["V"],
+                                                                      report["isd"]["isda"])
     assert report["recall_any_true"]["true_captions_per_image"] >= report["recall_any_true"]["own_captions_per_image"]
     assert "Counting any caption true of the image" in (tmp_path / "r" / "report.md").read_text()
 

@@ -79,7 +79,9 @@ def test_hinge_iais_on_two_ranks_zero2_resumes_bitwise_after_kill9(pretrained, t
     theirs = train_records(reference)
     assert sorted(theirs) == list(range(1, STEPS + 1))
     for record in theirs.values():
-        assert 0 <= record["loss/hinge"] and record["loss/iais"] > 0
+        # mean(max(0, margin + sigmoid(s_neg) - sigmoid(s_pos))) with margin 0.2: each term at most 1.2, and
+        # a model two pretraining steps old cannot yet put every positive 0.2 above its hardest negatives
+        assert 0 < record["loss/hinge"] <= 1.2 and record["loss/iais"] > 0
         assert record["loss/total"] == pytest.approx(record["loss/hinge"] + record["loss/iais"], rel=1e-5)
         assert record["candidates_per_second"] > 0 and record["mining_seconds"] > 0
 

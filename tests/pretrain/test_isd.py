@@ -8,12 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from data_tools import synthetic
 from pretrain.iais import pair_divergence
 from pretrain.isd import blocks_isda, box_iou, measure_isd, measure_isda, token_in_box
 from pretrain.model import AttentionBlocks, ModelConfig, RelAlignModel
 from pretrain.model.visual import cell_boxes
-
-synthetic = pytest.importorskip("data_tools.synthetic")
 
 IMAGE, PATCH = 64, 8
 RELATION = torch.tensor([[0.9, 0.1], [0.4, 0.6]], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""ITM alone learns on the synthetic scenes (issue 8): the `tiny` preset's image-text matching head,
+"""ITM alone learns on the synthetic scenes: the `tiny` preset's image-text matching head,
 trained with the real pretraining objective (ITC, MLM and IAIS off, uniform random negatives) in a plain
 loop over real Loader batches, scores the true caption of a held-out scene above a random other
 scene's caption in at least 90% of the comparisons (each held-out image against three other scenes'
@@ -193,7 +193,7 @@ def test_itm_learns_where_a_single_shape_is_once_positions_are_visible(scenes, p
     on 253 held-out pairs here; 0.96 at step 500 on 16,384 scenes); with the preset's table (std
     initializer_range = 0.1) the patch positions drown in the patch content and the loss stays at ln 2
     (measured: 0.498 here, also 0.498 at std 0.5; 0.48-0.52 up to step 3,000 on 16,384 scenes): why
-    relation swaps sat at chance (issue 8), and what objectives.position requires."""
+    relation swaps sit at chance, and what objectives.position requires."""
     train_dir, test_dir = scenes
     torch.manual_seed(0)
     data = dict(batch_size=BATCH, image_size=IMAGE_SIZE, max_text_len=TEXT_LEN, tokenizer=str(train_dir / "tokenizer"))

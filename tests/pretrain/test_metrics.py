@@ -1,6 +1,8 @@
-"""The metrics exporter over real HTTP: names, labels, values that move, ports, Pushgateway, metrics.jsonl."""
+"""Metrics: the processor and each exporter, over real HTTP: names, labels, values that move, ports,
+Pushgateway, metrics.jsonl, the progress line, and a custom exporter receiving what was logged."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -16,8 +18,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from data_tools.errors import ConfigError, UserError
-from pretrain.metrics import METRICS_FILE, MetricsConfig, MetricsLogger, read_jsonl
-from tests.conftest import REPO, free_port
+from pretrain.metrics import (
+    METRICS_FILE,
+    Exporter,
+    MetricsConfig,
+    MetricsLogger,
+    MetricsProcessor,
+    ProgressExporter,
+    names,
+    read_jsonl,
+)
+from pretrain.throughput import ThroughputMeter
+from tests.conftest import REPO, free_port, require
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -184,14 +196,92 @@ def test_unknown_bad_sample_reason_is_a_bug(tmp_path):
             metrics.add_bad_samples({"cosmic_ray": 1})
 
 
+class Recorder(Exporter):
+    """A destination written for the test: keeps every record it is handed."""
+
+    def __init__(self):
+        self.records: list[tuple[str, int, dict]] = []
+        self.closed = 0
+
+    def log(self, step, values, *, kind="train", timestamp=0.0):
+        self.records.append((kind, step, dict(values)))
+
+    def close(self):
+        self.closed += 1
+
+
+def test_a_custom_exporter_class_receives_every_logged_record(tmp_path):
+    recorder = Recorder()
+    config = MetricsConfig(enabled=False, jsonl=False)
+    with MetricsLogger(config, str(tmp_path), "r1", rank=1, local_rank=0, extra=[recorder]) as metrics:
+        metrics.log_step(3, {"loss/itc": 2.5, "samples": 24})
+        metrics.add_bad_samples({"decode_error": 2})
+        metrics.add_bad_samples({"decode_error": 2})  # unchanged totals: nothing new to say
+        metrics.log_step(4, {"loss/itc": 2.0, "samples": 32})
+        metrics.log_eval(4, {"recall/t2i@1": 0.25})
+        metrics.checkpoint_saved(1.5, ok=False)
+    assert recorder.records == [
+        ("train", 3, {"loss/itc": 2.5, "samples": 24}),
+        ("bad_samples", 3, {"bad_samples/decode_error": 2}),
+        ("train", 4, {"loss/itc": 2.0, "samples": 32, "bad_samples/decode_error": 2}),
+        ("eval", 4, {"recall/t2i@1": 0.25}),
+        ("checkpoint", 4, {"checkpoint_seconds": 1.5, "checkpoint_ok": False}),
+    ]
+    assert recorder.closed == 1
+
+
+def test_log_training_reduces_the_window_once_and_every_exporter_sees_the_same_values(tmp_path):
+    """One process (world 1): the logged loss is sum / micro-batches; the progress line says it too."""
+    first, second, stream = Recorder(), Recorder(), io.StringIO()
+    meter = ThroughputMeter(start_step=0)
+    meter.batch(8, 0.5)
+    meter.step()
+    with MetricsProcessor([first, ProgressExporter(stream), second]) as metrics:
+        values = metrics.log_training(1, 10, {"loss/itm": 3.0, "loss/total": 5.0}, count=2, meter=meter,
+                                      extra={"lr": 0.5})
+    assert values["loss/itm"] == 1.5 and values["loss/total"] == 2.5 and values["lr"] == 0.5
+    assert values["total_steps"] == 10 and values["data_wait_seconds"] == 0.5
+    assert first.records == second.records == [("train", 1, values)]
+    line = stream.getvalue()
+    assert line.startswith("step 1/10 | itm 1.5000 total 2.5000 | ") and " samples/s | data wait " in line
+
+
+@pytest.mark.parametrize("kind, key, expected", [
+    ("train", "loss/itc", [("relalign_loss", {"objective": "itc"})]),
+    ("eval", "loss/itc", [("relalign_eval_loss", {"objective": "itc"})]),
+    ("eval", "recall/i2t@10", [("relalign_eval_recall_ratio", {"direction": "i2t", "k": "10"})]),
+    ("eval", "recall/i2t@2", []),
+    ("eval", "recall/t2i", []),
+    ("train", "isd/V", [("relalign_isd", {"direction": "V", "phase": "train"})]),
+    ("eval", "isd/L", [("relalign_isd", {"direction": "L", "phase": "eval"})]),
+    ("train", "isd/X", []),
+    ("eval", "relation/swap_att", [("relalign_eval_relation_accuracy_ratio", {"kind": "swap_att"})]),
+    ("train", "step", [("relalign_steps_total", {}), ("relalign_last_step_timestamp_seconds", {})]),
+    ("train", "lr", [("relalign_learning_rate", {})]),
+    ("eval", "lr", []),
+    ("train", "custom/thing", []),
+    ("bad_samples", "bad_samples/empty_caption", [("relalign_bad_samples_total", {"reason": "empty_caption"})]),
+    ("checkpoint", "checkpoint_ok", [("relalign_checkpoints_total", {}),
+                                     ("relalign_checkpoint_last_success_timestamp_seconds", {})]),
+])
+def test_one_table_maps_logged_keys_to_series_and_labels(kind, key, expected):
+    assert [(r.series.name, dict(labels)) for r, labels in names.route(kind, key)] == expected
+
+
+def test_series_names_follow_the_conventions():
+    assert len({s.name for s in names.SERIES}) == len(names.SERIES)
+    for series in names.SERIES:
+        assert series.name.startswith("relalign_") and series.name.endswith("_total") == series.counter
+    assert {r.series for r in names.ROUTES} == set(names.SERIES)  # every series is fed by some key
+
+
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
 
 
 @pytest.fixture
 def pushgateway(tmp_path):
     """A real Pushgateway on a free local port, persisting into the test's folder (not /var/lib)."""
-    if PUSHGATEWAY is None:
-        pytest.skip("no Pushgateway binary (apt: prometheus-pushgateway)")
+    require(PUSHGATEWAY is not None, "no Pushgateway binary (apt: prometheus-pushgateway)")
     gw_port = free_port()
     gateway = subprocess.Popen([PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{gw_port}",
                                 f"--persistence.file={tmp_path / 'pushgateway.data'}"],

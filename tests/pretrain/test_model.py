@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import efficientnet_lite_pytorch  # noqa: F401  (in the dev extra: the grid embedder tests need it)
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ def test_presets():
 @pytest.mark.parametrize("std, expected", [(None, 0.1), (1.0, 0.88)])
 def test_patch_position_table_starts_at_its_own_std(std, expected):
     """`visual_position_std` (null: initializer_range, 0.1 at tiny) sets the patch position table's
-    initial spread; the rest of the model keeps `initializer_range` (issue 8: at 0.1 the positions drown
+    initial spread; the rest of the model keeps `initializer_range` (at 0.1 the positions drown
     in the patch content, which `objectives.position` cannot live with)."""
     torch.manual_seed(0)
     overrides = {} if std is None else {"visual_position_std": std}
@@ -204,7 +205,6 @@ def test_too_many_visual_tokens_is_a_user_error():
 
 
 def test_grid_embedder_frozen_pretrained_backbone():
-    pytest.importorskip("efficientnet_lite_pytorch")
     model = tiny(visual_embedder="grid", grid_trainable=False).train()
     backbone = model.visual.backbone
     assert not backbone.training  # frozen: BatchNorm statistics stay ImageNet's
@@ -222,7 +222,6 @@ def test_grid_embedder_frozen_pretrained_backbone():
 
 
 def test_grid_embedder_trainable_and_missing_package(monkeypatch):
-    pytest.importorskip("efficientnet_lite_pytorch")
     model = tiny(visual_embedder="grid", grid_trainable=True, grid_pretrained=False).train()
     assert model.visual.backbone.training
     tokens, mask = model.embed_visual(patch_batch())

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from data_tools.errors import ExitCode
-from pretrain.checkpoint import FAULT_ENV, TMP_PREFIX
+from pretrain.checkpoint import TMP_PREFIX
+from pretrain.testing_hooks import KILL_DURING_SAVE_ENV
 from tests.conftest import free_port
 from tests.pretrain.runs import (assert_same_weights, base_args, build_synthetic, kill_all, latest_tag, logs_text,
                                  model_state, read_keys, run_ranks, start_ranks, train_records, wait_all,
@@ -74,7 +75,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise(synthetic: Path, reference: Pat
     # 2. Resume; rank 1 dies in the middle of writing the next checkpoint (its files written, not committed).
     torn = f"step{int(resumed_from[4:]) + 3:08d}"
     procs = start_ranks(2, [*args, "--resume", "auto"], free_port(), tmp_path / "logs2",
-                        extra_env={1: {FAULT_ENV: torn}})
+                        extra_env={1: {KILL_DURING_SAVE_ENV: torn}})
     assert procs[1].wait(timeout=300) == -signal.SIGKILL, logs_text(tmp_path / "logs2")
     kill_all(procs, signal.SIGKILL)
     assert (run / "checkpoints" / (TMP_PREFIX + torn)).is_dir()  # the half-written save is left behind...

@@ -48,7 +48,7 @@ def test_a_resumed_run_keeps_its_categories_when_the_data_lists_more(tmp_path: P
         assert records[step]["loss/mrc"] == uninterrupted[step]["loss/mrc"]
         assert records[step]["loss/total"] == uninterrupted[step]["loss/total"]
 
-    # A checkpoint from before categories were saved: the head no longer fits, said in one line.
+    # A checkpoint without saved categories: the head no longer fits, said in one line.
     shutil.rmtree(run / "checkpoints" / "step00000004")
     (run / "checkpoints" / "latest").write_text("step00000002")
     state = run / "checkpoints" / "step00000002" / "client_state.json"

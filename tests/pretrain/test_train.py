@@ -3,6 +3,7 @@ metrics; non-finite losses stop the run with the last good state saved; validati
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import textwrap
 import time
@@ -47,7 +48,12 @@ def test_torchrun_two_ranks_zero2_learns(synthetic: Path, tmp_path: Path, port: 
     assert records[24]["samples"] == 24 * 16  # global batch = 2 ranks x 8
     evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
     assert [e["step"] for e in evals] == [12, 24]
-    assert all(0.0 <= e["recall/t2i@1"] <= 1.0 and "loss/total" in e for e in evals)
+    probed = 2 * 2 * 8  # ranks x eval.batches x data.batch_size: the probe's gallery, no padding at 256 samples
+    for e in evals:  # R@1 is a share of the probed captions / images: a whole number of hits
+        assert "loss/total" in e and math.isfinite(e["loss/total"])
+        for key in ("recall/t2i@1", "recall/i2t@1"):
+            hits = e[key] * probed
+            assert hits == pytest.approx(round(hits), abs=1e-4) and 0 <= round(hits) <= probed, (key, e[key])
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["zero"]["stage"] == 2 and saved["train"]["steps"] == 24
@@ -151,11 +157,11 @@ def test_sigterm_during_a_step_stops_after_that_step(synthetic: Path, tmp_path: 
     from tests.conftest import free_port
     from tests.pretrain.runs import start_ranks, wait_all
 
-    from pretrain.train import SIGNAL_DURING_STEP_ENV
+    from pretrain.testing_hooks import SIGTERM_DURING_STEP_ENV
 
     run = tmp_path / "run"
     args = base_args(synthetic, run, "train.steps=10", "data.batch_size=4", "train.grad_accumulation=2")
-    procs = start_ranks(2, args, free_port(), tmp_path / "logs", extra_env={1: {SIGNAL_DURING_STEP_ENV: "3"}})
+    procs = start_ranks(2, args, free_port(), tmp_path / "logs", extra_env={1: {SIGTERM_DURING_STEP_ENV: "3"}})
     codes = wait_all(procs)
     log = "".join((tmp_path / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
     assert codes == [ExitCode.PREEMPTED, ExitCode.PREEMPTED], log[-3000:]
