@@ -1,12 +1,12 @@
-"""The configuration reference, generated from the schema itself (`python -m pretrain config-reference`).
+"""The configuration reference, generated from the schema itself (`python -m finetune config-reference`).
 
-Every section of `pretrain.config.Config`, the sections a higher layer registers
-(`pretrain.config.register_section`: finetuning's, imported here so they are included) and one section
-per objective term (`pretrain.objectives.TERMS`: `objectives.<name>.*`), each field with its type,
+Every section of `pretrain.config.Config`, the sections the entry point declares (`generate(sections)`:
+`python -m finetune` passes finetuning's) and one section per objective term
+(`pretrain.objectives.config.term_classes`: `objectives.<name>.*`), each field with its type,
 default and docstring: the string literal after the field in the dataclass source, read with `ast`
-(the convention of STYLE.md: "every field with a one-line docstring"). README.md holds a copy of this
-text between `<!-- config-reference -->` markers; tests/test_config_reference.py fails when they differ,
-so the README cannot drift from the code.
+(the convention of STYLE.md: "every field with a one-line docstring"). `docs/configuration.md`
+(REFERENCE_FILE) holds a copy of this text between `<!-- config-reference -->` markers;
+tests/test_config_reference.py fails when they differ, so the documentation cannot drift from the code.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import yaml
 MARK_BEGIN = "<!-- config-reference -->"
 MARK_END = "<!-- /config-reference -->"
 COMMAND = "python -m finetune config-reference"
+REFERENCE_FILE = "docs/configuration.md"
+"""Where the committed copy lives, relative to the repository root (README.md links to it)."""
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -93,20 +95,14 @@ def _section(title: str, cls: type, prefix: str, note: str = "") -> list[str]:
     return lines + _rows(cls, prefix) + [""]
 
 
-def _registered_section_class(name: str) -> type:
-    """The dataclass a registered section builds (its builder called with a recording `build`)."""
-    from pretrain.config import SECTION_BUILDERS
-
-    return SECTION_BUILDERS[name]({}, lambda cls, values, prefix="": cls)
-
-
-def generate() -> str:
-    """The reference as Markdown (deterministic: the same text for the same code)."""
-    # Sections a higher layer registers (the finetuning section) appear once their module is imported:
-    # `python -m finetune config-reference` (the top layer) imports it; this module never reaches up.
-    from pretrain.config import SECTION_BUILDERS, Config
+def generate(sections: dict[str, type] | None = None) -> str:
+    """The reference as Markdown (deterministic: the same text for the same code). `sections`: the
+    top-level sections an entry point declares (pretrain.config.config_from_dict), e.g. finetuning's."""
+    from pretrain.config import Config
     from pretrain.config_schema import _type_name
-    from pretrain.objectives import TERMS
+    from pretrain.objectives.config import ObjectivesConfig, term_classes
+
+    sections = sections or {}
 
     hints = typing.get_type_hints(Config)
     docs = field_docs(Config)
@@ -115,42 +111,44 @@ def generate() -> str:
     top = ["### top level", "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
     for field in dataclasses.fields(Config):
         tp = hints[field.name]
-        if dataclasses.is_dataclass(tp):
-            out += _section(field.name, tp, field.name)
-        elif field.name == "objectives":
+        if tp is ObjectivesConfig:  # its keys are the registered terms: one table each
+            sampling = next(f for f in dataclasses.fields(ObjectivesConfig) if f.name == "sampling")
             out += ["### `objectives`", "", "How the enabled terms combine (`pretrain.objectives.base`).", "",
                     "| field | type | default | meaning |", "| --- | --- | --- | --- |",
-                    "| `objectives.sampling` | 'joint' \\| 'per_batch' | `joint` | joint: every enabled term on every "
-                    "batch, weighted sum; per_batch (UNITER): one term per optimizer step, drawn with probability "
-                    "weight / sum of weights from (train.seed, step), its loss unweighted; IAIS runs on every step |", ""]
-            for name, term in sorted(TERMS.items(), key=lambda item: (item[1].order, item[0])):
+                    f"| `objectives.sampling` | {_cell(_type_name(typing.get_type_hints(ObjectivesConfig)['sampling']))} | "
+                    f"{_cell(_default(sampling))} | {_cell(field_docs(ObjectivesConfig)['sampling'])} |", ""]
+            for name, term in term_classes().items():
                 out += _section(f"objectives.{name}", term.Config, f"objectives.{name}",
                                 f"; `objectives.{name}=false` is short for `enabled: false`")
-        elif field.name in SECTION_BUILDERS:
-            out += _section(field.name, _registered_section_class(field.name), field.name,
-                            f"; read by `python -m {field.name}`")
+        elif dataclasses.is_dataclass(tp):
+            out += _section(field.name, tp, field.name)
+        elif field.name in sections:
+            out += _section(field.name, sections[field.name], field.name, f"; read by `python -m {field.name}`")
         else:
             top.append(f"| `{field.name}` | {_cell(_type_name(tp))} | {_cell(_default(field))} | "
                        f"{_cell(docs.get(field.name, ''))} |")
     return "\n".join(out + top).rstrip() + "\n"
 
 
-def write_readme(path: str) -> None:
-    """Replace the text between the markers of a README with the generated reference."""
+def write_reference(path: str, sections: dict[str, type] | None = None) -> None:
+    """Replace the text between the markers of a Markdown file (REFERENCE_FILE) with the generated reference."""
     from pathlib import Path
 
     from data_tools.errors import UserError, atomic_write_text
 
     text = Path(path).read_text(encoding="utf-8")
-    if readme_copy(text) is None:
+    if committed_copy(text) is None:
         raise UserError(f"--readme {path}: no {MARK_BEGIN} ... {MARK_END} markers to write between")
     head, rest = text.split(MARK_BEGIN, 1)
     tail = rest.split(MARK_END, 1)[1]
-    atomic_write_text(Path(path), f"{head}{MARK_BEGIN}\n{generate()}{MARK_END}{tail}")
+    atomic_write_text(Path(path), f"{head}{MARK_BEGIN}\n{generate(sections)}{MARK_END}{tail}")
 
 
-def readme_copy(readme_text: str) -> str | None:
-    """The text between the README's markers (None when they are missing)."""
-    if MARK_BEGIN not in readme_text or MARK_END not in readme_text:
+write_readme = write_reference  # the name `python -m finetune config-reference --readme PATH` calls
+
+
+def committed_copy(text: str) -> str | None:
+    """The text between a Markdown file's markers (None when they are missing)."""
+    if MARK_BEGIN not in text or MARK_END not in text:
         return None
-    return readme_text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0].strip("\n") + "\n"
+    return text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0].strip("\n") + "\n"

@@ -1,4 +1,4 @@
-"""The configuration reference is generated from the schema, and README.md holds an exact copy."""
+"""The configuration reference is generated from the schema, and docs/configuration.md holds an exact copy."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +6,9 @@ import subprocess
 import sys
 import typing
 
-import finetune.config  # noqa: F401  (registers the finetune section, as `python -m finetune config-reference` does)
-from pretrain.config_reference import COMMAND, MARK_BEGIN, MARK_END, field_docs, generate, readme_copy
+from finetune.config import SECTIONS
+from pretrain.config_reference import (COMMAND, MARK_BEGIN, MARK_END, REFERENCE_FILE, committed_copy, field_docs,
+                                       generate)
 from tests.conftest import REPO
 
 UNDOCUMENTED: set[str] = set()
@@ -29,7 +30,7 @@ def test_reference_lists_every_field_of_every_section_with_type_default_and_docs
     from pretrain.config import Config
     from pretrain.objectives import TERMS
 
-    rows = _rows(generate())
+    rows = _rows(generate(SECTIONS))
     hints = typing.get_type_hints(Config)
     expected = set()
     for field in dataclasses.fields(Config):
@@ -71,12 +72,18 @@ def test_command_prints_the_reference():
     proc = subprocess.run([sys.executable, "-m", "finetune", "config-reference"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == generate()
+    assert proc.stdout == generate(SECTIONS)
 
 
-def test_readme_copy_matches_the_generated_reference():
-    copy = readme_copy((REPO / "README.md").read_text())
-    assert copy is not None, f"README.md lacks the {MARK_BEGIN} ... {MARK_END} markers"
-    assert copy == generate(), (f"README.md's configuration reference differs from the schema: regenerate it with "
-                                f"`{COMMAND}` and paste it between {MARK_BEGIN} and {MARK_END} "
-                                f"(`{COMMAND} --readme README.md` does it)")
+def test_committed_copy_matches_the_generated_reference():
+    copy = committed_copy((REPO / REFERENCE_FILE).read_text())
+    assert copy is not None, f"{REFERENCE_FILE} lacks the {MARK_BEGIN} ... {MARK_END} markers"
+    assert copy == generate(SECTIONS), (f"{REFERENCE_FILE}'s configuration reference differs from the schema: "
+                                        f"regenerate it with `{COMMAND} --readme {REFERENCE_FILE}` (or paste "
+                                        f"`{COMMAND}`'s output between {MARK_BEGIN} and {MARK_END})")
+
+
+def test_readme_links_the_reference_and_holds_no_second_copy():
+    readme = (REPO / "README.md").read_text()
+    assert f"]({REFERENCE_FILE})" in readme
+    assert MARK_BEGIN not in readme, "one copy of the reference: docs/configuration.md"
