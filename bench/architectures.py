@@ -16,6 +16,7 @@ embedding), ISD (L, V) and ISDa (cross-modal models only), parameters, and pretr
 (mean over logged steps after the first). Prints one JSON line per run, one per variant with mean
 and sample standard deviation, and writes `<out>/table.md`. Sized for under 40 minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,23 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 PRESETS = {"single_stream": "tiny", "two_stream": "tiny_two_stream", "dual_encoder": "tiny_dual_encoder"}
 VARIANTS = ("single_stream/off", "single_stream/exp", "two_stream/off", "two_stream/exp", "dual_encoder/off")
 ITC_ONLY = ("objectives.itm=false", "objectives.mlm=false", "finetune.recipe=itc", "finetune.eval_mode=embedding")
-COLUMNS = ("parameters", "samples_per_second", "recall/i2t@1", "recall/i2t@5", "recall/i2t@10", "recall/t2i@1",
-           "recall/t2i@5", "recall/t2i@10", "relation/attribute", "relation/relation", "relation_embedding/attribute",
-           "relation_embedding/relation", "isd/L", "isd/V", "isda")
+COLUMNS = (
+    "parameters",
+    "samples_per_second",
+    "recall/i2t@1",
+    "recall/i2t@5",
+    "recall/i2t@10",
+    "recall/t2i@1",
+    "recall/t2i@5",
+    "recall/t2i@10",
+    "relation/attribute",
+    "relation/relation",
+    "relation_embedding/attribute",
+    "relation_embedding/relation",
+    "isd/L",
+    "isd/V",
+    "isda",
+)
 
 
 def _overrides(variant: str) -> list[str]:
@@ -49,8 +64,11 @@ def _overrides(variant: str) -> list[str]:
 
 
 def _samples_per_second(run_dir: Path) -> float | None:
-    values = [json.loads(line).get("samples_per_second") for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line).get("kind") == "train" and json.loads(line).get("step", 0) > 1]
+    values = [
+        json.loads(line).get("samples_per_second")
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("kind") == "train" and json.loads(line).get("step", 0) > 1
+    ]
     values = [v for v in values if v]
     return statistics.mean(values) if values else None
 
@@ -69,15 +87,26 @@ def _parameters(run_dir: Path) -> int:
 
 def one_run(args: argparse.Namespace, train: Path, test: Path, seed: int, variant: str) -> dict:
     root = args.out / variant.replace("/", "-") / f"seed{seed}"
-    common = [f"train.seed={seed}", f"data.seed={seed}", "metrics.enabled=false", "train.log_every=10",
-              f"data.batch_size={args.batch}", *_overrides(variant)]
+    common = [
+        f"train.seed={seed}",
+        f"data.seed={seed}",
+        "metrics.enabled=false",
+        "train.log_every=10",
+        f"data.batch_size={args.batch}",
+        *_overrides(variant),
+    ]
     start = time.perf_counter()
     mode = ["--mode", "embedding"] if variant.startswith("dual_encoder") else ["--mode", "rerank", "--k", str(args.k)]
     report = iais_effect.pretrain_finetune_evaluate(args, root, train, test, common, mode, plots=0)
     pre = root / "pretrain"
     flat = iais_effect._flatten(report)
-    flat.update(variant=variant, seed=seed, parameters=_parameters(pre), samples_per_second=_samples_per_second(pre),
-                seconds=round(time.perf_counter() - start, 1))
+    flat.update(
+        variant=variant,
+        seed=seed,
+        parameters=_parameters(pre),
+        samples_per_second=_samples_per_second(pre),
+        seconds=round(time.perf_counter() - start, 1),
+    )
     return flat
 
 

@@ -8,6 +8,7 @@ COCO layout. Prints one JSON object per measurement.
 
     python bench/bench_build.py [--resize 256] [--repeats 3] [--workers 1 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ def generated_coco(root: Path, count: int = 240, seed: int = 0) -> tuple[Path, l
         images.append({"id": i + 1, "file_name": name, "width": 640, "height": 480})
         annotations.append({"id": i + 1, "image_id": i + 1, "caption": f"generated picture number {i}"})
     (root / "annotations").mkdir()
-    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    (root / "annotations" / "captions_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations})
+    )
     return root, ["train2017"]
 
 
@@ -57,7 +60,11 @@ def bare_loop(files: list[Path], max_side: int, quality: int) -> float:
         image = image.convert("RGB") if image.mode != "RGB" else image
         ratio = max_side / max(image.size)
         if ratio < 1:
-            image = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            image = image.resize(
+                (max(1, round(image.width * ratio)), max(1, round(image.height * ratio))),
+                Image.Resampling.BICUBIC,
+                reducing_gap=3.0,
+            )
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=quality)
     return time.perf_counter() - start
@@ -69,8 +76,25 @@ def build_once(root: Path, splits: list[str], out: Path, max_side: int, quality:
 
     start = time.perf_counter()
     for split in splits:
-        code = main(["build", "coco", str(root), "--split", split, "--out", str(out / split), "--resize", str(max_side),
-                     "--quality", str(quality), "--shard-samples", "32", "--workers", str(workers)])
+        code = main(
+            [
+                "build",
+                "coco",
+                str(root),
+                "--split",
+                split,
+                "--out",
+                str(out / split),
+                "--resize",
+                str(max_side),
+                "--quality",
+                str(quality),
+                "--shard-samples",
+                "32",
+                "--workers",
+                str(workers),
+            ]
+        )
         assert code == 0, code
     return time.perf_counter() - start
 
@@ -98,15 +122,39 @@ def main() -> int:
         for r in range(args.repeats):
             base_times.append(bare_loop(files, args.resize, args.quality))
             for workers in args.workers:
-                build_times[workers].append(build_once(root, splits, tmp / f"out-{workers}-{r}", args.resize, args.quality, workers))
+                build_times[workers].append(
+                    build_once(root, splits, tmp / f"out-{workers}-{r}", args.resize, args.quality, workers)
+                )
         baseline = len(files) / min(base_times)
-        print(json.dumps({"bench": "build_baseline_pil_loop", "source": source, "images": len(files), "resize": args.resize,
-                          "images_per_s": round(baseline, 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "build_baseline_pil_loop",
+                    "source": source,
+                    "images": len(files),
+                    "resize": args.resize,
+                    "images_per_s": round(baseline, 2),
+                }
+            ),
+            flush=True,
+        )
         for workers in args.workers:
             rate = len(files) / min(build_times[workers])
-            print(json.dumps({"bench": "build_coco_resize", "source": source, "workers": workers, "images": len(files),
-                              "resize": args.resize, "images_per_s": round(rate, 2), "baseline_images_per_s": round(baseline, 2),
-                              "ratio": round(rate / baseline, 3)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "bench": "build_coco_resize",
+                        "source": source,
+                        "workers": workers,
+                        "images": len(files),
+                        "resize": args.resize,
+                        "images_per_s": round(rate, 2),
+                        "baseline_images_per_s": round(baseline, 2),
+                        "ratio": round(rate / baseline, 3),
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

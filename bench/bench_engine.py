@@ -7,6 +7,7 @@ step times are compared, so load from other processes hits both alike. Prints on
 
     python bench/bench_engine.py [--preset tiny] [--batch 16] [--steps 40]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,14 @@ def make_batch(b: int, text_len: int, image_size: int, vocab: int, seed: int = 0
     masked[:, 1] = True
     mlm_labels = torch.where(masked, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     return {
-        "input_ids": input_ids, "text_mask": text_mask, "mlm_input_ids": torch.where(masked, 4, input_ids),
-        "mlm_labels": mlm_labels, "sample_mask": torch.ones(b, dtype=torch.bool),
+        "input_ids": input_ids,
+        "text_mask": text_mask,
+        "mlm_input_ids": torch.where(masked, 4, input_ids),
+        "mlm_labels": mlm_labels,
+        "sample_mask": torch.ones(b, dtype=torch.bool),
         "pixel_values": torch.randn(b, 3, image_size, image_size, generator=g),
-        "image_id": [f"img{i}" for i in range(b)], "key": [str(i) for i in range(b)],
+        "image_id": [f"img{i}" for i in range(b)],
+        "key": [str(i) for i in range(b)],
     }
 
 
@@ -100,7 +105,9 @@ def interleaved(plain, trainer, first: int, steps: int) -> tuple[list[float], li
     on a shared machine hits both alike; medians are compared."""
     plain_s, trainer_s = [], []
     for i in range(first, first + steps):
-        for step, out in ((plain, plain_s), (trainer, trainer_s)) if i % 2 else ((trainer, trainer_s), (plain, plain_s)):
+        for step, out in (
+            ((plain, plain_s), (trainer, trainer_s)) if i % 2 else ((trainer, trainer_s), (plain, plain_s))
+        ):
             start = time.perf_counter()
             step(i)
             out.append(time.perf_counter() - start)
@@ -136,17 +143,30 @@ def main() -> None:
     env = dist_env.detect()
     dist_env.init_distributed(env)
     total = args.steps + 10
-    plain, trainer = plain_loop(cfg, batch, vocab, args.steps, total), trainer_loop(cfg, batch, vocab, args.steps, total)
+    plain, trainer = (
+        plain_loop(cfg, batch, vocab, args.steps, total),
+        trainer_loop(cfg, batch, vocab, args.steps, total),
+    )
     interleaved(plain, trainer, 0, 3)  # warm-up (allocator, first-call paths)
     plain_s, trainer_s = interleaved(plain, trainer, 3, args.steps)
     plain_sps = args.batch / statistics.median(plain_s)
     trainer_sps = args.batch / statistics.median(trainer_s)
-    print(json.dumps({
-        "benchmark": "engine_overhead", "preset": args.preset, "batch": args.batch, "steps": args.steps,
-        "threads": args.threads, "zero_stage": cfg.zero.stage, "precision": cfg.precision,
-        "plain_samples_per_second": round(plain_sps, 2), "trainer_samples_per_second": round(trainer_sps, 2),
-        "ratio": round(trainer_sps / plain_sps, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "engine_overhead",
+                "preset": args.preset,
+                "batch": args.batch,
+                "steps": args.steps,
+                "threads": args.threads,
+                "zero_stage": cfg.zero.stage,
+                "precision": cfg.precision,
+                "plain_samples_per_second": round(plain_sps, 2),
+                "trainer_samples_per_second": round(trainer_sps, 2),
+                "ratio": round(trainer_sps / plain_sps, 3),
+            }
+        )
+    )
     dist_env.shutdown()
     dist_env.exit_process(0)
 

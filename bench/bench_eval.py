@@ -9,6 +9,7 @@ last, measured in the same run), then one comparison object per mode against tha
 given counting any caption true of the image (`*_any_true`; finetune.eval_data.caption_truth).
 Without --weights the tiny preset is randomly initialised (recalls then near chance): say so when quoting the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,20 +52,41 @@ def main() -> None:
     model.eval()
     eval_set = read_eval_set(args.data, image_size=model.config.image_size, limit=args.images)
     images, captions = len(eval_set.images), len(eval_set.captions)
-    common = {"bench": "eval", "images": images, "captions": captions, "model": trained,
-              "threads": torch.get_num_threads(), "batch_size": args.batch_size}
+    common = {
+        "bench": "eval",
+        "images": images,
+        "captions": captions,
+        "model": trained,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+    }
     results = {}
     for mode, k in [("embedding", None)] + [("rerank", k) for k in args.ks] + [("full", None)]:
         start = time.perf_counter()
-        scores = scoring.score_gallery(model, eval_set, tokenizer, mode=mode, k=k or 16, batch_size=args.batch_size,
-                                       max_text_len=model.config.max_text_len, visual="pixels",
-                                       image_size=model.config.image_size)
+        scores = scoring.score_gallery(
+            model,
+            eval_set,
+            tokenizer,
+            mode=mode,
+            k=k or 16,
+            batch_size=args.batch_size,
+            max_text_len=model.config.max_text_len,
+            visual="pixels",
+            image_size=model.config.image_size,
+        )
         wall = time.perf_counter() - start
         r = recall.recall(scores.scores_i2t, eval_set.caption_image, scores.scores_t2i)
         name = mode if k is None else f"rerank@{k}"
-        results[name] = {"mode": mode, "k": k, "pair_forwards": scores.pair_forwards, "wall_s": round(wall, 3),
-                         "pair_s": round(scores.pair_seconds, 3), "i2t@1": r["i2t@1"], "t2i@1": r["t2i@1"],
-                         "rsum": round(r["rsum"], 2)}
+        results[name] = {
+            "mode": mode,
+            "k": k,
+            "pair_forwards": scores.pair_forwards,
+            "wall_s": round(wall, 3),
+            "pair_s": round(scores.pair_seconds, 3),
+            "i2t@1": r["i2t@1"],
+            "t2i@1": r["t2i@1"],
+            "rsum": round(r["rsum"], 2),
+        }
         if eval_set.caption_truth is not None:  # synthetic scenes: any caption true of the image counts too
             t = recall.recall_any_true(scores.scores_i2t, eval_set.caption_truth, scores.scores_t2i)
             results[name].update({"i2t@1_any_true": t["i2t@1"], "t2i@1_any_true": t["t2i@1"]})
@@ -73,11 +95,19 @@ def main() -> None:
     for name, value in results.items():
         if name == "full":
             continue
-        print(json.dumps({**common, "measure": f"{name}_vs_full",
-                          "forwards_share": value["pair_forwards"] / base["pair_forwards"],
-                          "time_share": value["wall_s"] / base["wall_s"],
-                          "i2t@1_diff_points": 100 * (value["i2t@1"] - base["i2t@1"]),
-                          "t2i@1_diff_points": 100 * (value["t2i@1"] - base["t2i@1"])}), flush=True)
+        print(
+            json.dumps(
+                {
+                    **common,
+                    "measure": f"{name}_vs_full",
+                    "forwards_share": value["pair_forwards"] / base["pair_forwards"],
+                    "time_share": value["wall_s"] / base["wall_s"],
+                    "i2t@1_diff_points": 100 * (value["i2t@1"] - base["i2t@1"]),
+                    "t2i@1_diff_points": 100 * (value["t2i@1"] - base["t2i@1"]),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

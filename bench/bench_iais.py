@@ -40,6 +40,7 @@ Two measurements, one JSON object each:
     python bench/bench_iais.py [--threads 1] [--repeats 30] [--mode singular|distributed]
                                [--direction both|L|V] [--device cpu|cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,15 +62,18 @@ def make_inputs(seed: int = 0, device: str = "cpu"):
     text_len = WORDS + 2
     length = text_len + VISUAL
     hidden = torch.randn(PAIRS, length, WIDTH, generator=g)
-    query_proj, key_proj = (torch.randn(WIDTH, WIDTH, generator=g) / WIDTH ** 0.5 for _ in range(2))
+    query_proj, key_proj = (torch.randn(WIDTH, WIDTH, generator=g) / WIDTH**0.5 for _ in range(2))
 
     def heads(x):  # [P, L, W] -> [P, h, L, d]
         return x.view(PAIRS, length, HEADS, WIDTH // HEADS).transpose(1, 2)
 
     query, key = heads(hidden @ query_proj).to(device), heads(hidden @ key_proj).to(device)
-    request = BlockRequest(rows=torch.arange(PAIRS, device=device), text_len=text_len,
-                           word_mask=torch.ones(PAIRS, WORDS, dtype=torch.bool, device=device),
-                           visual_mask=torch.ones(PAIRS, VISUAL, dtype=torch.bool, device=device))
+    request = BlockRequest(
+        rows=torch.arange(PAIRS, device=device),
+        text_len=text_len,
+        word_mask=torch.ones(PAIRS, WORDS, dtype=torch.bool, device=device),
+        visual_mask=torch.ones(PAIRS, VISUAL, dtype=torch.bool, device=device),
+    )
     return query, key, request
 
 
@@ -136,7 +140,9 @@ def published_blocks(query, key, request: BlockRequest) -> AttentionBlocks:
         s_vv=_published_block(query, key, outer(image_mask, image_mask), visual, visual),
         s_lv=_published_block(query, key, outer(text_mask, image_mask), words, visual),
         s_vl=_published_block(query, key, outer(image_mask, text_mask), visual, words),
-        word_mask=request.word_mask, visual_mask=request.visual_mask)
+        word_mask=request.word_mask,
+        visual_mask=request.visual_mask,
+    )
 
 
 def floor_kernels(mode: str, request: BlockRequest):
@@ -174,12 +180,15 @@ def _directions(direction: str) -> tuple[str, ...]:
 
 # ---- timing ------------------------------------------------------------------------------------------
 
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def interleaved(functions: dict, inputs, repeats: int, before: str = "published") -> dict[str, tuple[float, float, float]]:
+def interleaved(
+    functions: dict, inputs, repeats: int, before: str = "published"
+) -> dict[str, tuple[float, float, float]]:
     """{name: (median wall seconds, median CPU seconds of this thread, loss value)} of forward +
     backward, the functions taking turns, each of the others right after `before` (so each starts
     from the state the published loop leaves the caches and branch predictors in: the penalty lands
@@ -217,8 +226,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     query, key, request = make_inputs(device=args.device)
-    regularizer = IAISRegularizer(IAISConfig(mode=args.mode, direction=args.direction, schedule="constant"),
-                                  num_layers=1)
+    regularizer = IAISRegularizer(
+        IAISConfig(mode=args.mode, direction=args.direction, schedule="constant"), num_layers=1
+    )
     directions = _directions(args.direction)
 
     def ours_from_blocks(s_ll, s_vv, s_lv, s_vl):
@@ -238,8 +248,10 @@ def main() -> None:
 
     with torch.no_grad():
         b = attention_blocks(query, key, request)
-    cases = {"loss": (ours_from_blocks, published_from_blocks, (b.s_ll, b.s_vv, b.s_lv, b.s_vl)),
-             "blocks+loss": (ours_from_qk, published_from_qk, (query, key))}
+    cases = {
+        "loss": (ours_from_blocks, published_from_blocks, (b.s_ll, b.s_vv, b.s_lv, b.s_vl)),
+        "blocks+loss": (ours_from_qk, published_from_qk, (query, key)),
+    }
     floor = floor_kernels(args.mode, request) if args.direction == "both" else None
     for name in args.measures.split(","):
         ours, published, inputs = cases[name]
@@ -247,25 +259,49 @@ def main() -> None:
         if name == "loss" and floor is not None:
             functions["floor"] = floor
         result = interleaved(functions, inputs, args.repeats)
-        (ours_s, ours_cpu, ours_value), (published_s, published_cpu, published_value) = \
-            result["ours"], result["published"]
+        (ours_s, ours_cpu, ours_value), (published_s, published_cpu, published_value) = (
+            result["ours"],
+            result["published"],
+        )
         bound = {}
         if "floor" in result:
             floor_s = result["floor"][0]
-            bound = {"floor_ms": round(floor_s * 1e3, 3), "published_over_floor": round(published_s / floor_s, 2),
-                     "ours_over_floor": round(ours_s / floor_s, 2)}
-        print(json.dumps({
-            "bench": "iais", "measure": name, "device": str(query.device) if query.device.type == "cpu"
-            else torch.cuda.get_device_name(query.device), "mode": args.mode, "direction": args.direction,
-            "pairs": PAIRS, "words": WORDS, "visual": VISUAL, "heads": HEADS, "width": WIDTH, "threads": args.threads,
-            "ours_ms": round(ours_s * 1e3, 3), "published_loop_ms": round(published_s * 1e3, 3),
-            "speedup": round(published_s / ours_s, 2), "ours_cpu_ms": round(ours_cpu * 1e3, 3),
-            "published_loop_cpu_ms": round(published_cpu * 1e3, 3), "cpu_speedup": round(published_cpu / ours_cpu, 2),
-            **bound, "loss": ours_value,
-            "loss_abs_diff": abs(ours_value - published_value),
-            "baseline": "published-style: per-pair loop, host argmax, nested-list gather, KLDivLoss both ways; "
-                        "one loop per direction; Q/K re-projection of get_attention_probs not counted",
-        }), flush=True)
+            bound = {
+                "floor_ms": round(floor_s * 1e3, 3),
+                "published_over_floor": round(published_s / floor_s, 2),
+                "ours_over_floor": round(ours_s / floor_s, 2),
+            }
+        print(
+            json.dumps(
+                {
+                    "bench": "iais",
+                    "measure": name,
+                    "device": str(query.device)
+                    if query.device.type == "cpu"
+                    else torch.cuda.get_device_name(query.device),
+                    "mode": args.mode,
+                    "direction": args.direction,
+                    "pairs": PAIRS,
+                    "words": WORDS,
+                    "visual": VISUAL,
+                    "heads": HEADS,
+                    "width": WIDTH,
+                    "threads": args.threads,
+                    "ours_ms": round(ours_s * 1e3, 3),
+                    "published_loop_ms": round(published_s * 1e3, 3),
+                    "speedup": round(published_s / ours_s, 2),
+                    "ours_cpu_ms": round(ours_cpu * 1e3, 3),
+                    "published_loop_cpu_ms": round(published_cpu * 1e3, 3),
+                    "cpu_speedup": round(published_cpu / ours_cpu, 2),
+                    **bound,
+                    "loss": ours_value,
+                    "loss_abs_diff": abs(ours_value - published_value),
+                    "baseline": "published-style: per-pair loop, host argmax, nested-list gather, KLDivLoss both ways; "
+                    "one loop per direction; Q/K re-projection of get_attention_probs not counted",
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ Prints one JSON object per (dataset, measurement).
 
     .venv/bin/python bench/bench_loader.py [--trials 5] [--repeat 8] [--workers 0 1 2] [--datasets coco384 synthetic]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,11 +69,15 @@ def generated_coco(root: Path, count: int = 80) -> Path:
         entries.append({"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 480})
         captions.append({"id": i, "image_id": i, "caption": f"a blurry picture with colours number {i}"})
     (root / "annotations").mkdir()
-    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": entries, "annotations": captions}))
+    (root / "annotations" / "captions_train2017.json").write_text(
+        json.dumps({"images": entries, "annotations": captions})
+    )
     return root
 
 
-def build(work: Path, which: str, synthetic_size: int = 224, coco: Path = COCO_MINI) -> tuple[Path, str, int, str | None]:
+def build(
+    work: Path, which: str, synthetic_size: int = 224, coco: Path = COCO_MINI
+) -> tuple[Path, str, int, str | None]:
     """(dataset folder, description, crop size, tokenizer) of one benchmark dataset."""
     from data_tools.__main__ import main
     from data_tools.errors import run_cli
@@ -80,7 +85,11 @@ def build(work: Path, which: str, synthetic_size: int = 224, coco: Path = COCO_M
     out = work / which
     if which == "coco384":
         have = (coco / "annotations" / "captions_train2017.json").is_file()
-        source, name = (coco, "coco_mini train2017 at 384 px") if have else (generated_coco(work / "gen"), "generated 640x480 at 384 px")
+        source, name = (
+            (coco, "coco_mini train2017 at 384 px")
+            if have
+            else (generated_coco(work / "gen"), "generated 640x480 at 384 px")
+        )
         args = ["build", "coco", str(source), "--split", "train2017", "--resize", "384", "--out", str(out)]
         size, tokenizer = 224, "minilm"
     else:
@@ -126,8 +135,15 @@ def bare_loop(images: list[bytes], repeat: int, size: int) -> tuple[float, float
 def loader_config(dataset: Path, tokenizer: str | None, repeat: int, size: int, workers: int):
     from data_tools.loader import DataConfig
 
-    return DataConfig(paths=[str(dataset)], weights=[float(repeat)], batch_size=BATCH, workers=workers,
-                      image_size=size, max_text_len=32, tokenizer=tokenizer)
+    return DataConfig(
+        paths=[str(dataset)],
+        weights=[float(repeat)],
+        batch_size=BATCH,
+        workers=workers,
+        image_size=size,
+        max_text_len=32,
+        tokenizer=tokenizer,
+    )
 
 
 def pipeline(config) -> tuple[float, float, int]:
@@ -222,7 +238,9 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def bench_dataset(which: str, work: Path, trials: int, workers: list[int], repeat: int, synthetic_size: int, coco: Path) -> None:
+def bench_dataset(
+    which: str, work: Path, trials: int, workers: list[int], repeat: int, synthetic_size: int, coco: Path
+) -> None:
     dataset, source, size, tokenizer = build(work, which, synthetic_size, coco)
     images = stored_images(dataset)
     bare_loop(images, 1, size)  # warm the page cache and PIL
@@ -236,30 +254,69 @@ def bench_dataset(which: str, work: Path, trials: int, workers: list[int], repea
             full[w].append(pipeline(configs[w]))
         staged.append(stages(dataclasses.replace(configs[workers[0]], workers=0)))
     base_rate, base_cpu = median([r for r, _ in bare]), median([c for _, c in bare])
-    common = {"bench": "loader", "data": source, "image_size": size, "batch_size": BATCH, "trials": trials,
-              "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    common = {
+        "bench": "loader",
+        "data": source,
+        "image_size": size,
+        "batch_size": BATCH,
+        "trials": trials,
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
     rates = {}
     for w in workers:
         rate, cpu = median([r for r, _, _ in full[w]]), median([c for _, c, _ in full[w]])
         rates[w] = rate
-        print(json.dumps({**common, "workers": w, "samples": full[w][0][2],
-                          "loader_samples_per_s": round(rate, 1), "bare_samples_per_s": round(base_rate, 1),
-                          "ratio": round(rate / base_rate, 3),
-                          "loader_cpu_ms_per_sample": round(cpu, 3), "bare_cpu_ms_per_sample": round(base_cpu, 3),
-                          "cpu_ratio": round(base_cpu / cpu, 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    **common,
+                    "workers": w,
+                    "samples": full[w][0][2],
+                    "loader_samples_per_s": round(rate, 1),
+                    "bare_samples_per_s": round(base_rate, 1),
+                    "ratio": round(rate / base_rate, 3),
+                    "loader_cpu_ms_per_sample": round(cpu, 3),
+                    "bare_cpu_ms_per_sample": round(base_cpu, 3),
+                    "cpu_ratio": round(base_cpu / cpu, 3),
+                }
+            ),
+            flush=True,
+        )
     names = sorted({k for s in staged for k in s})
-    print(json.dumps({**common, "workers": 0, "stages_cpu_ms_per_sample": {k: round(median([s.get(k, 0.0) for s in staged]), 3) for k in names},
-                      "bare_cpu_ms_per_sample": round(base_cpu, 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                **common,
+                "workers": 0,
+                "stages_cpu_ms_per_sample": {k: round(median([s.get(k, 0.0) for s in staged]), 3) for k in names},
+                "bare_cpu_ms_per_sample": round(base_cpu, 3),
+            }
+        ),
+        flush=True,
+    )
     if 1 in rates and 2 in rates:
-        print(json.dumps({**common, "two_workers_over_one": round(rates[2] / rates[1], 3),
-                          "note": "wall-clock; meaningful only where 2 cores are free (see load_avg_1m and cpus)"}), flush=True)
+        print(
+            json.dumps(
+                {
+                    **common,
+                    "two_workers_over_one": round(rates[2] / rates[1], 3),
+                    "note": "wall-clock; meaningful only where 2 cores are free (see load_avg_1m and cpus)",
+                }
+            ),
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5, help="interleaved trials per measurement (medians are kept)")
-    parser.add_argument("--repeat", type=int, default=8, help="passes over the dataset per measurement (synthetic: twice)")
-    parser.add_argument("--coco", type=Path, default=COCO_MINI, help="coco_mini folder (default: ../shared/data/coco_mini)")
+    parser.add_argument(
+        "--repeat", type=int, default=8, help="passes over the dataset per measurement (synthetic: twice)"
+    )
+    parser.add_argument(
+        "--coco", type=Path, default=COCO_MINI, help="coco_mini folder (default: ../shared/data/coco_mini)"
+    )
     parser.add_argument("--synthetic-size", type=int, default=224, help="crop size on the synthetic scenes")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=["coco384", "synthetic"], choices=["coco384", "synthetic"])
@@ -270,8 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for which in args.datasets:
-            bench_dataset(which, Path(tmp), args.trials, args.workers, args.repeat * (2 if which == "synthetic" else 1), args.synthetic_size,
-                          args.coco)
+            bench_dataset(
+                which,
+                Path(tmp),
+                args.trials,
+                args.workers,
+                args.repeat * (2 if which == "synthetic" else 1),
+                args.synthetic_size,
+                args.coco,
+            )
     return 0
 
 

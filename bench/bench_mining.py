@@ -8,6 +8,7 @@ with its candidate store, + IAIS) on the `tiny` model in plain PyTorch (forward 
 optimiser), interleaving the two mining modes step by step, and prints one JSON object per mode with
 the random_n step as the baseline of the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,37 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        subprocess.run([sys.executable, "-m", "data_tools", "build", "synthetic", "--samples", str(args.samples),
-                        "--seed", "0", "--out", str(data)], cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_tools",
+                "build",
+                "synthetic",
+                "--samples",
+                str(args.samples),
+                "--seed",
+                "0",
+                "--out",
+                str(data),
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
         objectives, loaders = {}, {}
         for mode in ("random_n", "itc_topk"):
-            cfg = load_finetune_config(REPO / "configs" / "tiny.yaml", [
-                f"data.paths=[{data}]", f"data.batch_size={args.batch}", f"finetune.candidates={args.candidates}",
-                f"finetune.hard={args.hard}", f"finetune.mining={mode}", f"run.dir={tmp}/run"])
+            cfg = load_finetune_config(
+                REPO / "configs" / "tiny.yaml",
+                [
+                    f"data.paths=[{data}]",
+                    f"data.batch_size={args.batch}",
+                    f"finetune.candidates={args.candidates}",
+                    f"finetune.hard={args.hard}",
+                    f"finetune.mining={mode}",
+                    f"run.dir={tmp}/run",
+                ],
+            )
             task = FinetuneTask(cfg)
             loader = task.train_loader(args.batch, 0, 1)
             torch.manual_seed(0)
@@ -58,7 +83,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"random_n": [], "itc_topk": []}
         rates: dict[str, list[float]] = {"random_n": [], "itc_topk": []}
         for step in range(args.steps + 2):
-            for mode in (("random_n", "itc_topk") if step % 2 else ("itc_topk", "random_n")):
+            for mode in ("random_n", "itc_topk") if step % 2 else ("itc_topk", "random_n"):
                 model, objective = objectives[mode]
                 batch = next(loaders[mode])
                 start = time.perf_counter()
@@ -71,12 +96,22 @@ def main() -> None:
         base = statistics.median(times["random_n"])
         for mode in ("random_n", "itc_topk"):
             step_s = statistics.median(times[mode])
-            print(json.dumps({
-                "bench": "mining", "mode": mode, "preset": "tiny", "batch": args.batch, "candidates": args.candidates,
-                "hard": args.hard, "threads": args.threads, "step_seconds": round(step_s, 4),
-                "candidates_per_second": round(statistics.median(rates[mode]), 1),
-                "step_ratio_vs_random_n": round(step_s / base, 3),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "bench": "mining",
+                        "mode": mode,
+                        "preset": "tiny",
+                        "batch": args.batch,
+                        "candidates": args.candidates,
+                        "hard": args.hard,
+                        "threads": args.threads,
+                        "step_seconds": round(step_s, 4),
+                        "candidates_per_second": round(statistics.median(rates[mode]), 1),
+                        "step_ratio_vs_random_n": round(step_s / base, 3),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

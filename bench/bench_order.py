@@ -26,6 +26,7 @@ The cases, each what a rank does:
 
     .venv/bin/python bench/bench_order.py [--samples 10M,100M,1B,5B] [--reference-up-to 100M]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,17 +113,32 @@ def run_case(case: str, samples: int, impl: str, cursor_path: str | None, traced
         target = layout if case == "resume" else order.Layout(WORLD // 2, WORKERS, BATCH, BLOCK)
         plan, cursor = order.resume(epoch_list, target, cursor)
         text = json.dumps(cursor)
-        extra = {"base_runs": int(len(plan.base)), "cursor_json_mb": round(len(text) / 2**20, 2), "batches": per_rank_work(order, plan, cursor)}
+        extra = {
+            "base_runs": int(len(plan.base)),
+            "cursor_json_mb": round(len(text) / 2**20, 2),
+            "batches": per_rank_work(order, plan, cursor),
+        }
     seconds = time.perf_counter() - start
     if traced:
         return {"traced_mb": round(tracemalloc.get_traced_memory()[1] / 2**20, 1)}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"bench": "order", "case": case, "samples": samples, "shards": len(shards), "streams": WORLD * WORKERS, "impl": impl,
-            "seconds": round(seconds, 3), "peak_mb": round(max(0.0, peak - before), 1), "rss_mb": round(peak, 1), **extra}
+    return {
+        "bench": "order",
+        "case": case,
+        "samples": samples,
+        "shards": len(shards),
+        "streams": WORLD * WORKERS,
+        "impl": impl,
+        "seconds": round(seconds, 3),
+        "peak_mb": round(max(0.0, peak - before), 1),
+        "rss_mb": round(peak, 1),
+        **extra,
+    }
 
 
 def measure(case: str, samples: int, impl: str) -> dict:
     """One case in fresh processes: the saved cursor written by one, time and RSS in the next, traced in a third."""
+
     def one(*args: str) -> str:
         done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
         if done.returncode:

@@ -17,6 +17,7 @@ all-reduce is cheap next to Python overhead. The plan for 8 GPUs x 16 nodes is i
 
     .venv/bin/python bench/bench_scaling.py [--steps 30] [--trials 2] [--zero 0 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-               "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce", "broadcast", "barrier",
-               "all_gather_object", "broadcast_object_list", "gather", "scatter", "all_to_all_single", "monitored_barrier")
+COLLECTIVES = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "reduce",
+    "broadcast",
+    "barrier",
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather",
+    "scatter",
+    "all_to_all_single",
+    "monitored_barrier",
+)
 OUT_ENV = "BENCH_SCALING_OUT"
 
 
@@ -125,10 +142,20 @@ def rank_child(argv: list[str]) -> int:
 # --- the driver ---------------------------------------------------------------------------------
 def env_for(rank: int, world: int, port: int, out: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-               PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-               LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        PYTHONUNBUFFERED="1",
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     env[OUT_ENV] = str(out)
     return env
 
@@ -137,11 +164,27 @@ def run(data: Path, work: Path, world: int, zero: int, steps: int, port: int) ->
     """One run of `steps` optimizer steps on `world` ranks; per-rank records."""
     out = work / f"z{zero}-w{world}-{port}"
     out.mkdir(parents=True)
-    args = ["--config", str(TINY), f"data.paths=[{data}]", f"run.dir={out / 'run'}", "metrics.enabled=false",
-            f"train.steps={steps}", f"train.log_every={steps}", f"zero.stage={zero}", "checkpoint.every_steps=100000"]
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--rank-child", *args], cwd=REPO,
-                              env=env_for(r, world, port, out), stdout=open(out / f"rank{r}.log", "w"),
-                              stderr=subprocess.STDOUT) for r in range(world)]
+    args = [
+        "--config",
+        str(TINY),
+        f"data.paths=[{data}]",
+        f"run.dir={out / 'run'}",
+        "metrics.enabled=false",
+        f"train.steps={steps}",
+        f"train.log_every={steps}",
+        f"zero.stage={zero}",
+        "checkpoint.every_steps=100000",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--rank-child", *args],
+            cwd=REPO,
+            env=env_for(r, world, port, out),
+            stdout=open(out / f"rank{r}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
     codes = [p.wait(timeout=900) for p in procs]
     if any(codes):
         raise SystemExit(f"bench_scaling: zero {zero} world {world} exited {codes}; see {out}/rank*.log")
@@ -159,8 +202,13 @@ def summarise(record: dict, warmup: int, per_rank_batch: int) -> dict[str, float
         if windows and windows[0][0] <= start < windows[-1][1]:
             by_name[name] = by_name.get(name, 0.0) + s / len(windows)
     step = statistics.median(step_s)
-    return {"step_s": step, "samples_per_s": per_rank_batch / step, "collective_s": statistics.median(coll_s),
-            "collective_share": sum(coll_s) / sum(step_s), "by_name": by_name}
+    return {
+        "step_s": step,
+        "samples_per_s": per_rank_batch / step,
+        "collective_s": statistics.median(coll_s),
+        "collective_share": sum(coll_s) / sum(step_s),
+        "by_name": by_name,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,14 +229,31 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port
     with tempfile.TemporaryDirectory() as tmp:
         work, data = Path(tmp), Path(tmp) / "synthetic"
-        subprocess.run([sys.executable, "-m", "data_tools", "build", "synthetic", "--samples", str(args.samples),
-                        "--out", str(data)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_tools",
+                "build",
+                "synthetic",
+                "--samples",
+                str(args.samples),
+                "--out",
+                str(data),
+            ],
+            cwd=REPO,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         for zero in args.zero:
             results: dict[int, list[dict]] = {1: [], 2: []}
             for _ in range(args.trials):  # interleaved: load swings hit both world sizes alike
                 for world in (1, 2):
                     port += 1
-                    results[world] += [summarise(r, args.warmup, per_rank_batch) for r in run(data, work, world, zero, args.steps, port)]
+                    results[world] += [
+                        summarise(r, args.warmup, per_rank_batch)
+                        for r in run(data, work, world, zero, args.steps, port)
+                    ]
             summary = {}
             for world, rows in results.items():
                 names = sorted({n for r in rows for n in r["by_name"]})
@@ -197,17 +262,45 @@ def main(argv: list[str] | None = None) -> int:
                     "per_rank_samples_per_s": statistics.median(r["samples_per_s"] for r in rows),
                     "collective_s_per_step": statistics.median(r["collective_s"] for r in rows),
                     "collective_share": statistics.median(r["collective_share"] for r in rows),
-                    "collective_s_per_step_by_op": {n: round(statistics.median(r["by_name"].get(n, 0.0) for r in rows), 5) for n in names},
+                    "collective_s_per_step_by_op": {
+                        n: round(statistics.median(r["by_name"].get(n, 0.0) for r in rows), 5) for n in names
+                    },
                 }
-                print(json.dumps({"bench": "scaling", "preset": "tiny", "zero": zero, "world": world, "per_rank_batch": per_rank_batch,
-                                  "steps_timed": args.steps - args.warmup - 1, "trials": args.trials,
-                                  **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary[world].items()},
-                                  "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
-            print(json.dumps({"bench": "scaling", "preset": "tiny", "zero": zero,
-                              "per_rank_throughput_2_over_1": round(summary[2]["per_rank_samples_per_s"] / summary[1]["per_rank_samples_per_s"], 3),
-                              "total_throughput_2_over_1": round(2 * summary[2]["per_rank_samples_per_s"] / summary[1]["per_rank_samples_per_s"], 3),
-                              "collective_share_2_ranks": round(summary[2]["collective_share"], 3),
-                              "note": "CPU proxy: gloo, 2 cores shared with other jobs"}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "bench": "scaling",
+                            "preset": "tiny",
+                            "zero": zero,
+                            "world": world,
+                            "per_rank_batch": per_rank_batch,
+                            "steps_timed": args.steps - args.warmup - 1,
+                            "trials": args.trials,
+                            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary[world].items()},
+                            "cpus": os.cpu_count(),
+                            "load_avg_1m": round(os.getloadavg()[0], 2),
+                        }
+                    ),
+                    flush=True,
+                )
+            print(
+                json.dumps(
+                    {
+                        "bench": "scaling",
+                        "preset": "tiny",
+                        "zero": zero,
+                        "per_rank_throughput_2_over_1": round(
+                            summary[2]["per_rank_samples_per_s"] / summary[1]["per_rank_samples_per_s"], 3
+                        ),
+                        "total_throughput_2_over_1": round(
+                            2 * summary[2]["per_rank_samples_per_s"] / summary[1]["per_rank_samples_per_s"], 3
+                        ),
+                        "collective_share_2_ranks": round(summary[2]["collective_share"], 3),
+                        "note": "CPU proxy: gloo, 2 cores shared with other jobs",
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

@@ -12,6 +12,7 @@ object per mode, then one with the comparison.
 
     python bench/bench_shutdown.py --runs 200 --modes naive,clean
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,14 +78,36 @@ def one_run(mode: str, launcher: str, timeout_s: float) -> dict:
     script = [str(Path(__file__).resolve()), "--worker", mode]
     with tempfile.TemporaryFile("w+") as log:
         if launcher == "torchrun":
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_addr", "127.0.0.1", "--master_port", str(port), *script]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                *script,
+            ]
             procs = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)]
         else:
             procs = [
-                subprocess.Popen([sys.executable, *script], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                 env=dict(env, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
-                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                subprocess.Popen(
+                    [sys.executable, *script],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                    env=dict(
+                        env,
+                        RANK=str(r),
+                        WORLD_SIZE="2",
+                        LOCAL_RANK=str(r),
+                        LOCAL_WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port),
+                    ),
+                )
                 for r in range(2)
             ]
         codes, deadline = [], time.monotonic() + timeout_s
@@ -98,8 +121,11 @@ def one_run(mode: str, launcher: str, timeout_s: float) -> dict:
         log.seek(0)
         text = log.read()
     finished = text.count(DONE) == 2
-    aborted = "terminate called" in text or "SIGABRT" in text or "Signal 6" in text or any(
-        isinstance(c, int) and c == -signal.SIGABRT for c in codes
+    aborted = (
+        "terminate called" in text
+        or "SIGABRT" in text
+        or "Signal 6" in text
+        or any(isinstance(c, int) and c == -signal.SIGABRT for c in codes)
     )
     if "timeout" in codes:
         outcome = "timeout"
@@ -139,14 +165,37 @@ def main() -> None:
                 with open(args.samples_out, "a") as out:
                     out.write(json.dumps({"mode": mode, "run": i, **run}) + "\n")
         results[mode] = counts
-        print(json.dumps({"bench": "shutdown", "mode": mode, "launcher": args.launcher, "runs": args.runs,
-                          **counts, "abort_rate": counts["abort"] / args.runs,
-                          "seconds_per_run": round((time.monotonic() - start) / args.runs, 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "shutdown",
+                    "mode": mode,
+                    "launcher": args.launcher,
+                    "runs": args.runs,
+                    **counts,
+                    "abort_rate": counts["abort"] / args.runs,
+                    "seconds_per_run": round((time.monotonic() - start) / args.runs, 2),
+                }
+            ),
+            flush=True,
+        )
     if {"naive", "clean"} <= results.keys():
-        print(json.dumps({"bench": "shutdown", "metric": "aborts", "launcher": args.launcher, "runs": args.runs,
-                          "baseline_naive": results["naive"]["abort"], "clean": results["clean"]["abort"],
-                          "clean_failures": results["clean"]["abort"] + results["clean"]["error"]
-                          + results["clean"]["timeout"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "shutdown",
+                    "metric": "aborts",
+                    "launcher": args.launcher,
+                    "runs": args.runs,
+                    "baseline_naive": results["naive"]["abort"],
+                    "clean": results["clean"]["abort"],
+                    "clean_failures": results["clean"]["abort"]
+                    + results["clean"]["error"]
+                    + results["clean"]["timeout"],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ one JSON object per preset. The ratio on/off is the figure (aim: at most 1.10).
 
     python bench/bench_step.py [--presets small tiny] [--batch 8] [--threads 1] [--repeats 5] [--device cuda] [--bf16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def make_batch(batch: int, words: int, regions: int, vocab: int, feature_dim: in
     mlm_positions[:, 1] = True  # at least one masked word per row
     half = batch // 2
     return dict(
-        input_ids=input_ids, text_mask=torch.ones(batch, text_len, dtype=torch.bool),
-        mlm_positions=mlm_positions, mlm_targets=input_ids[mlm_positions],
+        input_ids=input_ids,
+        text_mask=torch.ones(batch, text_len, dtype=torch.bool),
+        mlm_positions=mlm_positions,
+        mlm_targets=input_ids[mlm_positions],
         visual_feats=torch.randn(batch, regions, feature_dim, generator=g),
         visual_pos=torch.rand(batch, regions, 7, generator=g),
         visual_mask=torch.ones(batch, regions, dtype=torch.bool),
@@ -52,8 +55,9 @@ def train_step(model: RelAlignModel, regularizer: IAISRegularizer | None, batch:
     start = time.perf_counter()
     tokens, mask = model.embed_visual(batch)
     matched = batch["matched_cpu"]  # a CPU mask: no host sync to turn it into row indices
-    out = model(batch["input_ids"], batch["text_mask"], tokens, mask,
-                iais_rows=matched if regularizer is not None else None)
+    out = model(
+        batch["input_ids"], batch["text_mask"], tokens, mask, iais_rows=matched if regularizer is not None else None
+    )
     loss = F.cross_entropy(model.itm_logits(out), batch["itm_labels"])
     loss = loss + F.cross_entropy(model.mlm_logits(out, batch["mlm_positions"]), batch["mlm_targets"])
     if regularizer is not None:
@@ -79,13 +83,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for preset in args.presets:
         torch.manual_seed(0)
-        config = ModelConfig.preset(preset, vocab_size=VOCAB[preset], visual_embedder="features",
-                                    feature_dim=FEATURE_DIM[preset])
+        config = ModelConfig.preset(
+            preset, vocab_size=VOCAB[preset], visual_embedder="features", feature_dim=FEATURE_DIM[preset]
+        )
         model = RelAlignModel(config).to(args.device).train()
         regularizer = IAISRegularizer(IAISConfig(mode="singular", direction="both"), config.num_layers)
         regularizer.attach(model)
-        batch = {k: v.to(args.device) for k, v in
-                 make_batch(args.batch, args.words, args.regions, VOCAB[preset], FEATURE_DIM[preset]).items()}
+        batch = {
+            k: v.to(args.device)
+            for k, v in make_batch(args.batch, args.words, args.regions, VOCAB[preset], FEATURE_DIM[preset]).items()
+        }
         batch["matched_cpu"] = batch["itm_labels"].cpu().bool()
         autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
         off, on = [], []
@@ -96,12 +103,26 @@ def main() -> None:
                 off.append(times[0])
                 on.append(times[1])
         off_s, on_s = statistics.median(off), statistics.median(on)
-        print(json.dumps({
-            "bench": "step", "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-            "bf16": args.bf16, "preset": preset, "batch": args.batch, "words": args.words, "regions": args.regions,
-            "matched_pairs": args.batch // 2, "threads": args.threads, "repeats": args.repeats,
-            "iais_off_ms": round(off_s * 1e3, 2), "iais_on_ms": round(on_s * 1e3, 2), "ratio": round(on_s / off_s, 4),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "step",
+                    "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+                    "bf16": args.bf16,
+                    "preset": preset,
+                    "batch": args.batch,
+                    "words": args.words,
+                    "regions": args.regions,
+                    "matched_pairs": args.batch // 2,
+                    "threads": args.threads,
+                    "repeats": args.repeats,
+                    "iais_off_ms": round(off_s * 1e3, 2),
+                    "iais_on_ms": round(on_s * 1e3, 2),
+                    "ratio": round(on_s / off_s, 4),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

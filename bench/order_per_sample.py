@@ -23,6 +23,7 @@ Vocabulary (positions are int64 numpy arrays, so million-sample epochs stay vect
   bad ones included) and `batches` (batches it delivered), with the layout, seed, epoch, the
   datasets' sha256 and the base. See `Plan.resume`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -295,16 +296,23 @@ class Plan:
 def check_cursor(cursor: dict[str, Any], epoch_list: EpochList) -> None:
     """Refuse a cursor that belongs to other data or another seed, with one clear line."""
     if not isinstance(cursor, dict) or cursor.get("format") != CURSOR_FORMAT:
-        raise UserError(f"cursor: format={cursor.get('format') if isinstance(cursor, dict) else cursor!r} is not allowed: expected {CURSOR_FORMAT}")
+        raise UserError(
+            f"cursor: format={cursor.get('format') if isinstance(cursor, dict) else cursor!r} is not allowed: "
+            f"expected {CURSOR_FORMAT}"
+        )
     if int(cursor["seed"]) != epoch_list.seed:
         raise UserError(f"cursor: seed={cursor['seed']} does not match the configured seed {epoch_list.seed}")
     mine = [{"sha256": s.sha256, "samples": s.size, "weight": s.weight} for s in epoch_list.sources]
-    theirs = [{"sha256": d["sha256"], "samples": int(d["samples"]), "weight": float(d["weight"])} for d in cursor["datasets"]]
+    theirs = [
+        {"sha256": d["sha256"], "samples": int(d["samples"]), "weight": float(d["weight"])} for d in cursor["datasets"]
+    ]
     if theirs != mine:
         raise UserError(f"cursor: datasets={theirs} do not match the configured datasets {mine}")
     missing = [i for i, s in enumerate(cursor["streams"]) if s is None]
     if missing:
-        raise UserError(f"cursor: streams {missing} have no state: merge every rank's cursor (merge_rank_cursors) before saving")
+        raise UserError(
+            f"cursor: streams {missing} have no state: merge every rank's cursor (merge_rank_cursors) before saving"
+        )
 
 
 def resume(epoch_list: EpochList, layout: Layout, cursor: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
@@ -332,7 +340,10 @@ def merge_rank_cursors(rank_cursors: Sequence[dict[str, Any]]) -> dict[str, Any]
     for cur in rank_cursors:
         for key in ("seed", "epoch", "layout", "base", "datasets"):
             if cur[key] != first[key]:
-                raise ValueError(f"merge_rank_cursors: rank {cur.get('rank')} has {key}={cur[key]!r}, rank {first.get('rank')} {first[key]!r}")
+                raise ValueError(
+                    f"merge_rank_cursors: rank {cur.get('rank')} has {key}={cur[key]!r}, "
+                    f"rank {first.get('rank')} {first[key]!r}"
+                )
         for s, state in enumerate(cur["streams"]):
             if state is not None:
                 streams[s] = dict(state)

@@ -3,6 +3,7 @@
 Each subcommand parses its arguments here and calls one module that does the work; user mistakes
 become one `data_tools: error: ...` line and exit code 2 through `errors.run_cli`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,21 +35,42 @@ def add_common_build_arguments(parser: argparse.ArgumentParser, default_name: st
     group = parser.add_argument_group("output (every format)")
     group.add_argument("--out", required=True, help="dataset folder to write (resumes when rerun)")
     group.add_argument("--name", default=default_name, help="shard file prefix: shards/<name>-000000.tar")
-    group.add_argument("--shard-samples", type=int, default=None, help="at most this many input records per shard (default 10000)")
-    group.add_argument("--shard-bytes", type=parse_size, default=None, help="at most this many input image bytes per shard (e.g. 1G)")
-    group.add_argument("--resize", type=int, default=None, metavar="MAX_SIDE", help="downscale so the longer side is at most MAX_SIDE, re-encode JPEG")
+    group.add_argument(
+        "--shard-samples", type=int, default=None, help="at most this many input records per shard (default 10000)"
+    )
+    group.add_argument(
+        "--shard-bytes", type=parse_size, default=None, help="at most this many input image bytes per shard (e.g. 1G)"
+    )
+    group.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        metavar="MAX_SIDE",
+        help="downscale so the longer side is at most MAX_SIDE, re-encode JPEG",
+    )
     group.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality when re-encoding")
-    group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject images with more pixels (decompression bombs)")
+    group.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="reject images with more pixels (decompression bombs)",
+    )
     group.add_argument("--workers", type=int, default=1, help="processes; the output is identical for any number")
-    group.add_argument("--num-parts", type=int, default=1, help="split the build into independent parts (e.g. a Slurm array)")
+    group.add_argument(
+        "--num-parts", type=int, default=1, help="split the build into independent parts (e.g. a Slurm array)"
+    )
     group.add_argument("--part", type=int, default=0, help="which part this process builds (0-based); then run merge")
-    group.add_argument("--plan-only", action="store_true", help="list, hash and cut the inputs once for all parts, then stop")
+    group.add_argument(
+        "--plan-only", action="store_true", help="list, hash and cut the inputs once for all parts, then stop"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from data_tools.builders import FORMATS
 
-    parser = OneLineParser(prog="python -m data_tools", description="relalign data plane: build, check and inspect datasets")
+    parser = OneLineParser(
+        prog="python -m data_tools", description="relalign data plane: build, check and inspect datasets"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
     build = commands.add_parser("build", help="build a dataset folder from a source format")
@@ -56,15 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in FORMATS.items():
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip()
-        sub = formats.add_parser(name, help=doc.splitlines()[0], description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = formats.add_parser(
+            name, help=doc.splitlines()[0], description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         module.add_arguments(sub)
         add_common_build_arguments(sub, default_name=name)
 
     from data_tools import features as features_module
 
-    features = commands.add_parser("features", help="run a frozen backbone once over a dataset: a feature cache",
-                                   description=(features_module.__doc__ or "").strip(),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    features = commands.add_parser(
+        "features",
+        help="run a frozen backbone once over a dataset: a feature cache",
+        description=(features_module.__doc__ or "").strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     features_module.add_arguments(features)
 
     verify = commands.add_parser("verify", help="check every shard against dataset.json; non-zero exit on a mismatch")
@@ -88,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--out", required=True, help="folder for the Hugging Face tokenizer files")
     add_trust_arguments(tokenizer)
 
-    commands.add_parser("stream", help="print what the loader delivers to every rank (see: stream --help)", add_help=False)
+    commands.add_parser(
+        "stream", help="print what the loader delivers to every rank (see: stream --help)", add_help=False
+    )
     return parser
 
 
@@ -97,9 +126,17 @@ def run_build(args: argparse.Namespace) -> int:
     from data_tools.builders import load
 
     options = Options(
-        out=args.out, name=args.name, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
-        resize=args.resize, quality=args.quality, max_pixels=args.max_pixels, workers=args.workers,
-        num_parts=args.num_parts, part=args.part, plan_only=args.plan_only,
+        out=args.out,
+        name=args.name,
+        shard_samples=args.shard_samples,
+        shard_bytes=args.shard_bytes,
+        resize=args.resize,
+        quality=args.quality,
+        max_pixels=args.max_pixels,
+        workers=args.workers,
+        num_parts=args.num_parts,
+        part=args.part,
+        plan_only=args.plan_only,
     )
     options.check()
     return build(load(args.format).make_source(args), options)
@@ -131,8 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "verify":
         from data_tools.verify import verify
 
-        return verify(args.dataset, workers=args.workers, decode=not args.no_decode, max_pixels=args.max_pixels,
-                      trust=command_trust(args, [args.dataset]))
+        return verify(
+            args.dataset,
+            workers=args.workers,
+            decode=not args.no_decode,
+            max_pixels=args.max_pixels,
+            trust=command_trust(args, [args.dataset]),
+        )
     if args.command == "stats":
         from data_tools.stats import stats
 

@@ -65,6 +65,7 @@ Present where the samples carry them (lists are per sample, padding slots hold e
 - `bad_samples`    dict[str, int]         bad samples by reason found so far on this rank (cumulative;
                                           set by `data_tools.loader.Loader`, like `cursor`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,8 +80,9 @@ IGNORE_INDEX = -100
 
 def image_id_codes(image_ids: list[str]) -> torch.Tensor:
     """[B] int64 codes of the image ids (stable across processes; "" for padding slots -> -1)."""
-    codes = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=7).digest(), "little") if s else -1
-             for s in image_ids]
+    codes = [
+        int.from_bytes(hashlib.blake2b(s.encode(), digest_size=7).digest(), "little") if s else -1 for s in image_ids
+    ]
     return torch.tensor(codes, dtype=torch.long)
 
 

@@ -19,6 +19,7 @@ tars are not rewritten); this driver does everything else the same way for all o
 Bad input never stops a build (BadSample: skipped, counted, listed); bad arguments raise UserError
 before anything is written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,7 +85,9 @@ class Options:
 
     def content_arguments(self) -> dict[str, Any]:
         """The options that change the dataset's bytes (workers and parts do not)."""
-        return {k: getattr(self, k) for k in ("name", "shard_samples", "shard_bytes", "resize", "quality", "max_pixels")}
+        return {
+            k: getattr(self, k) for k in ("name", "shard_samples", "shard_bytes", "resize", "quality", "max_pixels")
+        }
 
     def check(self) -> None:
         if self.shard_samples is not None and self.shard_samples < 1:
@@ -226,7 +229,13 @@ def make_plan(source: Source, options: Options, args_hash: str, pool) -> list[li
 def run_shard_job(job: ShardJob) -> dict[str, Any]:
     """Build (or index) one shard through the source's step and write its state file; returns that state."""
     state = (job.make_shard or write_shard)(job)
-    state.update(builder=job.builder, arguments=job.arguments, args_hash=job.args_hash, num_shards=job.num_shards, index=job.index)
+    state.update(
+        builder=job.builder,
+        arguments=job.arguments,
+        args_hash=job.args_hash,
+        num_shards=job.num_shards,
+        index=job.index,
+    )
     atomic_write_text(state_path(job.out, job.index), json.dumps(state))
     return state
 
@@ -240,9 +249,13 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
     try:
         for record in job.records:
             try:
-                members, fields = process_record(record, job.builder, max_pixels=o.max_pixels, resize=o.resize, quality=o.quality)
+                members, fields = process_record(
+                    record, job.builder, max_pixels=o.max_pixels, resize=o.resize, quality=o.quality
+                )
             except BadSample as bad:
-                rejected.append({"key": record.key, "source": record.origin, "reason": bad.reason, "detail": bad.detail})
+                rejected.append(
+                    {"key": record.key, "source": record.origin, "reason": bad.reason, "detail": bad.detail}
+                )
                 continue
             if writer is None:
                 writer = ShardWriter(Path(job.out) / location)
@@ -258,8 +271,15 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
         raise
     for row in rows:
         row["members"] = written.members[row["key"]]
-    return {"location": location, "samples": len(rows), "size": written.size, "sha256": written.sha256, "rows": rows,
-            "rejected": rejected, "box_labels": sorted(labels)}
+    return {
+        "location": location,
+        "samples": len(rows),
+        "size": written.size,
+        "sha256": written.sha256,
+        "rows": rows,
+        "rejected": rejected,
+        "box_labels": sorted(labels),
+    }
 
 
 def shard_is_done(out: str, index: int, args_hash: str) -> dict[str, Any] | None:
@@ -302,8 +322,13 @@ def build(source: Source, options: Options) -> int:
     if options.shard_bytes is not None and not source.sized:
         raise UserError(f"--shard-bytes: not available for {source.builder} (cut its shards with --shard-samples)")
     existing_shards = source.existing
-    if existing_shards is not None and (options.resize is not None or options.shard_samples is not None or options.shard_bytes is not None):
-        raise UserError(f"{source.builder}: its tars are indexed as they are; --resize, --shard-samples and --shard-bytes do not apply")
+    if existing_shards is not None and (
+        options.resize is not None or options.shard_samples is not None or options.shard_bytes is not None
+    ):
+        raise UserError(
+            f"{source.builder}: its tars are indexed as they are; "
+            "--resize, --shard-samples and --shard-bytes do not apply"
+        )
     out = Path(options.out)
     arguments = {**source.arguments, **options.content_arguments()}
     if check_out_folder(out, source.builder, arguments):
@@ -321,12 +346,25 @@ def build(source: Source, options: Options) -> int:
         else:
             groups = make_plan(source, options, args_hash, pool)
         if options.plan_only:
-            print(f"{source.builder}: plan of {sum(map(len, groups))} records in {len(groups)} shards saved in "
-                  f"{plan_path(out, args_hash)}; now run the parts (--part 0..{options.num_parts - 1})", file=sys.stderr)
+            print(
+                f"{source.builder}: plan of {sum(map(len, groups))} records in {len(groups)} shards saved in "
+                f"{plan_path(out, args_hash)}; now run the parts (--part 0..{options.num_parts - 1})",
+                file=sys.stderr,
+            )
             return 0
         jobs = [
-            ShardJob(str(out), i, group, options, source.builder, arguments, args_hash, len(groups),
-                     existing_shards[i] if existing_shards is not None else None, source.make_shard)
+            ShardJob(
+                str(out),
+                i,
+                group,
+                options,
+                source.builder,
+                arguments,
+                args_hash,
+                len(groups),
+                existing_shards[i] if existing_shards is not None else None,
+                source.make_shard,
+            )
             for i, group in enumerate(groups)
             if i % options.num_parts == options.part
         ]
@@ -356,7 +394,6 @@ def build(source: Source, options: Options) -> int:
     from data_tools.merge import finalize
 
     return finalize(out, args_hash, source.finish)
-
 
 
 # --- argument checks shared by the format modules -------------------------------------------------------

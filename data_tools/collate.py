@@ -8,6 +8,7 @@ Padding slots (None entries, from a stream that ran short) are real rows of ever
 `sample_mask` False: their text is `[CLS] [SEP]` (so attention never sees an all-masked row), no
 words, no MLM labels, zero pixels, empty boxes and phrases, key and image_id "".
 """
+
 from __future__ import annotations
 
 import itertools
@@ -38,12 +39,17 @@ def load_tokenizer(path: str | os.PathLike):
 
     folder = Path(path)
     if not folder.is_dir():
-        raise UserError(f"tokenizer: {folder} is not a folder (expected a Hugging Face tokenizer folder, e.g. <dataset>/tokenizer)")
+        raise UserError(
+            f"tokenizer: {folder} is not a folder (expected a Hugging Face tokenizer folder, e.g. <dataset>/tokenizer)"
+        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True,
-                                                  trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, use_fast=True, trust_remote_code=False
+        )
     except Exception as err:  # transformers raises OSError/ValueError/... for unusable folders
-        raise UserError(f"tokenizer: {folder} could not be loaded: {type(err).__name__}: {err}".splitlines()[0]) from None
+        raise UserError(
+            f"tokenizer: {folder} could not be loaded: {type(err).__name__}: {err}".splitlines()[0]
+        ) from None
     if not tokenizer.is_fast or tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
         raise UserError(f"tokenizer: {folder} needs a fast tokenizer with [MASK] and [PAD] tokens")
     return tokenizer
@@ -88,13 +94,19 @@ class TextEncoder:
         }
         if offsets:  # [B, Lt, 2]; flattened by fromiter: 0.6x the time of np.array on the nested tuples
             spans = itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encodings))
-            out["offsets"] = torch.from_numpy(np.fromiter(spans, dtype=np.int64, count=len(texts) * self.max_len * 2)
-                                              ).view(len(texts), self.max_len, 2)
+            out["offsets"] = torch.from_numpy(
+                np.fromiter(spans, dtype=np.int64, count=len(texts) * self.max_len * 2)
+            ).view(len(texts), self.max_len, 2)
         return out
 
 
 def mlm_mask(
-    input_ids: torch.Tensor, word_mask: torch.Tensor, seeds: Sequence[int | None], probability: float, mask_id: int, vocab_size: int
+    input_ids: torch.Tensor,
+    word_mask: torch.Tensor,
+    seeds: Sequence[int | None],
+    probability: float,
+    mask_id: int,
+    vocab_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking with per-sample generators: (mlm_input_ids, mlm_labels), both [B, Lt]."""
     batch, length = input_ids.shape
@@ -108,12 +120,16 @@ def mlm_mask(
     masked = word_mask & (draws[:, 0] < probability)
     to_mask = masked & (draws[:, 1] < MLM_REPLACE[0])
     to_random = masked & (draws[:, 1] >= MLM_REPLACE[0]) & (draws[:, 1] < MLM_REPLACE[0] + MLM_REPLACE[1])
-    mlm_input_ids = torch.where(to_mask, torch.full_like(input_ids, mask_id), torch.where(to_random, random_ids, input_ids))
+    mlm_input_ids = torch.where(
+        to_mask, torch.full_like(input_ids, mask_id), torch.where(to_random, random_ids, input_ids)
+    )
     mlm_labels = torch.where(masked, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     return mlm_input_ids, mlm_labels
 
 
-def phrase_positions(offsets, word_mask, phrases: list[dict[str, Any]] | None) -> tuple[list[list[int]], list[list[int]]]:
+def phrase_positions(
+    offsets, word_mask, phrases: list[dict[str, Any]] | None
+) -> tuple[list[list[int]], list[list[int]]]:
     """Per phrase of one sample: token positions whose characters overlap its span, and its box links.
 
     offsets [Lt, 2], word_mask [Lt] (torch or numpy). A phrase cut off by truncation (no token left)
@@ -170,7 +186,11 @@ def collate(
     it; `pixel_lease` in the batch): torch would otherwise copy it into a fresh shared segment when
     pickling, and the page faults of writing 4.8 MB (a 32 x 224 px batch) cost about 0.12 ms per sample.
     """
-    encode = tokenizer if isinstance(tokenizer, TextEncoder) and tokenizer.max_len == max_text_len else TextEncoder(tokenizer, max_text_len)
+    encode = (
+        tokenizer
+        if isinstance(tokenizer, TextEncoder) and tokenizer.max_len == max_text_len
+        else TextEncoder(tokenizer, max_text_len)
+    )
     real = [s is not None for s in samples]
     captions = [s["caption"] if s is not None else "" for s in samples]
     text = encode(captions)
@@ -194,12 +214,17 @@ def collate(
         batch.update(_collate_features(samples))
         sizes = [s.get("image_hw") for s in samples if s is not None]
         if sizes and all(hw is not None for hw in sizes):  # else absent: ISDa says which key it needs
-            batch["image_hw"] = torch.tensor([s["image_hw"] if s is not None else (0, 0) for s in samples],
-                                             dtype=torch.long)  # [B, 2] stored height, width; padding 0, 0
+            batch["image_hw"] = torch.tensor(
+                [s["image_hw"] if s is not None else (0, 0) for s in samples], dtype=torch.long
+            )  # [B, 2] stored height, width; padding 0, 0
     else:
-        batch["image_hw"] = torch.tensor([[image_size, image_size]], dtype=torch.long).expand(len(samples), 2).clone()  # [B, 2]
+        batch["image_hw"] = (
+            torch.tensor([[image_size, image_size]], dtype=torch.long).expand(len(samples), 2).clone()
+        )  # [B, 2]
         shape = (len(samples), image_size, image_size, 3)
-        pixels, lease = pixel_pool.take(shape) if pixel_pool is not None else (torch.empty(shape, dtype=torch.uint8), None)
+        pixels, lease = (
+            pixel_pool.take(shape) if pixel_pool is not None else (torch.empty(shape, dtype=torch.uint8), None)
+        )
         if lease is not None:
             batch["pixel_lease"] = lease  # [1] uint8, shared: release_pixels() lets the worker reuse the buffer
         rows = pixels.numpy()
@@ -214,7 +239,9 @@ def collate(
             batch["pixel_values"] = normalise(pixels)  # [B, 3, S, S]
             release_pixels(batch)  # normalised into new memory: the buffer is free again
 
-    batch["boxes"] = [torch.from_numpy(s["boxes"]) if s is not None and s["boxes"] is not None else torch.zeros(0, 4) for s in samples]
+    batch["boxes"] = [
+        torch.from_numpy(s["boxes"]) if s is not None and s["boxes"] is not None else torch.zeros(0, 4) for s in samples
+    ]
     batch["phrase_tokens"], batch["phrase_boxes"] = [], []
     offsets, word_mask = text["offsets"].numpy(), text["word_mask"].numpy()  # [B, Lt, 2], [B, Lt]
     for i, s in enumerate(samples):
@@ -232,9 +259,15 @@ def collate(
     else:  # no hard negatives in this batch: every row is the empty caption, [CLS] [SEP]
         neg = encode([""], offsets=False)
         neg = {k: v.expand(len(samples), *v.shape[1:]).clone() for k, v in neg.items()}
-    batch["neg_input_ids"], batch["neg_text_mask"], batch["neg_word_mask"] = neg["input_ids"], neg["text_mask"], neg["word_mask"]
+    batch["neg_input_ids"], batch["neg_text_mask"], batch["neg_word_mask"] = (
+        neg["input_ids"],
+        neg["text_mask"],
+        neg["word_mask"],
+    )
     batch["has_negative"] = torch.tensor([bool(n) for n in negatives], dtype=torch.bool)  # [B]
-    batch["negative_kind"] = [(s.get("negative_kind") or "") if s is not None and s["negative"] else "" for s in samples]
+    batch["negative_kind"] = [
+        (s.get("negative_kind") or "") if s is not None and s["negative"] else "" for s in samples
+    ]
     return batch
 
 
@@ -254,15 +287,21 @@ def tag_text(sample: dict[str, Any] | None) -> str:
     return " ".join(dict.fromkeys(labels))
 
 
-def _collate_tags(samples: Sequence[dict[str, Any] | None], encode: TextEncoder, seed: int, epoch: int,
-                  mlm_probability: float) -> dict[str, torch.Tensor]:
+def _collate_tags(
+    samples: Sequence[dict[str, Any] | None], encode: TextEncoder, seed: int, epoch: int, mlm_probability: float
+) -> dict[str, torch.Tensor]:
     """`tag_ids`, `tag_mask` [B, Lg] (`[CLS] tags [SEP] pad`) and their BERT masking."""
     tags = encode([tag_text(s) for s in samples], offsets=False)
     seeds = [sample_seed(seed, epoch, s["key"], "tag_mlm", s["repeat"]) if s is not None else None for s in samples]
-    tag_mlm_ids, tag_mlm_labels = mlm_mask(tags["input_ids"], tags["word_mask"], seeds, mlm_probability,
-                                           encode.mask_token_id, encode.vocab_size)
-    return {"tag_ids": tags["input_ids"], "tag_mask": tags["text_mask"], "tag_mlm_ids": tag_mlm_ids,
-            "tag_mlm_labels": tag_mlm_labels}
+    tag_mlm_ids, tag_mlm_labels = mlm_mask(
+        tags["input_ids"], tags["word_mask"], seeds, mlm_probability, encode.mask_token_id, encode.vocab_size
+    )
+    return {
+        "tag_ids": tags["input_ids"],
+        "tag_mask": tags["text_mask"],
+        "tag_mlm_ids": tag_mlm_ids,
+        "tag_mlm_labels": tag_mlm_labels,
+    }
 
 
 def _collate_features(samples: Sequence[dict[str, Any] | None]) -> dict[str, torch.Tensor]:

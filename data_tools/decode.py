@@ -22,6 +22,7 @@ The json fields read here are the schema's metadata fields (all optional): image
 height, boxes, box_labels, phrases, negatives; source and split are written for people and not read.
 Others (img2dataset's url, status, ...) stay in the shard and are ignored.
 """
+
 from __future__ import annotations
 
 import io
@@ -74,8 +75,12 @@ def parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
             raise BadSample("bad_metadata", f"boxes must be [[x, y, w, h], ...]: {err}") from None
         meta["boxes"] = arr
     labels = meta.get("box_labels")
-    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)
-                                   and boxes is not None and len(labels) == len(meta["boxes"])):
+    if labels is not None and not (
+        isinstance(labels, list)
+        and all(isinstance(x, str) for x in labels)
+        and boxes is not None
+        and len(labels) == len(meta["boxes"])
+    ):
         raise BadSample("bad_metadata", "box_labels must be a list of strings, one per box")
     for field in ("phrases", "negatives"):
         if meta.get(field) is not None and not isinstance(meta[field], list):
@@ -97,7 +102,9 @@ def stored_image_hw(meta: dict[str, Any], key: str) -> tuple[int, int] | None:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and float(v).is_integer()
 
     if not (positive_int(width) and positive_int(height)):
-        raise BadSample("bad_metadata", f"{key}: width and height must be positive integers, got {width!r} and {height!r}")
+        raise BadSample(
+            "bad_metadata", f"{key}: width and height must be positive integers, got {width!r} and {height!r}"
+        )
     return int(height), int(width)
 
 
@@ -153,7 +160,10 @@ def decode_sample(
         feats = _npy(raw[schema.FEATURE_EXTENSION], schema.FEATURE_EXTENSION)
         pos = _npy(raw[schema.GEOMETRY_EXTENSION], schema.GEOMETRY_EXTENSION)
         if feats.ndim != 2 or pos.shape != (feats.shape[0], 7):
-            raise BadSample("bad_metadata", f"{key}: feat.npy {feats.shape} needs pos.npy of shape ({feats.shape[0]}, 7), got {pos.shape}")
+            raise BadSample(
+                "bad_metadata",
+                f"{key}: feat.npy {feats.shape} needs pos.npy of shape ({feats.shape[0]}, 7), got {pos.shape}",
+            )
     else:
         image_bytes = _image_member(raw)
         if image_bytes is None:
@@ -178,7 +188,9 @@ def decode_sample(
     if meta.get("negatives"):
         try:
             # [caption index, text] or [caption index, text, kind] (kind: e.g. "relation", "attribute")
-            mine = [(str(n[1]), str(n[2]) if len(n) > 2 else None) for n in meta["negatives"] if int(n[0]) == caption_index]
+            mine = [
+                (str(n[1]), str(n[2]) if len(n) > 2 else None) for n in meta["negatives"] if int(n[0]) == caption_index
+            ]
         except (TypeError, ValueError, IndexError, KeyError) as err:
             raise BadSample("bad_metadata", f"negatives: {err}") from None
         if mine:

@@ -8,6 +8,7 @@ Bugs are ordinary exceptions and keep their traceback.
     check("train.steps", steps, steps >= 0, "an integer >= 0")      # ConfigError when not ok
     with atomic_write(path, "w") as fh: fh.write(text)               # readers see old or new, never half
 """
+
 from __future__ import annotations
 
 import argparse
@@ -132,8 +133,9 @@ def is_local_leader() -> bool:
     return True
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
-            quiet: bool = False) -> int:
+def run_cli(
+    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, quiet: bool = False
+) -> int:
     """Run a command's `main`, mapping UserError to one stderr line and its exit code (`quiet`: the
     code only, for the other ranks of a launcher, which would print the same line)."""
     try:

@@ -14,6 +14,7 @@ PIL warning or a crash. The pixel limit given here is the one that decides: PIL'
 reject images that a user explicitly allowed with a higher limit, so it is switched off and our
 check runs on the header before any pixel is decoded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -144,9 +145,7 @@ def prepare_image(
             # Image.thumbnail does): much less work for large photos, same look after the resize.
             image.draft("RGB", (2 * new_size[0], 2 * new_size[1]))
         resized = decode_image_from(image).resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return StoredImage(
-            encode_jpeg(resized, quality), "jpg", *new_size, (new_size[0] / width, new_size[1] / height)
-        )
+        return StoredImage(encode_jpeg(resized, quality), "jpg", *new_size, (new_size[0] / width, new_size[1] / height))
     rgb = decode_image_from(image)
     if fmt in STORED_FORMATS:
         return StoredImage(data, STORED_FORMATS[fmt], width, height, (1.0, 1.0))

@@ -31,6 +31,7 @@ that it continues exactly where the saved cursor stopped. Worker processes repor
 state with every batch; the cursor is updated in the trainer's process when the trainer takes the
 batch, so it counts what was consumed, not what workers prefetched.
 """
+
 from __future__ import annotations
 
 import copy
@@ -105,19 +106,49 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         paths, weights = self.paths, self.weights
-        check("data.paths", paths, isinstance(paths, (list, tuple)) and len(paths) > 0 and all(isinstance(p, str) for p in paths), "a non-empty list of dataset folders")
-        check("data.weights", weights, weights is None or (len(weights) == len(paths) and all(float(w) > 0 for w in weights)), f"{len(paths)} positive numbers (one per path) or null")
-        for name, low in (("batch_size", 1), ("shuffle_block", 1), ("image_size", 1), ("max_pixels", 1), ("max_text_len", 3), ("workers", 0), ("seed", 0), ("max_tag_len", 0)):
+        check(
+            "data.paths",
+            paths,
+            isinstance(paths, (list, tuple)) and len(paths) > 0 and all(isinstance(p, str) for p in paths),
+            "a non-empty list of dataset folders",
+        )
+        check(
+            "data.weights",
+            weights,
+            weights is None or (len(weights) == len(paths) and all(float(w) > 0 for w in weights)),
+            f"{len(paths)} positive numbers (one per path) or null",
+        )
+        for name, low in (
+            ("batch_size", 1),
+            ("shuffle_block", 1),
+            ("image_size", 1),
+            ("max_pixels", 1),
+            ("max_text_len", 3),
+            ("workers", 0),
+            ("seed", 0),
+            ("max_tag_len", 0),
+        ):
             value = getattr(self, name)
             check(f"data.{name}", value, isinstance(value, int) and value >= low, f"an integer >= {low}")
         self.crop_scale = tuple(float(x) for x in self.crop_scale)  # type: ignore[assignment]
-        check("data.crop_scale", self.crop_scale, len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "[low, high] with 0 < low <= high <= 1")
-        check("data.mlm_probability", self.mlm_probability, 0.0 <= float(self.mlm_probability) < 1.0, "a number in [0, 1)")
+        check(
+            "data.crop_scale",
+            self.crop_scale,
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "[low, high] with 0 < low <= high <= 1",
+        )
+        check(
+            "data.mlm_probability", self.mlm_probability, 0.0 <= float(self.mlm_probability) < 1.0, "a number in [0, 1)"
+        )
         check("data.visual", self.visual, self.visual in ("pixels", "features"), "'pixels' or 'features'")
         for name in ("allow_pipe_from", "remote_allow"):
             value = getattr(self, name)
-            check(f"data.{name}", value, isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
-                  "a list of strings")
+            check(
+                f"data.{name}",
+                value,
+                isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+                "a list of strings",
+            )
         for prefix in self.remote_allow:
             problem = prefix_problem(prefix)
             check("data.remote_allow", prefix, problem is None, str(problem))
@@ -176,7 +207,10 @@ def manifest_keys(epoch_list: order.EpochList, datasets: list[DatasetRef]):
     shard_starts = [np.concatenate([[0], np.cumsum(d.source.shard_samples)]) for d in datasets]
     for d, ref in enumerate(datasets):
         if len(keys[d]) != ref.source.size:
-            raise UserError(f"{Path(ref.path) / schema.MANIFEST_FILE}: {len(keys[d])} rows but dataset.json says {ref.source.size} samples")
+            raise UserError(
+                f"{Path(ref.path) / schema.MANIFEST_FILE}: {len(keys[d])} rows "
+                f"but dataset.json says {ref.source.size} samples"
+            )
 
     def stage(blocks: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, Any]]:
         for offset, positions in blocks:
@@ -185,7 +219,13 @@ def manifest_keys(epoch_list: order.EpochList, datasets: list[DatasetRef]):
                 d = int(where.dataset[i])
                 row = shard_starts[d][where.shard[i]] + where.index[i]
                 if duplicate[d][row]:  # what read_members finds there: the reader skips a key's second copy
-                    yield offset + i, BadSample("duplicate_key", f"{datasets[d].path}: key {keys[d][row]} again in shard {int(where.shard[i])}")
+                    yield (
+                        offset + i,
+                        BadSample(
+                            "duplicate_key",
+                            f"{datasets[d].path}: key {keys[d][row]} again in shard {int(where.shard[i])}",
+                        ),
+                    )
                 else:
                     yield offset + i, {"key": keys[d][row], "repeat": int(where.repeat[i])}
 
@@ -199,7 +239,9 @@ def decode_items(config: DataConfig, epoch: int):
         for offset, raw in items:
             if not isinstance(raw, BadSample):
                 try:
-                    raw = decode_sample(raw, seed=config.seed, epoch=epoch, max_pixels=config.max_pixels, visual=config.visual)
+                    raw = decode_sample(
+                        raw, seed=config.seed, epoch=epoch, max_pixels=config.max_pixels, visual=config.visual
+                    )
                 except BadSample as bad:
                     bad.detail = f"{raw.get('__key__')}: {bad.detail}"
                     raw = bad
@@ -259,7 +301,15 @@ def fixed_batches(batch_size: int, first_batch: int, num_batches: int, stream: i
     return stage
 
 
-def stream_pipeline(plan: order.Plan, datasets: list[DatasetRef], config: DataConfig, stream: int, state: dict[str, int], decode: bool = True, transform: bool = True):
+def stream_pipeline(
+    plan: order.Plan,
+    datasets: list[DatasetRef],
+    config: DataConfig,
+    stream: int,
+    state: dict[str, int],
+    decode: bool = True,
+    transform: bool = True,
+):
     """The composed stages of one stream, from its saved state on (a webdataset DataPipeline)."""
     source = manifest_keys(plan.epoch_list, datasets) if not decode else read_members(plan.epoch_list, datasets)
     return wds.DataPipeline(
@@ -278,7 +328,11 @@ class _RankStreams(torch.utils.data.IterableDataset):
         super().__init__()
         self.plan, self.datasets, self.config = loader._plan, loader.datasets, loader.config
         self.categories = loader.categories
-        self.text, self.streams, self.states = TextEncoder(loader.tokenizer, loader.config.max_text_len), streams, states
+        self.text, self.streams, self.states = (
+            TextEncoder(loader.tokenizer, loader.config.max_text_len),
+            streams,
+            states,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -291,9 +345,10 @@ class _RankStreams(torch.utils.data.IterableDataset):
         for item in pipeline:
             c = self.config
             batch = collate(
-                item.pop("samples"), tokenizer=self.text, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
-                seed=c.seed, epoch=self.plan.epoch, visual=c.visual, image_size=c.image_size, defer_normalise=True,
-                pixel_pool=pool, categories=self.categories, max_tag_len=c.max_tag_len,
+                item.pop("samples"), tokenizer=self.text, max_text_len=c.max_text_len,
+                mlm_probability=c.mlm_probability, seed=c.seed, epoch=self.plan.epoch, visual=c.visual,
+                image_size=c.image_size, defer_normalise=True, pixel_pool=pool, categories=self.categories,
+                max_tag_len=c.max_tag_len,
             )  # fmt: skip
             item["batch"] = to_wire(batch) if in_worker else batch
             yield item
@@ -336,8 +391,14 @@ def from_wire(batch: dict[str, Any]) -> dict[str, Any]:
 class Loader:
     """Batches for one rank; see the module docstring for the interface and its guarantees."""
 
-    def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 categories: list[str] | None = None):
+    def __init__(
+        self,
+        config: DataConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        categories: list[str] | None = None,
+    ):
         check("world_size", world_size, isinstance(world_size, int) and world_size >= 1, "an integer >= 1")
         check("rank", rank, isinstance(rank, int) and 0 <= rank < world_size, f"an integer in [0, {world_size})")
         self.config, self.rank = config, rank
@@ -402,7 +463,10 @@ class Loader:
         schedule = self._plan.rank_schedule(self._cursor, self.rank)
         for step, item in enumerate(self._produced()):
             if step >= len(schedule) or item["stream"] != schedule[step]:
-                raise RuntimeError(f"loader: batch {step} came from stream {item['stream']}, the schedule says {schedule[step:step + 1]}")
+                raise RuntimeError(
+                    f"loader: batch {step} came from stream {item['stream']}, "
+                    f"the schedule says {schedule[step : step + 1]}"
+                )
             self._cursor["streams"][item["stream"]] = item["state"]
             self._cursor["step"] += 1
             for reason, _ in item["bad"]:

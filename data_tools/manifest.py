@@ -4,6 +4,7 @@
 Everything that reads a dataset (loader, verify, stats, tokenizer training) comes through
 `load_dataset_info` / `load_manifest`, so a missing or malformed index is one clear UserError.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,11 @@ def load_dataset_info(directory: str | os.PathLike) -> DatasetInfo:
         raise UserError(f"{path}: malformed dataset.json ({type(err).__name__}: {err})", ExitCode.DATA) from None
     bad = next((i for i, s in enumerate(info.shards) if not isinstance(s.location, str) or not s.location), None)
     if bad is not None:
-        raise UserError(f"{path}: malformed dataset.json (shard {bad}: location {info.shards[bad].location!r} is not "
-                        f"a path, URL or pipe: command)", ExitCode.DATA)
+        raise UserError(
+            f"{path}: malformed dataset.json (shard {bad}: location {info.shards[bad].location!r} is not "
+            f"a path, URL or pipe: command)",
+            ExitCode.DATA,
+        )
     if not isinstance(info.shards, list) or info.total_samples != sum(s.samples for s in info.shards):
         raise UserError(f"{path}: malformed dataset.json (total_samples does not match the shards)", ExitCode.DATA)
     return info
@@ -80,7 +84,8 @@ def load_dataset(directory: str | os.PathLike) -> tuple[DatasetInfo, pa.Table]:
     table = load_manifest(directory)
     if table.num_rows != info.total_samples:
         raise UserError(
-            f"{Path(directory) / MANIFEST_FILE}: {table.num_rows} rows but dataset.json says {info.total_samples} samples"
+            f"{Path(directory) / MANIFEST_FILE}: {table.num_rows} rows "
+            f"but dataset.json says {info.total_samples} samples"
         )
     return info, table
 

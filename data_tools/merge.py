@@ -6,6 +6,7 @@ array task each, all writing into the same --out) leaves it to `python -m data_t
 every part is done. Both paths run this same function over the same state files, so a merged parts
 build equals a one-process build byte for byte.
 """
+
 from __future__ import annotations
 
 import collections
@@ -76,15 +77,20 @@ def finalize(out: str | os.PathLike, args_hash: str | None = None, finish: Finis
         if state["samples"] == 0:
             continue
         if not isinstance(state["location"], str) or not is_local(state["location"]):
-            raise UserError(f"{out / STATE_DIR}: shard {state['index']} has the location {state['location']!r}; a build "
-                            f"writes file paths only, so this state file was not written by one", ExitCode.DATA)
+            raise UserError(
+                f"{out / STATE_DIR}: shard {state['index']} has the location {state['location']!r}; a build "
+                f"writes file paths only, so this state file was not written by one",
+                ExitCode.DATA,
+            )
         for row in state["rows"]:
             rows.append({**row, "shard": len(shards)})
         shards.append(ShardInfo(state["location"], state["samples"], state["size"], state["sha256"]))
     write_rejected(out, rejected)
     counts = collections.Counter(r["reason"] for r in rejected)
     if not shards:
-        raise UserError(f"{out}: no usable samples ({len(rejected)} rejected, see {out / REJECTED_FILE})", ExitCode.DATA)
+        raise UserError(
+            f"{out}: no usable samples ({len(rejected)} rejected, see {out / REJECTED_FILE})", ExitCode.DATA
+        )
     write_manifest(out, manifest_table(rows))
     if finish is not None:
         finish(out, arguments)

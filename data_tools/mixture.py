@@ -2,6 +2,7 @@
 epoch list, and which (dataset, sample) sits at a position, in exact integer arithmetic over whole
 arrays of positions (no per-sample arrays of the epoch). `data_tools.order` builds epoch lists on it.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -90,9 +91,14 @@ def mix_locate(counts: Sequence[int], positions: np.ndarray) -> tuple[np.ndarray
         before = mix_position(counts, d, np.clip(k - 1, 0, c - 1))
         missed = (k > 0) & (before >= positions)  # the answer lies below the bracket (the bounds say never)
         if missed.any():
-            raise RuntimeError(f"mix_locate: bracket missed for dataset {d} of counts {counts} at positions {positions[missed][:5].tolist()}")
+            raise RuntimeError(
+                f"mix_locate: bracket missed for dataset {d} of counts {counts} "
+                f"at positions {positions[missed][:5].tolist()}"
+            )
         hit = (k < c) & (mix_position(counts, d, np.minimum(k, c - 1)) == positions)
         dataset[hit], local[hit] = d, k[hit]
     if (dataset < 0).any():
-        raise RuntimeError(f"mix_locate: no dataset holds positions {positions[dataset < 0][:5].tolist()} of counts {counts}")
+        raise RuntimeError(
+            f"mix_locate: no dataset holds positions {positions[dataset < 0][:5].tolist()} of counts {counts}"
+        )
     return dataset, local

@@ -30,6 +30,7 @@ Vocabulary:
   datasets' sha256 and the base (encoded compactly, runs.encode_runs; CURSOR_FORMAT 1 cursors,
   which stored it as a list of [start, end] pairs, load as well). See `resume`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -129,7 +130,8 @@ class EpochList:
         return int(sum(self._counts))
 
     def _shard_table(self, dataset: int, repeat: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(permuted shard ids, their sample counts, cumulative sample ends in that order) for one dataset and repeat."""
+        """(permuted shard ids, their sample counts, cumulative sample ends in that order) for one dataset
+        and repeat."""
         key = (dataset, repeat)
         if key not in self._perms:
             counts = np.asarray(self.sources[dataset].shard_samples, dtype=np.int64)
@@ -158,6 +160,7 @@ class EpochList:
             index[sel] = within[sel] - (ends[slot] - counts[slot])
         return Located(dataset, repeat, shard, index)
 
+
 # --- one layout over a base ----------------------------------------------------------------------
 class Plan:
     """The streams of one layout over a base, their delivery orders, and the batch schedule."""
@@ -165,7 +168,9 @@ class Plan:
     def __init__(self, epoch_list: EpochList, layout: Layout, base: np.ndarray | None = None):
         self.epoch_list, self.layout = epoch_list, layout
         self.base = full_runs(len(epoch_list)) if base is None else np.asarray(base, dtype=np.int64).reshape(-1, 2)
-        self._base_ends = runs_ends(self.base)  # [runs], so a block's lookup is a binary search, not a pass over the base
+        self._base_ends = runs_ends(
+            self.base
+        )  # [runs], so a block's lookup is a binary search, not a pass over the base
         self._encoded_base: dict[str, Any] | None = None
         total = int(self._base_ends[-1]) if len(self.base) else 0
         n = layout.num_streams
@@ -283,9 +288,9 @@ class Plan:
         rows = max(1, _PARTIAL_ENTRIES // blk)
         pieces = []
         for i in range(0, len(ps), rows):
-            chunk = ps[i:i + rows]
+            chunk = ps[i : i + rows]
             lengths = after[chunk] - full[chunk]
-            pieces.append(self._partial_block_runs(full[chunk], lengths, taken[chunk], firsts[i:i + rows]))
+            pieces.append(self._partial_block_runs(full[chunk], lengths, taken[chunk], firsts[i : i + rows]))
         kept = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]  # [runs, 2] sorted: blocks in base order
         del pieces
         # merge the two sorted lists (each stream's untouched run follows its partial block's runs)
@@ -293,8 +298,9 @@ class Plan:
         del kept
         return take_runs(self.base, coalesce(index_runs), self._base_ends)
 
-    def _partial_block_runs(self, starts: np.ndarray, lengths: np.ndarray, taken: np.ndarray,
-                            firsts: np.ndarray) -> np.ndarray:
+    def _partial_block_runs(
+        self, starts: np.ndarray, lengths: np.ndarray, taken: np.ndarray, firsts: np.ndarray
+    ) -> np.ndarray:
         """Runs of base indices left in partly consumed blocks: block b covers base indices
         [starts[b], starts[b] + lengths[b]), of which its first taken[b] entries in delivery order
         are consumed; firsts[b] is the epoch-list position of its first entry (its shuffle's seed)."""
@@ -319,12 +325,16 @@ def check_cursor(cursor: dict[str, Any], epoch_list: EpochList) -> None:
     if int(cursor["seed"]) != epoch_list.seed:
         raise UserError(f"cursor: seed={cursor['seed']} does not match the configured seed {epoch_list.seed}")
     mine = [{"sha256": s.sha256, "samples": s.size, "weight": s.weight} for s in epoch_list.sources]
-    theirs = [{"sha256": d["sha256"], "samples": int(d["samples"]), "weight": float(d["weight"])} for d in cursor["datasets"]]
+    theirs = [
+        {"sha256": d["sha256"], "samples": int(d["samples"]), "weight": float(d["weight"])} for d in cursor["datasets"]
+    ]
     if theirs != mine:
         raise UserError(f"cursor: datasets={theirs} do not match the configured datasets {mine}")
     missing = [i for i, s in enumerate(cursor["streams"]) if s is None]
     if missing:
-        raise UserError(f"cursor: streams {missing} have no state: merge every rank's cursor (merge_rank_cursors) before saving")
+        raise UserError(
+            f"cursor: streams {missing} have no state: merge every rank's cursor (merge_rank_cursors) before saving"
+        )
 
 
 def resume(epoch_list: EpochList, layout: Layout, cursor: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
@@ -338,7 +348,12 @@ def resume(epoch_list: EpochList, layout: Layout, cursor: dict[str, Any]) -> tup
     old = Plan(epoch_list, Layout(**cursor["layout"]), decode_runs(cursor["base"]))
     if old.layout == layout:
         # a format-1 cursor continues as format 2: same streams, base re-encoded
-        return old, {**cursor, "format": CURSOR_FORMAT, "base": old.encoded_base(), "streams": [dict(s) for s in cursor["streams"]]}
+        return old, {
+            **cursor,
+            "format": CURSOR_FORMAT,
+            "base": old.encoded_base(),
+            "streams": [dict(s) for s in cursor["streams"]],
+        }
     plan = Plan(epoch_list, layout, old.remaining_runs(cursor))
     return plan, plan.new_cursor()
 
@@ -353,7 +368,10 @@ def merge_rank_cursors(rank_cursors: Sequence[dict[str, Any]]) -> dict[str, Any]
     for cur in rank_cursors:
         for key in ("seed", "epoch", "layout", "base", "datasets"):
             if cur[key] != first[key]:
-                raise ValueError(f"merge_rank_cursors: rank {cur.get('rank')} has {key}={cur[key]!r}, rank {first.get('rank')} {first[key]!r}")
+                raise ValueError(
+                    f"merge_rank_cursors: rank {cur.get('rank')} has {key}={cur[key]!r}, "
+                    f"rank {first.get('rank')} {first[key]!r}"
+                )
         for s, state in enumerate(cur["streams"]):
             if state is not None:
                 streams[s] = dict(state)

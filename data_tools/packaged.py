@@ -4,6 +4,7 @@ names, shared by `data.tokenizer` (the loader) and `model.init_from` (pretrain's
 Why a name and not the folder: the folder lies inside site-packages and differs per machine; a
 saved config.yaml that says `minilm` means the same files everywhere. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -14,6 +14,7 @@ event recorded after it; on a CPU device at once, the copy being synchronous): n
 batch, a test) never releases, and the worker then takes fresh segments, as before: unreleased
 batches are never overwritten.
 """
+
 from __future__ import annotations
 
 import math

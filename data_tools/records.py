@@ -5,6 +5,7 @@ is read and fully decoded (optionally resized), captions are decoded and cleaned
 (boxes, phrase links, negatives) are checked, re-indexed to the kept captions and scaled with the
 image. Anything unusable raises BadSample with its reason; nothing here stops a build.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -140,17 +141,25 @@ def scale_annotations(record: Record, mapping: list[int | None], captions: list[
     sx, sy = scale
     boxes = []
     for box in record.boxes:
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(map(_number, box)) and box[2] >= 0 and box[3] >= 0):
+        if not (
+            isinstance(box, (list, tuple)) and len(box) == 4 and all(map(_number, box)) and box[2] >= 0 and box[3] >= 0
+        ):
             raise BadSample("bad_metadata", f"box {box!r} is not [x, y, w, h]")
         x, y, w, h = box
-        boxes.append([round(x * sx, 2), round(y * sy, 2), round(w * sx, 2), round(h * sy, 2)] if scale != (1.0, 1.0) else list(box))
+        boxes.append(
+            [round(x * sx, 2), round(y * sy, 2), round(w * sx, 2), round(h * sy, 2)]
+            if scale != (1.0, 1.0)
+            else list(box)
+        )
     phrases, seen = [], set()
     for p in record.phrases:
         try:
             old, (start, end), idx = p["caption"], p["span"], list(p["boxes"])
         except (KeyError, TypeError, ValueError):
             raise BadSample("bad_metadata", f"phrase {p!r}") from None
-        if not (isinstance(old, int) and 0 <= old < len(mapping)) or not all(isinstance(i, int) and 0 <= i < len(boxes) for i in idx):
+        if not (isinstance(old, int) and 0 <= old < len(mapping)) or not all(
+            isinstance(i, int) and 0 <= i < len(boxes) for i in idx
+        ):
             raise BadSample("bad_metadata", f"phrase {p!r} points outside the captions or boxes")
         new = mapping[old]
         if new is None or (new, start, end, tuple(idx)) in seen:
@@ -161,9 +170,16 @@ def scale_annotations(record: Record, mapping: list[int | None], captions: list[
         phrases.append({"caption": new, "span": [start, end], "boxes": idx})
     negatives = []
     for n in record.negatives:  # [caption index, text] or [caption index, text, kind]
-        if not (isinstance(n, (list, tuple)) and len(n) in (2, 3) and isinstance(n[0], int) and 0 <= n[0] < len(mapping)
-                and all(isinstance(x, str) for x in n[1:])):
-            raise BadSample("bad_metadata", f"negative {n!r} is not [caption index, text] or [caption index, text, kind]")
+        if not (
+            isinstance(n, (list, tuple))
+            and len(n) in (2, 3)
+            and isinstance(n[0], int)
+            and 0 <= n[0] < len(mapping)
+            and all(isinstance(x, str) for x in n[1:])
+        ):
+            raise BadSample(
+                "bad_metadata", f"negative {n!r} is not [caption index, text] or [caption index, text, kind]"
+            )
         entry = [mapping[n[0]], *n[1:]]
         if mapping[n[0]] is not None and n[1].strip() and entry not in negatives:
             negatives.append(entry)
@@ -182,7 +198,11 @@ def process_record(
 
         scene = render_scene(*record.scene)
         record = dataclasses.replace(
-            record, captions=scene.captions, boxes=scene.boxes, phrases=scene.phrases, negatives=scene.negatives,
+            record,
+            captions=scene.captions,
+            boxes=scene.boxes,
+            phrases=scene.phrases,
+            negatives=scene.negatives,
             extra={**record.extra, "box_labels": scene.box_labels},
         )
         data = scene.image

@@ -17,6 +17,7 @@ on) go to webdataset's gopen unchanged: a `pipe:` command is the user's own retr
 This is the only code that fetches a URL or runs a command, and it takes only locations that
 data_tools.trust allowed (the user's opt-in, never a dataset.json's say).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -74,8 +75,7 @@ class RetryingHTTPStream(io.RawIOBase):
             if self.validator:
                 headers["If-Range"] = self.validator
         try:
-            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
-                                              timeout=self.timeout_s)
+            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout_s)
         except urllib.error.HTTPError as err:
             raise OSError(f"{self.url}: HTTP {err.code} {err.reason}") from None
         if start == 0:
@@ -86,8 +86,10 @@ class RetryingHTTPStream(io.RawIOBase):
         content_range = response.headers.get("Content-Range", "")
         if response.status != 206 or not content_range.startswith(f"bytes {start}-"):
             response.close()
-            raise OSError(f"{self.url}: the server did not resume at byte {start} (HTTP {response.status}, "
-                          f"Content-Range {content_range!r}): no Range support, or the object changed")
+            raise OSError(
+                f"{self.url}: the server did not resume at byte {start} (HTTP {response.status}, "
+                f"Content-Range {content_range!r}): no Range support, or the object changed"
+            )
         return response
 
     def readinto(self, buffer) -> int:
@@ -105,10 +107,13 @@ class RetryingHTTPStream(io.RawIOBase):
                 error = err
             failures += 1
             if failures > self.retries:
-                raise OSError(f"{self.url}: {type(error).__name__}: {error}; gave up after {self.retries} "
-                              f"resumptions at byte {self.position}") from None
-            log.warning("%s: %s at byte %d; resuming (attempt %d of %d)", self.url, error, self.position,
-                        failures, self.retries)
+                raise OSError(
+                    f"{self.url}: {type(error).__name__}: {error}; gave up after {self.retries} "
+                    f"resumptions at byte {self.position}"
+                ) from None
+            log.warning(
+                "%s: %s at byte %d; resuming (attempt %d of %d)", self.url, error, self.position, failures, self.retries
+            )
             self._response.close()
             time.sleep(BACKOFF_S * 2 ** (failures - 1))
             try:

@@ -9,6 +9,7 @@ Vocabulary: a runs array lists positions in increasing order; "index i into runs
 those positions (the list that the runs describe, concatenated). `ends` is the cumulative length
 (np.cumsum of run lengths), computed once per array and passed along where a caller looks up often.
 """
+
 from __future__ import annotations
 
 import base64
@@ -80,7 +81,8 @@ def coalesce(runs: np.ndarray) -> np.ndarray:
 
 
 def take_runs(runs: np.ndarray, index_runs: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
-    """The positions at the indices that `index_runs` (sorted, disjoint runs of indices into `runs`) name, as maximal runs.
+    """The positions at the indices that `index_runs` (sorted, disjoint runs of indices into `runs`) name, as
+    maximal runs.
 
     runs_take for whole ranges: each index run is split where it crosses from one run of `runs`
     into the next, so the cost is len(index_runs) + len(runs), whatever the lengths. Index runs are
@@ -89,8 +91,10 @@ def take_runs(runs: np.ndarray, index_runs: np.ndarray, ends: np.ndarray | None 
     """
     ends = runs_ends(runs) if ends is None else ends
     starts = ends - (runs[:, 1] - runs[:, 0])  # index of each run's first position  [runs]
-    pieces = [_take_runs_chunk(runs, index_runs[i:i + _TAKE_CHUNK], starts, ends)
-              for i in range(0, len(index_runs), _TAKE_CHUNK)]
+    pieces = [
+        _take_runs_chunk(runs, index_runs[i : i + _TAKE_CHUNK], starts, ends)
+        for i in range(0, len(index_runs), _TAKE_CHUNK)
+    ]
     if not pieces:
         return empty_runs()
     return coalesce(np.concatenate(pieces) if len(pieces) > 1 else pieces[0])
@@ -117,7 +121,11 @@ def encode_runs(runs: np.ndarray) -> dict[str, Any]:
     """Compact, JSON-safe form of runs for a cursor (see RUNS_ENCODING)."""
     flat = np.asarray(runs, dtype=np.int64).reshape(-1)
     deltas = np.diff(flat, prepend=np.int64(0)).astype("<i8")
-    return {"encoding": RUNS_ENCODING, "runs": int(len(flat) // 2), "data": base64.b64encode(zlib.compress(deltas.tobytes(), 1)).decode("ascii")}
+    return {
+        "encoding": RUNS_ENCODING,
+        "runs": int(len(flat) // 2),
+        "data": base64.b64encode(zlib.compress(deltas.tobytes(), 1)).decode("ascii"),
+    }
 
 
 def decode_runs(stored: Any) -> np.ndarray:
@@ -126,12 +134,16 @@ def decode_runs(stored: Any) -> np.ndarray:
         return np.asarray(stored, dtype=np.int64).reshape(-1, 2)
     if not (isinstance(stored, dict) and stored.get("encoding") == RUNS_ENCODING):
         shown = stored.get("encoding") if isinstance(stored, dict) else type(stored).__name__
-        raise UserError(f"cursor: base={shown!r} is not allowed: expected a list of [start, end] runs or encoding {RUNS_ENCODING}")
+        raise UserError(
+            f"cursor: base={shown!r} is not allowed: expected a list of [start, end] runs or encoding {RUNS_ENCODING}"
+        )
     try:
         deltas = np.frombuffer(zlib.decompress(base64.b64decode(stored["data"])), dtype="<i8")
     except (ValueError, zlib.error, KeyError) as err:
         raise UserError(f"cursor: base data cannot be decoded ({err}): the cursor is damaged") from None
     runs = np.cumsum(deltas).astype(np.int64).reshape(-1, 2)
     if len(runs) != int(stored.get("runs", -1)):
-        raise UserError(f"cursor: base holds {len(runs)} runs but says runs={stored.get('runs')!r}: the cursor is damaged")
+        raise UserError(
+            f"cursor: base holds {len(runs)} runs but says runs={stored.get('runs')!r}: the cursor is damaged"
+        )
     return runs

@@ -4,12 +4,12 @@
 Builders write through these names, the loader and `verify` read through them; nothing else spells
 a member extension or a manifest column.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa

@@ -12,6 +12,7 @@ its second copy keeps its position (the indexer lists it as `duplicate_key`) and
 skips it as the bad sample `duplicate_key`: the reader remembers the keys it has passed in the
 shard, skipped ones included, so a range that starts inside the shard or a resumed stream agrees.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,9 @@ def open_datasets(paths: list[str], weights: list[float] | None = None, trust: T
             DatasetRef(
                 path=str(path),
                 locations=info.locations(path, trust),
-                source=order.Source(tuple(s.samples for s in info.shards), info.sha256, float(weights[i]) if weights else 1.0),
+                source=order.Source(
+                    tuple(s.samples for s in info.shards), info.sha256, float(weights[i]) if weights else 1.0
+                ),
             )
         )
     return refs
@@ -118,14 +121,16 @@ def _plain_header(mapped: mmap.mmap, offset: int) -> tuple[str, bool, int] | Non
     file or a directory with a valid checksum, its name in the header itself (ustar or v7). None
     for everything else (the end of the archive, GNU long names, pax headers, links, damage), which
     tarfile then reads (`_MappedTarMembers`)."""
-    header = mapped[offset:offset + BLOCK]
+    header = mapped[offset : offset + BLOCK]
     if len(header) < BLOCK:
         return None
     kind = header[156:157]
     if kind not in (b"0", b"\0", b"5"):
         return None
     size, checksum = _octal(header[124:136]), _octal(header[148:156])
-    if size is None or checksum != sum(header) - sum(header[148:156]) + 8 * 32:  # the sum counts its own field as spaces
+    if (
+        size is None or checksum != sum(header) - sum(header[148:156]) + 8 * 32
+    ):  # the sum counts its own field as spaces
         return None
     name = header[:100].split(b"\0", 1)[0]
     prefix = header[345:500].split(b"\0", 1)[0]  # ustar's; tarfile applies it whenever it is not empty
@@ -210,7 +215,7 @@ class _MappedTarMembers:
 
     def read(self, handle: tuple[int, int]) -> bytes:
         data, size = handle
-        out = self.mapped[data:data + size]
+        out = self.mapped[data : data + size]
         if len(out) != size:
             raise tarfile.ReadError("unexpected end of data")
         return out
@@ -330,8 +335,9 @@ class ShardReader:
         self._index += 1
 
 
-def read_sample(dataset_dir: str | os.PathLike, key: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                trust: Trust | None = None) -> dict[str, Any]:
+def read_sample(
+    dataset_dir: str | os.PathLike, key: str, max_pixels: int = DEFAULT_MAX_PIXELS, trust: Trust | None = None
+) -> dict[str, Any]:
     """One sample by key through the manifest's member offsets (seeks in local shards); `trust`: the
     user's opt-in for `pipe:` and URL locations (data_tools.trust).
 
@@ -370,4 +376,10 @@ def read_sample(dataset_dir: str | os.PathLike, key: str, max_pixels: int = DEFA
     if image_bytes is None:
         raise BadSample("missing_image", key)
     captions = meta.get("captions") or ([raw["txt"].decode("utf-8", "replace")] if "txt" in raw else [])
-    return {"key": key, "image_id": str(meta.get("image_id", key)), "image": decode_image(image_bytes, max_pixels), "captions": captions, "meta": meta}
+    return {
+        "key": key,
+        "image_id": str(meta.get("image_id", key)),
+        "image": decode_image(image_bytes, max_pixels),
+        "captions": captions,
+        "meta": meta,
+    }

@@ -5,6 +5,7 @@ caption length (words), image width, height and stored bytes.
 Captions and annotations come from each sample's json member, read by the manifest's offsets
 (`iter_metadata`), which the tokenizer trainer reuses to get every caption of a dataset.
 """
+
 from __future__ import annotations
 
 import collections
@@ -20,7 +21,9 @@ from data_tools.shard_reader import member_key
 from data_tools.trust import Trust, is_local
 
 
-def iter_metadata(directory: str | os.PathLike, trust: Trust | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+def iter_metadata(
+    directory: str | os.PathLike, trust: Trust | None = None
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """(manifest row, sample json with at least `captions`) for every sample, in dataset order.
 
     Samples without a json member (or whose json lacks captions) get the txt member as their caption.
@@ -87,8 +90,13 @@ def distribution(values: list[float] | np.ndarray) -> dict[str, float]:
         return {k: 0.0 for k in ("min", "mean", "p10", "p50", "p90", "p99", "max")}
     p10, p50, p90, p99 = np.percentile(array, [10, 50, 90, 99])
     return {
-        "min": float(array.min()), "mean": round(float(array.mean()), 3), "p10": float(p10), "p50": float(p50),
-        "p90": float(p90), "p99": float(p99), "max": float(array.max()),
+        "min": float(array.min()),
+        "mean": round(float(array.mean()), 3),
+        "p10": float(p10),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "max": float(array.max()),
     }
 
 

@@ -8,6 +8,7 @@ the real reading and decoding path instead and reports the bad samples on stderr
 starts where a saved global cursor stopped (any layout), `--save-cursor OUT` writes the global
 cursor after the last printed step, so an interrupted listing continues exactly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,19 +43,41 @@ _positive, _non_negative = int_at_least(1), int_at_least(0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="dataset folder(s); several with --weights form a mixture")
+    parser.add_argument(
+        "dirs", nargs="+", metavar="DIR", help="dataset folder(s); several with --weights form a mixture"
+    )
     parser.add_argument("--weights", type=float, nargs="+", default=None, help="mixture weights, one per DIR")
     parser.add_argument("--world-size", type=_positive, default=1, help="ranks")
-    parser.add_argument("--workers", type=_non_negative, default=0, help="DataLoader workers per rank (0: one stream per rank)")
+    parser.add_argument(
+        "--workers", type=_non_negative, default=0, help="DataLoader workers per rank (0: one stream per rank)"
+    )
     parser.add_argument("--batch-size", type=_positive, default=8, help="samples per batch per rank")
-    parser.add_argument("--shuffle-block", type=_positive, default=DataConfig.shuffle_block, help="samples shuffled together in a stream")
-    parser.add_argument("--epoch", type=_non_negative, default=0, help="epoch (ignored with --cursor: the cursor's epoch)")
+    parser.add_argument(
+        "--shuffle-block",
+        type=_positive,
+        default=DataConfig.shuffle_block,
+        help="samples shuffled together in a stream",
+    )
+    parser.add_argument(
+        "--epoch", type=_non_negative, default=0, help="epoch (ignored with --cursor: the cursor's epoch)"
+    )
     parser.add_argument("--seed", type=_non_negative, default=0, help="data order seed")
-    parser.add_argument("--steps", type=_non_negative, default=None, help="global steps to print (default: to the end of the epoch)")
+    parser.add_argument(
+        "--steps", type=_non_negative, default=None, help="global steps to print (default: to the end of the epoch)"
+    )
     parser.add_argument("--cursor", default=None, metavar="IN", help="start from this saved global cursor (JSON)")
-    parser.add_argument("--save-cursor", default=None, metavar="OUT", help="write the global cursor after the last printed step")
-    parser.add_argument("--decode", action="store_true", help="read and decode the samples (omits bad ones, reasons on stderr)")
-    parser.add_argument("--max-pixels", type=_positive, default=DataConfig.max_pixels, help="with --decode: images with more pixels are bad samples")
+    parser.add_argument(
+        "--save-cursor", default=None, metavar="OUT", help="write the global cursor after the last printed step"
+    )
+    parser.add_argument(
+        "--decode", action="store_true", help="read and decode the samples (omits bad ones, reasons on stderr)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=DataConfig.max_pixels,
+        help="with --decode: images with more pixels are bad samples",
+    )
     add_trust_arguments(parser)
 
 

@@ -17,6 +17,7 @@ Normalisation (`normalise`) runs where the pixels are consumed: the loader hands
 `pretrain.engine.to_engine` normalises on the training device; `normalise_batch` does it for any
 other consumer.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,9 @@ MIN_VISIBLE_FRACTION = 0.25
 """A box is dropped (with its phrase links) when less than this fraction of its area stays in the crop."""
 
 
-def random_crop_box(width: int, height: int, scale: tuple[float, float], gen: torch.Generator) -> tuple[float, float, float, float]:
+def random_crop_box(
+    width: int, height: int, scale: tuple[float, float], gen: torch.Generator
+) -> tuple[float, float, float, float]:
     """(x0, y0, w, h) of a random resized crop: area fraction in `scale`, log-uniform ratio in CROP_RATIO.
 
     Ten tries as torchvision, then the centre crop at the clamped ratio.
@@ -73,7 +76,9 @@ def resize_crop(image: np.ndarray, crop: tuple[float, float, float, float], size
     x0, y0, cw, ch = (int(v) for v in crop)
     region = torch.from_numpy(image)[y0 : y0 + ch, x0 : x0 + cw]  # [h, w, 3] view
     region = region.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)  # [1, 3, h, w]
-    out = torch.nn.functional.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = torch.nn.functional.interpolate(
+        region, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
     if mirrored:
         out = out.flip(3)
     return out[0].permute(1, 2, 0).contiguous().numpy()  # [S, S, 3]

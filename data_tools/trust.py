@@ -21,6 +21,7 @@ dataset file, the shard, the location and the opt-in, exit code 3 (data). Locati
 back as `Allowed` strings, and `data_tools.remote.open_shard` (the only code that fetches a URL or
 runs a command) refuses anything else, so a reader that skipped the gate fails instead of running it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,9 @@ class Trust:
                 raise UserError(f"{field}: {prefix!r} is not allowed: expected {problem}")
 
     @classmethod
-    def for_command(cls, folders: Iterable[str | os.PathLike], allow_pipe: bool,
-                    remote_prefixes: Iterable[str] | None) -> "Trust":
+    def for_command(
+        cls, folders: Iterable[str | os.PathLike], allow_pipe: bool, remote_prefixes: Iterable[str] | None
+    ) -> "Trust":
         """A data_tools command's opt-ins: `--allow-pipe` covers the folders named on its command line."""
         return cls(tuple(str(f) for f in folders) if allow_pipe else (), tuple(remote_prefixes or ()), "cli")
 
@@ -137,10 +139,18 @@ NOTHING = Trust()
 def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
     """The opt-ins of a command that reads datasets (off by default)."""
     group = parser.add_argument_group("shard locations that are not local files (docs/trust.md)")
-    group.add_argument("--allow-pipe", action="store_true",
-                       help="run the `pipe:` shard commands of the dataset folder(s) named here (trusted folders only)")
-    group.add_argument("--allow-remote", action="append", default=[], metavar="PREFIX",
-                       help="fetch dataset.json shard URLs that start with PREFIX (scheme://host/path/); repeatable")
+    group.add_argument(
+        "--allow-pipe",
+        action="store_true",
+        help="run the `pipe:` shard commands of the dataset folder(s) named here (trusted folders only)",
+    )
+    group.add_argument(
+        "--allow-remote",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="fetch dataset.json shard URLs that start with PREFIX (scheme://host/path/); repeatable",
+    )
 
 
 def command_trust(args: argparse.Namespace, folders: Iterable[str | os.PathLike]) -> Trust:
@@ -153,11 +163,15 @@ def refusal(folder: str | os.PathLike, index: int, location: str, trust: Trust) 
     kind = location_kind(location)
     where = f"{Path(folder) / 'dataset.json'}: shard {index}"
     if kind == "pipe" and not trust.allows_pipe(folder):
-        return (f"{where} is the shell command {location!r}, which a dataset folder cannot run on its own; "
-                f"if you trust this folder, allow its commands with {trust.pipe_opt_in(folder)}")
+        return (
+            f"{where} is the shell command {location!r}, which a dataset folder cannot run on its own; "
+            f"if you trust this folder, allow its commands with {trust.pipe_opt_in(folder)}"
+        )
     if kind == "url" and not trust.allows_url(location):
-        return (f"{where} is the URL {location!r}, outside the remote prefixes you allowed; "
-                f"if you trust that host, allow it with {trust.url_opt_in(location)}")
+        return (
+            f"{where} is the URL {location!r}, outside the remote prefixes you allowed; "
+            f"if you trust that host, allow it with {trust.url_opt_in(location)}"
+        )
     return None
 
 
@@ -198,5 +212,7 @@ def refusals(folder: str | os.PathLike, locations: list[str], trust: Trust | Non
 def require_allowed(location: str) -> None:
     """For the code that fetches or runs a location: it must have come through `shard_locations`."""
     if location_kind(location) in ("url", "pipe") and not isinstance(location, Allowed):
-        raise RuntimeError(f"{location!r}: a shard location that did not pass data_tools.trust.shard_locations "
-                           f"(a reader skipped the gate)")
+        raise RuntimeError(
+            f"{location!r}: a shard location that did not pass data_tools.trust.shard_locations "
+            f"(a reader skipped the gate)"
+        )

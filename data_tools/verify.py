@@ -9,6 +9,7 @@ place keeps its bad samples) is expected to fail and is not a mismatch.
 data_tools.trust); without it every such shard is reported and nothing is read, never "OK".
 Prints one line per problem and a summary; exit code 3 (ExitCode.DATA) when anything is wrong.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -154,8 +155,9 @@ def rejected_keys(directory: Path) -> frozenset[str]:
     return frozenset(keys)
 
 
-def verify(directory: str, workers: int = 1, decode: bool = True, max_pixels: int | None = None,
-           trust: Trust | None = None) -> int:
+def verify(
+    directory: str, workers: int = 1, decode: bool = True, max_pixels: int | None = None, trust: Trust | None = None
+) -> int:
     root = Path(directory)
     info, table = load_dataset(root)
     refused = refusals(root, [s.location for s in info.shards], trust)
@@ -163,8 +165,10 @@ def verify(directory: str, workers: int = 1, decode: bool = True, max_pixels: in
         for reason in refused.values():
             print(reason)
         what = "1 shard is" if len(refused) == 1 else f"{len(refused)} shards are"
-        print(f"verify {root}: {len(info.shards)} shards, {info.total_samples} samples: {what} not allowed to be "
-              f"read, nothing checked")
+        print(
+            f"verify {root}: {len(info.shards)} shards, {info.total_samples} samples: {what} not allowed to be "
+            f"read, nothing checked"
+        )
         return int(ExitCode.DATA)
     locations = info.locations(root, trust)
     limit = max_pixels or info.arguments.get("max_pixels") or images.DEFAULT_MAX_PIXELS
@@ -179,8 +183,20 @@ def verify(directory: str, workers: int = 1, decode: bool = True, max_pixels: in
     expected_bad = rejected_keys(root) if info.builder == "img2dataset" else frozenset()
     checks = []
     for i, (shard, location) in enumerate(zip(info.shards, locations)):
-        checks.append(ShardCheck(i, location, is_local(location), shard.size, shard.sha256, rows[i], decode, limit, expected_bad,
-                                 info.arguments.get("features") if info.builder == "features" else None))
+        checks.append(
+            ShardCheck(
+                i,
+                location,
+                is_local(location),
+                shard.size,
+                shard.sha256,
+                rows[i],
+                decode,
+                limit,
+                expected_bad,
+                info.arguments.get("features") if info.builder == "features" else None,
+            )
+        )
     if workers > 1:
         with multiprocessing.get_context().Pool(workers) as pool:
             results = pool.map(check_shard, checks)
@@ -194,4 +210,3 @@ def verify(directory: str, workers: int = 1, decode: bool = True, max_pixels: in
     what = "sizes, hashes, keys, offsets" + (", decoding" if decode else "")
     print(f"verify {root}: {len(info.shards)} shards, {info.total_samples} samples ({what}): {status}")
     return int(ExitCode.OK if not problems else ExitCode.DATA)
-

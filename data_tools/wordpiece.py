@@ -11,6 +11,7 @@ Two ways to get one:
 Special tokens and their ids are fixed: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 (the model's
 embeddings and the MLM objective rely on [PAD] being 0).
 """
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,9 @@ def _backend(vocab: dict[str, int] | None):
     from tokenizers.models import WordPiece
 
     backend = Tokenizer(WordPiece(vocab or {"[UNK]": 0}, unk_token="[UNK]", max_input_chars_per_word=100))
-    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix="##")
     return backend, processors
@@ -73,7 +76,9 @@ def _backend(vocab: dict[str, int] | None):
 def _post_processor(backend, processors) -> None:
     cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
 
 
@@ -98,8 +103,7 @@ def train_tokenizer(captions: Iterable[str] | Iterator[str], vocab_size: int, fo
     return _save(backend, folder)
 
 
-def train_dataset_tokenizer(dataset: str | os.PathLike, vocab_size: int, folder: str | os.PathLike,
-                            trust=None) -> int:
+def train_dataset_tokenizer(dataset: str | os.PathLike, vocab_size: int, folder: str | os.PathLike, trust=None) -> int:
     """`python -m data_tools tokenizer DIR --vocab-size V --out T`: train over every caption of a dataset."""
     import sys
 

@@ -5,6 +5,7 @@ Tars are reproducible (fixed mtime, owner and mode, members in sorted order per 
 samples give byte-identical shards whichever process wrote them. After closing, the member offsets
 are read back from the tar headers: the manifest stores them so the loader can seek to one sample.
 """
+
 from __future__ import annotations
 
 import dataclasses

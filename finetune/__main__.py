@@ -8,6 +8,7 @@
 The preset's `finetune:` section gives the recipe and its optimiser values (finetune.overrides);
 everything is validated before any process group starts. Exit codes: data_tools.errors.ExitCode.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ from data_tools.errors import UserError, is_local_leader, run_cli
 def _train_parser() -> argparse.ArgumentParser:
     from pretrain.__main__ import training_parser
 
-    parser = training_parser("python -m finetune",
-                             "Finetune for retrieval (the paper's hard-negative recipe with IAIS), or `evaluate`.")
+    parser = training_parser(
+        "python -m finetune", "Finetune for retrieval (the paper's hard-negative recipe with IAIS), or `evaluate`."
+    )
     parser.add_argument("--init", help="pretraining run directory, checkpoint or export to start from (finetune.init)")
     return parser
 
@@ -42,8 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from finetune.task import FinetuneTask
     from pretrain.__main__ import prepare, run_training
 
-    overrides = list(args.overrides) + ([f"finetune.init={args.init}"] if args.init else []) \
+    overrides = (
+        list(args.overrides)
+        + ([f"finetune.init={args.init}"] if args.init else [])
         + ([f"resume={args.resume}"] if args.resume else [])
+    )
     cfg, resume = prepare(load_finetune_config, args.config, overrides)
     return run_training(cfg, resume, FinetuneTask, prog="finetune")
 
@@ -55,10 +60,16 @@ def _config_reference(argv: list[str]) -> int:
     from finetune.config import SECTIONS
     from pretrain.config_reference import generate, write_readme
 
-    parser = OneLineParser(prog="python -m finetune config-reference", allow_abbrev=False,
-                           description="The configuration reference (Markdown) generated from the schema.")
-    parser.add_argument("--readme", help="write it between the <!-- config-reference --> markers of this file "
-                                         "(e.g. README.md) instead of printing it")
+    parser = OneLineParser(
+        prog="python -m finetune config-reference",
+        allow_abbrev=False,
+        description="The configuration reference (Markdown) generated from the schema.",
+    )
+    parser.add_argument(
+        "--readme",
+        help="write it between the <!-- config-reference --> markers of this file "
+        "(e.g. README.md) instead of printing it",
+    )
     args = parser.parse_args(argv)
     if args.readme:
         write_readme(args.readme, SECTIONS)

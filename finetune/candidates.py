@@ -11,6 +11,7 @@ Why through the manifest: each sample's members have their byte offset and size 
 Only local shards are supported for mining (remote shards would need a range request per candidate:
 refused with one line). Decoded images are kept in a bounded cache (candidates repeat across steps).
 """
+
 from __future__ import annotations
 
 import collections
@@ -45,8 +46,10 @@ class CandidateStore:
             locations = info.locations(path, data.trust)  # pipe:/URL only with the user's opt-in (data_tools.trust)
             remote = [loc for loc in locations if not is_local(loc)]
             if remote:
-                raise UserError(f"{path}: hard-negative mining reads candidates by offset and needs local shards "
-                                f"({remote[0]} is remote); use finetune.mining=itc_topk with a local copy")
+                raise UserError(
+                    f"{path}: hard-negative mining reads candidates by offset and needs local shards "
+                    f"({remote[0]} is remote); use finetune.mining=itc_topk with a local copy"
+                )
             self._locations.append(locations)
             table = load_manifest(path)
             dataset_of += [d] * table.num_rows
@@ -119,12 +122,20 @@ class CandidateStore:
         raw = self._read(row)
         raw["__key__"] = f"candidate-{row}"
         try:
-            sample = decode_sample(raw, seed=self.data.seed, epoch=0, max_pixels=self.data.max_pixels,
-                                   visual=self.data.visual)
+            sample = decode_sample(
+                raw, seed=self.data.seed, epoch=0, max_pixels=self.data.max_pixels, visual=self.data.visual
+            )
         except BadSample as err:
             raise UserError(f"candidate sample {self.image_ids[row]!r} is unusable ({err})", ExitCode.DATA) from None
-        sample = transform_sample(sample, image_size=self.data.image_size, train=False, crop_scale=self.data.crop_scale,
-                                  flip=False, seed=self.data.seed, epoch=0)
+        sample = transform_sample(
+            sample,
+            image_size=self.data.image_size,
+            train=False,
+            crop_scale=self.data.crop_scale,
+            flip=False,
+            seed=self.data.seed,
+            epoch=0,
+        )
         self._images[row] = sample
         if len(self._images) > IMAGE_CACHE:
             self._images.popitem(last=False)
@@ -133,8 +144,16 @@ class CandidateStore:
     def visual_batch(self, rows: list[int]) -> dict[str, Any]:
         """A collated batch of the pool images `rows` (eval transform), for model.embed_visual."""
         samples = [self._sample(int(r)) for r in rows]
-        return collate(samples, tokenizer=self.encode, max_text_len=self.data.max_text_len, mlm_probability=0.0,
-                       seed=self.data.seed, epoch=0, visual=self.data.visual, image_size=self.data.image_size)
+        return collate(
+            samples,
+            tokenizer=self.encode,
+            max_text_len=self.data.max_text_len,
+            mlm_probability=0.0,
+            seed=self.data.seed,
+            epoch=0,
+            visual=self.data.visual,
+            image_size=self.data.image_size,
+        )
 
     def close(self) -> None:
         for handle in self._files.values():
@@ -153,8 +172,9 @@ class CandidateDraw:
     valid: torch.Tensor  # [B] bool: the anchor is real and enough candidates exist
 
 
-def draw_candidates(pool_image: np.ndarray, anchor_images: list[int], count: int,
-                    generators: list[torch.Generator | None]) -> CandidateDraw:
+def draw_candidates(
+    pool_image: np.ndarray, anchor_images: list[int], count: int, generators: list[torch.Generator | None]
+) -> CandidateDraw:
     """`count` distinct pool entries per anchor, none of the anchor's own image.
 
     pool_image [P]: image code of every pool entry; anchor_images[b]: the anchor's image code;

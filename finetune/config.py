@@ -8,6 +8,7 @@ decay 0.01, clip 2.0, 500 warm-up steps of 5000), so one preset file serves both
 schema validates everything (pretrain.config), before any process group starts: this entry point
 declares its section to it (`SECTIONS`), nothing registers itself on import.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,7 +48,8 @@ class FinetuneConfig:
     margin: float = 0.2
     """Hinge margin on sigmoid scores."""
     iais_by_batch_kind: bool = True
-    """IAIS direction V on image-built batches and L on caption-built ones (the official recipe); false: iais.direction."""
+    """IAIS direction V on image-built batches and L on caption-built ones (the official recipe);
+    false: iais.direction."""
     eval_mode: Literal["full", "rerank", "embedding"] = "rerank"
     """Retrieval scoring of the evaluation inside the loop (eval.every_steps, eval.paths)."""
     eval_k: int = 16
@@ -60,8 +62,12 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check("finetune.candidates", self.candidates, self.candidates >= 1, "an integer >= 1")
-        check("finetune.hard", self.hard, 1 <= self.hard <= self.candidates,
-              f"an integer in [1, finetune.candidates={self.candidates}]")
+        check(
+            "finetune.hard",
+            self.hard,
+            1 <= self.hard <= self.candidates,
+            f"an integer in [1, finetune.candidates={self.candidates}]",
+        )
         check("finetune.margin", self.margin, self.margin >= 0, "a margin >= 0")
         check("finetune.eval_k", self.eval_k, self.eval_k >= 1, "an integer >= 1")
 
@@ -76,7 +82,9 @@ def load_finetune_config(path: str | os.PathLike | None, overrides: Sequence[str
     section = tree.get("finetune") or {}
     check("finetune", section, isinstance(section, dict), "a mapping of FinetuneConfig fields")
     preset_overrides = section.get("overrides") or {}
-    check("finetune.overrides", preset_overrides, isinstance(preset_overrides, dict), "a mapping of dotted keys to values")
+    check(
+        "finetune.overrides", preset_overrides, isinstance(preset_overrides, dict), "a mapping of dotted keys to values"
+    )
     for dotted, value in preset_overrides.items():
         apply_override(tree, f"{dotted}={_yaml_scalar(value)}")
     for override in overrides:
@@ -116,10 +124,14 @@ def check_init(cfg: Config) -> None:
     mine = dataclasses.asdict(cfg.model)
     theirs = dataclasses.asdict(source.model_config)
     ignore = {"vocab_size", "init_from", "dropout", "attention_dropout", "freeze_text"}  # training choices
-    diffs = [f"{k}: {theirs[k]!r} (weights) vs {mine[k]!r} (config)" for k in sorted(mine)
-             if k not in ignore and mine[k] != theirs.get(k)]
+    diffs = [
+        f"{k}: {theirs[k]!r} (weights) vs {mine[k]!r} (config)"
+        for k in sorted(mine)
+        if k not in ignore and mine[k] != theirs.get(k)
+    ]
     if diffs:
-        raise UserError(f"finetune.init={init}: the weights were trained with another model configuration: "
-                        f"{'; '.join(diffs)}")
+        raise UserError(
+            f"finetune.init={init}: the weights were trained with another model configuration: {'; '.join(diffs)}"
+        )
     if source.tokenizer_dir is not None and cfg.data.tokenizer is None:
         cfg.data.tokenizer = str(Path(source.tokenizer_dir).resolve())

@@ -16,6 +16,7 @@ Negatives in a sample's json (`negatives`), each one of `[caption index, "text"]
 `[caption index, "text", "kind"]` or `{"caption": i, "text": "...", "kind": "..."}`; kind
 defaults to "unknown". A malformed entry makes the sample bad (bad_metadata), as in training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,13 @@ class EvalSet:
     def pair_sample(self, caption: int) -> dict[str, Any]:
         """The matched (image, caption) pair as a collate sample (for ISD, ISDa and plots)."""
         image = self.images[int(self.caption_image[caption])]
-        return dict(image, caption=self.captions[caption], phrases=self.caption_phrases[caption], negative=None,
-                    caption_index=caption)
+        return dict(
+            image,
+            caption=self.captions[caption],
+            phrases=self.caption_phrases[caption],
+            negative=None,
+            caption_index=caption,
+        )
 
 
 def parse_negatives(entries: Any, key: str) -> list[tuple[int, str, str]]:
@@ -84,8 +90,12 @@ def parse_negatives(entries: Any, key: str) -> list[tuple[int, str, str]]:
                 kind = entry[2] if len(entry) == 3 else UNKNOWN_KIND
             else:
                 raise ValueError(f"{entry!r} is not [i, text], [i, text, kind] or {{caption, text, kind}}")
-            if isinstance(index, bool) or not isinstance(index, int) or not isinstance(text, str) \
-                    or not isinstance(kind, str):
+            if (
+                isinstance(index, bool)
+                or not isinstance(index, int)
+                or not isinstance(text, str)
+                or not isinstance(kind, str)
+            ):
                 raise ValueError(f"{entry!r}: caption index must be an integer, text and kind strings")
         except (KeyError, ValueError, TypeError) as err:
             raise BadSample("bad_metadata", f"{key}: negatives: {err}") from None
@@ -111,8 +121,15 @@ def _phrases_of(meta: dict[str, Any], caption: int, boxes: int) -> list[dict] | 
 
 def transform_image(sample: dict[str, Any], image_size: int) -> tuple[dict[str, Any], np.ndarray | None]:
     """Eval transform of a decoded sample (phrases left out) -> (collate sample, kept box indices)."""
-    out = transform_sample(dict(sample, phrases=None), image_size=image_size, train=False, crop_scale=(1.0, 1.0),
-                           flip=False, seed=0, epoch=0)
+    out = transform_sample(
+        dict(sample, phrases=None),
+        image_size=image_size,
+        train=False,
+        crop_scale=(1.0, 1.0),
+        flip=False,
+        seed=0,
+        epoch=0,
+    )
     kept = None
     if sample["boxes"] is not None:
         if sample["image"] is not None:
@@ -124,8 +141,15 @@ def transform_image(sample: dict[str, Any], image_size: int) -> tuple[dict[str, 
     return out, kept
 
 
-def read_eval_set(path: str | Path, *, image_size: int, visual: str = "pixels",
-                  max_pixels: int = DEFAULT_MAX_PIXELS, limit: int | None = None, trust: Trust | None = None) -> EvalSet:
+def read_eval_set(
+    path: str | Path,
+    *,
+    image_size: int,
+    visual: str = "pixels",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    limit: int | None = None,
+    trust: Trust | None = None,
+) -> EvalSet:
     """Every readable sample of the dataset folder `path` (at most `limit` images); `trust`: the
     user's opt-ins for `pipe:` and URL shard locations (data_tools.trust; default none).
 
@@ -173,8 +197,12 @@ def read_eval_set(path: str | Path, *, image_size: int, visual: str = "pixels",
                     numbering[i] = len(captions)
                     captions.append(texts[i])
                     caption_image.append(first)
-                    links = phrases[i] if images[first] is image else None  # a merged sample's boxes are not the gallery image's
-                    caption_phrases.append(relink_phrases(links, kept) if links is not None and kept is not None else None)
+                    links = (
+                        phrases[i] if images[first] is image else None
+                    )  # a merged sample's boxes are not the gallery image's
+                    caption_phrases.append(
+                        relink_phrases(links, kept) if links is not None and kept is not None else None
+                    )
                 for i, text, kind in negatives:
                     if i in numbering and text.strip():
                         triples.append(Triple(first, texts[i], text, kind))
@@ -184,8 +212,9 @@ def read_eval_set(path: str | Path, *, image_size: int, visual: str = "pixels",
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "no samples"
         raise UserError(f"{path}: no sample with a caption to evaluate ({detail})", ExitCode.DATA)
     order = torch.tensor(caption_image, dtype=torch.long)
-    return EvalSet(Path(path).name, images, captions, order, caption_phrases, triples, bad,
-                   caption_truth(captions, order, scenes))
+    return EvalSet(
+        Path(path).name, images, captions, order, caption_phrases, triples, bad, caption_truth(captions, order, scenes)
+    )
 
 
 def caption_truth(captions: list[str], caption_image: torch.Tensor, scenes: list[list | None]) -> torch.Tensor | None:
@@ -201,8 +230,17 @@ def caption_truth(captions: list[str], caption_image: torch.Tensor, scenes: list
     return truth
 
 
-def collate_samples(samples: list[dict[str, Any]], tokenizer, max_text_len: int, visual: str,
-                    image_size: int) -> dict[str, Any]:
+def collate_samples(
+    samples: list[dict[str, Any]], tokenizer, max_text_len: int, visual: str, image_size: int
+) -> dict[str, Any]:
     """Eval batch from collate samples (no MLM masking: probability 0)."""
-    return collate(samples, tokenizer=tokenizer, max_text_len=max_text_len, mlm_probability=0.0, seed=0, epoch=0,
-                   visual=visual, image_size=image_size)
+    return collate(
+        samples,
+        tokenizer=tokenizer,
+        max_text_len=max_text_len,
+        mlm_probability=0.0,
+        seed=0,
+        epoch=0,
+        visual=visual,
+        image_size=image_size,
+    )

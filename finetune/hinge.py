@@ -12,6 +12,7 @@ their attention; the direction follows the batch kind (V for images, L for capti
 `finetune.iais_by_batch_kind`. Candidate draws are seeded by (data.seed, step, key): a resumed run
 mines the same candidates.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,15 @@ SCORE_CHUNK = 256
 """Candidate pairs per no_grad forward while mining."""
 
 
-def match_score(model: Any, input_ids: Tensor, text_mask: Tensor, visual_tokens: Tensor, visual_mask: Tensor,
-                ctx: StepContext | None = None, matched_rows: Tensor | None = None) -> Tensor:
+def match_score(
+    model: Any,
+    input_ids: Tensor,
+    text_mask: Tensor,
+    visual_tokens: Tensor,
+    visual_mask: Tensor,
+    ctx: StepContext | None = None,
+    matched_rows: Tensor | None = None,
+) -> Tensor:
     """ITM log-odds [rows] of a joint pass (through the StepContext when given, so IAIS sees it)."""
     if ctx is not None:
         out = ctx.joint(input_ids, text_mask, visual_tokens, visual_mask, matched_rows=matched_rows)
@@ -40,7 +48,7 @@ def match_score(model: Any, input_ids: Tensor, text_mask: Tensor, visual_tokens:
 
 
 def batch_kind(kinds: str, step: int) -> str:
-    """"image" or "caption" for this optimiser step."""
+    """ "image" or "caption" for this optimiser step."""
     if kinds == "alternate":
         return "image" if step % 2 == 0 else "caption"
     return kinds
@@ -70,8 +78,10 @@ class HardNegativeHinge(Term):
     # --- mining ----------------------------------------------------------------------------------
     def _generators(self, ctx: StepContext) -> list[torch.Generator | None]:
         keys, mask = ctx.batch["key"], ctx.sample_mask.tolist()
-        return [torch.Generator().manual_seed(sample_seed(self.seed, ctx.progress.step, k, "mining")) if m else None
-                for k, m in zip(keys, mask)]
+        return [
+            torch.Generator().manual_seed(sample_seed(self.seed, ctx.progress.step, k, "mining")) if m else None
+            for k, m in zip(keys, mask)
+        ]
 
     def _mine(self, ctx: StepContext, kind: str) -> tuple[Tensor, Tensor, int]:
         """Hard negatives [B, H] (pool caption ids or image rows) and which anchors have them [B]."""
@@ -102,7 +112,7 @@ class HardNegativeHinge(Term):
             return self._score_itc(ctx, kind, ids, anchors, scores)
         visual_tokens, visual_mask = ctx.visual
         for start in range(0, len(flat), SCORE_CHUNK):
-            part = flat[start:start + SCORE_CHUNK]
+            part = flat[start : start + SCORE_CHUNK]
             rows = torch.tensor([a for a, _ in part], device=device)
             cand = [int(ids[a, j]) for a, j in part]
             if kind == "image":  # anchor image, candidate captions
@@ -111,8 +121,13 @@ class HardNegativeHinge(Term):
                 s = match_score(model, text["input_ids"], text["text_mask"], vis, vmask)
             else:  # anchor caption, candidate images
                 vis, vmask = model.embed_visual(_to(self.store.visual_batch(cand), device, visual_tokens.dtype))
-                s = match_score(model, batch["input_ids"].index_select(0, rows), batch["text_mask"].index_select(0, rows),
-                                vis, vmask)
+                s = match_score(
+                    model,
+                    batch["input_ids"].index_select(0, rows),
+                    batch["text_mask"].index_select(0, rows),
+                    vis,
+                    vmask,
+                )
             scores[[a for a, _ in part], [j for _, j in part]] = s.float().cpu()
         return scores
 
@@ -149,8 +164,9 @@ class HardNegativeHinge(Term):
             neg_vmask = visual_mask.repeat_interleave(h, dim=0)
         else:
             neg_ids, neg_tmask = input_ids.repeat_interleave(h, dim=0), text_mask.repeat_interleave(h, dim=0)
-            neg_vis, neg_vmask = model.embed_visual(_to(self.store.visual_batch(safe.flatten().tolist()), device,
-                                                        visual_tokens.dtype))  # with gradient: these images train
+            neg_vis, neg_vmask = model.embed_visual(
+                _to(self.store.visual_batch(safe.flatten().tolist()), device, visual_tokens.dtype)
+            )  # with gradient: these images train
         ids = torch.cat([input_ids, neg_ids])  # [B + B*H, Lt]
         tmask = torch.cat([text_mask, neg_tmask])
         m = max(visual_tokens.shape[1], neg_vis.shape[1])
@@ -165,8 +181,10 @@ class HardNegativeHinge(Term):
 
 
 def _to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    return {k: (v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v)
-            for k, v in batch.items()}
+    return {
+        k: (v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v)
+        for k, v in batch.items()
+    }
 
 
 def _pad_tokens(tokens: Tensor, m: int) -> Tensor:

@@ -6,6 +6,7 @@ measures each requested layer on its own (`model.set_iais_layers({layer})`), so 
 where in the encoder relations agree; the set's value is the mean over its layers (what
 `measure_isd` returns for the whole set). The model's own IAIS layers are restored afterwards.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -19,7 +20,8 @@ from .scoring import model_device, to_device
 
 
 def resolve_layers(layers: list[int] | None, num_layers: int) -> list[int]:
-    """Layer indices (negative from the end; None -> the last) -> sorted non-negative ones (ValueError if out of range)."""
+    """Layer indices (negative from the end; None -> the last) -> sorted non-negative ones
+    (ValueError if out of range)."""
     resolved = []
     for index in layers if layers else [-1]:
         layer = index + num_layers if index < 0 else index
@@ -29,8 +31,17 @@ def resolve_layers(layers: list[int] | None, num_layers: int) -> list[int]:
     return sorted(set(resolved))
 
 
-def pair_batches(eval_set: EvalSet, tokenizer, *, max_text_len: int, visual: str, image_size: int,
-                 batch_size: int, device: torch.device, limit: int | None = None) -> Iterator[dict[str, Any]]:
+def pair_batches(
+    eval_set: EvalSet,
+    tokenizer,
+    *,
+    max_text_len: int,
+    visual: str,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
     """Collated matched pairs (every caption with its image), in gallery order."""
     count = len(eval_set.captions) if limit is None else min(limit, len(eval_set.captions))
     for lo in range(0, count, batch_size):
@@ -39,9 +50,20 @@ def pair_batches(eval_set: EvalSet, tokenizer, *, max_text_len: int, visual: str
 
 
 @torch.no_grad()
-def measure(model, eval_set: EvalSet, tokenizer, *, layers: list[int], max_text_len: int, visual: str,
-            image_size: int, batch_size: int = 64, mode: str = "singular", normalization: str = "softmax",
-            limit: int | None = None) -> dict[str, Any]:
+def measure(
+    model,
+    eval_set: EvalSet,
+    tokenizer,
+    *,
+    layers: list[int],
+    max_text_len: int,
+    visual: str,
+    image_size: int,
+    batch_size: int = 64,
+    mode: str = "singular",
+    normalization: str = "softmax",
+    limit: int | None = None,
+) -> dict[str, Any]:
     """{"layers": {layer: {"L", "V", "isda", "pairs", "isda_pairs"}}, "L", "V", "isda" (means over layers)}.
 
     `isda` is None when no pair has two or more phrase-to-box links (no annotations to compare).
@@ -51,16 +73,29 @@ def measure(model, eval_set: EvalSet, tokenizer, *, layers: list[int], max_text_
     per_layer: dict[int, dict[str, Any]] = {}
 
     def batches():
-        return pair_batches(eval_set, tokenizer, max_text_len=max_text_len, visual=visual, image_size=image_size,
-                            batch_size=batch_size, device=device, limit=limit)
+        return pair_batches(
+            eval_set,
+            tokenizer,
+            max_text_len=max_text_len,
+            visual=visual,
+            image_size=image_size,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+        )
 
     try:
         for layer in layers:
             model.set_iais_layers({layer})
             isd = measure_isd(model, batches(), mode=mode, normalization=normalization)
             isda = measure_isda(model, batches())
-            per_layer[layer] = {"L": isd["L"], "V": isd["V"], "pairs": isd["pairs"],
-                                "isda": isda["isda"] if isda["pairs"] else None, "isda_pairs": isda["pairs"]}
+            per_layer[layer] = {
+                "L": isd["L"],
+                "V": isd["V"],
+                "pairs": isd["pairs"],
+                "isda": isda["isda"] if isda["pairs"] else None,
+                "isda_pairs": isda["pairs"],
+            }
     finally:
         model.iais_layers = saved
 
@@ -68,5 +103,11 @@ def measure(model, eval_set: EvalSet, tokenizer, *, layers: list[int], max_text_
         values = [v[key] for v in per_layer.values() if v[key] is not None]
         return sum(values) / len(values) if values else None
 
-    return {"layers": per_layer, "L": mean("L"), "V": mean("V"), "isda": mean("isda"), "mode": mode,
-            "normalization": normalization}
+    return {
+        "layers": per_layer,
+        "L": mean("L"),
+        "V": mean("V"),
+        "isda": mean("isda"),
+        "mode": mode,
+        "normalization": normalization,
+    }

@@ -7,6 +7,7 @@ tokens) beside P_VV built from S_LL (direction V). Axes carry the word tokens an
 numbers (patches and grid cells row-major, regions in their stored order). matplotlib with the
 Agg backend (no display needed); the PNG bytes are returned and written by `report`.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,7 +30,7 @@ def choose_pairs(eval_set: EvalSet, count: int) -> list[int]:
     """Captions to plot: those with at least two phrase links first (relations to compare), in gallery order."""
     linked = [c for c, p in enumerate(eval_set.caption_phrases) if p and len(p) >= 2]
     rest = [c for c in range(len(eval_set.captions)) if c not in set(linked)]
-    return (linked + rest)[:max(0, count)]
+    return (linked + rest)[: max(0, count)]
 
 
 def _ticks(axis_labels: list[str], ax, rows: bool, cols: bool, every: int = 1) -> None:
@@ -49,8 +50,19 @@ def _heatmap(ax, matrix: np.ndarray, labels: list[str], title: str, vmax: float)
 
 
 @torch.no_grad()
-def pair_figure(model, eval_set: EvalSet, caption: int, tokenizer, *, layer: int, max_text_len: int, visual: str,
-                image_size: int, mode: str = "singular", normalization: str = "softmax") -> bytes:
+def pair_figure(
+    model,
+    eval_set: EvalSet,
+    caption: int,
+    tokenizer,
+    *,
+    layer: int,
+    max_text_len: int,
+    visual: str,
+    image_size: int,
+    mode: str = "singular",
+    normalization: str = "softmax",
+) -> bytes:
     """PNG bytes of the five-panel figure for caption `caption` and its image at `layer`."""
     import matplotlib
 
@@ -63,8 +75,13 @@ def pair_figure(model, eval_set: EvalSet, caption: int, tokenizer, *, layer: int
     try:
         model.set_iais_layers({layer})
         visual_tokens, visual_mask = model.embed_visual(batch)
-        out = model(batch["input_ids"], batch["text_mask"], visual_tokens, visual_mask,
-                    iais_rows=torch.ones(1, dtype=torch.bool, device=visual_tokens.device))
+        out = model(
+            batch["input_ids"],
+            batch["text_mask"],
+            visual_tokens,
+            visual_mask,
+            iais_rows=torch.ones(1, dtype=torch.bool, device=visual_tokens.device),
+        )
     finally:
         model.iais_layers = saved
     blocks = out.attention[layer]
@@ -72,7 +89,7 @@ def pair_figure(model, eval_set: EvalSet, caption: int, tokenizer, *, layer: int
     pseudo_vv, s_vv, tokens = pseudo_and_target(blocks, "V", mode, normalization)
     w = words[0].cpu().numpy()
     v = tokens[0].cpu().numpy()
-    ids = batch["input_ids"][0, 1:1 + len(w)].cpu().tolist()
+    ids = batch["input_ids"][0, 1 : 1 + len(w)].cpu().tolist()
     word_labels = [t for t, keep in zip(tokenizer.convert_ids_to_tokens(ids), w) if keep]
     token_labels = [str(i) for i in np.flatnonzero(v)]
 
@@ -84,7 +101,9 @@ def pair_figure(model, eval_set: EvalSet, caption: int, tokenizer, *, layer: int
     if sample.get("pixels") is not None:
         ax.imshow(sample["pixels"])
     elif "pixel_values" in batch:
-        ax.imshow(np.clip(batch["pixel_values"][0].cpu().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN, 0, 1))
+        ax.imshow(
+            np.clip(batch["pixel_values"][0].cpu().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN, 0, 1)
+        )
     boxes = sample.get("boxes")
     if boxes is not None:
         for n, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4).tolist()):
@@ -108,5 +127,7 @@ def pair_figure(model, eval_set: EvalSet, caption: int, tokenizer, *, layer: int
 
 def attention_plots(model, eval_set: EvalSet, tokenizer, *, count: int, layer: int, **kw: Any) -> dict[str, bytes]:
     """{file name: PNG bytes} for `count` pairs (`pair<caption>_layer<layer>.png`)."""
-    return {f"pair{c:05d}_layer{layer}.png": pair_figure(model, eval_set, c, tokenizer, layer=layer, **kw)
-            for c in choose_pairs(eval_set, count)}
+    return {
+        f"pair{c:05d}_layer{layer}.png": pair_figure(model, eval_set, c, tokenizer, layer=layer, **kw)
+        for c in choose_pairs(eval_set, count)
+    }

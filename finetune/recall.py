@@ -16,6 +16,7 @@ every rank and launcher, never a random or optimistic draw.
 Text and image retrieval may read different matrices (`rerank` ranks each direction's candidates on
 its own), so every function takes `scores_i2t` and `scores_t2i`, both [images, captions].
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -31,8 +32,9 @@ CHUNK = 1024
 
 def _check(scores: Tensor, caption_image: Tensor) -> None:
     if scores.dim() != 2 or scores.shape[1] != caption_image.shape[0]:
-        raise ValueError(f"scores {tuple(scores.shape)} must be [images, captions] with captions = "
-                         f"{caption_image.shape[0]}")
+        raise ValueError(
+            f"scores {tuple(scores.shape)} must be [images, captions] with captions = {caption_image.shape[0]}"
+        )
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN: no ranking is defined")
     if caption_image.numel() and (caption_image.min() < 0 or caption_image.max() >= scores.shape[0]):
@@ -59,7 +61,7 @@ def _best_true_ranks(scores: Tensor, truth_rows: Callable[[int, int], Tensor]) -
     """
     out = []
     for lo in range(0, scores.shape[0], CHUNK):
-        ranks = positions(scores[lo:lo + CHUNK])  # [chunk, G]
+        ranks = positions(scores[lo : lo + CHUNK])  # [chunk, G]
         truth = truth_rows(lo, lo + ranks.shape[0]).to(ranks.device)
         out.append(torch.where(truth, ranks, torch.full_like(ranks, scores.shape[1])).min(dim=1).values)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
@@ -71,16 +73,19 @@ def text_retrieval_ranks(scores_i2t: Tensor, caption_image: Tensor) -> Tensor:
     An image without a caption gets rank = number of captions (never retrieved).
     """
     _check(scores_i2t, caption_image)
-    return _best_true_ranks(scores_i2t, lambda lo, hi: caption_image[None, :] == torch.arange(
-        lo, hi, device=caption_image.device)[:, None])
+    return _best_true_ranks(
+        scores_i2t, lambda lo, hi: caption_image[None, :] == torch.arange(lo, hi, device=caption_image.device)[:, None]
+    )
 
 
 def image_retrieval_ranks(scores_t2i: Tensor, caption_image: Tensor) -> Tensor:
     """[images, captions] -> [captions]: rank of each caption's image among all images."""
     _check(scores_t2i, caption_image)
     columns = scores_t2i.T  # [C, I]
-    out = [positions(columns[lo:lo + CHUNK]).gather(1, caption_image.long()[lo:lo + CHUNK, None]).squeeze(1)
-           for lo in range(0, columns.shape[0], CHUNK)]
+    out = [
+        positions(columns[lo : lo + CHUNK]).gather(1, caption_image.long()[lo : lo + CHUNK, None]).squeeze(1)
+        for lo in range(0, columns.shape[0], CHUNK)
+    ]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
@@ -129,8 +134,9 @@ def recall_any_true(scores_i2t: Tensor, truth: Tensor, scores_t2i: Tensor | None
     return _summary(truth_ranks(scores_i2t, truth), truth_ranks(scores_t2i.T, truth.T))
 
 
-def fold_average(scores_i2t: Tensor, caption_image: Tensor, scores_t2i: Tensor | None = None,
-                 folds: int = 5) -> dict[str, float]:
+def fold_average(
+    scores_i2t: Tensor, caption_image: Tensor, scores_t2i: Tensor | None = None, folds: int = 5
+) -> dict[str, float]:
     """The COCO "1K test": the images cut into `folds` contiguous folds of equal size (5 x 1,000 for
     the 5K test), each fold evaluated on its own images and their captions, recalls averaged.
 

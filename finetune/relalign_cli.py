@@ -2,6 +2,7 @@
 
 It lives in finetune, the top package (finetune -> pretrain -> data_tools), because it reaches all
 three; nothing below may import upwards (tests/test_layers.py)."""
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@ pretraining run, a checkpoint or an export (`finetune.init`), its objective is t
 evaluator measures retrieval on the held-out set. Checkpoints, resume, launchers, preemption and
 metrics are the loop's, unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,9 @@ class FinetuneTask:
         self.tokenizer: Any = None
 
     def train_loader(self, batch_size: int, rank: int, world_size: int) -> Loader:
-        loader = Loader(dataclasses.replace(self.cfg.data, batch_size=batch_size), rank=rank, world_size=world_size, epoch=0)
+        loader = Loader(
+            dataclasses.replace(self.cfg.data, batch_size=batch_size), rank=rank, world_size=world_size, epoch=0
+        )
         self.tokenizer = loader.tokenizer
         return loader
 
@@ -54,8 +57,10 @@ class FinetuneTask:
         extra = [IAISTerm(self.regularizer)] if self.regularizer is not None else []
         if self.ft.recipe in ("itc_itm", "itc"):
             kept = ("itc", "itm") if self.ft.recipe == "itc_itm" else ("itc",)
-            terms = {name: dataclasses.replace(section, enabled=name in kept and section.enabled)
-                     for name, section in self.cfg.objectives.terms.items()}
+            terms = {
+                name: dataclasses.replace(section, enabled=name in kept and section.enabled)
+                for name, section in self.cfg.objectives.terms.items()
+            }
             sections = dataclasses.replace(self.cfg.objectives, sampling="joint", terms=terms)
             return CompositeObjective.from_sections(sections, extra)
         store = CandidateStore(self.cfg.data, self.tokenizer)
@@ -86,9 +91,15 @@ class RetrievalEvaluator:
         rng = torch.get_rng_state()
         try:
             with _gathered(engine):
-                results = evaluate_model(model.eval(), self.tokenizer, paths[0], mode=self.cfg.finetune.eval_mode,
-                                         k=self.cfg.finetune.eval_k, max_text_len=self.cfg.data.max_text_len,
-                                         trust=self.cfg.data.trust)
+                results = evaluate_model(
+                    model.eval(),
+                    self.tokenizer,
+                    paths[0],
+                    mode=self.cfg.finetune.eval_mode,
+                    k=self.cfg.finetune.eval_k,
+                    max_text_len=self.cfg.data.max_text_len,
+                    trust=self.cfg.data.trust,
+                )
         finally:
             torch.set_rng_state(rng)
             model.train(was_training)

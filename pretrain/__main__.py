@@ -8,6 +8,7 @@ The configuration is validated before any process group starts (a mistake: one l
 Exit codes: data_tools.errors.ExitCode (0 done, 2 configuration, 4 non-finite stop, 5 lost rank,
 75 preempted with a checkpoint saved: resume me).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ def training_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m pretrain export", allow_abbrev=False,
-                     description="Consolidated safetensors weights + model config + tokenizer of a run.")
+    parser = OneLineParser(
+        prog="python -m pretrain export",
+        allow_abbrev=False,
+        description="Consolidated safetensors weights + model config + tokenizer of a run.",
+    )
     parser.add_argument("run", help="run folder, checkpoints folder or checkpoint tag folder")
     parser.add_argument("--out", required=True, help="output folder")
     return parser
@@ -46,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = export_run(args.run, args.out)
         print(f"exported {path}")
         return ExitCode.OK
-    args = training_parser("python -m pretrain", "Pretrain a single-stream image-text encoder (see configs/).").parse_intermixed_args(argv)
+    args = training_parser(
+        "python -m pretrain", "Pretrain a single-stream image-text encoder (see configs/)."
+    ).parse_intermixed_args(argv)
     if args.config is None and not args.overrides:
         raise UserError("python -m pretrain: give --config FILE (e.g. configs/tiny.yaml) and/or overrides")
     from pretrain.config import load_config

@@ -23,6 +23,7 @@ this run's outside the fields a resume may change (`RESUME_MUTABLE`, and the fie
 lists in its `resume_mutable`); `check_resume` says so once, before any process group starts, and
 returns the checkpoint with its run state (read once per resume).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,8 +95,9 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     gauss = float(state["python_gauss"][0]) if has_gauss == 1 else None
     random.setstate((version, tuple(int(v) for v in state["python_mt"]), gauss))
     pos, np_has_gauss = (int(v) for v in state["numpy_meta"])
-    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), pos, np_has_gauss,
-                         float(state["numpy_gauss"][0])))
+    np.random.set_state(
+        ("MT19937", state["numpy_key"].numpy().astype(np.uint32), pos, np_has_gauss, float(state["numpy_gauss"][0]))
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -132,15 +134,33 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             return found
     if path.is_dir() and path.name.startswith(TMP_PREFIX):
         raise UserError(f"resume: {path} is an incomplete checkpoint (a save was interrupted); use --resume auto")
-    raise UserError(f"resume: {path} is not a complete checkpoint, nor a run or checkpoints folder with one "
-                    f"(expected <run>/checkpoints/<tag>/{CLIENT_STATE})")
+    raise UserError(
+        f"resume: {path} is not a complete checkpoint, nor a run or checkpoints folder with one "
+        f"(expected <run>/checkpoints/<tag>/{CLIENT_STATE})"
+    )
 
 
 # --- resume identity -----------------------------------------------------------------------------
 RESUME_MUTABLE = (
-    "data.paths", "data.workers", "data.batch_size", "data.weights", "data.tokenizer", "data.allow_pipe_from",
-    "data.remote_allow", "metrics", "run", "resume", "eval", "profile", "train.log_every", "train.lost_rank_timeout_s", "train.record_keys",
-    "train.grad_accumulation", "checkpoint", "zero.deepspeed_config", "tf32",
+    "data.paths",
+    "data.workers",
+    "data.batch_size",
+    "data.weights",
+    "data.tokenizer",
+    "data.allow_pipe_from",
+    "data.remote_allow",
+    "metrics",
+    "run",
+    "resume",
+    "eval",
+    "profile",
+    "train.log_every",
+    "train.lost_rank_timeout_s",
+    "train.record_keys",
+    "train.grad_accumulation",
+    "checkpoint",
+    "zero.deepspeed_config",
+    "tf32",
 )
 """Fields that may differ between a checkpoint's config and the resuming run's (world size too).
 Any other difference is refused: the resumed run would not continue the same training. A section
@@ -156,8 +176,11 @@ class Resume(NamedTuple):
 
 def mutable_fields(cfg: Any) -> list[str]:
     """RESUME_MUTABLE plus the `resume_mutable` fields of the sections `cfg` holds (e.g. finetune.init)."""
-    extra = [f"{f.name}.{name}" for f in dataclasses.fields(cfg)
-             for name in getattr(getattr(cfg, f.name), "resume_mutable", ())]
+    extra = [
+        f"{f.name}.{name}"
+        for f in dataclasses.fields(cfg)
+        for name in getattr(getattr(cfg, f.name), "resume_mutable", ())
+    ]
     return [*RESUME_MUTABLE, *extra]
 
 
@@ -193,8 +216,10 @@ def with_new_defaults(saved: Any, current: Any) -> Any:
         return saved
     if isinstance(current, dict):
         return {key: with_new_defaults(value, current.get(key)) for key, value in saved.items()} | {
-            key: to_dict(type(value)()) for key, value in current.items()
-            if key not in saved and dataclasses.is_dataclass(value)}
+            key: to_dict(type(value)())
+            for key, value in current.items()
+            if key not in saved and dataclasses.is_dataclass(value)
+        }
     if not dataclasses.is_dataclass(current):
         return saved
     out = dict(saved)
@@ -236,8 +261,10 @@ def check_resume(cfg: Any) -> Resume | None:
     state = read_run_state(path)
     diffs = resume_differences(state.config, cfg)
     if diffs:
-        raise UserError(f"resume: {path} was trained with a different configuration; only the world size and "
-                        f"the fields in pretrain.checkpoint.RESUME_MUTABLE may change: {'; '.join(diffs)}")
+        raise UserError(
+            f"resume: {path} was trained with a different configuration; only the world size and "
+            f"the fields in pretrain.checkpoint.RESUME_MUTABLE may change: {'; '.join(diffs)}"
+        )
     return Resume(path, state)
 
 
@@ -264,8 +291,11 @@ class CheckpointManager:
 
     def save(self, engine: Any, step: int, run_state: RunState, tokenizer: Any = None) -> Path:
         """All ranks: DeepSpeed state + RNG into `.tmp-<tag>`, barrier, rank 0 commits. Returns the tag path."""
-        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
 
         tag = tag_for(step)
         tmp = self.root / (TMP_PREFIX + tag)
@@ -276,15 +306,22 @@ class CheckpointManager:
         barrier()
         # DeepSpeed keeps the client state in its own model-states file too (torch pickle); ours is
         # the JSON below. UNIVERSAL_CHECKPOINT_INFO lets ds_to_universal convert this checkpoint.
-        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False, client_state={
-            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
+        engine.save_checkpoint(
+            str(self.root),
+            tag=tmp.name,
+            save_latest=False,
+            client_state={
+                UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+            },
+        )
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
         if self.rank == 0:
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            write_run_state(tmp, dataclasses.replace(run_state, world_size=self.world_size, saved_at=time.time(),
-                                                     tag=tag))
+            write_run_state(
+                tmp, dataclasses.replace(run_state, world_size=self.world_size, saved_at=time.time(), tag=tag)
+            )
         testing_hooks.checkpoint_part_written(tag)
         barrier()  # every rank has written its part
         final = self.root / tag
@@ -304,7 +341,9 @@ class CheckpointManager:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
         for p in self.root.iterdir():
-            stale_universal = p.name.endswith(UNIVERSAL_SUFFIX) and not (self.root / p.name[: -len(UNIVERSAL_SUFFIX)]).exists()
+            stale_universal = (
+                p.name.endswith(UNIVERSAL_SUFFIX) and not (self.root / p.name[: -len(UNIVERSAL_SUFFIX)]).exists()
+            )
             if p.is_dir() and (p.name.startswith(TMP_PREFIX) or stale_universal):
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -317,14 +356,17 @@ class CheckpointManager:
         else:
             load_path, load_root, load_tag = path, str(path.parent), path.name
         try:
-            loaded, _ = engine.load_checkpoint(load_root, tag=load_tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+            loaded, _ = engine.load_checkpoint(
+                load_root, tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         except RuntimeError as err:  # the model built from this configuration is not the saved one
             mismatch = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
             if not mismatch:
                 raise
-            raise UserError(f"resume: {load_path} does not fit the model this configuration builds "
-                            f"({len(mismatch)} tensors differ in shape, e.g. {mismatch[0]})") from None
+            raise UserError(
+                f"resume: {load_path} does not fit the model this configuration builds "
+                f"({len(mismatch)} tensors differ in shape, e.g. {mismatch[0]})"
+            ) from None
         if loaded is None:
             raise UserError(f"resume: DeepSpeed could not load {load_path}")
         rng_file = path / "rng" / f"rank{self.rank}.pt"
@@ -346,8 +388,15 @@ def convert_to_universal(path: Path, rank: int) -> Path:
 
         tmp = path.with_name(TMP_PREFIX + target.name)
         shutil.rmtree(tmp, ignore_errors=True)
-        args = Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
-                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        args = Namespace(
+            input_folder=str(path),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
         try:
             ds_to_universal.main(args)
             shutil.rmtree(target, ignore_errors=True)
@@ -356,6 +405,8 @@ def convert_to_universal(path: Path, rank: int) -> Path:
             failure = f"{type(err).__name__}: {err}"
     failure = broadcast_object(failure)
     if failure is not None:
-        raise UserError(f"resume: DeepSpeed cannot convert {path} to a universal checkpoint for another world "
-                        f"size ({failure}); resume with the world size that wrote it")
+        raise UserError(
+            f"resume: DeepSpeed cannot convert {path} to a universal checkpoint for another world "
+            f"size ({failure}); resume with the world size that wrote it"
+        )
     return target

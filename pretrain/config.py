@@ -13,6 +13,7 @@ The machinery (types, overrides, messages): pretrain.config_schema. What needs f
 pretrain.preflight. Whether a checkpoint continues this run: pretrain.checkpoint.check_resume.
 A configuration mistake is one ConfigError naming the dotted field (exit 2), before any process
 group starts."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,8 @@ from pretrain.preflight import check_environment
 from pretrain.profiling import ProfileConfig
 from pretrain.run_config import RunConfig, TrainConfig
 
-__all__ = ["Config", "apply_override", "check_environment", "config_from_dict", "load_config", "save_config",
-           "to_dict"]
+__all__ = ["Config", "apply_override", "check_environment", "config_from_dict", "load_config", "save_config", "to_dict"]
+
 
 @dataclasses.dataclass
 class Config:
@@ -80,8 +81,12 @@ def config_from_dict(tree: dict[str, Any], sections: Mapping[str, type] = {}) ->
     for required in ("data", "model"):
         check(required, None, required in tree, "a section (data and model are required)")
     plugins = tree.get("plugins") or []
-    check("plugins", plugins, isinstance(plugins, list) and all(isinstance(p, str) for p in plugins),
-          "a list of module names")
+    check(
+        "plugins",
+        plugins,
+        isinstance(plugins, list) and all(isinstance(p, str) for p in plugins),
+        "a list of module names",
+    )
     import_plugins(plugins)  # before `objectives` is built: a plugin's terms are configurable
     tree.setdefault("objectives", None)
     declared = {}
@@ -94,13 +99,20 @@ def config_from_dict(tree: dict[str, Any], sections: Mapping[str, type] = {}) ->
     for name, value in declared.items():
         setattr(cfg, name, value)
     check_architecture(cfg)
-    check("data.max_text_len", cfg.data.max_text_len, cfg.data.max_text_len <= cfg.model.max_text_len,
-          f"at most model.max_text_len={cfg.model.max_text_len}")
+    check(
+        "data.max_text_len",
+        cfg.data.max_text_len,
+        cfg.data.max_text_len <= cfg.model.max_text_len,
+        f"at most model.max_text_len={cfg.model.max_text_len}",
+    )
     check_objective_inputs(cfg)
     if cfg.train.global_batch_size:
-        check("train.global_batch_size", cfg.train.global_batch_size,
-              cfg.train.global_batch_size % cfg.train.grad_accumulation == 0,
-              f"a multiple of train.grad_accumulation={cfg.train.grad_accumulation}")
+        check(
+            "train.global_batch_size",
+            cfg.train.global_batch_size,
+            cfg.train.global_batch_size % cfg.train.grad_accumulation == 0,
+            f"a multiple of train.grad_accumulation={cfg.train.grad_accumulation}",
+        )
     return cfg
 
 
@@ -113,38 +125,69 @@ def check_architecture(cfg: Config) -> None:
         why = "false for model.architecture=dual_encoder (nothing attends across the modalities"
         check("iais.enabled", cfg.iais.enabled, not cfg.iais.enabled, why + ", so IAIS is undefined)")
         for name, section in cfg.objectives.terms.items():
-            check(f"objectives.{name}.enabled", section.enabled, name == "itc" or not section.enabled,
-                  why + ": ITC is its only objective)")
+            check(
+                f"objectives.{name}.enabled",
+                section.enabled,
+                name == "itc" or not section.enabled,
+                why + ": ITC is its only objective)",
+            )
         return
     if cfg.iais.enabled:
         count = cfg.model.iais_layer_count
-        what = f"co-attention blocks (model.cross_layers={count})" if arch == "two_stream" else \
-            f"encoder layers (model.num_layers={count})"
-        check("iais.layers", cfg.iais.layers, all(-count <= i < count for i in cfg.iais.layers),
-              f"indices in [-{count}, {count}) of the {what}")
+        what = (
+            f"co-attention blocks (model.cross_layers={count})"
+            if arch == "two_stream"
+            else f"encoder layers (model.num_layers={count})"
+        )
+        check(
+            "iais.layers",
+            cfg.iais.layers,
+            all(-count <= i < count for i in cfg.iais.layers),
+            f"indices in [-{count}, {count}) of the {what}",
+        )
 
 
 def check_objective_inputs(cfg: Config) -> None:
     """What the optional objectives need from the data and model sections (no files read)."""
     if cfg.objectives.sampling == "per_batch":
         weights = [section.weight for section in cfg.objectives.terms.values() if section.enabled]
-        check("objectives.sampling", "per_batch", sum(weights) > 0,
-              "joint, or an enabled objective with weight > 0 to draw (per_batch draws by weight)")
+        check(
+            "objectives.sampling",
+            "per_batch",
+            sum(weights) > 0,
+            "joint, or an enabled objective with weight > 0 to draw (per_batch draws by weight)",
+        )
     if cfg.objectives.enabled("tags"):
-        check("data.max_tag_len", cfg.data.max_tag_len, cfg.data.max_tag_len > 0,
-              "an integer > 0 (the object tags' token length) with objectives.tags enabled")
+        check(
+            "data.max_tag_len",
+            cfg.data.max_tag_len,
+            cfg.data.max_tag_len > 0,
+            "an integer > 0 (the object tags' token length) with objectives.tags enabled",
+        )
         combined = cfg.data.max_text_len + cfg.data.max_tag_len - 1
-        check("data.max_tag_len", cfg.data.max_tag_len, combined <= cfg.model.max_text_len,
-              f"at most model.max_text_len - data.max_text_len + 1 = {cfg.model.max_text_len - cfg.data.max_text_len + 1} "
-              f"(words and tags share the text positions)")
+        check(
+            "data.max_tag_len",
+            cfg.data.max_tag_len,
+            combined <= cfg.model.max_text_len,
+            "at most model.max_text_len - data.max_text_len + 1 = "
+            f"{cfg.model.max_text_len - cfg.data.max_text_len + 1} (words and tags share the text positions)",
+        )
     if cfg.objectives.enabled("position"):
-        check("data.visual", cfg.data.visual, cfg.data.visual == "pixels",
-              "pixels with objectives.position enabled (its single-shape views paint over pixels)")
+        check(
+            "data.visual",
+            cfg.data.visual,
+            cfg.data.visual == "pixels",
+            "pixels with objectives.position enabled (its single-shape views paint over pixels)",
+        )
         if cfg.model.visual_embedder == "patch":
             std = cfg.model.visual_position_std or cfg.model.initializer_range
-            check("model.visual_position_std", cfg.model.visual_position_std, std >= 1.0,
-                  "at least 1.0 with objectives.position enabled (a smaller patch position table drowns in "
-                  "the patch content and the position captions stay at chance: set model.visual_position_std=1.0)")
+            check(
+                "model.visual_position_std",
+                cfg.model.visual_position_std,
+                std >= 1.0,
+                "at least 1.0 with objectives.position enabled (a smaller patch position table drowns in "
+                "the patch content and the position captions stay at chance: set model.visual_position_std=1.0)",
+            )
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:

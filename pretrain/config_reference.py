@@ -8,6 +8,7 @@ default and docstring: the string literal after the field in the dataclass sourc
 (REFERENCE_FILE) holds a copy of this text between `<!-- config-reference -->` markers;
 tests/test_config_reference.py fails when they differ, so the documentation cannot drift from the code.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,7 +16,6 @@ import dataclasses
 import inspect
 import textwrap
 import typing
-from typing import Any
 
 import yaml
 
@@ -39,9 +39,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = next(node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)).body
         for stmt, after in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[stmt.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -74,7 +78,9 @@ def _rows(cls: type, prefix: str) -> list[str]:
         from pretrain.model.config import PRESETS
 
         names = _cell(" | ".join(repr(p) for p in PRESETS))
-        rows.append(f"| `{prefix}.preset` | {names} | `null` | A named shape; the section's other keys override its fields. |")
+        rows.append(
+            f"| `{prefix}.preset` | {names} | `null` | A named shape; the section's other keys override its fields. |"
+        )
     for field in dataclasses.fields(cls):
         if not field.init:
             continue
@@ -83,15 +89,22 @@ def _rows(cls: type, prefix: str) -> list[str]:
         if dataclasses.is_dataclass(tp):
             rows += _rows(tp, dotted)
             continue
-        rows.append(f"| `{dotted}` | {_cell(_type_name(tp))} | {_cell(_default(field))} | "
-                    f"{_cell(docs.get(field.name, ''))} |")
+        rows.append(
+            f"| `{dotted}` | {_cell(_type_name(tp))} | {_cell(_default(field))} | {_cell(docs.get(field.name, ''))} |"
+        )
     return rows
 
 
 def _section(title: str, cls: type, prefix: str, note: str = "") -> list[str]:
     summary = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
-    lines = [f"### `{title}`", "", f"{summary} (`{cls.__module__}.{cls.__qualname__}`){note}", "",
-             "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"### `{title}`",
+        "",
+        f"{summary} (`{cls.__module__}.{cls.__qualname__}`){note}",
+        "",
+        "| field | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
     return lines + _rows(cls, prefix) + [""]
 
 
@@ -106,27 +119,43 @@ def generate(sections: dict[str, type] | None = None) -> str:
 
     hints = typing.get_type_hints(Config)
     docs = field_docs(Config)
-    out = [f"Generated from the schema by `{COMMAND}`. Every key is also a dotted override "
-           "(`train.steps=100`, `objectives.itm.weight=0.5`, `\"data.paths=[a, b]\"`).", ""]
+    out = [
+        f"Generated from the schema by `{COMMAND}`. Every key is also a dotted override "
+        '(`train.steps=100`, `objectives.itm.weight=0.5`, `"data.paths=[a, b]"`).',
+        "",
+    ]
     top = ["### top level", "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
     for field in dataclasses.fields(Config):
         tp = hints[field.name]
         if tp is ObjectivesConfig:  # its keys are the registered terms: one table each
             sampling = next(f for f in dataclasses.fields(ObjectivesConfig) if f.name == "sampling")
-            out += ["### `objectives`", "", "How the enabled terms combine (`pretrain.objectives.base`).", "",
-                    "| field | type | default | meaning |", "| --- | --- | --- | --- |",
-                    f"| `objectives.sampling` | {_cell(_type_name(typing.get_type_hints(ObjectivesConfig)['sampling']))} | "
-                    f"{_cell(_default(sampling))} | {_cell(field_docs(ObjectivesConfig)['sampling'])} |", ""]
+            out += [
+                "### `objectives`",
+                "",
+                "How the enabled terms combine (`pretrain.objectives.base`).",
+                "",
+                "| field | type | default | meaning |",
+                "| --- | --- | --- | --- |",
+                f"| `objectives.sampling` | {_cell(_type_name(typing.get_type_hints(ObjectivesConfig)['sampling']))} | "
+                f"{_cell(_default(sampling))} | {_cell(field_docs(ObjectivesConfig)['sampling'])} |",
+                "",
+            ]
             for name, term in term_classes().items():
-                out += _section(f"objectives.{name}", term.Config, f"objectives.{name}",
-                                f"; `objectives.{name}=false` is short for `enabled: false`")
+                out += _section(
+                    f"objectives.{name}",
+                    term.Config,
+                    f"objectives.{name}",
+                    f"; `objectives.{name}=false` is short for `enabled: false`",
+                )
         elif dataclasses.is_dataclass(tp):
             out += _section(field.name, tp, field.name)
         elif field.name in sections:
             out += _section(field.name, sections[field.name], field.name, f"; read by `python -m {field.name}`")
         else:
-            top.append(f"| `{field.name}` | {_cell(_type_name(tp))} | {_cell(_default(field))} | "
-                       f"{_cell(docs.get(field.name, ''))} |")
+            top.append(
+                f"| `{field.name}` | {_cell(_type_name(tp))} | {_cell(_default(field))} | "
+                f"{_cell(docs.get(field.name, ''))} |"
+            )
     return "\n".join(out + top).rstrip() + "\n"
 
 

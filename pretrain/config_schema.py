@@ -12,6 +12,7 @@ A string that reads as a number is accepted for a float field because PyYAML rea
 A section whose keys are not fixed fields (`objectives`: one key per registered term) builds itself
 with a `from_tree(value, build)` class method and writes itself back with `as_tree()`.
 """
+
 from __future__ import annotations
 
 import dataclasses

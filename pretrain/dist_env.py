@@ -15,6 +15,7 @@ interpreter's own finalisation. By then all useful work is done and flushed, so 
 to flush what Python still buffers, run the `atexit` handlers ourselves, and leave with `os._exit`,
 which skips the C++ static destructors altogether. `bench/bench_shutdown.py` measures both endings.
 """
+
 from __future__ import annotations
 
 import atexit

@@ -25,6 +25,7 @@ Object collectives (`all_gather_object`, `broadcast_object`) pickle through a by
 puts on the current CUDA device under NCCL, which init_distributed sets to the local rank before the
 group starts; pass them host objects only (a pickled CUDA tensor unpickles onto the sender's device).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence, Union
@@ -76,8 +77,12 @@ def _float64_vector(values: Sequence[Number], move) -> torch.Tensor:
     travel as one tensor, device tensors are never read on the host here."""
     host = [float(v) for v in values if not isinstance(v, torch.Tensor)]
     host_parts = iter(move(torch.tensor(host, dtype=torch.float64)).unbind()) if host else iter(())
-    return torch.stack([move(v.detach().to(torch.float64).reshape(())) if isinstance(v, torch.Tensor)
-                        else next(host_parts) for v in values])
+    return torch.stack(
+        [
+            move(v.detach().to(torch.float64).reshape(())) if isinstance(v, torch.Tensor) else next(host_parts)
+            for v in values
+        ]
+    )
 
 
 def all_reduce_floats(values: Sequence[Number], op: str = "sum") -> list[float]:
@@ -135,7 +140,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = to_comm(grad).contiguous()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size].to(ctx.device)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size].to(ctx.device)
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -167,7 +172,7 @@ def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     counts = torch.cat(lengths).tolist()
     local = to_comm(tensor.detach())
     buffer = local.new_zeros((max(counts), *tensor.shape[1:]))
-    buffer[:tensor.shape[0]] = local
+    buffer[: tensor.shape[0]] = local
     parts = [torch.zeros_like(buffer) for _ in range(world)]
     dist.all_gather(parts, buffer)
     return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(tensor.device)

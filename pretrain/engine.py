@@ -5,6 +5,7 @@ Why a client optimizer: DeepSpeed's own `AdamW` JIT-compiles `fused_adam` (about
 (no weight decay on norms, biases and position tables; a learning-rate multiplier per module prefix).
 The schedule is a `LambdaLR` so every group keeps its multiplier through warm-up and decay.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -118,14 +119,18 @@ def _multiplier(name: str, multipliers: dict[str, float]) -> float:
     return best
 
 
-def param_groups(model: torch.nn.Module, cfg: OptimizerConfig,
-                 heads: torch.nn.Module | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module, cfg: OptimizerConfig, heads: torch.nn.Module | None = None
+) -> list[dict[str, Any]]:
     """Parameter groups keyed by (weight decay on/off, lr multiplier), in a deterministic order.
     `heads`: the objective's own parameters (named `heads.*`), after the model's."""
     for prefix in cfg.lr_multipliers:
         if not any(n == prefix or n.startswith(prefix + ".") for n, _ in model.named_parameters()):
-            raise ConfigError(f"optimizer.lr_multipliers.{prefix}", cfg.lr_multipliers[prefix],
-                              "a prefix of a parameter name of the model")
+            raise ConfigError(
+                f"optimizer.lr_multipliers.{prefix}",
+                cfg.lr_multipliers[prefix],
+                "a prefix of a parameter name of the model",
+            )
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     named = list(model.named_parameters()) + (list(heads.named_parameters(prefix="heads")) if heads is not None else [])
     for name, param in named:
@@ -135,8 +140,13 @@ def param_groups(model: torch.nn.Module, cfg: OptimizerConfig,
         mult = _multiplier(name, cfg.lr_multipliers)
         key = (decay, mult)
         if key not in groups:
-            groups[key] = {"params": [], "names": [], "weight_decay": cfg.weight_decay if decay else 0.0,
-                           "lr": cfg.lr * mult, "lr_multiplier": mult}
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "lr": cfg.lr * mult,
+                "lr_multiplier": mult,
+            }
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())
@@ -205,8 +215,14 @@ def deepspeed_config(spec: EngineSpec, geometry: BatchGeometry, load_universal: 
         "gradient_clipping": spec.grad_clip,
         "zero_optimization": {"stage": spec.zero.stage},
         "bf16": {"enabled": spec.precision == "bf16"},
-        "fp16": {"enabled": spec.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": spec.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -253,8 +269,14 @@ class TrainModule(torch.nn.Module):
         return out.total, out.logs
 
 
-def build_engine(model: torch.nn.Module, objective: Any, spec: EngineSpec, geometry: BatchGeometry, total_steps: int,
-                 load_universal: bool = False):
+def build_engine(
+    model: torch.nn.Module,
+    objective: Any,
+    spec: EngineSpec,
+    geometry: BatchGeometry,
+    total_steps: int,
+    load_universal: bool = False,
+):
     """`deepspeed.initialize` of TrainModule(model, objective) with a client AdamW (groups from the
     model's own parameter names) and a LambdaLR; returns (engine, scheduler)."""
     import deepspeed
@@ -263,12 +285,17 @@ def build_engine(model: torch.nn.Module, objective: Any, spec: EngineSpec, geome
     groups = param_groups(model, spec.optimizer, getattr(module, "heads", None))
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
-        lr=spec.optimizer.lr, betas=spec.optimizer.betas, eps=spec.optimizer.eps,
-        weight_decay=spec.optimizer.weight_decay, **({"fused": True} if spec.optimizer.fused else {}),
+        lr=spec.optimizer.lr,
+        betas=spec.optimizer.betas,
+        eps=spec.optimizer.eps,
+        weight_decay=spec.optimizer.weight_decay,
+        **({"fused": True} if spec.optimizer.fused else {}),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
         config=deepspeed_config(spec, geometry, load_universal),
     )
     set_tf32(spec.tf32, engine.device.type)

@@ -9,6 +9,7 @@ The pretraining evaluator measures held-out losses (the task's objective in eval
 A task may bring another evaluator (finetuning: retrieval recalls); anything with `due` and
 `evaluate` fits. Evaluation never moves the training RNG streams.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,10 +57,19 @@ def cadence_due(every: int, step: int, last_step: int) -> bool:
 class HeldOutEvaluator:
     """Held-out losses of the run's objective and an optional ITC R@1 probe."""
 
-    def __init__(self, config: EvalConfig, data: DataConfig, batch_size: int, rank: int, world_size: int,
-                 categories: list[str] | None = None):
+    def __init__(
+        self,
+        config: EvalConfig,
+        data: DataConfig,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        categories: list[str] | None = None,
+    ):
         self.config = config
-        self._data = dataclasses.replace(data, paths=list(config.paths or data.paths), train=False, batch_size=batch_size)
+        self._data = dataclasses.replace(
+            data, paths=list(config.paths or data.paths), train=False, batch_size=batch_size
+        )
         self._categories = category_vocabulary(data.paths) if categories is None else categories  # the run's (MRC)
         self.rank, self.world_size = rank, world_size
         self._loader: Loader | None = None
@@ -69,8 +79,9 @@ class HeldOutEvaluator:
 
     def evaluate(self, engine: Any, progress: Progress) -> dict[str, float]:
         if self._loader is None:
-            self._loader = Loader(self._data, rank=self.rank, world_size=self.world_size, epoch=0,
-                                  categories=self._categories)
+            self._loader = Loader(
+                self._data, rank=self.rank, world_size=self.world_size, epoch=0, categories=self._categories
+            )
         was_training = engine.module.training
         engine.eval()
         sums: dict[str, float] = {}

@@ -1,6 +1,7 @@
 """Export a run's checkpoint as consolidated weights: `python -m pretrain export RUN --out DIR`.
 
-    DIR/model.safetensors     fp32 state dict of the model (any architecture, whatever ZeRO stage or precision trained it)
+    DIR/model.safetensors     fp32 state dict of the model (any architecture, whatever ZeRO stage or
+                              precision trained it)
     DIR/model_config.json     the ModelConfig (vocab_size included)
     DIR/tokenizer/            the tokenizer the run trained with (Hugging Face folder)
     DIR/export.json           source checkpoint, step, config hash
@@ -8,6 +9,7 @@
 `pretrain.weights` loads it back (as it loads a run or a checkpoint): finetuning, evaluation and the
 round-trip test all start there. Safetensors: loading exported weights never unpickles anything.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +49,9 @@ def weights_only_loads() -> Iterator[None]:
     except pickle.UnpicklingError as err:
         found = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
         what = found[0].split(" was not")[0] if found else str(err).splitlines()[0]
-        raise UserError(f"export: refusing to unpickle a checkpoint object that is not plain data ({what})",
-                        ExitCode.DATA) from None
+        raise UserError(
+            f"export: refusing to unpickle a checkpoint object that is not plain data ({what})", ExitCode.DATA
+        ) from None
     finally:
         if previous is None:
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)
@@ -79,7 +82,11 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
                 raise UserError(f"export: {checkpoint} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
             state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     prefix = "model."  # engine.TrainModule wraps the model; its `heads.*` (pretraining-only objective heads) stay out
-    return {k.removeprefix(prefix): v.detach().float().contiguous().clone() for k, v in state.items() if k.startswith(prefix)}
+    return {
+        k.removeprefix(prefix): v.detach().float().contiguous().clone()
+        for k, v in state.items()
+        if k.startswith(prefix)
+    }
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -102,8 +109,15 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     if (checkpoint / TOKENIZER).is_dir():
         shutil.rmtree(out / TOKENIZER, ignore_errors=True)
         shutil.copytree(checkpoint / TOKENIZER, out / TOKENIZER)
-    (out / "export.json").write_text(json.dumps({
-        "checkpoint": str(checkpoint.resolve()), "step": run_state.progress.step, "config_hash": run_state.config_hash,
-        "parameters": int(sum(v.numel() for v in state.values())),
-    }, indent=1))
+    (out / "export.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint.resolve()),
+                "step": run_state.progress.step,
+                "config_hash": run_state.config_hash,
+                "parameters": int(sum(v.numel() for v in state.values())),
+            },
+            indent=1,
+        )
+    )
     return out

@@ -20,6 +20,7 @@ closed-form backward (`iais_fused`); the autograd functions below (`pseudo_and_t
 Several layers: the loss is the mean over layers, so lambda keeps its meaning; directions `both`
 sum L and V.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,29 +56,42 @@ class IAISConfig:
     mode: Mode = "singular"
     """singular (argmax alignment, the paper's best) | distributed (attention-weighted alignment)."""
     direction: Direction = "both"
-    """L (text relations from the image) | V (image relations from the text) | both (sum) | alternate (L even steps, V odd)."""
+    """L (text relations from the image) | V (image relations from the text) | both (sum) |
+    alternate (L even steps, V odd)."""
     normalization: Normalization = "softmax"
     """Row normalisation of the singular pseudo matrix: softmax (official code) | sum (divide by row sum)."""
     weight: float = 1.0
     """lambda: the loss weight at the end of the schedule."""
     schedule: Schedule = "exp"
-    """Weight ramp s(p), p = step / total_steps: constant | linear | exp (official: exp(5 (p - 1))) | log (1 - exp(-5 p))."""
+    """Weight ramp s(p), p = step / total_steps: constant | linear | exp (official: exp(5 (p - 1))) |
+    log (1 - exp(-5 p))."""
     layers: list[int] = dataclasses.field(default_factory=lambda: [-1])
     """Layers to regularise; negative counts from the end (official: the last, -1). For model.architecture=two_stream
     these index the co-attention blocks (model.cross_layers of them); a dual_encoder has none (IAIS refused)."""
 
     def __post_init__(self) -> None:
-        for name, allowed in (("mode", MODES), ("direction", DIRECTIONS), ("normalization", NORMALIZATIONS),
-                              ("schedule", SCHEDULES)):
+        for name, allowed in (
+            ("mode", MODES),
+            ("direction", DIRECTIONS),
+            ("normalization", NORMALIZATIONS),
+            ("schedule", SCHEDULES),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"iais.{name}", getattr(self, name), " | ".join(allowed))
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) \
-                or self.weight < 0:
+        if (
+            isinstance(self.weight, bool)
+            or not isinstance(self.weight, (int, float))
+            or not math.isfinite(self.weight)
+            or self.weight < 0
+        ):
             raise ConfigError("iais.weight", self.weight, "a finite number >= 0")
         if isinstance(self.layers, int):
             self.layers = [self.layers]
-        if not isinstance(self.layers, (list, tuple)) or not self.layers \
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+        if (
+            not isinstance(self.layers, (list, tuple))
+            or not self.layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
+        ):
             raise ConfigError("iais.layers", self.layers, "a non-empty list of layer indices, e.g. [-1]")
 
 
@@ -117,8 +131,9 @@ def _gather_square(matrix: Tensor, index: Tensor) -> Tensor:
     return matrix.flatten(1).gather(1, flat.flatten(1)).view(flat.shape)
 
 
-def pseudo_and_target(blocks: AttentionBlocks, direction: str, mode: str,
-                      normalization: str) -> tuple[Tensor, Tensor, Tensor]:
+def pseudo_and_target(
+    blocks: AttentionBlocks, direction: str, mode: str, normalization: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """(pseudo [P, r, r], attention [P, r, r], mask [P, r]) for direction "L" (r = n) or "V" (r = m)."""
     if direction == "L":
         target, mask, other_mask = blocks.s_ll, blocks.word_mask, blocks.visual_mask
@@ -142,8 +157,9 @@ def _symmetric_terms(pseudo: Tensor, attention: Tensor, distributed: bool) -> Te
     log_p, log_s = torch.log(pseudo.clamp_min(LOG_FLOOR)), torch.log(attention.clamp_min(LOG_FLOOR))
     if not distributed:
         return (pseudo - attention) * (log_p - log_s)
-    return (pseudo * (log_p - torch.log(attention + DISTRIBUTED_EPS))
-            + attention * (log_s - torch.log(pseudo + DISTRIBUTED_EPS)))
+    return pseudo * (log_p - torch.log(attention + DISTRIBUTED_EPS)) + attention * (
+        log_s - torch.log(pseudo + DISTRIBUTED_EPS)
+    )
 
 
 def symmetric_kl(pseudo: Tensor, attention: Tensor, mask: Tensor, distributed: bool) -> Tensor:
@@ -162,8 +178,12 @@ def _masked_mean_rows(terms: Tensor, mask: Tensor) -> Tensor:
     return per_row.sum(dim=-1) / mask.sum(dim=-1).clamp_min(1).to(terms.dtype)
 
 
-def pair_divergences(blocks: AttentionBlocks, mode: str = "singular", normalization: str = "softmax",
-                     directions: tuple[str, ...] = ("L", "V")) -> tuple[Tensor, Tensor]:
+def pair_divergences(
+    blocks: AttentionBlocks,
+    mode: str = "singular",
+    normalization: str = "softmax",
+    directions: tuple[str, ...] = ("L", "V"),
+) -> tuple[Tensor, Tensor]:
     """Per-pair symmetric KL for several directions: (values [D, P], valid [P] bool).
 
     Padded columns of the four blocks are zeroed first (a no-op on the model's blocks, whose masked
@@ -175,30 +195,38 @@ def pair_divergences(blocks: AttentionBlocks, mode: str = "singular", normalizat
     return torch.stack([values[direction] for direction in directions]), valid
 
 
-def direction_divergences(blocks: AttentionBlocks, mode: str = "singular",
-                          normalization: str = "softmax") -> tuple[dict[str, Tensor], Tensor]:
+def direction_divergences(
+    blocks: AttentionBlocks, mode: str = "singular", normalization: str = "softmax"
+) -> tuple[dict[str, Tensor], Tensor]:
     """({"L": [P], "V": [P]}, valid [P] bool): both directions from one autograd node
     (`iais_fused`); a direction that is only logged (detached) costs no backward."""
     with _float32_region(blocks.s_ll):
-        values = pair_divergence_outputs(*_float_blocks(blocks), blocks.word_mask, blocks.visual_mask,
-                                         mode, normalization)
+        values = pair_divergence_outputs(
+            *_float_blocks(blocks), blocks.word_mask, blocks.visual_mask, mode, normalization
+        )
     return dict(zip(("L", "V"), values)), blocks.word_mask.any(dim=1) & blocks.visual_mask.any(dim=1)
 
 
-def direction_means(blocks: AttentionBlocks, mode: str = "singular", normalization: str = "softmax") -> dict[str, Tensor]:
+def direction_means(
+    blocks: AttentionBlocks, mode: str = "singular", normalization: str = "softmax"
+) -> dict[str, Tensor]:
     """{"L": scalar, "V": scalar}: each direction's mean over the valid pairs (0 when none is), the
     whole reduction inside the one autograd node."""
     with _float32_region(blocks.s_ll):
-        values = pair_divergence_outputs(*_float_blocks(blocks), blocks.word_mask, blocks.visual_mask,
-                                         mode, normalization, reduce=True)
+        values = pair_divergence_outputs(
+            *_float_blocks(blocks), blocks.word_mask, blocks.visual_mask, mode, normalization, reduce=True
+        )
     return dict(zip(("L", "V"), values))
 
 
 def _float32_region(like: Tensor):
     # The loss runs in float32 (or float64) outside autocast; entering the guard only when needed.
     device = like.device.type
-    return torch.autocast(device_type=device, enabled=False) if torch.is_autocast_enabled(device) \
+    return (
+        torch.autocast(device_type=device, enabled=False)
+        if torch.is_autocast_enabled(device)
         else contextlib.nullcontext()
+    )
 
 
 def _float_blocks(blocks: AttentionBlocks) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -206,8 +234,9 @@ def _float_blocks(blocks: AttentionBlocks) -> tuple[Tensor, Tensor, Tensor, Tens
     return blocks.s_ll.to(dtype), blocks.s_vv.to(dtype), blocks.s_lv.to(dtype), blocks.s_vl.to(dtype)
 
 
-def pair_divergence(blocks: AttentionBlocks, direction: str, mode: str = "singular",
-                    normalization: str = "softmax") -> tuple[Tensor, Tensor]:
+def pair_divergence(
+    blocks: AttentionBlocks, direction: str, mode: str = "singular", normalization: str = "softmax"
+) -> tuple[Tensor, Tensor]:
     """Per-pair symmetric KL for one direction: (values [P], valid [P] bool)."""
     values, valid = pair_divergences(blocks, mode, normalization, (direction,))
     return values[0], valid
@@ -263,20 +292,29 @@ class IAISRegularizer:
             return ("L",) if step % 2 == 0 else ("V",)
         return (direction,)
 
-    def __call__(self, attention: dict[int, AttentionBlocks], step: int, total_steps: int,
-                 direction: str | None = None) -> IAISOutput:
+    def __call__(
+        self, attention: dict[int, AttentionBlocks], step: int, total_steps: int, direction: str | None = None
+    ) -> IAISOutput:
         missing = [layer for layer in self.layers if layer not in attention]
         if missing:
-            raise ValueError(f"no IAIS attention blocks for layers {missing}: call regularizer.attach(model) "
-                             f"and pass iais_rows to model.forward")
+            raise ValueError(
+                f"no IAIS attention blocks for layers {missing}: call regularizer.attach(model) "
+                f"and pass iais_rows to model.forward"
+            )
         weight = self.weight(step, total_steps)
         active = self.active_directions(step, direction)
         # Both directions in one pass; the inactive one only for logging (detached: no backward).
         with record_function(IAIS_LOSS):
-            per_layer = [direction_means(attention[layer], self.config.mode, self.config.normalization)
-                         for layer in self.layers]
-        means = per_layer[0] if len(per_layer) == 1 else {
-            direction: torch.stack([values[direction] for values in per_layer]).mean() for direction in ("L", "V")}
+            per_layer = [
+                direction_means(attention[layer], self.config.mode, self.config.normalization) for layer in self.layers
+            ]
+        means = (
+            per_layer[0]
+            if len(per_layer) == 1
+            else {
+                direction: torch.stack([values[direction] for values in per_layer]).mean() for direction in ("L", "V")
+            }
+        )
         raw = means["L"] if active == ("L",) else means["V"] if active == ("V",) else means["L"] + means["V"]
         isd = {"L": means["L"].detach(), "V": means["V"].detach()}
         return IAISOutput(loss=raw * weight, raw=raw, isd=isd, weight=weight)

@@ -26,6 +26,7 @@ Each direction is its own output: a direction whose value is only logged (detach
 gradient and its share of the backward is skipped (`set_materialize_grads(False)`). The gradient
 is not differentiable again (`once_differentiable`): IAIS needs no double backward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,10 @@ class _Layout:
 
     def views(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """flat [N] -> (L part [P, n, n], V part [P, m, m]), views sharing its memory."""
-        return (flat[:self.split].view(self.pairs, self.words, self.words),
-                flat[self.split:].view(self.pairs, self.visual, self.visual))
+        return (
+            flat[: self.split].view(self.pairs, self.words, self.words),
+            flat[self.split :].view(self.pairs, self.visual, self.visual),
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -85,7 +88,9 @@ def _at_least_floor(x: Tensor) -> Tensor:
     return torch.ge(x, LOG_FLOOR, out=torch.empty_like(x))
 
 
-def _weighted_rows(rows: tuple[Tensor, Tensor], row_weights: tuple[Tensor, Tensor], reduce: bool) -> tuple[Tensor, Tensor]:
+def _weighted_rows(
+    rows: tuple[Tensor, Tensor], row_weights: tuple[Tensor, Tensor], reduce: bool
+) -> tuple[Tensor, Tensor]:
     """Per direction, row values [P, r] (a row's summed terms) weighted per row and summed per pair:
     ([P], [P]), or over pairs too (scalars)."""
     if reduce:
@@ -119,8 +124,9 @@ class PairDivergences(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_ll, s_vv, s_lv, s_vl, word_mask, visual_mask, mode: str, normalization: str,
-                reduce: bool = False):
+    def forward(
+        ctx, s_ll, s_vv, s_lv, s_vl, word_mask, visual_mask, mode: str, normalization: str, reduce: bool = False
+    ):
         ctx.set_materialize_grads(False)
         dtype = s_ll.dtype
         words = s_ll.shape[1]
@@ -169,9 +175,10 @@ def _singular_forward(layout, target, pseudo, cross, masks, cols, row_weights, n
     biases = (None, None)
     if normalization == "softmax":  # padded columns get exactly 0
         bias = masks.sub(1.0).mul_(torch.finfo(masks.dtype).max)  # [P, n + m]: 0 real, finfo.min padded
-        biases = (bias[:, None, :layout.words], bias[:, None, layout.words:])
-    for part, cross_block, other, col, other_col, bias in zip(layout.views(pseudo), cross, targets[::-1], cols,
-                                                              cols[::-1], biases):
+        biases = (bias[:, None, : layout.words], bias[:, None, layout.words :])
+    for part, cross_block, other, col, other_col, bias in zip(
+        layout.views(pseudo), cross, targets[::-1], cols, cols[::-1], biases
+    ):
         size = other.shape[-1]
         # r(i) = argmax over the other modality's real tokens; an index, so it carries no gradient. max(dim)
         # gives argmax's index (the first maximum; NaN wins) in half its time on rows this short (CPU).
@@ -193,9 +200,10 @@ def _singular_forward(layout, target, pseudo, cross, masks, cols, row_weights, n
     floor_s = target.clamp_min(LOG_FLOOR)
     diff_log = _log_(pseudo.clamp_min(LOG_FLOOR).div_(floor_s))  # log max(p, floor) - log max(s, floor): one log
     diff = pseudo - target  # [N]
-    rows = tuple(torch.linalg.vecdot(d, lg) for d, lg in zip(layout.views(diff), layout.views(diff_log)))  # no [N] product
-    return _weighted_rows(rows, row_weights, reduce), \
-        (target, pseudo, floor_s, diff, diff_log, gathered_at, totals)
+    rows = tuple(
+        torch.linalg.vecdot(d, lg) for d, lg in zip(layout.views(diff), layout.views(diff_log))
+    )  # no [N] product
+    return _weighted_rows(rows, row_weights, reduce), (target, pseudo, floor_s, diff, diff_log, gathered_at, totals)
 
 
 def _singular_backward(ctx, grads):
@@ -210,7 +218,8 @@ def _singular_backward(ctx, grads):
     _scale_by_weights(layout, (d_pseudo, d_target), grads, ctx.row_weights)
     d_targets = layout.views(d_target)
     for d_part, part, flat, d_other, grad, col, total in zip(
-            layout.views(d_pseudo), layout.views(pseudo), gathered_at, d_targets[::-1], grads, cols, totals or (None, None)):
+        layout.views(d_pseudo), layout.views(pseudo), gathered_at, d_targets[::-1], grads, cols, totals or (None, None)
+    ):
         if grad is None:
             continue
         if ctx.normalization == "softmax":
@@ -260,9 +269,17 @@ def _add_product(total: Tensor | None, left: Tensor, right: Tensor) -> Tensor:
     return left @ right if total is None else total.baddbmm_(left, right)
 
 
-def pair_divergence_outputs(s_ll: Tensor, s_vv: Tensor, s_lv: Tensor, s_vl: Tensor, word_mask: Tensor,
-                            visual_mask: Tensor, mode: str, normalization: str,
-                            reduce: bool = False) -> tuple[Tensor, Tensor]:
+def pair_divergence_outputs(
+    s_ll: Tensor,
+    s_vv: Tensor,
+    s_lv: Tensor,
+    s_vl: Tensor,
+    word_mask: Tensor,
+    visual_mask: Tensor,
+    mode: str,
+    normalization: str,
+    reduce: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Symmetric KL of direction L and of direction V, one autograd node: per pair ([P], [P]), or
     with `reduce` each direction's mean over the valid pairs (two scalars, 0 when none is valid)."""
     return PairDivergences.apply(s_ll, s_vv, s_lv, s_vl, word_mask, visual_mask, mode, normalization, reduce)

@@ -14,6 +14,7 @@
 
 `finetune/` runs these over evaluation sets and writes the reports.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -53,8 +54,13 @@ def token_in_box(token_boxes: Tensor, boxes: Tensor, token_kind: str) -> Tensor:
     return (centre_x >= x1) & (centre_x <= x2) & (centre_y >= y1) & (centre_y <= y2)
 
 
-def phrase_incidence(phrase_tokens: list[list[list[int]]], phrase_boxes: list[list[list[int]]],
-                     boxes: list[Tensor], words: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def phrase_incidence(
+    phrase_tokens: list[list[list[int]]],
+    phrase_boxes: list[list[list[int]]],
+    boxes: list[Tensor],
+    words: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Ragged annotations -> padded tensors (index preparation only; the math is vectorised).
 
     phrase_tokens[p][q]: token positions in input_ids ([CLS] = 0, so word column = position - 1);
@@ -68,7 +74,7 @@ def phrase_incidence(phrase_tokens: list[list[list[int]]], phrase_boxes: list[li
     phrase_box = torch.zeros(pairs, phrases, box_count, dtype=torch.bool)
     padded = torch.zeros(pairs, box_count, 4)
     for p in range(pairs):
-        padded[p, :boxes[p].shape[0]] = boxes[p].detach().float().cpu()
+        padded[p, : boxes[p].shape[0]] = boxes[p].detach().float().cpu()
         for q, (positions, indices) in enumerate(zip(phrase_tokens[p], phrase_boxes[p])):
             columns = [pos - 1 for pos in positions if 1 <= pos <= words]
             phrase_words[p, q, columns] = True
@@ -76,8 +82,9 @@ def phrase_incidence(phrase_tokens: list[list[list[int]]], phrase_boxes: list[li
     return phrase_words.to(device), phrase_box.to(device), padded.to(device)
 
 
-def isda_values(s_ll: Tensor, s_vv: Tensor, word_mask: Tensor, visual_mask: Tensor,
-                phrase_words: Tensor, phrase_visual: Tensor) -> tuple[Tensor, Tensor]:
+def isda_values(
+    s_ll: Tensor, s_vv: Tensor, word_mask: Tensor, visual_mask: Tensor, phrase_words: Tensor, phrase_visual: Tensor
+) -> tuple[Tensor, Tensor]:
     """Per-pair ISDa: (values [P], valid [P]).
 
     s_ll [P, n, n], s_vv [P, m, m], word_mask [P, n], visual_mask [P, m],
@@ -107,8 +114,9 @@ def _visual_rows(batch: dict, size: int) -> Tensor:
 
 
 @torch.no_grad()
-def measure_isd(model, batches: Iterable[dict], mode: str = "singular",
-                normalization: str = "softmax") -> dict[str, float]:
+def measure_isd(
+    model, batches: Iterable[dict], mode: str = "singular", normalization: str = "softmax"
+) -> dict[str, float]:
     """ISD per direction over the matched pairs of `batches` (eval mode, the model's IAIS layers).
 
     Returns {"L": mean, "V": mean, "pairs": count}.
@@ -126,7 +134,9 @@ def measure_isd(model, batches: Iterable[dict], mode: str = "singular",
                 continue
             valid = None
             for direction in ("L", "V"):
-                per_layer = [pair_divergence(blocks, direction, mode, normalization) for blocks in out.attention.values()]
+                per_layer = [
+                    pair_divergence(blocks, direction, mode, normalization) for blocks in out.attention.values()
+                ]
                 values = torch.stack([v for v, _ in per_layer]).mean(dim=0)  # [P]
                 valid = per_layer[0][1]
                 sums[direction] += float((values * valid).sum())
@@ -136,22 +146,36 @@ def measure_isd(model, batches: Iterable[dict], mode: str = "singular",
     return {"L": sums["L"] / max(pairs, 1), "V": sums["V"] / max(pairs, 1), "pairs": pairs}
 
 
-def phrase_words_and_tokens(blocks: AttentionBlocks, token_boxes: Tensor, token_kind: str, phrase_tokens: list,
-                            phrase_boxes: list, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+def phrase_words_and_tokens(
+    blocks: AttentionBlocks,
+    token_boxes: Tensor,
+    token_kind: str,
+    phrase_tokens: list,
+    phrase_boxes: list,
+    boxes: list[Tensor],
+) -> tuple[Tensor, Tensor]:
     """Each annotated phrase's word columns and visual tokens in the blocks of P pairs ->
     (phrase_words [P, Q, n] bool, phrase_visual [P, Q, m] bool: the tokens of the phrase's boxes)."""
     device = blocks.s_ll.device
-    phrase_words, phrase_box, padded = phrase_incidence(phrase_tokens, phrase_boxes, boxes, blocks.word_mask.shape[1],
-                                                        device)
+    phrase_words, phrase_box, padded = phrase_incidence(
+        phrase_tokens, phrase_boxes, boxes, blocks.word_mask.shape[1], device
+    )
     member = token_in_box(token_boxes.to(device).float(), padded, token_kind)  # [P, m, K]
     return phrase_words, (phrase_box.float() @ member.float().transpose(1, 2)) > 0
 
 
-def blocks_isda(blocks: AttentionBlocks, token_boxes: Tensor, token_kind: str, phrase_tokens: list,
-                phrase_boxes: list, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+def blocks_isda(
+    blocks: AttentionBlocks,
+    token_boxes: Tensor,
+    token_kind: str,
+    phrase_tokens: list,
+    phrase_boxes: list,
+    boxes: list[Tensor],
+) -> tuple[Tensor, Tensor]:
     """ISDa of P pairs from their attention blocks and annotations -> (values [P], valid [P])."""
-    phrase_words, phrase_visual = phrase_words_and_tokens(blocks, token_boxes, token_kind, phrase_tokens,
-                                                          phrase_boxes, boxes)
+    phrase_words, phrase_visual = phrase_words_and_tokens(
+        blocks, token_boxes, token_kind, phrase_tokens, phrase_boxes, boxes
+    )
     return isda_values(blocks.s_ll, blocks.s_vv, blocks.word_mask, blocks.visual_mask, phrase_words, phrase_visual)
 
 
@@ -173,8 +197,10 @@ def measure_isda(model, batches: Iterable[dict]) -> dict[str, float]:
                 if key not in batch:
                     raise UserError(f"ISDa needs batch[{key!r}]: the dataset has no phrase-to-box links")
             if kind == "region" and "image_hw" not in batch:
-                raise UserError("ISDa with model.visual_embedder=features needs batch['image_hw'] to put region "
-                                "boxes in the annotations' pixel coordinates")
+                raise UserError(
+                    "ISDa with model.visual_embedder=features needs batch['image_hw'] to put region "
+                    "boxes in the annotations' pixel coordinates"
+                )
             size = batch["input_ids"].shape[0]
             rows = _visual_rows(batch, size) & torch.tensor([len(p) > 0 for p in batch["phrase_tokens"]])
             visual_tokens, visual_mask, token_boxes = model.embed_visual_with_boxes(batch)
@@ -184,10 +210,14 @@ def measure_isda(model, batches: Iterable[dict]) -> dict[str, float]:
                 continue
             blocks = out.attention[max(out.attention)]
             chosen = rows.nonzero().flatten().tolist()
-            values, valid = blocks_isda(blocks, token_boxes[rows.to(device)], kind,
-                                        [batch["phrase_tokens"][i] for i in chosen],
-                                        [batch["phrase_boxes"][i] for i in chosen],
-                                        [torch.as_tensor(batch["boxes"][i]).reshape(-1, 4) for i in chosen])
+            values, valid = blocks_isda(
+                blocks,
+                token_boxes[rows.to(device)],
+                kind,
+                [batch["phrase_tokens"][i] for i in chosen],
+                [batch["phrase_boxes"][i] for i in chosen],
+                [torch.as_tensor(batch["boxes"][i]).reshape(-1, 4) for i in chosen],
+            )
             total += float((values * valid).sum())
             pairs += int(valid.sum())
     finally:

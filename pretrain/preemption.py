@@ -3,6 +3,7 @@
 The training loop reads `PreemptionFlag.received` after each micro-batch and agrees on it across
 ranks with an all-reduce (`pretrain.train.micro_step`), so one signalled rank stops them all.
 """
+
 from __future__ import annotations
 
 import signal

@@ -6,6 +6,7 @@ error (exit 3), not a configuration one.
 
     check_environment(cfg)      # after pretrain.config.config_from_dict
 """
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,22 @@ def check_categories(cfg: Config) -> None:
     from data_tools.manifest import category_vocabulary
 
     mrm = cfg.objectives.terms.get("mrm")
-    wants = [name for name, on in (("objectives.mrm.mrc", cfg.objectives.enabled("mrm") and mrm.mrc),
-                                   ("objectives.tags.enabled", cfg.objectives.enabled("tags")),
-                                   ("objectives.position.enabled", cfg.objectives.enabled("position"))) if on]
+    wants = [
+        name
+        for name, on in (
+            ("objectives.mrm.mrc", cfg.objectives.enabled("mrm") and mrm.mrc),
+            ("objectives.tags.enabled", cfg.objectives.enabled("tags")),
+            ("objectives.position.enabled", cfg.objectives.enabled("position")),
+        )
+        if on
+    ]
     if wants and not category_vocabulary(cfg.data.paths):
-        raise ConfigError(wants[0], True, f"false: no dataset of data.paths={cfg.data.paths} carries box categories "
-                          f"(box_labels in dataset.json; synthetic and COCO-with-instances builds do)")
-
-
+        raise ConfigError(
+            wants[0],
+            True,
+            f"false: no dataset of data.paths={cfg.data.paths} carries box categories "
+            f"(box_labels in dataset.json; synthetic and COCO-with-instances builds do)",
+        )
 
 
 def check_environment(cfg: Config) -> None:
@@ -43,8 +52,12 @@ def check_environment(cfg: Config) -> None:
     check("data.paths", cfg.data.paths, len(cfg.data.paths) > 0, "at least one dataset folder")
     for section, paths in (("data.paths", cfg.data.paths), ("eval.paths", cfg.eval.paths)):
         for i, p in enumerate(paths):
-            check(f"{section}[{i}]", p, (Path(p) / "dataset.json").is_file(),
-                  "an existing dataset folder with dataset.json (build one with `python -m data_tools build`)")
+            check(
+                f"{section}[{i}]",
+                p,
+                (Path(p) / "dataset.json").is_file(),
+                "an existing dataset folder with dataset.json (build one with `python -m data_tools build`)",
+            )
             try:  # every shard location through data_tools.trust: pipe:/URL only with data.allow_pipe_from/remote_allow
                 load_dataset_info(p).locations(p, cfg.data.trust)
             except UserError as err:  # malformed or not allowed: the data is wrong, not the configuration
@@ -88,7 +101,8 @@ def check_init_vocabulary(cfg: Config) -> None:
         raise UserError(
             f"model.init_from={cfg.model.init_from}: its word embeddings have {checkpoint_size} rows but the data "
             f"tokenizer {folder} has {tokenizer_size} tokens; point data.tokenizer at the checkpoint's own "
-            f"tokenizer folder (e.g. data.tokenizer=minilm for model.init_from=minilm)")
+            f"tokenizer folder (e.g. data.tokenizer=minilm for model.init_from=minilm)"
+        )
 
 
 def adopt_raw_deepspeed(cfg: Config, data: dict[str, Any]) -> None:
@@ -97,8 +111,12 @@ def adopt_raw_deepspeed(cfg: Config, data: dict[str, Any]) -> None:
     what actually runs."""
     stage = (data.get("zero_optimization") or {}).get("stage")
     if stage is not None:
-        check("zero.deepspeed_config", f"{cfg.zero.deepspeed_config}: zero_optimization.stage={stage!r}",
-              stage in (0, 1, 2, 3), "a ZeRO stage 0, 1, 2 or 3")
+        check(
+            "zero.deepspeed_config",
+            f"{cfg.zero.deepspeed_config}: zero_optimization.stage={stage!r}",
+            stage in (0, 1, 2, 3),
+            "a ZeRO stage 0, 1, 2 or 3",
+        )
         cfg.zero.stage = stage
     for precision in ("bf16", "fp16"):
         if (data.get(precision) or {}).get("enabled") is True:

@@ -29,6 +29,7 @@ Output: `<run>/profile/rank<r>.json` (the summary) and, with `trace`, `rank<r>.t
 in Perfetto or chrome://tracing). Profiling slows the recorded steps; do not read throughput
 from a profiled run's metrics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,16 @@ ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|efficient_attention|atten
 """Operator and kernel names counted as attention."""
 SCALAR_READ = "aten::_local_scalar_dense"
 """What every tensor -> Python number conversion calls: a host-device sync on an accelerator."""
-RUNTIME_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-                 "hipStreamSynchronize", "hipDeviceSynchronize", "hipEventSynchronize", "hipMemcpy")
+RUNTIME_SYNCS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpy",
+    "hipStreamSynchronize",
+    "hipDeviceSynchronize",
+    "hipEventSynchronize",
+    "hipMemcpy",
+)
 """Runtime calls in which the host waits for the device (cudaMemcpy: the blocking copy, not the Async one)."""
 TOP = 15
 
@@ -88,8 +97,12 @@ class ProfileConfig:
     def __post_init__(self) -> None:
         for name in ("enabled", "trace"):
             check(f"profile.{name}", getattr(self, name), isinstance(getattr(self, name), bool), "true or false")
-        check("profile.warmup_steps", self.warmup_steps, isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
-              "an integer >= 1")
+        check(
+            "profile.warmup_steps",
+            self.warmup_steps,
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
+            "an integer >= 1",
+        )
         check("profile.steps", self.steps, isinstance(self.steps, int) and self.steps >= 1, "an integer >= 1")
 
 
@@ -109,17 +122,21 @@ class StepProfiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device_type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            schedule = torch.profiler.schedule(wait=self.config.warmup_steps - 1, warmup=1, active=self.config.steps,
-                                               repeat=1)
-            self._profiler = torch.profiler.profile(activities=activities, schedule=schedule,
-                                                    on_trace_ready=self._write)
+            schedule = torch.profiler.schedule(
+                wait=self.config.warmup_steps - 1, warmup=1, active=self.config.steps, repeat=1
+            )
+            self._profiler = torch.profiler.profile(
+                activities=activities, schedule=schedule, on_trace_ready=self._write
+            )
             self._profiler.__enter__()
         return self
 
     def step(self) -> None:
         if self._profiler is not None:
-            if self._profiler.current_action in (torch.profiler.ProfilerAction.RECORD,
-                                                 torch.profiler.ProfilerAction.RECORD_AND_SAVE):
+            if self._profiler.current_action in (
+                torch.profiler.ProfilerAction.RECORD,
+                torch.profiler.ProfilerAction.RECORD_AND_SAVE,
+            ):
                 self._recorded += 1
             self._profiler.step()
 
@@ -183,9 +200,15 @@ def summarise(profiler: torch.profiler.profile, device_type: str, steps: int | N
     self_index = 3 if on_device else 1
     total_self = sum(_times(e)[self_index] for e in ops) or 1.0
     top = sorted(ops, key=lambda e: _times(e)[self_index], reverse=True)[:TOP]
-    ranges = {e.key: {"host_ms_per_step": round(_times(e)[0] / n / 1e3, 3), "calls_per_step": round(e.count / n, 2),
-                      **({"device_ms_per_step": round(_times(e)[2] / n / 1e3, 3)} if on_device else {})}
-              for e in sorted(averages, key=lambda e: e.key) if e.key.startswith(PREFIX)}
+    ranges = {
+        e.key: {
+            "host_ms_per_step": round(_times(e)[0] / n / 1e3, 3),
+            "calls_per_step": round(e.count / n, 2),
+            **({"device_ms_per_step": round(_times(e)[2] / n / 1e3, 3)} if on_device else {}),
+        }
+        for e in sorted(averages, key=lambda e: e.key)
+        if e.key.startswith(PREFIX)
+    }
     attention = sum(_times(e)[self_index] for e in ops if ATTENTION.search(e.key))
     reads: dict[str, int] = {}
     for event in profiler.events():
@@ -201,17 +224,28 @@ def summarise(profiler: torch.profiler.profile, device_type: str, steps: int | N
         "attention_share": round(attention / total_self, 4),
         "scalar_reads_per_step": round(sum(reads.values()) / n, 2),
         "scalar_reads_per_step_by_range": {k: round(v / n, 2) for k, v in sorted(reads.items())},
-        "top_ops": [{"name": e.key, "self_ms_per_step": round(_times(e)[self_index] / n / 1e3, 3),
-                     "share": round(_times(e)[self_index] / total_self, 4), "calls_per_step": round(e.count / n, 2)}
-                    for e in top],
+        "top_ops": [
+            {
+                "name": e.key,
+                "self_ms_per_step": round(_times(e)[self_index] / n / 1e3, 3),
+                "share": round(_times(e)[self_index] / total_self, 4),
+                "calls_per_step": round(e.count / n, 2),
+            }
+            for e in top
+        ],
     }
     if on_device:
         runtime = [e for e in averages if e.key in RUNTIME_SYNCS]
         summary["runtime_syncs_per_step"] = round(sum(e.count for e in runtime) / n, 2)
         summary["host_blocked_share"] = round(sum(_times(e)[0] for e in runtime) / n / max(step_us, 1e-9), 4)
-        kernels = [(e.time_range.start, e.time_range.end) for e in profiler.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
-        step_spans = [(e.time_range.start, e.time_range.end) for e in profiler.events() if e.name.startswith("ProfilerStep#")]
+        kernels = [
+            (e.time_range.start, e.time_range.end)
+            for e in profiler.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        ]
+        step_spans = [
+            (e.time_range.start, e.time_range.end) for e in profiler.events() if e.name.startswith("ProfilerStep#")
+        ]
         window = (max(s for _, s in step_spans) - min(s for s, _ in step_spans)) if step_spans else 0.0
         summary["device_busy_share"] = round(_busy_union(kernels) / window, 4) if window > 0 else None
     return summary

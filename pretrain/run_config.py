@@ -4,6 +4,7 @@ and `run` (the run directory and its label).
 They live apart from the loop (pretrain.train) so that the schema (pretrain.config) can assemble them
 without importing the loop, and the loop can read its configuration without importing the schema.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -17,6 +17,7 @@ Formats:
   last one added `categories` (the run's box categories, None when not saved).
 Reading a format newer than this code knows is a one-line error, never a guess.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,16 +87,20 @@ class RunState:
             raise UserError(f"{source}: expected a JSON object", ExitCode.DATA)
         version = tree.pop("format", 0)
         if version not in MIGRATIONS and version != FORMAT_VERSION:
-            raise UserError(f"{source}: run state format {version!r} is not one this code reads (0 to "
-                            f"{FORMAT_VERSION}); it was written by a newer relalign", ExitCode.DATA)
+            raise UserError(
+                f"{source}: run state format {version!r} is not one this code reads (0 to "
+                f"{FORMAT_VERSION}); it was written by a newer relalign",
+                ExitCode.DATA,
+            )
         while version != FORMAT_VERSION:
             tree, version = MIGRATIONS[version](tree)
         try:
             progress = TrainState(**{name: tree.pop(name) for name in TrainState.SAVED})
             return cls(progress=progress, **tree)
         except (KeyError, TypeError) as err:
-            raise UserError(f"{source}: not a run state of format {FORMAT_VERSION} ({type(err).__name__}: {err})",
-                            ExitCode.DATA) from None
+            raise UserError(
+                f"{source}: not a run state of format {FORMAT_VERSION} ({type(err).__name__}: {err})", ExitCode.DATA
+            ) from None
 
     def model_config(self, vocab_size: int) -> Any:
         """The ModelConfig this run trained (pretrain.model.ModelConfig, through the schema), with the

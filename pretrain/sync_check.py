@@ -32,6 +32,7 @@ The kinds it counts (`SyncEvent.kind`), on device tensors only (a host tensor's 
 
 It is a test instrument: slow (every op goes through Python twice) and not thread-safe.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,9 +62,24 @@ _SYNC_OPS = {
 }
 _INDEX_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 _HOST_BUILDERS = {torch.tensor, torch.as_tensor, torch.asarray}
-_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.range, torch.linspace,
-              torch.logspace, torch.eye, torch.rand, torch.randn, torch.randint, torch.randperm, torch.empty_strided,
-              torch.tril_indices, torch.triu_indices}
+_FACTORIES = {
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.arange,
+    torch.range,
+    torch.linspace,
+    torch.logspace,
+    torch.eye,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.randperm,
+    torch.empty_strided,
+    torch.tril_indices,
+    torch.triu_indices,
+}
 _HOST_READS = {torch.Tensor.tolist: "host read", torch.Tensor.cpu: "host read"}
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,8 +200,9 @@ class _Dispatch(TorchDispatchMode):
                 kind = "repeat_interleave"
             if packet in _INDEX_OPS:
                 indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-                if any(i is not None and i.dtype in (torch.bool, torch.uint8) and not counter.is_host(i)
-                       for i in indices):
+                if any(
+                    i is not None and i.dtype in (torch.bool, torch.uint8) and not counter.is_host(i) for i in indices
+                ):
                     kind = "boolean index"
             if kind is not None and not (kind == "scalar read" and counter.is_host(args[0])):
                 counter.record(kind, func)

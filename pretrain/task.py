@@ -13,6 +13,7 @@ regulariser attaches its layers: the one owner of that decision), and where the 
 heads are built (right after the model, from the same seed on every rank: see
 pretrain.objectives.base).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,13 @@ class PretrainTask:
         outside it get class -1 (no target). Saved in every checkpoint."""
 
     def train_loader(self, batch_size: int, rank: int, world_size: int) -> Loader:
-        return Loader(dataclasses.replace(self.cfg.data, batch_size=batch_size), rank=rank, world_size=world_size, epoch=0,
-                      categories=self.categories)
+        return Loader(
+            dataclasses.replace(self.cfg.data, batch_size=batch_size),
+            rank=rank,
+            world_size=world_size,
+            epoch=0,
+            categories=self.categories,
+        )
 
     def build_model(self, tokenizer: Any, fresh: bool, say: Callable[[str], None]) -> torch.nn.Module:
         model = new_model(self.cfg.model, tokenizer)
@@ -79,8 +85,10 @@ class PretrainTask:
         self._objective = pretraining_objective(self.cfg.objectives, self.regularizer, self.cfg.train.seed)
         unknown = sorted(set(category_vocabulary(self.cfg.data.paths)) - set(self.categories))
         if unknown:
-            say(f"data: {len(unknown)} box labels are not among the run's {len(self.categories)} categories (kept "
-                f"from its checkpoint), e.g. {unknown[0]!r}: their boxes have no class")
+            say(
+                f"data: {len(unknown)} box labels are not among the run's {len(self.categories)} categories (kept "
+                f"from its checkpoint), e.g. {unknown[0]!r}: their boxes have no class"
+            )
         self._objective.build_heads(model.config, self.categories)
         self._objective.bind_text(tokenizer, self.categories)
         return model

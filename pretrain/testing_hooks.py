@@ -11,6 +11,7 @@ The environment is read once, on first use.
     RELALIGN_SIGTERM_DURING_STEP=<n>     SIGTERM after the forward of step n's last micro-batch
                                          (tests/pretrain/test_train.py)
 """
+
 from __future__ import annotations
 
 import functools

@@ -3,6 +3,7 @@
 The loop only tells what happened (`batch(samples, wait_s)` per micro-batch, `step()` per optimiser
 step); `MetricsLogger.log_training` reduces the window over ranks and turns it into metrics.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ class ThroughputMeter:
     def step(self) -> None:
         self.steps += 1
 
-    def close_window(self, samples_all_ranks: float, wait_all_ranks_mean: float, step: int,
-                     total_steps: int) -> dict[str, float]:
+    def close_window(
+        self, samples_all_ranks: float, wait_all_ranks_mean: float, step: int, total_steps: int
+    ) -> dict[str, float]:
         """The window's rates (samples summed over ranks, wait averaged over ranks), then a new window."""
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         steps = max(self.steps, 1)

@@ -12,6 +12,7 @@ step it arrived in the last one; every rank saves and exits with ExitCode.PREEMP
 The components decide their own policy: the checkpoint manager when to save, the evaluator when to
 evaluate, the metrics logger what the throughput was.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,9 @@ if TYPE_CHECKING:
     from pretrain.task import Task
 
 
-def micro_step(engine: Any, batch: dict[str, Any], progress: Progress,
-               after_forward: Callable[[], None] | None = None) -> tuple[bool, dict[str, torch.Tensor]]:
+def micro_step(
+    engine: Any, batch: dict[str, Any], progress: Progress, after_forward: Callable[[], None] | None = None
+) -> tuple[bool, dict[str, torch.Tensor]]:
     """One micro-batch on every rank: forward (the objective), agree on finiteness, backward, step.
 
     A non-finite loss on any rank makes every rank skip this micro-batch's backward, so no rank steps
@@ -107,8 +109,11 @@ class Trainer:
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
         saved = self.resume.state if self.resume is not None else None
         self.geometry: BatchGeometry = batch_geometry(
-            cfg.data.batch_size, cfg.train.grad_accumulation, self.world,
-            saved.global_batch if saved else cfg.train.global_batch_size)
+            cfg.data.batch_size,
+            cfg.train.grad_accumulation,
+            self.world,
+            saved.global_batch if saved else cfg.train.global_batch_size,
+        )
         self.loader = self.task.train_loader(self.geometry.per_rank, self.rank, self.world)
         self.tokenizer = self.loader.tokenizer
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -119,8 +124,9 @@ class Trainer:
         if universal:
             convert_to_universal(self.resume.path, self.rank)
         spec = EngineSpec(cfg.optimizer, cfg.schedule, cfg.zero, cfg.precision, cfg.train.grad_clip, cfg.tf32)
-        self.engine, self.scheduler = build_engine(model, self.task.objective(), spec, self.geometry,
-                                                   self.total_steps, load_universal=universal)
+        self.engine, self.scheduler = build_engine(
+            model, self.task.objective(), spec, self.geometry, self.total_steps, load_universal=universal
+        )
         self.feeder = DeviceFeeder(self.engine.device)  # pinned, non-blocking copies; leases released when done
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.rank, self.world)
         record_rank_host(self.run_dir)  # <run>/ranks/rank<r>.json: host and Slurm node of this rank
@@ -128,15 +134,21 @@ class Trainer:
         if self.resume is not None:
             self.checkpoints.load(self.engine, self.resume, universal)
             self.state = dataclasses.replace(saved.progress)
-            self._say(f"resumed from {self.resume.path} at step {self.state.step} (saved by "
-                      f"{saved.world_size} ranks, now {self.world})")
+            self._say(
+                f"resumed from {self.resume.path} at step {self.state.step} (saved by "
+                f"{saved.world_size} ranks, now {self.world})"
+            )
         self.evaluator = self.task.evaluator(self.geometry.per_rank, self.rank, self.world)
         from pretrain.config import save_config
         from pretrain.metrics import MetricsLogger
 
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, cfg.run.name, self.rank, self.env.local_rank)
         if self.metrics.url:
-            print(f"metrics: rank {self.rank} serves Prometheus metrics at {self.metrics.url}", file=sys.stderr, flush=True)
+            print(
+                f"metrics: rank {self.rank} serves Prometheus metrics at {self.metrics.url}",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         self.keys_file = None
@@ -151,8 +163,10 @@ class Trainer:
             return self.cfg.train.steps
         total = self.cfg.train.epochs * self.loader.batches_per_epoch() // self.geometry.accumulation
         if total < 1:
-            raise UserError(f"train: the data gives no optimizer step ({self.loader.batches_per_epoch()} batches "
-                            f"per rank per epoch, accumulation {self.geometry.accumulation}); set train.steps")
+            raise UserError(
+                f"train: the data gives no optimizer step ({self.loader.batches_per_epoch()} batches "
+                f"per rank per epoch, accumulation {self.geometry.accumulation}); set train.steps"
+            )
         return total
 
     def _say(self, text: str) -> None:
@@ -162,9 +176,11 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> ExitCode:
         state, last = self.state, self.total_steps
-        self._say(f"training {last} steps from step {state.step}: global batch {self.geometry.global_batch} = "
-                  f"{self.world} ranks x {self.geometry.per_rank} x {self.geometry.accumulation} accumulation, "
-                  f"ZeRO {self.cfg.zero.stage}, {self.cfg.precision}")
+        self._say(
+            f"training {last} steps from step {state.step}: global batch {self.geometry.global_batch} = "
+            f"{self.world} ranks x {self.geometry.per_rank} x {self.geometry.accumulation} accumulation, "
+            f"ZeRO {self.cfg.zero.stage}, {self.cfg.precision}"
+        )
         preempt = PreemptionFlag().install()
         stream = _data_stream(self.loader, state.epoch, state.cursor)
         meter = ThroughputMeter(state.step)
@@ -181,8 +197,10 @@ class Trainer:
                         self.save()
                     if stop:
                         signame = signal.Signals(preempt.received).name if preempt.received else "a peer's signal"
-                        self._say(f"preempted ({signame}) at step {state.step}: checkpoint saved, "
-                                  f"exit {int(ExitCode.PREEMPTED)}")
+                        self._say(
+                            f"preempted ({signame}) at step {state.step}: checkpoint saved, "
+                            f"exit {int(ExitCode.PREEMPTED)}"
+                        )
                         return ExitCode.PREEMPTED
             return ExitCode.OK
         finally:
@@ -191,8 +209,9 @@ class Trainer:
             if self.keys_file is not None:
                 self.keys_file.close()
 
-    def train_step(self, stream: Iterator[tuple[int, dict[str, Any]]], meter: ThroughputMeter
-                   ) -> tuple[dict[str, Any], int, bool]:
+    def train_step(
+        self, stream: Iterator[tuple[int, dict[str, Any]]], meter: ThroughputMeter
+    ) -> tuple[dict[str, Any], int, bool]:
         """`accumulation` micro-batches; returns (summed logs of the finite ones, their count, all finite).
         The logs stay tensors (on the device): reading them is a host-device sync each, so `account`
         reads them only on the steps it logs, all of them at once."""
@@ -211,9 +230,14 @@ class Trainer:
                 self.metrics.add_bad_samples(batch["bad_samples"])
             with record_function(DATA):
                 on_engine = to_engine(batch, self.engine, self.feeder)
-            finite, logs = micro_step(self.engine, on_engine, Progress(state.step, self.total_steps),
-                                      after_forward=testing_hooks.after_forward(
-                                          state.step + 1, last_micro_batch=micro == self.geometry.accumulation - 1))
+            finite, logs = micro_step(
+                self.engine,
+                on_engine,
+                Progress(state.step, self.total_steps),
+                after_forward=testing_hooks.after_forward(
+                    state.step + 1, last_micro_batch=micro == self.geometry.accumulation - 1
+                ),
+            )
             if not finite:
                 finite_all = False
                 continue
@@ -232,16 +256,21 @@ class Trainer:
         state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
         state.nonfinite_total += 0 if finite else 1
         if not finite:
-            self._say(f"step {state.step}: non-finite loss, skipped "
-                      f"({state.nonfinite_in_a_row} in a row, limit {cfg.train.max_nonfinite_steps})")
+            self._say(
+                f"step {state.step}: non-finite loss, skipped "
+                f"({state.nonfinite_in_a_row} in a row, limit {cfg.train.max_nonfinite_steps})"
+            )
         exhausted = state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps
         if state.step % cfg.train.log_every == 0 or state.step == self.total_steps or exhausted:
             self.metrics.log_training(state.step, self.total_steps, as_floats(logs), count, meter, self._step_values())
         if exhausted:
             self.save()
-            raise UserError(f"training stopped: {state.nonfinite_in_a_row} non-finite losses in a row "
-                            f"(train.max_nonfinite_steps); the last good state is saved in "
-                            f"{self.checkpoints.root}", ExitCode.NONFINITE)
+            raise UserError(
+                f"training stopped: {state.nonfinite_in_a_row} non-finite losses in a row "
+                f"(train.max_nonfinite_steps); the last good state is saved in "
+                f"{self.checkpoints.root}",
+                ExitCode.NONFINITE,
+            )
 
     def _step_values(self) -> dict[str, float]:
         grad_norm = self.engine.get_global_grad_norm()
@@ -269,9 +298,14 @@ class Trainer:
             if all(c is not None for c in cursors):
                 self.state.cursor = merge_rank_cursors(cursors)
             run_state = RunState(
-                progress=dataclasses.replace(self.state), total_steps=self.total_steps,
-                global_batch=self.geometry.global_batch, task=self.task.name, config=to_dict(self.cfg),
-                config_hash=config_hash(self.cfg), categories=getattr(self.task, "categories", None))
+                progress=dataclasses.replace(self.state),
+                total_steps=self.total_steps,
+                global_batch=self.geometry.global_batch,
+                task=self.task.name,
+                config=to_dict(self.cfg),
+                config_hash=config_hash(self.cfg),
+                categories=getattr(self.task, "categories", None),
+            )
             path = self.checkpoints.save(self.engine, self.state.step, run_state, self.tokenizer)
             ok = True
             self._say(f"checkpoint {path} ({_now() - start:.1f} s)")

@@ -21,6 +21,7 @@ pixel lease released, whichever tensor the copy read. On a CPU device the copies
 the event is done when recorded, and the lease is released before `to_engine` returns: the same
 code path, which is what the tests exercise (with a fake event that is not done yet).
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -94,8 +95,9 @@ class DeviceFeeder:
         if torch.is_tensor(value):
             if self._stage and value.device.type == "cpu" and not value.is_pinned():
                 value = value.pin_memory()  # [same shape] pinned staging: a host copy, done when it returns
-            return value.to(device=self.device, dtype=dtype if value.is_floating_point() else value.dtype,
-                            non_blocking=True)
+            return value.to(
+                device=self.device, dtype=dtype if value.is_floating_point() else value.dtype, non_blocking=True
+            )
         if isinstance(value, list) and value and all(torch.is_tensor(x) for x in value):
             return [self._move(x, dtype) for x in value]
         return value

@@ -15,6 +15,7 @@ process group's own timeout. Counters, not timestamps, so clocks of different ho
 A rank that finished calls `stop()`, which marks it done, so ranks that end at different moments are
 not reported.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -62,7 +63,10 @@ class RankWatchdog:
 
         # A client connection of its own: the process group's store stays untouched by this thread.
         self._store = dist.TCPStore(
-            self.env.master_addr, self.env.master_port, is_master=False, wait_for_workers=False,
+            self.env.master_addr,
+            self.env.master_port,
+            is_master=False,
+            wait_for_workers=False,
             timeout=datetime.timedelta(seconds=max(self.timeout_s, 1.0)),
         )
         self._store.add(self._key("beat", self.env.rank), 1)
@@ -121,8 +125,9 @@ class RankWatchdog:
                     return
                 if now - store_ok_at >= self.timeout_s:
                     self._declare(
-                        0, f"the rendezvous store at {self.env.master_addr}:{self.env.master_port} has not answered "
-                        f"for {now - store_ok_at:.1f} s ({type(err).__name__})"
+                        0,
+                        f"the rendezvous store at {self.env.master_addr}:{self.env.master_port} has not answered "
+                        f"for {now - store_ok_at:.1f} s ({type(err).__name__})",
                     )
                 continue
             peers = [r for r in peers if r not in done]

@@ -14,6 +14,7 @@ tensors are read by `ModelWeights.state_dict`. Loading never unpickles arbitrary
 (safetensors for exports; DeepSpeed states under `pretrain.export.weights_only_loads`). A path that
 is none of the three, or weights that do not fit the model, is one line, exit 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,9 @@ def find_model_weights(source: str | Path) -> ModelWeights:
     folder = Path(source)
     if (folder / WEIGHTS).is_file() and (folder / MODEL_CONFIG).is_file():
         tokenizer = folder / TOKENIZER
-        return ModelWeights(folder, "export", _exported_config(folder / MODEL_CONFIG),
-                            tokenizer if tokenizer.is_dir() else None)
+        return ModelWeights(
+            folder, "export", _exported_config(folder / MODEL_CONFIG), tokenizer if tokenizer.is_dir() else None
+        )
     if not folder.exists():
         raise UserError(f"{folder}: no such run, checkpoint or export folder")
     try:
@@ -66,8 +68,10 @@ def find_model_weights(source: str | Path) -> ModelWeights:
     except UserError:
         checkpoint = None
     if checkpoint is None or not (checkpoint / CLIENT_STATE).is_file():
-        raise UserError(f"{folder}: not a run directory, checkpoint or export (expected checkpoints/latest, "
-                        f"{CLIENT_STATE}, or {WEIGHTS} + {MODEL_CONFIG})")
+        raise UserError(
+            f"{folder}: not a run directory, checkpoint or export (expected checkpoints/latest, "
+            f"{CLIENT_STATE}, or {WEIGHTS} + {MODEL_CONFIG})"
+        )
     state = read_run_state(checkpoint)
     tokenizer = checkpoint / TOKENIZER
     if not tokenizer.is_dir():
@@ -106,11 +110,17 @@ def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     unexpected = sorted(set(state) - set(own))
     wrong = [n for n in sorted(set(own) & set(state)) if own[n].shape != state[n].shape]
     if missing or unexpected or wrong:
-        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
-                  else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
-                       f"the model expects {tuple(own[wrong[0]].shape)}")
-        raise UserError(f"{source}: the weights do not match the model configuration ({detail}; "
-                        f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape)")
+        detail = (
+            f"missing {missing[0]}"
+            if missing
+            else f"unexpected {unexpected[0]}"
+            if unexpected
+            else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model expects {tuple(own[wrong[0]].shape)}"
+        )
+        raise UserError(
+            f"{source}: the weights do not match the model configuration ({detail}; "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape)"
+        )
     model.load_state_dict(state, strict=True)
 
 

@@ -1,4 +1,5 @@
 """Shared test fixtures: paths, free ports, and the environment every relalign process needs on CPU."""
+
 from __future__ import annotations
 
 import os

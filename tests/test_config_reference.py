@@ -1,4 +1,5 @@
 """The configuration reference is generated from the schema, and docs/configuration.md holds an exact copy."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +8,15 @@ import sys
 import typing
 
 from finetune.config import SECTIONS
-from pretrain.config_reference import (COMMAND, MARK_BEGIN, MARK_END, REFERENCE_FILE, committed_copy, field_docs,
-                                       generate)
+from pretrain.config_reference import (
+    COMMAND,
+    MARK_BEGIN,
+    MARK_END,
+    REFERENCE_FILE,
+    committed_copy,
+    field_docs,
+    generate,
+)
 from tests.conftest import REPO
 
 UNDOCUMENTED: set[str] = set()
@@ -36,8 +44,9 @@ def test_reference_lists_every_field_of_every_section_with_type_default_and_docs
     for field in dataclasses.fields(Config):
         section = {"finetune": FinetuneConfig}.get(field.name, hints[field.name])
         if field.name == "objectives":
-            expected |= {f"objectives.{name}.{f.name}" for name, term in TERMS.items()
-                         for f in dataclasses.fields(term.Config)}
+            expected |= {
+                f"objectives.{name}.{f.name}" for name, term in TERMS.items() for f in dataclasses.fields(term.Config)
+            }
             expected.add("objectives.sampling")  # a mode beside the terms, not a term
         elif dataclasses.is_dataclass(section):
             expected |= {f"{field.name}.{f.name}" for f in dataclasses.fields(section)}
@@ -69,8 +78,9 @@ def test_field_docs_reads_the_string_after_each_field_only():
 
 
 def test_command_prints_the_reference():
-    proc = subprocess.run([sys.executable, "-m", "finetune", "config-reference"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", "config-reference"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == generate(SECTIONS)
 
@@ -78,9 +88,11 @@ def test_command_prints_the_reference():
 def test_committed_copy_matches_the_generated_reference():
     copy = committed_copy((REPO / REFERENCE_FILE).read_text())
     assert copy is not None, f"{REFERENCE_FILE} lacks the {MARK_BEGIN} ... {MARK_END} markers"
-    assert copy == generate(SECTIONS), (f"{REFERENCE_FILE}'s configuration reference differs from the schema: "
-                                        f"regenerate it with `{COMMAND} --readme {REFERENCE_FILE}` (or paste "
-                                        f"`{COMMAND}`'s output between {MARK_BEGIN} and {MARK_END})")
+    assert copy == generate(SECTIONS), (
+        f"{REFERENCE_FILE}'s configuration reference differs from the schema: "
+        f"regenerate it with `{COMMAND} --readme {REFERENCE_FILE}` (or paste "
+        f"`{COMMAND}`'s output between {MARK_BEGIN} and {MARK_END})"
+    )
 
 
 def test_readme_links_the_reference_and_holds_no_second_copy():

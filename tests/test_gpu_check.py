@@ -1,5 +1,6 @@
 """bench/gpu_check.sh's smoke mode as its CPU dry run: every stage runs (imports, data, one training step), the
 results come as JSON lines in order, and the output folder stays within the file limit of the GPU machine."""
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,17 @@ def test_the_script_parses():
 def test_smoke_mode_runs_one_training_step_on_cpu(tmp_path):
     out = tmp_path / "out"
     # BUDGET_S: the GPU machine's 60 s, with room for a CPU shared by other jobs
-    env = {**os.environ, "GPU_CHECK_CPU": "1", "GPU_CHECK_MODE": "smoke", "BUDGET_S": "150",
-           "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
-    done = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=240)
+    env = {
+        **os.environ,
+        "GPU_CHECK_CPU": "1",
+        "GPU_CHECK_MODE": "smoke",
+        "BUDGET_S": "150",
+        "PYTHON": sys.executable,
+        "TMPDIR": str(tmp_path),
+    }
+    done = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=240
+    )
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert [x.get("stage", x.get("run")) for x in lines] == ["imports", "smoke", "done"], lines

@@ -4,6 +4,7 @@ lower package imports a higher one, statically or by name through importlib/__im
 Checked on the source (AST), not by importing: an import hidden in a function or a table of module
 names would not show at import time. Any string in code (docstrings aside) that names a higher
 package as a module counts, since that is what a dynamic import is handed."""
+
 from __future__ import annotations
 
 import ast
@@ -59,7 +60,10 @@ def test_the_check_finds_a_dynamic_import(tmp_path, monkeypatch):
         'TABLE = {"p": "pretrain"}\nimportlib.import_module(TABLE["p"] + ".__main__")\nfrom finetune import y\n'
     )
     monkeypatch.setattr(layers, "REPO", tmp_path)
-    assert sorted(layers.upward_references("data_tools")) == ["data_tools/x.py:3: pretrain", "data_tools/x.py:5: finetune"]
+    assert sorted(layers.upward_references("data_tools")) == [
+        "data_tools/x.py:3: pretrain",
+        "data_tools/x.py:5: finetune",
+    ]
 
 
 PACKAGES = ("data_tools", "pretrain", "finetune")
@@ -119,7 +123,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)) is not None:
                 return found
         stack.pop()
@@ -144,8 +148,9 @@ def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path)
         (tmp_path / package / "__init__.py").write_text("")
     (tmp_path / "pretrain" / "__init__.py").write_text("from .base import x\n")
     (tmp_path / "pretrain" / "base.py").write_text("def x():\n    from pretrain import other\n")
-    (tmp_path / "pretrain" / "other.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                                   "    from pretrain.base import x\n")
+    (tmp_path / "pretrain" / "other.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pretrain.base import x\n"
+    )
     graph = import_graph(tmp_path)
     assert graph["pretrain.base"] == {"pretrain.other"} and graph["pretrain.other"] == set()
     (tmp_path / "pretrain" / "base.py").write_text("def x():\n    from pretrain import y\n")

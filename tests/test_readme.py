@@ -1,5 +1,6 @@
 """README.md states the two commands and the exit-code table; both must match the code. README.md and
 docs/*.md name only paths that exist."""
+
 from __future__ import annotations
 
 import re
@@ -70,8 +71,10 @@ def test_files_and_links_the_docs_name_exist():
 
 def _anchors(page) -> set[str]:
     """The anchors GitHub gives a Markdown page's headings (lower case, punctuation dropped, - for space)."""
-    return {re.sub(r"[^\w\- ]", "", m.strip().lower()).replace(" ", "-")
-            for m in re.findall(r"^#+ (.*)$", page.read_text(), flags=re.M)}
+    return {
+        re.sub(r"[^\w\- ]", "", m.strip().lower()).replace(" ", "-")
+        for m in re.findall(r"^#+ (.*)$", page.read_text(), flags=re.M)
+    }
 
 
 def test_anchored_links_of_the_readme_and_docs_reach_a_heading():
@@ -109,13 +112,19 @@ def test_readme_commands_marked_for_testing_run_on_tiny_inputs(tmp_path):
     commands = readme_test_commands()
     assert len(commands) >= 8
     (tmp_path / "configs").symlink_to(REPO / "configs")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                                            str(REPO / ".cache" / "torch_extensions"))}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+    }
     for command in commands:
         argv = shlex.split(command)
         assert argv[0] == "python", command
-        proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            [sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, f"README command failed: {command}\n{proc.stderr[-3000:]}"
     assert (tmp_path / "runs" / "tiny-ft" / "eval").is_dir() and (tmp_path / "eval-export" / "report.json").is_file()

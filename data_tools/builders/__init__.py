@@ -2,6 +2,7 @@
 `make_source(args) -> build.Source`: the records to build, or the existing shards and the step that
 indexes one (img2dataset), and optionally `finish(out, arguments)` (extra files written before
 dataset.json, also set as `Source.finish`). The driver in `data_tools.build` does the rest."""
+
 from __future__ import annotations
 
 import importlib

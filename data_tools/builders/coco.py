@@ -2,6 +2,7 @@
 
 `build coco ROOT --split train2017`: COCO's own layout (images/<split>/, annotations/captions_<split>.json,
 optional annotations/instances_<split>.json for boxes); one sample per image with all its captions."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train2017", help="which split to read (train2017, val2017, ...)")
     parser.add_argument("--images", default=None, help="images folder (default ROOT/images/SPLIT)")
     parser.add_argument("--captions", default=None, help="captions json (default ROOT/annotations/captions_SPLIT.json)")
-    parser.add_argument("--instances", default=None, help="instances json for boxes (default ROOT/annotations/instances_SPLIT.json if present)")
+    parser.add_argument(
+        "--instances",
+        default=None,
+        help="instances json for boxes (default ROOT/annotations/instances_SPLIT.json if present)",
+    )
     parser.add_argument("--no-boxes", action="store_true", help="ignore instance boxes")
 
 
@@ -49,9 +54,14 @@ def make_source(args: argparse.Namespace) -> Source:
     use_boxes = not args.no_boxes and (args.instances is not None or Path(instances_path).is_file())
     if use_boxes:
         instances = read_json_file(instances_path, "--instances")
-        categories = {c.get("id"): c.get("name", "") for c in _list_of_dicts(instances, "categories", "--instances", instances_path)}
+        categories = {
+            c.get("id"): c.get("name", "")
+            for c in _list_of_dicts(instances, "categories", "--instances", instances_path)
+        }
         for a in _list_of_dicts(instances, "annotations", "--instances", instances_path):
-            boxes.setdefault(a.get("image_id"), []).append((a.get("id", 0), a.get("bbox"), categories.get(a.get("category_id"), "")))
+            boxes.setdefault(a.get("image_id"), []).append(
+                (a.get("id", 0), a.get("bbox"), categories.get(a.get("category_id"), ""))
+            )
 
     captions: dict[Any, list[tuple[int, Any]]] = {}
     for a in annotations:
@@ -69,7 +79,12 @@ def make_source(args: argparse.Namespace) -> Source:
                 except BadSample as bad:
                     error = (bad.reason, f"image {image_id}: {bad.detail}")
             record = Record(
-                key=key, origin=path or f"{captions_path}: image {image_id}", image_path=path, image_id=str(image_id), split=args.split, error=error,
+                key=key,
+                origin=path or f"{captions_path}: image {image_id}",
+                image_path=path,
+                image_id=str(image_id),
+                split=args.split,
+                error=error,
                 captions=[c for _, c in sorted(captions.get(image_id, []), key=lambda t: t[0])],
                 extra={"coco_id": image_id, "file_name": file_name},
             )
@@ -80,7 +95,10 @@ def make_source(args: argparse.Namespace) -> Source:
             yield record
 
     arguments = {
-        "root": str(args.root), "split": args.split, "images": str(images_dir), "captions": str(captions_path),
+        "root": str(args.root),
+        "split": args.split,
+        "images": str(images_dir),
+        "captions": str(captions_path),
         "instances": str(instances_path) if use_boxes else None,
     }
     return Source("coco", arguments, records)

@@ -5,6 +5,7 @@
 `Annotations/<id>.xml` (PASCAL-VOC-like boxes per entity id) -> captions, `boxes` and `phrases`
 (character spans of each entity mention linked to all of its boxes). Mentions of entities without
 a box (`nobndbox`, `scene`) keep their text but get no link."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def parse_sentence(line: str) -> tuple[str, list[tuple[str, int, int]]]:
     text, mentions, last = [], [], 0
     length = 0
     for match in MENTION.finditer(line):
-        before = line[last:match.start()]
+        before = line[last : match.start()]
         text.append(before)
         length += len(before)
         phrase = match.group(3).strip()
@@ -74,9 +75,16 @@ def make_record(image_id: str, root: Path, images: Path, split: str) -> Record:
         annotation = inside_folder(root / "Annotations", f"{image_id}.xml")
         image = inside_folder(images, f"{image_id}.jpg")
     except BadSample as bad:
-        return Record(key=image_id.replace(".", "_"), origin=f"{root}: id {image_id}", image_id=image_id,
-                      split=split, error=(bad.reason, bad.detail))
-    record = Record(key=image_id.replace(".", "_"), origin=str(image), image_path=str(image), image_id=image_id, split=split)
+        return Record(
+            key=image_id.replace(".", "_"),
+            origin=f"{root}: id {image_id}",
+            image_id=image_id,
+            split=split,
+            error=(bad.reason, bad.detail),
+        )
+    record = Record(
+        key=image_id.replace(".", "_"), origin=str(image), image_path=str(image), image_id=image_id, split=split
+    )
     try:
         lines = read_input_file(sentences_path, MAX_TEXT_FILE_BYTES, "empty_caption").decode("utf-8").splitlines()
     except UnicodeDecodeError:
@@ -116,7 +124,11 @@ def make_source(args: argparse.Namespace) -> Source:
         ids = sorted(p.stem for p in (root / "Sentences").glob("*.txt"))
     else:
         split_file = require_file(root / f"{args.split}.txt", "--split")
-        ids = [line.strip() for line in split_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        ids = [
+            line.strip()
+            for line in split_file.read_text(encoding="utf-8", errors="replace").splitlines()
+            if line.strip()
+        ]
     split = "" if args.split == "all" else args.split
 
     def records():

@@ -3,6 +3,7 @@
 `build folder DIR`: images beside captions, `name.jpg` + `name.txt` (one caption per non-empty
 line), searched recursively; an image without a caption file or a caption without an image is
 rejected and listed."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,13 @@ def make_source(args: argparse.Namespace) -> Source:
         for i, (stem, image, text) in enumerate(pairs):
             captions, error = read_captions(text)
             yield Record(
-                key=f"{i:0{width}d}", origin=str(image or text), image_path=None if image is None else str(image),
-                image_id=stem, captions=captions, split=args.split, error=error,
+                key=f"{i:0{width}d}",
+                origin=str(image or text),
+                image_path=None if image is None else str(image),
+                image_id=stem,
+                captions=captions,
+                split=args.split,
+                error=error,
             )
 
     return Source("folder", {"folder": str(root), "split": args.split}, records)

@@ -13,6 +13,7 @@ as `duplicate_key` for its second copy, which every reading path skips (data_too
 This module hands the driver the existing tars and `index_shard`, its shard step
 (`Source.existing`, `Source.make_shard`): the driver knows no format.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,12 +83,21 @@ def index_shard(job: ShardJob) -> dict[str, Any]:
     path = job.existing if os.path.isabs(job.existing) else os.path.join(job.out, job.existing)
     rows, rejected, seen = [], [], set()
     with open(path, "rb") as f:
+
         def read(span: tuple[int, int]) -> bytes:
             f.seek(span[0])
             return f.read(span[1])
 
         for key, members in sample_members(path):
-            fields = {"image_id": key, "num_captions": 0, "width": 0, "height": 0, "image_bytes": 0, "content_hash": "", "split": job.arguments["split"]}
+            fields = {
+                "image_id": key,
+                "num_captions": 0,
+                "width": 0,
+                "height": 0,
+                "image_bytes": 0,
+                "content_hash": "",
+                "split": job.arguments["split"],
+            }
             try:
                 if key in seen:
                     raise BadSample("duplicate_key", key)
@@ -97,7 +107,14 @@ def index_shard(job: ShardJob) -> dict[str, Any]:
                 rejected.append({"key": key, "source": f"{path}:{key}", "reason": bad.reason, "detail": bad.detail})
             seen.add(key)
             rows.append({"key": key, **fields, "members": {e: list(span) for e, span in members.items()}})
-    return {"location": job.existing, "samples": len(rows), "size": os.path.getsize(path), "sha256": file_sha256(path), "rows": rows, "rejected": rejected}
+    return {
+        "location": job.existing,
+        "samples": len(rows),
+        "size": os.path.getsize(path),
+        "sha256": file_sha256(path),
+        "rows": rows,
+        "rejected": rejected,
+    }
 
 
 def make_source(args: argparse.Namespace) -> Source:

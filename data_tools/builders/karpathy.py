@@ -3,6 +3,7 @@
 `build karpathy dataset_coco.json --images DIR --split train`: Karpathy's split files
 (dataset_coco.json, dataset_flickr30k.json, dataset_flickr8k.json); one sample per image with its
 sentences, filtered by split (train, val, test, restval, comma-separated, or all)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,12 @@ SPLITS = ("train", "val", "test", "restval")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("json", help="Karpathy split file, e.g. dataset_coco.json")
-    parser.add_argument("--images", required=True, help="images folder (COCO: the folder holding train2014/ and val2014/)")
-    parser.add_argument("--split", default="train", help="train, val, test, restval, a comma list (train,restval) or all")
+    parser.add_argument(
+        "--images", required=True, help="images folder (COCO: the folder holding train2014/ and val2014/)"
+    )
+    parser.add_argument(
+        "--split", default="train", help="train, val, test, restval, a comma list (train,restval) or all"
+    )
 
 
 def parse_splits(text: str) -> tuple[str, ...]:
@@ -64,7 +69,9 @@ def make_source(args: argparse.Namespace) -> Source:
     def records():
         for n, entry in enumerate(entries):
             if not isinstance(entry, dict):
-                yield Record(key=f"entry{n:09d}", origin=f"{args.json}: images[{n}]", error=("bad_metadata", "not an object"))
+                yield Record(
+                    key=f"entry{n:09d}", origin=f"{args.json}: images[{n}]", error=("bad_metadata", "not an object")
+                )
                 continue
             if entry.get("split") not in splits:
                 continue
@@ -77,9 +84,16 @@ def make_source(args: argparse.Namespace) -> Source:
             sentences = entry.get("sentences") if isinstance(entry.get("sentences"), list) else []
             yield Record(
                 key=f"{imgid:09d}" if isinstance(imgid, int) else str(imgid).replace(".", "_"),
-                origin=path or f"{args.json}: images[{n}]", image_path=path, image_id=str(image_id), split=entry["split"], error=error,
+                origin=path or f"{args.json}: images[{n}]",
+                image_path=path,
+                image_id=str(image_id),
+                split=entry["split"],
+                error=error,
                 captions=[sentence_text(s) for s in sentences],
-                extra={"karpathy_dataset": dataset, "sentids": [s.get("sentid") for s in sentences if isinstance(s, dict)]},
+                extra={
+                    "karpathy_dataset": dataset,
+                    "sentids": [s.get("sentid") for s in sentences if isinstance(s, dict)],
+                },
             )
 
     arguments = {"json": str(args.json), "images": str(images), "split": ",".join(splits)}

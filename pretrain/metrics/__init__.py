@@ -12,6 +12,7 @@
 A new destination (TensorBoard, W&B) is one `Exporter` subclass, passed as `MetricsLogger(..., extra=[...])`
 or added where `MetricsLogger` lists its exporters.
 """
+
 from pretrain.metrics.base import Exporter
 from pretrain.metrics.config import MetricsConfig
 from pretrain.metrics.jsonl import METRICS_FILE, JsonlExporter, read_jsonl
@@ -20,5 +21,15 @@ from pretrain.metrics.progress import ProgressExporter
 from pretrain.metrics.prometheus import PrometheusExporter
 from pretrain.metrics.pushgateway import PushgatewayExporter
 
-__all__ = ["METRICS_FILE", "Exporter", "JsonlExporter", "MetricsConfig", "MetricsLogger", "MetricsProcessor",
-           "ProgressExporter", "PrometheusExporter", "PushgatewayExporter", "read_jsonl"]
+__all__ = [
+    "METRICS_FILE",
+    "Exporter",
+    "JsonlExporter",
+    "MetricsConfig",
+    "MetricsLogger",
+    "MetricsProcessor",
+    "ProgressExporter",
+    "PrometheusExporter",
+    "PushgatewayExporter",
+    "read_jsonl",
+]

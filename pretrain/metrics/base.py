@@ -7,6 +7,7 @@ processor (pretrain/metrics/processor.py) reduces across ranks once and hands th
 every exporter, so a new destination (TensorBoard, W&B) is one subclass and one line where the
 exporters are listed.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping

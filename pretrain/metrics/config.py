@@ -1,4 +1,5 @@
 """The `metrics` section of the configuration: which exporters run and where they listen."""
+
 from __future__ import annotations
 
 import dataclasses

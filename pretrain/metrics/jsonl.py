@@ -3,6 +3,7 @@
 Written by rank 0 only (the values are already reduced over ranks). JSON has no NaN or Infinity,
 so a non-finite float is written as null (the key stays).
 """
+
 from __future__ import annotations
 
 import json

@@ -31,6 +31,7 @@ slices strings. Names follow DESIGN.md 3: prefix `relalign_`, base units, `_tota
     relalign_eval_relation_accuracy_ratio{kind}       relation sensitivity: true caption scored above its negative
     relalign_eval_isda                                ISDa over the annotated evaluation pairs
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,10 +45,10 @@ TRAIN, EVAL, CHECKPOINT, BAD_SAMPLES = "train", "eval", "checkpoint", "bad_sampl
 KINDS = (TRAIN, EVAL, CHECKPOINT, BAD_SAMPLES)
 
 # How a routed value changes its series.
-SET = "set"                # gauge = value
-TOTAL = "total"            # value is a cumulative count: the counter moves by its increase
-OUTCOME = "outcome"        # one event: the counter labelled ok|failed by the value's truth moves by 1
-TIME = "time"              # gauge = the record's Unix time
+SET = "set"  # gauge = value
+TOTAL = "total"  # value is a cumulative count: the counter moves by its increase
+OUTCOME = "outcome"  # one event: the counter labelled ok|failed by the value's truth moves by 1
+TIME = "time"  # gauge = the record's Unix time
 TIME_IF_TRUE = "time_if_true"  # gauge = the record's Unix time when the value is true
 
 
@@ -83,25 +84,52 @@ GRAD_NORM = _gauge("relalign_grad_norm", "Global gradient norm before clipping."
 LOSS_SCALE = _gauge("relalign_loss_scale", "Dynamic loss scale (fp16); 1 in bf16 and fp32.")
 IAIS_WEIGHT = _gauge("relalign_iais_weight", "IAIS weight lambda * s(p) in force at this step.")
 MINING_SECONDS = _gauge("relalign_mining_seconds", "Hard-negative mining time per micro-batch (finetuning).")
-MINING_RATE = _gauge("relalign_mining_candidates_per_second",
-                     "Candidates scored per second by hard-negative mining (finetuning).")
+MINING_RATE = _gauge(
+    "relalign_mining_candidates_per_second", "Candidates scored per second by hard-negative mining (finetuning)."
+)
 NONFINITE = _counter("relalign_nonfinite_steps_total", "Steps skipped because the loss was not finite.")
 LAST_STEP_TIME = _gauge("relalign_last_step_timestamp_seconds", "Unix time of the last logged step.")
 BAD = _counter("relalign_bad_samples_total", "Bad samples skipped by the loader.", "reason")
 CHECKPOINT_SECONDS = _gauge("relalign_checkpoint_duration_seconds", "Wall time of the last checkpoint save.")
-CHECKPOINT_SUCCESS = _gauge("relalign_checkpoint_last_success_timestamp_seconds",
-                            "Unix time of the last successful checkpoint save.")
+CHECKPOINT_SUCCESS = _gauge(
+    "relalign_checkpoint_last_success_timestamp_seconds", "Unix time of the last successful checkpoint save."
+)
 CHECKPOINTS = _counter("relalign_checkpoints_total", "Checkpoint saves by outcome.", "outcome")
 EVAL_LOSS = _gauge("relalign_eval_loss", "Held-out loss by objective.", "objective")
 RECALL = _gauge("relalign_eval_recall_ratio", "Retrieval recall R@k (0..1).", "direction", "k")
 ISD = _gauge("relalign_isd", "IAIS symmetric KL (ISD) by direction.", "direction", "phase")
-RELATION = _gauge("relalign_eval_relation_accuracy_ratio",
-                  "Share of (image, caption, negative) triples scored right, by negative kind.", "kind")
+RELATION = _gauge(
+    "relalign_eval_relation_accuracy_ratio",
+    "Share of (image, caption, negative) triples scored right, by negative kind.",
+    "kind",
+)
 ISDA = _gauge("relalign_eval_isda", "ISDa: phrase-level relation disagreement on annotated pairs.")
 
-SERIES = (STEPS, SAMPLES, LOSS, SAMPLES_PER_SECOND, STEP_SECONDS, DATA_WAIT, LEARNING_RATE, GRAD_NORM, LOSS_SCALE,
-          IAIS_WEIGHT, MINING_SECONDS, MINING_RATE, NONFINITE, LAST_STEP_TIME, BAD, CHECKPOINT_SECONDS,
-          CHECKPOINT_SUCCESS, CHECKPOINTS, EVAL_LOSS, RECALL, ISD, RELATION, ISDA)
+SERIES = (
+    STEPS,
+    SAMPLES,
+    LOSS,
+    SAMPLES_PER_SECOND,
+    STEP_SECONDS,
+    DATA_WAIT,
+    LEARNING_RATE,
+    GRAD_NORM,
+    LOSS_SCALE,
+    IAIS_WEIGHT,
+    MINING_SECONDS,
+    MINING_RATE,
+    NONFINITE,
+    LAST_STEP_TIME,
+    BAD,
+    CHECKPOINT_SECONDS,
+    CHECKPOINT_SUCCESS,
+    CHECKPOINTS,
+    EVAL_LOSS,
+    RECALL,
+    ISD,
+    RELATION,
+    ISDA,
+)
 
 RECALL_DIRECTIONS = ("t2i", "i2t")
 RECALL_KS = ("1", "5", "10")
@@ -144,8 +172,7 @@ ROUTES = (
     Route(TRAIN, "candidates_per_second", MINING_RATE),
     Route(TRAIN, "isd/", ISD, parts=("direction",), allowed={"direction": ISD_DIRECTIONS}, fixed={"phase": "train"}),
     Route(EVAL, "loss/", EVAL_LOSS, parts=("objective",)),
-    Route(EVAL, "recall/", RECALL, parts=("direction", "k"),
-          allowed={"direction": RECALL_DIRECTIONS, "k": RECALL_KS}),
+    Route(EVAL, "recall/", RECALL, parts=("direction", "k"), allowed={"direction": RECALL_DIRECTIONS, "k": RECALL_KS}),
     Route(EVAL, "isd/", ISD, parts=("direction",), allowed={"direction": ISD_DIRECTIONS}, fixed={"phase": "eval"}),
     Route(EVAL, "relation/", RELATION, parts=("kind",)),
     Route(EVAL, "isda", ISDA),
@@ -166,7 +193,7 @@ def route(kind: str, key: str) -> tuple[tuple[Route, Mapping[str, str]], ...]:
         if r.key.endswith("/"):
             if not key.startswith(r.key):
                 continue
-            values = key[len(r.key):].split("@")
+            values = key[len(r.key) :].split("@")
             if len(values) != len(r.parts) or not all(values):
                 continue
             labels = dict(zip(r.parts, values))

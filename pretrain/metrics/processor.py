@@ -6,6 +6,7 @@ every exporter's `log`. `MetricsLogger` is the processor with the exporters a `M
 asks for: Prometheus (always, for its registry; served per rank or on rank 0), the Pushgateway,
 metrics.jsonl (rank 0) and the progress line (rank 0).
 """
+
 from __future__ import annotations
 
 import threading
@@ -50,8 +51,15 @@ class MetricsProcessor:
         bad = {f"bad_samples/{reason}": n for reason, n in sorted(self._bad_counts.items())}
         self.log(step, {**values, **bad}, names.TRAIN)
 
-    def log_training(self, step: int, total_steps: int, loss_sums: dict[str, float], count: int,
-                     meter: ThroughputMeter, extra: dict[str, float]) -> dict[str, float]:
+    def log_training(
+        self,
+        step: int,
+        total_steps: int,
+        loss_sums: dict[str, float],
+        count: int,
+        meter: ThroughputMeter,
+        extra: dict[str, float],
+    ) -> dict[str, float]:
         """Close a logging window: the mean of each summed log over micro-batches and ranks and the window's
         throughput (one all-reduce in all), plus `extra` (lr, grad norm, ...). Every rank calls it at the same
         steps; returns the values logged."""
@@ -77,8 +85,9 @@ class MetricsProcessor:
         grown = {r: n for r, n in counts.items() if n > self._bad_counts.get(r, 0)}
         if grown:
             self._bad_counts.update(grown)
-            self.log(self._step, {f"bad_samples/{r}": n for r, n in sorted(self._bad_counts.items())},
-                     names.BAD_SAMPLES)
+            self.log(
+                self._step, {f"bad_samples/{r}": n for r, n in sorted(self._bad_counts.items())}, names.BAD_SAMPLES
+            )
 
     def checkpoint_saved(self, seconds: float, ok: bool) -> None:
         """A checkpoint save finished (ok) or failed after `seconds`."""
@@ -100,19 +109,31 @@ class MetricsProcessor:
 class MetricsLogger(MetricsProcessor):
     """The processor with the exporters `config` asks for on this rank, plus any `extra` ones."""
 
-    def __init__(self, config: MetricsConfig, run_dir: str, run_name: str, rank: int, local_rank: int,
-                 extra: Sequence[Exporter] = ()):
+    def __init__(
+        self,
+        config: MetricsConfig,
+        run_dir: str,
+        run_name: str,
+        rank: int,
+        local_rank: int,
+        extra: Sequence[Exporter] = (),
+    ):
         self.config = config
         serve = config.enabled and (config.per_rank or rank == 0)
         port = config.port + local_rank if config.per_rank and config.port else config.port
         hint = f"; metrics.port={config.port}{', per_rank: port + local rank' if config.per_rank else ''}"
-        self.prometheus = PrometheusExporter(rank, run_name, config.host, port if serve else None,
-                                             config.port_in_use, hint)
+        self.prometheus = PrometheusExporter(
+            rank, run_name, config.host, port if serve else None, config.port_in_use, hint
+        )
         exporters: list[Exporter] = [self.prometheus]
         self.pushgateway: PushgatewayExporter | None = None
         if config.enabled and config.pushgateway:
-            self.pushgateway = PushgatewayExporter(self.prometheus.registry, config.pushgateway,
-                                                   config.push_interval_s, {"rank": str(rank), "run": run_name})
+            self.pushgateway = PushgatewayExporter(
+                self.prometheus.registry,
+                config.pushgateway,
+                config.push_interval_s,
+                {"rank": str(rank), "run": run_name},
+            )
             exporters.append(self.pushgateway)
         if config.jsonl and rank == 0:
             exporters.append(JsonlExporter(run_dir))

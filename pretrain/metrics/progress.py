@@ -1,4 +1,5 @@
 """The progress line on stderr: step, losses, throughput, data-wait share and ETA of each logged step."""
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,9 @@ class ProgressExporter(Exporter):
             return
         losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in values.items() if k.startswith("loss/"))
         wait = values.get("data_wait_fraction", math.nan)
-        print(f"step {step}/{values['total_steps']} | {losses} | {values.get('samples_per_second', math.nan):.1f} "
-              f"samples/s | data wait {100 * wait:.0f}% | eta {hms(values.get('eta_seconds', math.inf))}",
-              file=self._stream or sys.stderr, flush=True)
+        print(
+            f"step {step}/{values['total_steps']} | {losses} | {values.get('samples_per_second', math.nan):.1f} "
+            f"samples/s | data wait {100 * wait:.0f}% | eta {hms(values.get('eta_seconds', math.inf))}",
+            file=self._stream or sys.stderr,
+            flush=True,
+        )

@@ -3,6 +3,7 @@
 Why a registry per exporter and not prometheus_client's global one: several loggers can live in one
 process (tests, finetuning after pretraining) without "duplicated timeseries" errors.
 """
+
 from __future__ import annotations
 
 import errno
@@ -24,15 +25,23 @@ class PrometheusExporter(Exporter):
     increase, so a record may be repeated or arrive late without counting twice.
     """
 
-    def __init__(self, rank: int, run_name: str, host: str = "127.0.0.1", port: int | None = None,
-                 port_in_use: str = "error", port_hint: str = ""):
+    def __init__(
+        self,
+        rank: int,
+        run_name: str,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        port_in_use: str = "error",
+        port_hint: str = "",
+    ):
         self.registry = CollectorRegistry(auto_describe=True)
         self._labels = {"rank": str(rank), "run": run_name}
         self._families: dict[str, Gauge | Counter] = {}
         for series in names.SERIES:
             kind = Counter if series.counter else Gauge
-            self._families[series.name] = kind(series.name, series.doc, names.BASE_LABELS + series.labels,
-                                               registry=self.registry)
+            self._families[series.name] = kind(
+                series.name, series.doc, names.BASE_LABELS + series.labels, registry=self.registry
+            )
         self._totals: dict[tuple, float] = {}  # last cumulative value seen per (series, labels)
         self._gap_sets: dict[str, set[tuple]] = {}  # label sets of gap series set so far, per series
         self._server = None
@@ -49,15 +58,18 @@ class PrometheusExporter(Exporter):
             except OSError as err:
                 if err.errno == errno.EADDRINUSE:
                     continue
-                raise UserError(f"metrics: cannot serve on {host}:{candidate} (metrics.host/metrics.port): "
-                                f"{err.strerror or err}") from None
+                raise UserError(
+                    f"metrics: cannot serve on {host}:{candidate} (metrics.host/metrics.port): {err.strerror or err}"
+                ) from None
             bound = self._server.server_address[1]
             self.url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/metrics"
             return
         last = min(port + tries, 65536) - 1
         span = f"ports {port}..{last} are" if tries > 1 else f"port {port} is"
-        raise UserError(f"metrics: {span} in use on {host} (rank {rank}{hint}): choose another metrics.port, "
-                        f"or set metrics.port_in_use=next")
+        raise UserError(
+            f"metrics: {span} in use on {host} (rank {rank}{hint}): choose another metrics.port, "
+            f"or set metrics.port_in_use=next"
+        )
 
     def log(self, step: int, values: Mapping[str, Any], *, kind: str = "train", timestamp: float = 0.0) -> None:
         touched: dict[str, set[tuple]] = {}

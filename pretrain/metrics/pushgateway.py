@@ -4,6 +4,7 @@ For jobs Prometheus cannot scrape (short runs, nodes behind a firewall). Pushes 
 job `relalign`, `run` and `rank`. A monitoring outage must not stop training, so a failed push is
 logged, not raised.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,9 @@ class PushgatewayExporter(Exporter):
     def push(self) -> bool:
         """Push every series now; False if it failed."""
         try:
-            push_to_gateway(self.address, job="relalign", registry=self.registry, grouping_key=self.grouping,
-                            timeout=10)
+            push_to_gateway(
+                self.address, job="relalign", registry=self.registry, grouping_key=self.grouping, timeout=10
+            )
             return True
         except OSError as err:
             log.warning("metrics: push to %s failed: %s", self.address, err)

@@ -5,6 +5,7 @@ picks the class of `config.architecture` (single_stream: `RelAlignModel`, two_st
 `TwoStreamModel`, dual_encoder: `DualEncoderModel`), which share one interface. `EncoderOutput.attention`
 carries the IAIS blocks (`AttentionBlocks`) of the layers set with `set_iais_layers`.
 """
+
 from .config import ARCHITECTURES, PRESETS, ModelConfig
 from .dual_encoder import DualEncoderModel
 from .encoder import AttentionBlocks
@@ -24,5 +25,16 @@ def build_model(config: ModelConfig) -> ModelBase:
     return model
 
 
-__all__ = ["ARCHITECTURES", "PRESETS", "AttentionBlocks", "DualEncoderModel", "EncoderOutput", "ModelBase",
-           "ModelConfig", "RelAlignModel", "TwoStreamModel", "build_model", "load_hf_text_weights"]
+__all__ = [
+    "ARCHITECTURES",
+    "PRESETS",
+    "AttentionBlocks",
+    "DualEncoderModel",
+    "EncoderOutput",
+    "ModelBase",
+    "ModelConfig",
+    "RelAlignModel",
+    "TwoStreamModel",
+    "build_model",
+    "load_hf_text_weights",
+]

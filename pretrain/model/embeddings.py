@@ -5,6 +5,7 @@ Parameter names follow Hugging Face's `BertEmbeddings` (`word_embeddings`, `posi
 (`hf_init`). The token-type table also provides the visual type (index 1) that `RelAlignModel`
 adds to every visual token.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,10 +34,15 @@ class TextEmbeddings(nn.Module):
         length = input_ids.shape[1]
         if length > self.position_embeddings.num_embeddings:
             # A developer error: the loader truncates captions to model.max_text_len.
-            raise ValueError(f"text length {length} exceeds model.max_text_len={self.position_embeddings.num_embeddings}")
+            raise ValueError(
+                f"text length {length} exceeds model.max_text_len={self.position_embeddings.num_embeddings}"
+            )
         positions = torch.arange(length, device=input_ids.device)
-        embedded = (self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
-                    + self.token_type_embeddings.weight[TEXT_TYPE])
+        embedded = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)[None]
+            + self.token_type_embeddings.weight[TEXT_TYPE]
+        )
         return self.dropout(self.LayerNorm(embedded))
 
     def visual_type(self) -> Tensor:

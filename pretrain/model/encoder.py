@@ -12,6 +12,7 @@ output with IAIS off).
 Submodule names follow Hugging Face's `BertLayer` (`attention.self.query`, `attention.output.dense`,
 `intermediate.dense`, `output.LayerNorm`, ...) so BERT checkpoints load by name (`hf_init`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,8 @@ def key_bias(key_mask: Tensor, dtype: torch.dtype) -> Tensor:
     an added bias rather than masked_fill: cheaper on CPU, and its backward is the identity.
     """
     return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill(
-        ~key_mask, torch.finfo(dtype).min)
+        ~key_mask, torch.finfo(dtype).min
+    )
 
 
 def _masked_softmax(logits: Tensor, bias: Tensor) -> Tensor:
@@ -172,16 +174,20 @@ class EncoderLayer(nn.Module):
     def attend_with_qk(self, hidden: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention and feed-forward -> (out [B, L, W], query, key [B, h, L, d]); the two-stream
         co-attention blocks read the query and key for their IAIS blocks. attn_mask: `attention_bias`."""
-        query, key, value = (split_heads(p(hidden), self.num_heads) for p in
-                             (self.attention.self.query, self.attention.self.key, self.attention.self.value))
-        context = fused_attention(query, key, value, attn_mask,
-                                  self.attention_dropout if self.training else 0.0)  # [B, h, L, d]
+        query, key, value = (
+            split_heads(p(hidden), self.num_heads)
+            for p in (self.attention.self.query, self.attention.self.key, self.attention.self.value)
+        )
+        context = fused_attention(
+            query, key, value, attn_mask, self.attention_dropout if self.training else 0.0
+        )  # [B, h, L, d]
         attended = self.attention.output(merge_heads(context), hidden)
         out = self.output(F.gelu(self.intermediate.dense(attended)), attended)
         return out, query, key
 
-    def forward(self, hidden: Tensor, attn_mask: Tensor | None,
-                request: BlockRequest | None = None) -> tuple[Tensor, AttentionBlocks | None]:
+    def forward(
+        self, hidden: Tensor, attn_mask: Tensor | None, request: BlockRequest | None = None
+    ) -> tuple[Tensor, AttentionBlocks | None]:
         # hidden [B, L, W], attn_mask [B, 1, 1, L] additive (attention_bias) or None (no padding)
         out, query, key = self.attend_with_qk(hidden, attn_mask)
         blocks = None
@@ -198,8 +204,13 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
         self.gradient_checkpointing = config.gradient_checkpointing
 
-    def forward(self, hidden: Tensor, key_mask: Tensor | None, request: BlockRequest | None = None,
-                iais_layers: frozenset[int] = frozenset()) -> tuple[Tensor, dict[int, AttentionBlocks]]:
+    def forward(
+        self,
+        hidden: Tensor,
+        key_mask: Tensor | None,
+        request: BlockRequest | None = None,
+        iais_layers: frozenset[int] = frozenset(),
+    ) -> tuple[Tensor, dict[int, AttentionBlocks]]:
         # hidden [B, L, W], key_mask [B, L] bool (None, or marked unpadded: attention without a mask)
         attn_mask = attention_bias(key_mask, hidden.dtype)  # [B, 1, 1, L] or None
         attention: dict[int, AttentionBlocks] = {}

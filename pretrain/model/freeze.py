@@ -5,6 +5,7 @@ gradient, so backward skips the frozen tower's weight gradients and every optimi
 included, built from `pretrain.engine.param_groups`, which leaves such parameters out) never moves
 it. Applied by `build_model`, so a resumed run freezes the same parameters as the fresh one.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -3,6 +3,7 @@
 Names follow Hugging Face BERT (`pooler.dense`, `cls.predictions.transform`) where a checkpoint
 may carry them, so `hf_init` can load them too.
 """
+
 from __future__ import annotations
 
 import torch

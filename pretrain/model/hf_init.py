@@ -8,6 +8,7 @@ checkpoint has them. Every mismatch is a one-line UserError naming the parameter
 The one tolerated difference: a checkpoint position table longer than `model.max_text_len` is
 cut to its first rows (positions beyond the model's text length are never used).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,11 @@ HEAD_KEYS = {
     "cls.predictions.bias": "mlm.bias",
 }
 """Optional checkpoint tensors -> model parameters (loaded when present)."""
+
+
 def resolve_init_folder(value: str | Path) -> Path:
-    """`model.init_from` -> a folder: a packaged name (`minilm`, data_tools.packaged) or a path, never a hub download."""
+    """`model.init_from` -> a folder: a packaged name (`minilm`, data_tools.packaged) or a path, never a hub
+    download."""
     return packaged_folder(value, "model.init_from")
 
 
@@ -52,7 +56,7 @@ def read_checkpoint(folder: str | Path) -> dict[str, Tensor]:
     for name, tensor in raw.items():
         for prefix in CHECKPOINT_PREFIXES:
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
         name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         tensors[name] = tensor
     return tensors
@@ -101,14 +105,21 @@ def load_hf_text_weights(model, folder: str | Path) -> list[str]:
     plan: dict[str, Tensor] = {}
     for name in _expected_keys(model):
         if name not in tensors:
-            raise UserError(f"model.init_from={folder}: checkpoint has no parameter {name} "
-                            f"(is it a BERT-family model with {model.config.num_layers} layers?)")
+            raise UserError(
+                f"model.init_from={folder}: checkpoint has no parameter {name} "
+                f"(is it a BERT-family model with {model.config.num_layers} layers?)"
+            )
         plan[name] = tensors[name]
-    extra_layers = sorted({k.split(".")[2] for k in tensors if k.startswith("encoder.layer.")}
-                          - {str(i) for i in range(model.config.num_layers)}, key=int)
+    extra_layers = sorted(
+        {k.split(".")[2] for k in tensors if k.startswith("encoder.layer.")}
+        - {str(i) for i in range(model.config.num_layers)},
+        key=int,
+    )
     if extra_layers:
-        raise UserError(f"model.init_from={folder}: checkpoint has encoder layers {extra_layers[0]}..{extra_layers[-1]} "
-                        f"beyond model.num_layers={model.config.num_layers}")
+        raise UserError(
+            f"model.init_from={folder}: checkpoint has encoder layers {extra_layers[0]}..{extra_layers[-1]} "
+            f"beyond model.num_layers={model.config.num_layers}"
+        )
     for source, target in HEAD_KEYS.items():
         if source in tensors and target in params:  # a dual encoder has no ITM pooler or MLM head
             plan[target] = tensors[source]
@@ -118,9 +129,15 @@ def load_hf_text_weights(model, folder: str | Path) -> list[str]:
         plan[position] = plan[position][:rows]
     for name, tensor in plan.items():
         if tuple(tensor.shape) != tuple(params[name].shape):
-            hint = " (model.vocab_size must be the tokenizer's size)" if "word_embeddings" in name or name == "mlm.bias" else ""
-            raise UserError(f"model.init_from={folder}: parameter {name} has shape {list(tensor.shape)} in the "
-                            f"checkpoint but {list(params[name].shape)} in the model{hint}")
+            hint = (
+                " (model.vocab_size must be the tokenizer's size)"
+                if "word_embeddings" in name or name == "mlm.bias"
+                else ""
+            )
+            raise UserError(
+                f"model.init_from={folder}: parameter {name} has shape {list(tensor.shape)} in the "
+                f"checkpoint but {list(params[name].shape)} in the model{hint}"
+            )
     with torch.no_grad():
         for name, tensor in plan.items():
             params[name].copy_(tensor.to(params[name].dtype))

@@ -11,6 +11,7 @@ A mark is a hint about one tensor object, kept in a weak table: a mask derived f
 marked only where `cat_masks` / `take_rows` made it, and an unmarked mask takes the masked path, which
 gives the same values (slower). A marked mask must not be changed in place.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -62,5 +63,6 @@ def attention_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None
     key_mask = key_mask.bool().clone()
     key_mask[:, 0] |= ~key_mask.any(dim=1)
     bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill(
-        ~key_mask, torch.finfo(dtype).min)
+        ~key_mask, torch.finfo(dtype).min
+    )
     return bias[:, None, None, :]  # [B, 1, 1, L]

@@ -8,6 +8,7 @@ The trainer calls `embed_visual(batch)` then `forward(...)` with `iais_rows` = t
 and reads heads from the returned `EncoderOutput`. Which layers return IAIS attention blocks is set
 once with `set_iais_layers(regularizer.layers)` (default: the last layer, the official choice).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,9 @@ def word_mask_from_text_mask(text_mask: Tensor) -> Tensor:
     return text_mask & (positions >= 1) & (positions < last)
 
 
-def block_request(iais_rows: Tensor | None, text_mask: Tensor, visual_mask: Tensor, iais_layers: frozenset[int],
-                  device: torch.device) -> BlockRequest | None:
+def block_request(
+    iais_rows: Tensor | None, text_mask: Tensor, visual_mask: Tensor, iais_layers: frozenset[int], device: torch.device
+) -> BlockRequest | None:
     """What the IAIS layers compute blocks for (None: nothing to compute).
 
     iais_rows: the matched pairs, [P] long row indices (the loader's `sample_rows`: no host read) or a
@@ -59,9 +61,13 @@ def block_request(iais_rows: Tensor | None, text_mask: Tensor, visual_mask: Tens
     if iais_rows.dtype == torch.bool:
         iais_rows = iais_rows.nonzero().flatten()
     rows = iais_rows.to(device, non_blocking=True)  # [P]
-    words = word_mask_from_text_mask(text_mask.bool())[:, 1:text_len - 1]  # [B, n]
-    return BlockRequest(rows=rows, text_len=text_len, word_mask=words.index_select(0, rows),
-                        visual_mask=visual_mask.bool().index_select(0, rows))
+    words = word_mask_from_text_mask(text_mask.bool())[:, 1 : text_len - 1]  # [B, n]
+    return BlockRequest(
+        rows=rows,
+        text_len=text_len,
+        word_mask=words.index_select(0, rows),
+        visual_mask=visual_mask.bool().index_select(0, rows),
+    )
 
 
 class ModelBase(nn.Module):
@@ -115,8 +121,10 @@ class ModelBase(nn.Module):
         count = self.config.iais_layer_count
         bad = [i for i in layers if not 0 <= i < count]
         if bad:
-            what = {"two_stream": "co-attention block", "dual_encoder": "(none: no attention crosses the "
-                    "modalities)"}.get(self.config.architecture, "layer")
+            what = {
+                "two_stream": "co-attention block",
+                "dual_encoder": "(none: no attention crosses the modalities)",
+            }.get(self.config.architecture, "layer")
             raise ConfigError("iais.layers", sorted(bad), f"{what} indices in [0, {count})")
         self.iais_layers = layers
 
@@ -124,8 +132,10 @@ class ModelBase(nn.Module):
         """Visual tokens [B, M, W], visual_mask [B, M] bool, token boxes [B, M, 4] (see `visual`)."""
         tokens, mask, boxes = self.visual(batch)
         if tokens.shape[1] > self.config.max_visual_tokens:
-            raise UserError(f"{tokens.shape[1]} visual tokens per sample exceed model.max_visual_tokens="
-                            f"{self.config.max_visual_tokens}: raise it or use smaller images / fewer regions")
+            raise UserError(
+                f"{tokens.shape[1]} visual tokens per sample exceed model.max_visual_tokens="
+                f"{self.config.max_visual_tokens}: raise it or use smaller images / fewer regions"
+            )
         tokens = self.visual_dropout(self.visual_norm(tokens + self.embeddings.visual_type()))
         return tokens, mask, boxes
 
@@ -147,7 +157,7 @@ class ModelBase(nn.Module):
         """Vocabulary logits over the text tokens [B, Lt, V]; with `positions` only at those positions:
         [N, V] (saves the V-wide matmul elsewhere). positions: [B, Lt] bool (e.g. `mlm_labels != -100`;
         a host read on a GPU) or [N] long flat indices into [B * Lt] (the loader's `mlm_positions`)."""
-        text = out.hidden[:, :out.text_len]  # [B, Lt, W]
+        text = out.hidden[:, : out.text_len]  # [B, Lt, W]
         if positions is not None and positions.dtype == torch.bool:
             text = text[positions]  # [N, W]
         elif positions is not None:
@@ -162,8 +172,14 @@ class RelAlignModel(ModelBase):
         self.itm = ITMHead(config)
         self.mlm = MLMHead(config)
 
-    def forward(self, input_ids: Tensor, text_mask: Tensor, visual_tokens: Tensor, visual_mask: Tensor,
-                iais_rows: Tensor | None = None) -> EncoderOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        text_mask: Tensor,
+        visual_tokens: Tensor,
+        visual_mask: Tensor,
+        iais_rows: Tensor | None = None,
+    ) -> EncoderOutput:
         """Joint pass over `[CLS] words [SEP] | visual tokens`.
 
         input_ids, text_mask [B, Lt]; visual_tokens [B, M, W]; visual_mask [B, M];
@@ -172,8 +188,9 @@ class RelAlignModel(ModelBase):
         GPU does (see `block_request`).
         """
         text_len = input_ids.shape[1]
-        hidden = torch.cat([self.embeddings(input_ids), visual_tokens.to(self.embeddings.LayerNorm.weight.dtype)],
-                           dim=1)  # [B, Lt + M, W]
+        hidden = torch.cat(
+            [self.embeddings(input_ids), visual_tokens.to(self.embeddings.LayerNorm.weight.dtype)], dim=1
+        )  # [B, Lt + M, W]
         key_mask = cat_masks([text_mask, visual_mask], dim=1)  # [B, Lt + M]
         request = block_request(iais_rows, text_mask, visual_mask, self.iais_layers, hidden.device)
         hidden, attention = self.encoder(hidden, key_mask, request, self.iais_layers)

@@ -1,7 +1,7 @@
 """The two-stream architecture (ViLBERT / LXMERT style): `model.architecture=two_stream`.
 
-    text   [CLS] words [SEP] -> encoder (num_layers BERT layers)        -+-> co-attention block x cross_layers -> text out
-    visual tokens            -> visual_encoder (num_layers BERT layers) -+                                     -> visual out
+    text   [CLS] words [SEP] -> encoder (num_layers BERT layers)        -+-> co-attention block -> text out
+    visual tokens            -> visual_encoder (num_layers BERT layers) -+   x cross_layers     -> visual out
 
 A co-attention block (LXMERT's cross-modality layer) first lets each stream's queries attend to the
 keys and values of the other stream's block input (`text_cross`, `visual_cross`), then runs each
@@ -17,6 +17,7 @@ only. Every block is row-stochastic over its own keys, so `pretrain.iais` applie
 `iais.layers` indexes the co-attention blocks. Attention itself is always the fused kernel, without a
 mask over keys known to have no padding (`masks`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,18 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .encoder import (AttentionBlocks, BlockRequest, Encoder, EncoderLayer, _Projections, _ResidualOutput,
-                      fused_attention, head_mean_softmax, merge_heads, split_heads)
+from .encoder import (
+    AttentionBlocks,
+    BlockRequest,
+    Encoder,
+    EncoderLayer,
+    _Projections,
+    _ResidualOutput,
+    fused_attention,
+    head_mean_softmax,
+    merge_heads,
+    split_heads,
+)
 from .masks import attention_bias
 from .heads import MLMHead, masked_mean
 from .model import EncoderOutput, ModelBase, block_request
@@ -61,8 +72,9 @@ class CoAttentionBlock(nn.Module):
         self.text_layer = EncoderLayer(config)
         self.visual_layer = EncoderLayer(config)
 
-    def forward(self, text: Tensor, visual: Tensor, text_mask: Tensor, visual_mask: Tensor,
-                request: BlockRequest | None = None) -> tuple[Tensor, Tensor, AttentionBlocks | None]:
+    def forward(
+        self, text: Tensor, visual: Tensor, text_mask: Tensor, visual_mask: Tensor, request: BlockRequest | None = None
+    ) -> tuple[Tensor, Tensor, AttentionBlocks | None]:
         # text [B, Lt, W], visual [B, M, W]; masks [B, 1, 1, Lt] / [B, 1, 1, M] (attention_bias) or None
         text_x, q_text_cross, k_visual_cross = self.text_cross(text, visual, visual_mask)
         visual_x, q_visual_cross, k_text_cross = self.visual_cross(visual, text, text_mask)
@@ -80,7 +92,9 @@ class CoAttentionBlock(nn.Module):
             s_vv=head_mean_softmax(rows(q_visual), rows(k_visual), request.visual_mask),
             s_lv=head_mean_softmax(rows(q_text_cross)[:, :, words], rows(k_visual_cross), request.visual_mask),
             s_vl=head_mean_softmax(rows(q_visual_cross), rows(k_text_cross)[:, :, words], request.word_mask),
-            word_mask=request.word_mask, visual_mask=request.visual_mask)
+            word_mask=request.word_mask,
+            visual_mask=request.visual_mask,
+        )
         return text_out, visual_out, blocks
 
 
@@ -111,8 +125,14 @@ class TwoStreamModel(ModelBase):
         self.itm = TwoStreamITMHead(config)
         self.mlm = MLMHead(config)
 
-    def forward(self, input_ids: Tensor, text_mask: Tensor, visual_tokens: Tensor, visual_mask: Tensor,
-                iais_rows: Tensor | None = None) -> EncoderOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        text_mask: Tensor,
+        visual_tokens: Tensor,
+        visual_mask: Tensor,
+        iais_rows: Tensor | None = None,
+    ) -> EncoderOutput:
         """Both streams, then the co-attention blocks; hidden = [text out | visual out] [B, Lt + M, W].
 
         iais_rows: rows whose IAIS blocks the blocks in `iais_layers` compute ([P] long or a bool mask,
@@ -120,8 +140,9 @@ class TwoStreamModel(ModelBase):
         """
         text_len = input_ids.shape[1]
         text, _ = self.encoder(self.embeddings(input_ids), text_mask.bool())  # [B, Lt, W]
-        visual, _ = self.visual_encoder(visual_tokens.to(self.embeddings.LayerNorm.weight.dtype),
-                                        visual_mask.bool())  # [B, M, W]
+        visual, _ = self.visual_encoder(
+            visual_tokens.to(self.embeddings.LayerNorm.weight.dtype), visual_mask.bool()
+        )  # [B, M, W]
         text_attn, visual_attn = attention_bias(text_mask, text.dtype), attention_bias(visual_mask, visual.dtype)
         request = block_request(iais_rows, text_mask, visual_mask, self.iais_layers, text.device)
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -129,18 +150,23 @@ class TwoStreamModel(ModelBase):
         for index, block in enumerate(self.co_blocks):
             block_req = request if index in self.iais_layers else None
             if recompute:
-                text, visual, blocks = checkpoint(block, text, visual, text_attn, visual_attn, block_req,
-                                                  use_reentrant=False)
+                text, visual, blocks = checkpoint(
+                    block, text, visual, text_attn, visual_attn, block_req, use_reentrant=False
+                )
             else:
                 text, visual, blocks = block(text, visual, text_attn, visual_attn, block_req)
             if blocks is not None:
                 attention[index] = blocks
-        return EncoderOutput(hidden=torch.cat([text, visual], dim=1), text_len=text_len, attention=attention,
-                             visual_mask=visual_mask.bool())
+        return EncoderOutput(
+            hidden=torch.cat([text, visual], dim=1),
+            text_len=text_len,
+            attention=attention,
+            visual_mask=visual_mask.bool(),
+        )
 
     def itm_logits(self, out: EncoderOutput) -> Tensor:
         """[B, 2] from the text [CLS] and the mean of the real visual outputs."""
-        visual = masked_mean(out.hidden[:, out.text_len:], out.visual_mask)  # [B, W]
+        visual = masked_mean(out.hidden[:, out.text_len :], out.visual_mask)  # [B, W]
         return self.itm(out.hidden[:, 0], visual)
 
     def encode_image(self, visual_tokens: Tensor, visual_mask: Tensor) -> Tensor:

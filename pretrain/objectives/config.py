@@ -9,6 +9,7 @@ fixed fields: the schema (pretrain.config_schema) builds this section with `from
 back with `as_tree`. The built-in terms are named here explicitly; a plugin's term is registered by
 its module (`plugins:` in the configuration, imported before this section is built).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,8 +68,11 @@ class ObjectivesConfig:
         classes = term_classes()
         unknown = sorted(set(tree) - set(classes))
         if unknown:
-            raise ConfigError(f"objectives.{unknown[0]}", tree[unknown[0]], f"one of the objectives "
-                              f"{', '.join(sorted(classes))} (or a plugins module that registers it)")
+            raise ConfigError(
+                f"objectives.{unknown[0]}",
+                tree[unknown[0]],
+                f"one of the objectives {', '.join(sorted(classes))} (or a plugins module that registers it)",
+            )
         terms = {}
         for name, term in classes.items():
             value = tree.get(name, {})

@@ -6,6 +6,7 @@ pairs that the first joint pass left in the StepContext (ITM's, or the hinge pas
 when no term made a joint pass over the matched pairs, it makes one itself. Logs `loss/iais` (the
 unweighted loss), `iais_weight` and `isd/L`, `isd/V`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,7 @@ class IAISTerm(Term):
         if ctx.matched_attention is None:
             batch = ctx.batch
             visual_tokens, visual_mask = ctx.visual
-            ctx.joint(batch["input_ids"], batch["text_mask"], visual_tokens, visual_mask,
-                      matched_rows=ctx.matched_rows)
+            ctx.joint(batch["input_ids"], batch["text_mask"], visual_tokens, visual_mask, matched_rows=ctx.matched_rows)
         progress = ctx.progress
         reg = self.regularizer(ctx.matched_attention, progress.step, progress.total_steps, ctx.iais_direction)
         ctx.logs["iais_weight"] = torch.as_tensor(float(reg.weight))

@@ -2,6 +2,7 @@
 loader: `mlm_input_ids`, `mlm_labels`). With `objectives.tags` the text is Oscar's
 `[CLS] words [SEP] tags [SEP]`, masked words and tags predicted alike (`ctx.mlm_text()`, extended by the
 tags term), and the pass's output stays in `ctx.mlm_output` for the tags' polluted/original head."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -16,6 +16,7 @@ pass predicts, at the masked tokens:
 
 The loss is MRFR + MRC; both are logged (`loss/mrfr`, `loss/mrc`) beside `loss/mrm`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,12 @@ class MRMConfig(TermConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check("objectives.mrm.mask_probability", self.mask_probability, 0 < self.mask_probability < 1,
-              "a number in (0, 1)")
+        check(
+            "objectives.mrm.mask_probability",
+            self.mask_probability,
+            0 < self.mask_probability < 1,
+            "a number in (0, 1)",
+        )
 
 
 class TokenHead(nn.Module):
@@ -68,8 +73,11 @@ def input_feature_dim(model_config) -> int:
     """Width of a visual token's input feature for the configured embedder (MRFR's target)."""
     from pretrain.model.config import GRID_BACKBONE_CHANNELS
 
-    return {"patch": 3 * model_config.patch_size ** 2, "features": model_config.feature_dim,
-            "grid": GRID_BACKBONE_CHANNELS}[model_config.visual_embedder]
+    return {
+        "patch": 3 * model_config.patch_size**2,
+        "features": model_config.feature_dim,
+        "grid": GRID_BACKBONE_CHANNELS,
+    }[model_config.visual_embedder]
 
 
 def pixels_of(batch: dict) -> Tensor:
@@ -156,8 +164,11 @@ class MRM(Term):
 
     def build_head(self, model_config, categories: list[str]) -> nn.Module:
         if self.config.mrc and not categories:
-            raise ConfigError("objectives.mrm.mrc", True, "false: no dataset in data.paths lists box_labels "
-                              "(categories) in its dataset.json")
+            raise ConfigError(
+                "objectives.mrm.mrc",
+                True,
+                "false: no dataset in data.paths lists box_labels (categories) in its dataset.json",
+            )
         width, eps, std = model_config.width, model_config.layer_norm_eps, model_config.initializer_range
         heads = nn.ModuleDict({"mrfr": TokenHead(width, input_feature_dim(model_config), eps, std)})
         if self.config.mrc:
@@ -170,7 +181,7 @@ class MRM(Term):
         masked = mask_visual_tokens(visual_mask, ctx.sample_mask, self.config.mask_probability)  # [B, M]
         zeroed = visual_tokens.masked_fill(masked[..., None], 0)
         out = ctx.joint(batch["input_ids"], batch["text_mask"], zeroed, visual_mask)  # text unmasked
-        hidden = out.hidden[:, out.text_len:][masked]  # [N, W]
+        hidden = out.hidden[:, out.text_len :][masked]  # [N, W]
         if hidden.shape[0] == 0:  # only padding slots in this micro-batch
             return out.hidden.sum() * 0.0
         target = token_inputs(model, batch)[masked].to(hidden.device)  # [N, D]

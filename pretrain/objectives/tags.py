@@ -14,6 +14,7 @@ labelled original whatever was drawn. The tags are appended behind the words' [S
 (padding moved to the end); the combined length data.max_text_len + data.max_tag_len - 1 must fit
 model.max_text_len (checked at config time).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,12 @@ class TagsConfig(TermConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check("objectives.tags.pollute_probability", self.pollute_probability, 0 <= self.pollute_probability <= 1,
-              "a number in [0, 1]")
+        check(
+            "objectives.tags.pollute_probability",
+            self.pollute_probability,
+            0 <= self.pollute_probability <= 1,
+            "a number in [0, 1]",
+        )
 
 
 class PollutedHead(nn.Module):
@@ -74,8 +79,9 @@ def pollute(tag_ids: Tensor, sample_mask: Tensor, probability: float) -> tuple[T
     return source, polluted
 
 
-def append_tags(ids: Tensor, mask: Tensor, labels: Tensor, tag_ids: Tensor, tag_mask: Tensor,
-                tag_labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def append_tags(
+    ids: Tensor, mask: Tensor, labels: Tensor, tag_ids: Tensor, tag_mask: Tensor, tag_labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """`[CLS] words [SEP] pad` + `[CLS] tags [SEP] pad` -> `[CLS] words [SEP] tags [SEP] pad`.
 
     ids, mask, labels [B, Lt]; tag_* [B, Lg] -> [B, Lt + Lg - 1] each (the tags' [CLS] dropped, real
@@ -103,7 +109,9 @@ class Tags(Term):
         """The MLM text with (possibly polluted) tags appended; leaves `ctx.tags_polluted`."""
         batch = ctx.batch
         source, ctx.tags_polluted = pollute(batch["tag_ids"], ctx.sample_mask, self.config.pollute_probability)
-        return append_tags(*text, batch["tag_mlm_ids"][source], batch["tag_mask"][source], batch["tag_mlm_labels"][source])
+        return append_tags(
+            *text, batch["tag_mlm_ids"][source], batch["tag_mask"][source], batch["tag_mlm_labels"][source]
+        )
 
     def loss(self, ctx: StepContext) -> Tensor:
         out = ctx.mlm_output

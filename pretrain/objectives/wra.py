@@ -8,6 +8,7 @@ no_grad; the loss is the transport cost sum(T * C) (UNITER's `trace(C @ T)`), av
 matched pairs. Gradients flow through C only, as in UNITER. Runs in float32 at least (UNITER: "run
 in fp32 for stability").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,9 @@ def cosine_cost(words: Tensor, regions: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ipot_transport(cost: Tensor, word_mask: Tensor, region_mask: Tensor, beta: float = 0.5, iterations: int = 50,
-                   inner_steps: int = 1) -> Tensor:
+def ipot_transport(
+    cost: Tensor, word_mask: Tensor, region_mask: Tensor, beta: float = 0.5, iterations: int = 50, inner_steps: int = 1
+) -> Tensor:
     """IPOT's transport plan [P, n, m] for costs [P, n, m], UNITER's `ipot` with its padding rules.
 
     word_mask [P, n], region_mask [P, m] bool (every row has at least one of each). Uniform marginals
@@ -72,8 +74,15 @@ def ipot_transport(cost: Tensor, word_mask: Tensor, region_mask: Tensor, beta: f
     return plan * joint
 
 
-def wra_distance(words: Tensor, regions: Tensor, word_mask: Tensor, region_mask: Tensor, beta: float = 0.5,
-                 iterations: int = 50, inner_steps: int = 1) -> Tensor:
+def wra_distance(
+    words: Tensor,
+    regions: Tensor,
+    word_mask: Tensor,
+    region_mask: Tensor,
+    beta: float = 0.5,
+    iterations: int = 50,
+    inner_steps: int = 1,
+) -> Tensor:
     """Transport cost per pair [P]: sum(T * C) with T from IPOT (no gradient) and C the cosine cost.
 
     words [P, n, W], regions [P, m, W]; masks [P, n], [P, m] bool (at least one real entry each)."""
@@ -108,8 +117,9 @@ class WRA(Term):
         valid = ctx.sample_mask & words.any(dim=1) & regions.any(dim=1)  # [B]
         words = torch.where(valid[:, None], words, _first_only(words))
         regions = torch.where(valid[:, None], regions, _first_only(regions))
-        distance = wra_distance(hidden[:, :text_len], hidden[:, text_len:], words, regions,
-                                cfg.beta, cfg.iterations, cfg.inner_steps)  # [B]
+        distance = wra_distance(
+            hidden[:, :text_len], hidden[:, text_len:], words, regions, cfg.beta, cfg.iterations, cfg.inner_steps
+        )  # [B]
         return masked_mean(distance, valid)
 
 

@@ -4,6 +4,7 @@ Outside CI a missing program (or not being root, which the daemons need) skips t
 reason; with CI=true it fails them (`require` in tests/conftest.py), so CI cannot pass without having
 run them.
 """
+
 from __future__ import annotations
 
 import os

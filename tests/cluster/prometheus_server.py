@@ -3,6 +3,7 @@
 The only changes to the shipped configuration: the file-discovery folder of the `relalign` job
 points at the test's folder, and scrape/refresh intervals are 1 s so a short job is seen rising.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,15 @@ class Prometheus:
         (self.folder / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = open(self.folder / "prometheus.log", "w")
         self.proc = subprocess.Popen(
-            [shutil.which("prometheus") or "prometheus", f"--config.file={self.folder / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.folder / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={self.folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -6,6 +6,7 @@ README cannot drift from what the tests ran. Only the environment is the test's:
 `VAR=value` assignments are applied over it, and a test may replace the values that name this host's
 resources (the Prometheus target folder, ports), as the README tells users to.
 """
+
 from __future__ import annotations
 
 import dataclasses

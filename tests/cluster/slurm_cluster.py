@@ -12,6 +12,7 @@ setting (verified on Debian 12):
   adds them when missing and we are root). Each name maps to its own loopback address, so the two
   "nodes" can bind the same metrics port, as two real nodes would.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,9 @@ def ensure_hosts(path: Path = Path("/etc/hosts")) -> None:
     if not missing:
         return
     if os.geteuid() != 0:
-        raise RuntimeError(f"node names {missing} do not resolve; add to {path}: "
-                           + "; ".join(f"{NODE_HOSTS[n]} {n}" for n in missing))
+        raise RuntimeError(
+            f"node names {missing} do not resolve; add to {path}: " + "; ".join(f"{NODE_HOSTS[n]} {n}" for n in missing)
+        )
     text = path.read_text()
     lines = "".join(f"{NODE_HOSTS[n]} {n}\n" for n in missing)
     path.write_text(text + ("" if text.endswith("\n") or not text else "\n") + lines)
@@ -107,9 +109,23 @@ class SlurmCluster:
         key = munge / "munge.key"
         subprocess.run([_program("mungekey"), "--create", "--keyfile", str(key)], check=True, capture_output=True)
         key.chmod(0o400)
-        self._spawn([_program("munged"), "--socket", str(self.socket), "--key-file", str(key),
-                     "--pid-file", str(munge / "munged.pid"), "--log-file", str(munge / "munged.log"),
-                     "--seed-file", str(munge / "munged.seed"), "--force"], munge / "munged.pid")
+        self._spawn(
+            [
+                _program("munged"),
+                "--socket",
+                str(self.socket),
+                "--key-file",
+                str(key),
+                "--pid-file",
+                str(munge / "munged.pid"),
+                "--log-file",
+                str(munge / "munged.log"),
+                "--seed-file",
+                str(munge / "munged.seed"),
+                "--force",
+            ],
+            munge / "munged.pid",
+        )
 
     def _write_conf(self, ctld_port: int, node_ports: list[int]) -> None:
         host = socket.gethostname()
@@ -118,23 +134,39 @@ class SlurmCluster:
             "ClusterName=relalign-test",
             f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
-            "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
             f"AuthInfo=socket={self.socket},cred_expire=10",
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
-            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd-%n.pid",
-            f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd-%n.log",
-            "SlurmctldDebug=info", "SlurmdDebug=info",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
-            "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool/%n",
+            f"SlurmctldPidFile={r}/slurmctld.pid",
+            f"SlurmdPidFile={r}/slurmd-%n.pid",
+            f"SlurmctldLogFile={r}/slurmctld.log",
+            f"SlurmdLogFile={r}/slurmd-%n.log",
+            "SlurmctldDebug=info",
+            "SlurmdDebug=info",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
             "JobAcctGatherType=jobacct_gather/none",
-            "MpiDefault=none", "ReturnToService=2", "SchedulerType=sched/backfill",
-            "MinJobAge=300", "KillWait=10", "InactiveLimit=0", "SlurmdTimeout=60",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "SchedulerType=sched/backfill",
+            "MinJobAge=300",
+            "KillWait=10",
+            "InactiveLimit=0",
+            "SlurmdTimeout=60",
         ]
         for name, port in zip(NODES, node_ports):
             lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=2 State=UNKNOWN")
-        lines.append(f"PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4")
+        lines.append(
+            f"PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
+        )
         (r / "state").mkdir()
         self.conf.write_text("\n".join(lines) + "\n")
 
@@ -142,8 +174,7 @@ class SlurmCluster:
         """Run a daemon that forks itself; remember the PID it writes."""
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=START_TIMEOUT_S)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
-                               + self.logs())
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}" + self.logs())
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if pid_file.exists() and pid_file.read_text().strip().isdigit():
@@ -178,8 +209,14 @@ class SlurmCluster:
 
     # --- use --------------------------------------------------------------------------------------
     def run(self, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run([_program(cmd[0]), *cmd[1:]], env=kw.pop("env", self.env), capture_output=True,
-                              text=True, timeout=timeout, **kw)
+        proc = subprocess.run(
+            [_program(cmd[0]), *cmd[1:]],
+            env=kw.pop("env", self.env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
         return proc

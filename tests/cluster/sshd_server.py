@@ -9,6 +9,7 @@ side is what a user sets up for passwordless ssh: a `Host 127.0.0.2 127.0.0.3` b
 ~/.ssh/config byte for byte (or removes what it created). Needs root (sshd, /run/sshd) and Debian's
 openssh-server. The server is stopped by the PID it wrote.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,18 +44,34 @@ class SshServer:
         (self.root / "authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
         (self.root / "authorized_keys").chmod(0o600)
         config = self.root / "sshd_config"
-        config.write_text("\n".join([
-            f"Port {self.port}", *(f"ListenAddress {h}" for h in HOSTS),
-            f"HostKey {self.root / 'host_ed25519'}", f"PidFile {self.root / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self.root / 'authorized_keys'}",
-            "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password", "PubkeyAuthentication yes",
-            # /tmp above the key folder is world-writable (sticky); StrictModes would refuse the file
-            "StrictModes no", "PrintMotd no", "AcceptEnv no",
-        ]) + "\n")
+        config.write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    *(f"ListenAddress {h}" for h in HOSTS),
+                    f"HostKey {self.root / 'host_ed25519'}",
+                    f"PidFile {self.root / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {self.root / 'authorized_keys'}",
+                    "UsePAM no",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes",
+                    # /tmp above the key folder is world-writable (sticky); StrictModes would refuse the file
+                    "StrictModes no",
+                    "PrintMotd no",
+                    "AcceptEnv no",
+                ]
+            )
+            + "\n"
+        )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation folder
-        proc = subprocess.run(["/usr/sbin/sshd", "-f", str(config), "-E", str(self.root / "sshd.log")],
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["/usr/sbin/sshd", "-f", str(config), "-E", str(self.root / "sshd.log")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sshd exited {proc.returncode}: {proc.stderr}{self.log()}")
         deadline = time.monotonic() + 30
@@ -74,9 +91,11 @@ class SshServer:
             self.ssh_dir.mkdir(mode=0o700)
             self._created_ssh_dir = True
         self._saved_config = config.read_bytes() if config.exists() else None
-        block = (f"\n# relalign cluster test (removed when the test ends)\nHost {' '.join(HOSTS)}\n"
-                 f"    IdentityFile {self.key}\n    IdentitiesOnly yes\n    StrictHostKeyChecking no\n"
-                 "    UserKnownHostsFile /dev/null\n    BatchMode yes\n    LogLevel ERROR\n")
+        block = (
+            f"\n# relalign cluster test (removed when the test ends)\nHost {' '.join(HOSTS)}\n"
+            f"    IdentityFile {self.key}\n    IdentitiesOnly yes\n    StrictHostKeyChecking no\n"
+            "    UserKnownHostsFile /dev/null\n    BatchMode yes\n    LogLevel ERROR\n"
+        )
         # first match wins in ssh_config: our block goes first
         config.write_bytes(block.encode() + (self._saved_config or b""))
         config.chmod(0o600)

@@ -6,6 +6,7 @@ and rule unit tests), and every `relalign_*` name in alerts and dashboard must b
 pretrain/metrics/names.py declares and the Prometheus exporter exports. The Slurm templates only get a
 syntax and directive check here: they run against a real local Slurm in tests/cluster/test_slurm.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,9 @@ def test_deepspeed_configs_train_a_real_engine():
         dist_env.exit_process(0)
     """)
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=environ, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line for line in proc.stdout.splitlines() if line.startswith("stage")] == [
         f"stage {s} ok" for s in range(4)
@@ -99,17 +101,30 @@ def test_accelerate_config_loads_and_points_at_a_zero_file():
 
 
 def test_hostfile_example_lines_are_host_and_slots():
-    lines = [l for l in (CLUSTER / "deepspeed" / "hostfile.example").read_text().splitlines()
-             if l.strip() and not l.startswith("#")]
-    assert lines and all(re.fullmatch(r"\S+ slots=\d+", l) for l in lines)
+    lines = [
+        line
+        for line in (CLUSTER / "deepspeed" / "hostfile.example").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines and all(re.fullmatch(r"\S+ slots=\d+", line) for line in lines)
 
 
 def exported_metric_names(tmp_path) -> set[str]:
     """Sample names of every series MetricsLogger exports, each series touched once."""
     metrics = MetricsLogger(MetricsConfig(enabled=False, jsonl=False), str(tmp_path), "r", 0, 0)
     step = {f"loss/{o}": 1.0 for o in ("itc", "itm", "mlm", "iais", "hinge", "total")}
-    step.update(samples=8, samples_per_second=1, step_seconds=1, data_wait_seconds=0, lr=1, grad_norm=1,
-                loss_scale=1, iais_weight=1, nonfinite_steps=1, **{"isd/L": 1, "isd/V": 1})
+    step.update(
+        samples=8,
+        samples_per_second=1,
+        step_seconds=1,
+        data_wait_seconds=0,
+        lr=1,
+        grad_norm=1,
+        loss_scale=1,
+        iais_weight=1,
+        nonfinite_steps=1,
+        **{"isd/L": 1, "isd/V": 1},
+    )
     metrics.log_step(1, step)
     metrics.log_eval(1, {"loss/itm": 1, "recall/t2i@1": 0.5, "isd/L": 1})
     metrics.add_bad_samples({"decode_error": 1})
@@ -156,8 +171,7 @@ def test_scrape_config_targets_the_default_per_rank_ports():
 
 def test_promtool_accepts_config_and_rules(promtool):
     for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
-        proc = subprocess.run([promtool, *args], cwd=CLUSTER / "prometheus", capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run([promtool, *args], cwd=CLUSTER / "prometheus", capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -191,7 +205,8 @@ tests:
           - exp_labels: {{severity: critical, rank: "0", run: stuck}}
             exp_annotations:
               summary: "relalign run stuck rank 0: no optimiser step for 15 minutes"
-              description: "A stalled loader, a hung collective or a lost rank. Check the job log and the watchdog's message."
+              description: "A stalled loader, a hung collective or a lost rank.
+                Check the job log and the watchdog's message."
       - eval_time: 10m
         alertname: RelalignNonFiniteLoss
         exp_alerts:
@@ -205,7 +220,8 @@ tests:
           - exp_labels: {{severity: warning, run: stuck}}
             exp_annotations:
               summary: "relalign run stuck: 5% of samples are bad"
-              description: "More than 1% of samples are skipped (see relalign_bad_samples_total by reason); check the shards with `python -m data_tools verify`."
+              description: "More than 1% of samples are skipped (see relalign_bad_samples_total by reason);
+                check the shards with `python -m data_tools verify`."
   - interval: 1m
     input_series:
       - series: 'relalign_checkpoint_last_success_timestamp_seconds{{rank="0",run="old"}}'

@@ -5,6 +5,7 @@ them with 1 slot each, and `deepspeed --hostfile ... --ssh_port 2222 --module pr
 tiny preset with one rank on each "node" (pdsh prefixes every line with the host it came from).
 Settings the remote shells need travel in the file DS_ENV_FILE names, as the launcher documents.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,16 +30,39 @@ def test_deepspeed_launcher_trains_on_two_hosts_over_ssh(sshd, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{host} slots=1\n" for host in HOSTS))
     ds_env = tmp_path / "deepspeed_env"  # exported on every node by the launcher
-    ds_env.write_text("DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nHF_HUB_OFFLINE=1\nTRANSFORMERS_OFFLINE=1\n"
-                      f"TORCH_EXTENSIONS_DIR={os.environ['TORCH_EXTENSIONS_DIR']}\n")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    ds_env.write_text(
+        "DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nHF_HUB_OFFLINE=1\nTRANSFORMERS_OFFLINE=1\n"
+        f"TORCH_EXTENSIONS_DIR={os.environ['TORCH_EXTENSIONS_DIR']}\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")
+    }
     env.update(DS_ENV_FILE=str(ds_env), PYTHONUNBUFFERED="1")
     run_dir = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--ssh_port", str(sshd.port), "--master_addr", HOSTS[0],
-           "--master_port", str(free_port()), "--module", "pretrain", "--config", "configs/tiny.yaml",
-           f"data.paths=[{data}]", f"run.dir={run_dir}", f"data.batch_size={BATCH}", f"train.steps={STEPS}",
-           "train.log_every=5", "metrics.enabled=false", "train.lost_rank_timeout_s=120"]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--hostfile",
+        str(hostfile),
+        "--ssh_port",
+        str(sshd.port),
+        "--master_addr",
+        HOSTS[0],
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "pretrain",
+        "--config",
+        "configs/tiny.yaml",
+        f"data.paths=[{data}]",
+        f"run.dir={run_dir}",
+        f"data.batch_size={BATCH}",
+        f"train.steps={STEPS}",
+        "train.log_every=5",
+        "metrics.enabled=false",
+        "train.lost_rank_timeout_s=120",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:] + sshd.log()

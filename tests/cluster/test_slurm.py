@@ -13,6 +13,7 @@ from `latest` and end with the reference's final step, data order (recorded keys
 config ends the job with code 2 without a requeue. build_shards.sbatch runs as a job array whose
 merge job waits with --dependency=afterok.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,20 +56,39 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def overrides(data: Path, *more: str) -> list[str]:
-    return [f"data.paths=[{data}]", f"data.batch_size={BATCH}", f"train.steps={STEPS}", "train.log_every=1",
-            "train.record_keys=true", "checkpoint.every_steps=0", "train.lost_rank_timeout_s=120", *more]
+    return [
+        f"data.paths=[{data}]",
+        f"data.batch_size={BATCH}",
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "train.record_keys=true",
+        "checkpoint.every_steps=0",
+        "train.lost_rank_timeout_s=120",
+        *more,
+    ]
 
 
 def readme_env(slurm: SlurmCluster, command: Command, **host: str) -> dict[str, str]:
     """The environment a README command runs in: job_env, then the README's assignments, then `host`
     (values that name this host's resources, replacing the README's); metrics on each node's own
     address, at a port free here."""
-    return {**job_env(METRICS_HOST="node", METRICS_PORT=str(free_port())), **command.env, **host,
-            "SLURM_CONF": str(slurm.conf)}
+    return {
+        **job_env(METRICS_HOST="node", METRICS_PORT=str(free_port())),
+        **command.env,
+        **host,
+        "SLURM_CONF": str(slurm.conf),
+    }
 
 
-def submit(slurm: SlurmCluster, clone: Path, env: dict[str, str], args: list[str], *, wait: bool,
-           template: str = "pretrain.sbatch") -> tuple[str, int]:
+def submit(
+    slurm: SlurmCluster,
+    clone: Path,
+    env: dict[str, str],
+    args: list[str],
+    *,
+    wait: bool,
+    template: str = "pretrain.sbatch",
+) -> tuple[str, int]:
     """sbatch a template from `clone` (a fresh clone: fresh_clone) with the test cluster's sizes, adding
     no --output (with --wait: until it ends); returns the job id and sbatch's exit code."""
     cmd = ["sbatch", "--parsable", *SMALL, *(["--wait"] if wait else []), f"cluster/slurm/{template}", *args]
@@ -130,8 +150,9 @@ def reference(slurm, dataset, tmp_path_factory):
     polls: list[dict[str, float]] = []  # rank -> relalign_steps_total, one dict per query
     try:
         start = time.monotonic()
-        proc = subprocess.Popen(command.argv, cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            command.argv, cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         while proc.poll() is None and time.monotonic() - start < JOB_TIMEOUT_S:
             result = prometheus.query('relalign_steps_total{job="relalign"}')
             polls.append({r["metric"]["rank"]: float(r["value"][1]) for r in result})
@@ -144,8 +165,16 @@ def reference(slurm, dataset, tmp_path_factory):
         prometheus.stop()
     job_id = submitted_job_id(stdout) if "Submitted batch job" in stdout else "?"
     print(f"reference Slurm job: {seconds:.1f} s")
-    return {"run_dir": clone / command.env["RUN_DIR"], "job_id": job_id, "code": proc.returncode, "polls": polls,
-            "out": clone, "stderr": stderr, "targets": targets, "steps": int(_override(command, "train.steps"))}
+    return {
+        "run_dir": clone / command.env["RUN_DIR"],
+        "job_id": job_id,
+        "code": proc.returncode,
+        "polls": polls,
+        "out": clone,
+        "stderr": stderr,
+        "targets": targets,
+        "steps": int(_override(command, "train.steps")),
+    }
 
 
 def _override(command: Command, name: str) -> str:
@@ -185,8 +214,9 @@ def test_preempted_job_requeues_and_ends_like_the_uninterrupted_one(slurm, datas
     command = sbatch_command("pretrain.sbatch")
     run_dir = clone / command.env["RUN_DIR"]
     env = readme_env(slurm, command, PROM_TARGETS_DIR=str(tmp_path / "targets"))
-    proc = subprocess.Popen(command.argv, cwd=clone, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        command.argv, cwd=clone, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         # Preempt once both ranks are in the loop (each has recorded a consumed batch), as Slurm would.
         keys = [run_dir / "keys" / f"rank{r}.txt" for r in (0, 1)]
@@ -211,8 +241,10 @@ def test_preempted_job_requeues_and_ends_like_the_uninterrupted_one(slurm, datas
     keys, reference_keys = read_keys(run_dir), read_keys(reference["run_dir"])
     assert len({(e, k) for e, _, k in keys}) == len(keys), "a sample was consumed twice in one epoch"
     assert sorted(keys) == sorted(reference_keys)
-    assert_same_weights(model_state(run_dir / "checkpoints" / latest_tag(run_dir)),
-                        model_state(reference["run_dir"] / "checkpoints" / latest_tag(reference["run_dir"])))
+    assert_same_weights(
+        model_state(run_dir / "checkpoints" / latest_tag(run_dir)),
+        model_state(reference["run_dir"] / "checkpoints" / latest_tag(reference["run_dir"])),
+    )
 
 
 def test_a_bad_config_ends_the_job_with_its_code_and_no_requeue(slurm, dataset, tmp_path):
@@ -227,9 +259,14 @@ def test_a_bad_config_ends_the_job_with_its_code_and_no_requeue(slurm, dataset, 
 
 
 def test_dry_run_prints_the_command_and_submits_nothing(tmp_path):
-    proc = subprocess.run(["bash", str(TEMPLATE), "train.steps=3"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "DRY_RUN": "1", "CONFIG": "configs/tiny.yaml", "RUN_DIR": "runs/x"},
-                          timeout=30)
+    proc = subprocess.run(
+        ["bash", str(TEMPLATE), "train.steps=3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DRY_RUN": "1", "CONFIG": "configs/tiny.yaml", "RUN_DIR": "runs/x"},
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "python -m pretrain --config configs/tiny.yaml --resume auto run.dir=runs/x" in proc.stdout
     assert proc.stdout.rstrip().endswith("train.steps=3") and not (tmp_path / "logs").exists()
@@ -254,26 +291,47 @@ def test_build_shards_array_then_merge_after_ok_equals_one_build(slurm, tmp_path
     # the merge started only after both parts ended (afterok on the whole array)
     ends = [slurm.job_field(f"{array_id}_{t}", "EndTime") for t in (0, 1)]
     assert slurm.job_field(merge_id, "StartTime") >= max(ends)
-    verify = subprocess.run([sys.executable, "-m", "data_tools", "verify", str(out)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    verify = subprocess.run(
+        [sys.executable, "-m", "data_tools", "verify", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "data_tools", "build", command.env["FORMAT"], *args.split(),
-                    "--out", str(one)],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "data_tools", "build", command.env["FORMAT"], *args.split(), "--out", str(one)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     same_dataset(one, out)
 
 
 def test_build_shards_dry_run_prints_the_merge_and_the_build(tmp_path):
-    env = {**os.environ, "DRY_RUN": "1", "FORMAT": "synthetic", "OUT": "data/x", "ARGS": "--samples 8",
-           "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "41"}
-    proc = subprocess.run(["bash", str(SHARDS_TEMPLATE)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=30)
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "FORMAT": "synthetic",
+        "OUT": "data/x",
+        "ARGS": "--samples 8",
+        "SLURM_ARRAY_TASK_COUNT": "2",
+        "SLURM_ARRAY_TASK_ID": "0",
+        "SLURM_ARRAY_JOB_ID": "41",
+    }
+    proc = subprocess.run(
+        ["bash", str(SHARDS_TEMPLATE)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stderr
     merge, build = proc.stdout.splitlines()
     assert merge.startswith("sbatch --dependency=afterok:41 --job-name=relalign-shards-merge")
-    assert build.strip() == ("srun python -m data_tools build synthetic --samples 8 --out data/x --workers 1 "
-                             "--num-parts 2 --part 0")
+    assert build.strip() == (
+        "srun python -m data_tools build synthetic --samples 8 --out data/x --workers 1 --num-parts 2 --part 0"
+    )
     assert not (tmp_path / "logs").exists()
 
 
@@ -296,13 +354,19 @@ def trainer_pid(job_id: str, rank: int) -> int | None:
 
 def test_a_rank_killed_with_sigkill_ends_the_job_with_137_and_no_requeue(slurm, dataset, tmp_path):
     run_dir, clone = tmp_path / "run", fresh_clone(tmp_path / "relalign")
-    job_id, _ = submit(slurm, clone, job_env(RUN_DIR=str(run_dir)),
-                       overrides(dataset, "metrics.enabled=false", "train.steps=200"), wait=False)
+    job_id, _ = submit(
+        slurm,
+        clone,
+        job_env(RUN_DIR=str(run_dir)),
+        overrides(dataset, "metrics.enabled=false", "train.steps=200"),
+        wait=False,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert time.monotonic() < deadline and slurm.job_field(job_id, "JobState") in ("PENDING", "RUNNING"), \
+        assert time.monotonic() < deadline and slurm.job_field(job_id, "JobState") in ("PENDING", "RUNNING"), (
             job_output(clone, job_id)
+        )
         time.sleep(0.2)
     pid = trainer_pid(job_id, 1)
     assert pid is not None

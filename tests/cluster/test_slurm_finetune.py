@@ -7,6 +7,7 @@ at the README's paths. The template finetunes as a 2-node x 1-task job and then 
 run with one task: the job completes, each rank ran on its own node, the finetuning checkpoint exists,
 and `<run>/eval/<name>/report.json` and report.md hold recall figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,16 +37,32 @@ def test_finetune_job_trains_from_the_pretraining_run_and_writes_the_report(slur
     build_synthetic(clone / data, samples=48)
     eval_data = build_synthetic(clone / command.env["EVAL_DATA"], samples=32)
     pretrained = command.env["INIT"]
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "--config", command.env["CONFIG"], f"data.paths=[{data}]",
-                           f"run.dir={pretrained}", "metrics.enabled=false", "train.steps=2", "data.batch_size=8"],
-                          cwd=clone, env={**env_for(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                          timeout=JOB_TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "--config",
+            command.env["CONFIG"],
+            f"data.paths=[{data}]",
+            f"run.dir={pretrained}",
+            "metrics.enabled=false",
+            "train.steps=2",
+            "data.batch_size=8",
+        ],
+        cwd=clone,
+        env={**env_for(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run_dir = clone / command.env["RUN_DIR"]
     start = time.monotonic()
-    proc = subprocess.run(command.argv, cwd=clone, env=readme_env(slurm, command), capture_output=True, text=True,
-                          timeout=JOB_TIMEOUT_S)
+    proc = subprocess.run(
+        command.argv, cwd=clone, env=readme_env(slurm, command), capture_output=True, text=True, timeout=JOB_TIMEOUT_S
+    )
     print(f"finetune Slurm job: {time.monotonic() - start:.1f} s")
     job_id = submitted_job_id(proc.stdout)
     output = job_output(clone, job_id)
@@ -77,14 +94,24 @@ def test_finetune_job_trains_from_the_pretraining_run_and_writes_the_report(slur
 
 
 def test_finetune_dry_run_prints_training_and_evaluation_and_needs_init(tmp_path):
-    env = {**os.environ, "DRY_RUN": "1", "CONFIG": "configs/tiny.yaml", "RUN_DIR": "runs/ft", "INIT": "runs/pre",
-           "EVAL_DATA": "data/test", "EVAL_K": "8"}
-    proc = subprocess.run(["bash", str(TEMPLATE), "train.steps=3"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=30)
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "CONFIG": "configs/tiny.yaml",
+        "RUN_DIR": "runs/ft",
+        "INIT": "runs/pre",
+        "EVAL_DATA": "data/test",
+        "EVAL_K": "8",
+    }
+    proc = subprocess.run(
+        ["bash", str(TEMPLATE), "train.steps=3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stderr
     train, evaluate = proc.stdout.splitlines()[1], proc.stdout.splitlines()[3]
-    assert train.strip() == ("python -m finetune --config configs/tiny.yaml --init runs/pre --resume auto "
-                             "run.dir=runs/ft metrics.host=0.0.0.0 metrics.port=9400 train.steps=3")
+    assert train.strip() == (
+        "python -m finetune --config configs/tiny.yaml --init runs/pre --resume auto "
+        "run.dir=runs/ft metrics.host=0.0.0.0 metrics.port=9400 train.steps=3"
+    )
     assert evaluate.strip() == "python -m finetune evaluate runs/ft --data data/test --mode rerank --k 8 --no-progress"
     assert not (tmp_path / "logs").exists()
     del env["INIT"]

@@ -1,6 +1,7 @@
 """Tiny inputs for the builder tests, written into a temporary folder: generated JPEGs, a COCO layout,
 a Karpathy json, a Flickr30k Entities sample, CSV/TSV/Parquet tables, a name.jpg + name.txt folder
 and an img2dataset-style tar. Each fixture plants the bad cases the builders must survive."""
+
 from __future__ import annotations
 
 import io
@@ -45,6 +46,7 @@ def read_samples(dataset: Path) -> dict[str, dict]:
     for row in table.to_pylist():
         members = json.loads(row["members"])
         with open(info.resolve(dataset, info.shards[row["shard"]].location), "rb") as f:
+
             def member(ext):
                 f.seek(members[ext][0])
                 return f.read(members[ext][1])
@@ -73,8 +75,14 @@ def tiny_coco(tmp_path: Path) -> Path:
     images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 64 + 8 * i, "height": 48} for i in (1, 2, 3, 4, 5, 6)]
     images[3]["width"] = 72  # image 4 is image 1's bytes
     caps = [
-        (1, "a dog on a sofa"), (1, "a brown dog resting"), (2, "two cats"), (2, "   "), (3, "a red bus"),
-        (4, "a dog lying on a couch"), (5, "a missing picture"), (6, "a broken file"),
+        (1, "a dog on a sofa"),
+        (1, "a brown dog resting"),
+        (2, "two cats"),
+        (2, "   "),
+        (3, "a red bus"),
+        (4, "a dog lying on a couch"),
+        (5, "a missing picture"),
+        (6, "a broken file"),
     ]
     annotations = [{"id": 100 + n, "image_id": i, "caption": c} for n, (i, c) in enumerate(caps)]
     write(root / "annotations" / "captions_train2017.json", json.dumps({"images": images, "annotations": annotations}))
@@ -83,7 +91,10 @@ def tiny_coco(tmp_path: Path) -> Path:
         {"id": 2, "image_id": 3, "bbox": [0.0, 0.0, 30.5, 12.0], "category_id": 6},
     ]
     categories = [{"id": 18, "name": "dog"}, {"id": 6, "name": "bus"}]
-    write(root / "annotations" / "instances_train2017.json", json.dumps({"images": images, "annotations": instances, "categories": categories}))
+    write(
+        root / "annotations" / "instances_train2017.json",
+        json.dumps({"images": images, "annotations": instances, "categories": categories}),
+    )
     return root
 
 
@@ -94,11 +105,24 @@ def karpathy(tmp_path: Path) -> Path:
     entries = []
     for i, split in enumerate(["train", "train", "val", "test", "restval"]):
         write(root / "images" / f"{1000 + i}.jpg", image_bytes(10 + i))
-        entries.append({
-            "filename": f"{1000 + i}.jpg", "imgid": i, "split": split,
-            "sentences": [{"raw": f"caption {j} of image {i} .", "tokens": [], "sentid": 5 * i + j} for j in range(2)],
-        })
-    entries.append({"filename": "9999.jpg", "imgid": 9, "split": "train", "sentences": [{"raw": "gone", "tokens": [], "sentid": 99}]})
+        entries.append(
+            {
+                "filename": f"{1000 + i}.jpg",
+                "imgid": i,
+                "split": split,
+                "sentences": [
+                    {"raw": f"caption {j} of image {i} .", "tokens": [], "sentid": 5 * i + j} for j in range(2)
+                ],
+            }
+        )
+    entries.append(
+        {
+            "filename": "9999.jpg",
+            "imgid": 9,
+            "split": "train",
+            "sentences": [{"raw": "gone", "tokens": [], "sentid": 99}],
+        }
+    )
     write(root / "dataset_flickr30k.json", json.dumps({"dataset": "flickr30k", "images": entries}))
     return root
 
@@ -120,14 +144,20 @@ def flickr_entities(tmp_path: Path) -> Path:
     for image_id, lines in FLICKR_SENTENCES.items():
         write(root / "Sentences" / f"{image_id}.txt", "\n".join(lines) + "\n")
         write(root / "images" / f"{image_id}.jpg", image_bytes(int(image_id), (100, 80)))
-    write(root / "Annotations" / "101.xml", """<annotation><size><width>100</width><height>80</height><depth>3</depth></size>
+    write(
+        root / "Annotations" / "101.xml",
+        """<annotation><size><width>100</width><height>80</height><depth>3</depth></size>
 <object><name>1</name><bndbox><xmin>10</xmin><ymin>5</ymin><xmax>40</xmax><ymax>70</ymax></bndbox></object>
 <object><name>2</name><bndbox><xmin>15</xmin><ymin>5</ymin><xmax>30</xmax><ymax>15</ymax></bndbox></object>
-<object><name>3</name><nobndbox>1</nobndbox></object></annotation>""")
-    write(root / "Annotations" / "102.xml", """<annotation><size><width>100</width><height>80</height><depth>3</depth></size>
+<object><name>3</name><nobndbox>1</nobndbox></object></annotation>""",
+    )
+    write(
+        root / "Annotations" / "102.xml",
+        """<annotation><size><width>100</width><height>80</height><depth>3</depth></size>
 <object><name>7</name><bndbox><xmin>0</xmin><ymin>0</ymin><xmax>20</xmax><ymax>20</ymax></bndbox></object>
 <object><name>7</name><bndbox><xmin>50</xmin><ymin>40</ymin><xmax>99</xmax><ymax>79</ymax></bndbox></object>
-<object><name>8</name><scene>1</scene></object></annotation>""")
+<object><name>8</name><scene>1</scene></object></annotation>""",
+    )
     write(root / "Sentences" / "103.txt", "[/EN#1/people A woman] sings .\n")
     write(root / "images" / "103.jpg", image_bytes(103))
     write(root / "Annotations" / "103.xml", "<annotation><size>")
@@ -145,12 +175,16 @@ def tables(tmp_path: Path) -> Path:
     root = tmp_path / "table"
     for i in range(3):
         write(root / "images" / f"p{i}.jpg", image_bytes(30 + i))
-    rows = {"path": ["images/p0.jpg", "images/p1.jpg", "images/p2.jpg", "images/none.jpg"],
-            "text": ["first photo", "second, with a comma", "", "missing"]}
+    rows = {
+        "path": ["images/p0.jpg", "images/p1.jpg", "images/p2.jpg", "images/none.jpg"],
+        "text": ["first photo", "second, with a comma", "", "missing"],
+    }
     pq.write_table(pa.table(rows), root / "rows.parquet")
     lines = ["path,text"] + [f'{p},"{t}"' for p, t in zip(rows["path"], rows["text"])]
     write(root / "rows.csv", "\n".join(lines) + "\n")
-    write(root / "rows.tsv", "\n".join(["path\ttext"] + [f"{p}\t{t}" for p, t in zip(rows["path"], rows["text"])]) + "\n")
+    write(
+        root / "rows.tsv", "\n".join(["path\ttext"] + [f"{p}\t{t}" for p, t in zip(rows["path"], rows["text"])]) + "\n"
+    )
     return root
 
 
@@ -188,16 +222,32 @@ def img2dataset_tar(path: Path, samples: list[tuple[str, bytes | None, str, dict
 def img2dataset_dir(tmp_path: Path) -> Path:
     """Two img2dataset shards (00000.tar, 00001.tar) with stats files; one sample has a corrupt image."""
     root = tmp_path / "i2d"
+
     def meta(key, url):
-        return {"url": url, "key": key, "status": "success", "error_message": None, "width": 40, "height": 30, "caption": "x"}
-    img2dataset_tar(root / "00000.tar", [
-        ("000000000", image_bytes(50), "a first web image", meta("000000000", "http://e/0.jpg")),
-        ("000000001", image_bytes(51), "a second web image", meta("000000001", "http://e/1.jpg")),
-        ("000000002", b"\xff\xd8garbage", "a broken download", meta("000000002", "http://e/2.jpg")),
-    ])
-    img2dataset_tar(root / "00001.tar", [
-        ("000010000", image_bytes(52), "a third web image", meta("000010000", "http://e/3.jpg")),
-    ])
+        return {
+            "url": url,
+            "key": key,
+            "status": "success",
+            "error_message": None,
+            "width": 40,
+            "height": 30,
+            "caption": "x",
+        }
+
+    img2dataset_tar(
+        root / "00000.tar",
+        [
+            ("000000000", image_bytes(50), "a first web image", meta("000000000", "http://e/0.jpg")),
+            ("000000001", image_bytes(51), "a second web image", meta("000000001", "http://e/1.jpg")),
+            ("000000002", b"\xff\xd8garbage", "a broken download", meta("000000002", "http://e/2.jpg")),
+        ],
+    )
+    img2dataset_tar(
+        root / "00001.tar",
+        [
+            ("000010000", image_bytes(52), "a third web image", meta("000010000", "http://e/3.jpg")),
+        ],
+    )
     write(root / "00000_stats.json", json.dumps({"count": 3, "successes": 3}))
     write(root / "00001_stats.json", json.dumps({"count": 1, "successes": 1}))
     return root

@@ -15,6 +15,7 @@ Positions: the index of a sample in the epoch list. A cursor (what order.py resu
 here from the contract's words: per stream the samples consumed, with layout, seed, epoch, datasets
 and, in the oldest format order.py still reads (1), the base as [start, end] pairs.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,11 @@ def seeded_permutation(n: int, *words: int) -> list[int]:
 
 def dataset_order(shards: tuple[int, ...], seed: int, epoch: int, dataset: int, repeat: int) -> list[tuple]:
     """One pass over a dataset: its shards permuted by (seed, epoch, dataset, repeat), samples in stored order."""
-    return [(dataset, repeat, shard, i)
-            for shard in seeded_permutation(len(shards), SHARD_TAG, seed, epoch, dataset, repeat)
-            for i in range(shards[shard])]
+    return [
+        (dataset, repeat, shard, i)
+        for shard in seeded_permutation(len(shards), SHARD_TAG, seed, epoch, dataset, repeat)
+        for i in range(shards[shard])
+    ]
 
 
 def epoch_list(sources: list[tuple[tuple[int, ...], float]], seed: int, epoch: int) -> list[tuple]:
@@ -56,7 +59,7 @@ def cut(base: list[int], streams: int) -> list[list[int]]:
     out, start = [], 0
     for s in range(streams):
         length = len(base) // streams + (1 if s < len(base) % streams else 0)
-        out.append(base[start:start + length])
+        out.append(base[start : start + length])
         start += length
     return out
 
@@ -65,7 +68,7 @@ def deliver(stream: list[int], shuffle_block: int, seed: int, epoch: int) -> lis
     """A stream's range, each consecutive block shuffled by (seed, epoch, position of its first entry)."""
     out = []
     for b in range(0, len(stream), shuffle_block):
-        block = stream[b:b + shuffle_block]
+        block = stream[b : b + shuffle_block]
         out += [block[i] for i in seeded_permutation(len(block), BLOCK_TAG, seed, epoch, block[0])]
     return out
 
@@ -89,7 +92,7 @@ class Epoch:
 
     def consume(self, stream: int, count: int) -> list[int]:
         """The trainer consumed the stream's next `count` samples (in delivery order)."""
-        taken = self.deliveries[stream][self.positions[stream]:self.positions[stream] + count]
+        taken = self.deliveries[stream][self.positions[stream] : self.positions[stream] + count]
         self.positions[stream] += len(taken)
         return taken
 
@@ -114,10 +117,13 @@ class Epoch:
             else:
                 pairs.append([p, p + 1])
         return {
-            "format": 1, "seed": self.seed, "epoch": self.epoch,
+            "format": 1,
+            "seed": self.seed,
+            "epoch": self.epoch,
             "datasets": [{"sha256": h, "samples": sum(s), "weight": w} for h, (s, w) in zip(sha256s, self.sources)],
             "layout": {"world_size": world, "workers": workers, "batch_size": batch_size, "shuffle_block": block},
             "base": pairs,
-            "streams": [{"position": n, "batches": min(self.batches_per_stream, -(-n // batch_size))}
-                        for n in self.positions],
+            "streams": [
+                {"position": n, "batches": min(self.batches_per_stream, -(-n // batch_size))} for n in self.positions
+            ],
         }

@@ -1,6 +1,7 @@
 """A small real HTTP server for shard tests: serves a folder on 127.0.0.1 with Range requests and
 ETags (what object stores and nginx do), and can drop the connection of a chosen file's first GET
 after a number of bytes, as a flaky network does. Every request is logged (path, Range header)."""
+
 from __future__ import annotations
 
 import hashlib

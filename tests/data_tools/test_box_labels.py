@@ -1,6 +1,7 @@
 """Box categories (json `box_labels`): written by the synthetic and COCO builders, listed in
 dataset.json, carried through the crop to the batch's `box_categories`, and tokenised as Oscar's
 object tags when `data.max_tag_len` > 0."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """COCO builder: captions grouped per image, boxes from instances (scaled with --resize), duplicates
 merged, bad files rejected and listed; and the real coco_mini subset where it is present."""
+
 from __future__ import annotations
 
 import io
@@ -20,7 +21,11 @@ def test_coco_tiny(tiny_coco, tmp_path):
     samples = read_samples(out)
     assert sorted(samples) == ["000000000001", "000000000002", "000000000003"]
     # image 4 has image 1's bytes: one sample, captions merged in listing order
-    assert samples["000000000001"]["meta"]["captions"] == ["a dog on a sofa", "a brown dog resting", "a dog lying on a couch"]
+    assert samples["000000000001"]["meta"]["captions"] == [
+        "a dog on a sofa",
+        "a brown dog resting",
+        "a dog lying on a couch",
+    ]
     assert samples["000000000002"]["meta"]["captions"] == ["two cats"]  # the blank caption is dropped
     assert samples["000000000001"]["meta"]["boxes"] == [[4.0, 6.0, 20.0, 10.0]]
     assert samples["000000000001"]["meta"]["box_labels"] == ["dog"]
@@ -31,7 +36,10 @@ def test_coco_tiny(tiny_coco, tmp_path):
         assert s["row"]["content_hash"] == content_hash(original) and s["row"]["split"] == "train2017"
         assert s["meta"]["image_id"] == str(int(key)) and s["meta"]["source"] == "coco"
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
-    assert {(r["key"], r["reason"]) for r in rejected} == {("000000000005", "missing_image"), ("000000000006", "decode_error")}
+    assert {(r["key"], r["reason"]) for r in rejected} == {
+        ("000000000005", "missing_image"),
+        ("000000000006", "decode_error"),
+    }
     assert all(r["source"].endswith(".jpg") for r in rejected)
     assert info.rejected == {"decode_error": 1, "missing_image": 1}
     assert info.total_samples == 3 == table.num_rows
@@ -67,7 +75,24 @@ def test_coco_bad_arguments(tiny_coco, tmp_path, capsys, extra, message):
 
 def test_coco_mini_real(coco_mini, tmp_path):
     out = tmp_path / "val"
-    assert build("build", "coco", str(coco_mini), "--split", "val2017", "--out", str(out), "--resize", "256", "--shard-samples", "64", "--workers", "2") == 0
+    assert (
+        build(
+            "build",
+            "coco",
+            str(coco_mini),
+            "--split",
+            "val2017",
+            "--out",
+            str(out),
+            "--resize",
+            "256",
+            "--shard-samples",
+            "64",
+            "--workers",
+            "2",
+        )
+        == 0
+    )
     info, table = load_dataset(out)
     captions = json.loads((coco_mini / "annotations" / "captions_val2017.json").read_text())
     hashes = {content_hash(p.read_bytes()) for p in (coco_mini / "images" / "val2017").glob("*.jpg")}
@@ -83,15 +108,23 @@ def test_coco_mini_real(coco_mini, tmp_path):
 
 
 def test_shard_bytes_cut_by_input_bytes(tiny_coco, tmp_path):
-    sizes = sorted(p.stat().st_size for p in (tiny_coco / "images" / "train2017").glob("*.jpg") if p.stat().st_size > 100)
+    sizes = sorted(
+        p.stat().st_size for p in (tiny_coco / "images" / "train2017").glob("*.jpg") if p.stat().st_size > 100
+    )
     limit = sizes[0] + sizes[1]  # room for the two smallest images together, not for two larger ones
     out = tmp_path / "o"
     assert build("build", "coco", str(tiny_coco), "--shard-bytes", str(limit), "--out", str(out)) == 0
     info, table = load_dataset(out)
-    inputs = {k: (tiny_coco / "images" / "train2017" / f"{k}.jpg").stat().st_size for k in table.column("key").to_pylist()}
+    inputs = {
+        k: (tiny_coco / "images" / "train2017" / f"{k}.jpg").stat().st_size for k in table.column("key").to_pylist()
+    }
     per_shard: dict[int, int] = {}
     for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):
         per_shard[shard] = per_shard.get(shard, 0) + inputs[key]
     assert len(info.shards) >= 2 and all(v <= limit for v in per_shard.values())
     assert build("build", "coco", str(tiny_coco), "--shard-bytes", "1K", "--out", str(tmp_path / "k")) == 0
-    assert [s.samples for s in load_dataset(tmp_path / "k")[0].shards] == [1, 1, 1]  # every image > 1 KiB: one per shard
+    assert [s.samples for s in load_dataset(tmp_path / "k")[0].shards] == [
+        1,
+        1,
+        1,
+    ]  # every image > 1 KiB: one per shard

@@ -1,5 +1,6 @@
 """Builders for karpathy, flickr30k-entities, table (CSV/TSV/Parquet), folder and img2dataset on tiny
 generated inputs: samples, captions, annotations, rejects by reason, and bad arguments (exit 2)."""
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,40 @@ def rejected(out) -> set[tuple[str, str]]:
 
 def test_karpathy_splits(karpathy, tmp_path):
     out = tmp_path / "tr"
-    assert build("build", "karpathy", str(karpathy / "dataset_flickr30k.json"), "--images", str(karpathy / "images"), "--split", "train,restval", "--out", str(out)) == 0
+    assert (
+        build(
+            "build",
+            "karpathy",
+            str(karpathy / "dataset_flickr30k.json"),
+            "--images",
+            str(karpathy / "images"),
+            "--split",
+            "train,restval",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     samples = read_samples(out)
     assert sorted(samples) == ["000000000", "000000001", "000000004"]
     assert samples["000000004"]["meta"]["split"] == "restval" and samples["000000004"]["meta"]["image_id"] == "1004"
     assert samples["000000001"]["meta"]["captions"] == ["caption 0 of image 1 .", "caption 1 of image 1 ."]
     assert rejected(out) == {("000000009", "missing_image")}
     out = tmp_path / "test"
-    assert build("build", "karpathy", str(karpathy / "dataset_flickr30k.json"), "--images", str(karpathy / "images"), "--split", "test", "--out", str(out)) == 0
+    assert (
+        build(
+            "build",
+            "karpathy",
+            str(karpathy / "dataset_flickr30k.json"),
+            "--images",
+            str(karpathy / "images"),
+            "--split",
+            "test",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     assert list(read_samples(out)) == ["000000003"]
 
 
@@ -37,19 +64,50 @@ def test_flickr30k_entities_phrases_and_boxes(flickr_entities, tmp_path):
     assert m["captions"] == ["A man in an orange hat looks at something .", "A person wears a hat ."]
     assert m["boxes"] == [[10.0, 5.0, 30.0, 65.0], [15.0, 5.0, 15.0, 10.0]]
     linked = [(m["captions"][p["caption"]][slice(*p["span"])], p["boxes"]) for p in m["phrases"]]
-    assert linked == [("A man", [0]), ("an orange hat", [1]), ("A person", [0]), ("a hat", [1])]  # "something" has no box
+    assert linked == [
+        ("A man", [0]),
+        ("an orange hat", [1]),
+        ("A person", [0]),
+        ("a hat", [1]),
+    ]  # "something" has no box
     m = samples["102"]["meta"]
     assert m["phrases"] == [{"caption": 0, "span": [0, 8], "boxes": [0, 1]}]  # two dogs, two boxes; the scene gets none
     assert rejected(out) == {("103", "bad_metadata")}
     resized = tmp_path / "r"
-    assert build("build", "flickr30k-entities", str(flickr_entities), "--split", "test", "--resize", "50", "--out", str(resized)) == 0
+    assert (
+        build(
+            "build",
+            "flickr30k-entities",
+            str(flickr_entities),
+            "--split",
+            "test",
+            "--resize",
+            "50",
+            "--out",
+            str(resized),
+        )
+        == 0
+    )
     assert read_samples(resized)["102"]["meta"]["boxes"] == [[0.0, 0.0, 10.0, 10.0], [25.0, 20.0, 24.5, 19.5]]
 
 
 @pytest.mark.parametrize("name", ["rows.csv", "rows.tsv", "rows.parquet"])
 def test_table_formats(tables, tmp_path, name):
     out = tmp_path / name
-    assert build("build", "table", str(tables / name), "--image-column", "path", "--caption-column", "text", "--out", str(out)) == 0
+    assert (
+        build(
+            "build",
+            "table",
+            str(tables / name),
+            "--image-column",
+            "path",
+            "--caption-column",
+            "text",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     samples = read_samples(out)
     assert [s["meta"]["captions"] for s in samples.values()] == [["first photo"], ["second, with a comma"]]
     assert [s["meta"]["image_id"] for s in samples.values()] == ["images/p0.jpg", "images/p1.jpg"]
@@ -57,9 +115,25 @@ def test_table_formats(tables, tmp_path, name):
 
 
 def test_table_unknown_column_exit_2(tables, tmp_path, capsys):
-    assert build("build", "table", str(tables / "rows.csv"), "--image-column", "path", "--caption-column", "caption", "--out", str(tmp_path / "o")) == 2
+    assert (
+        build(
+            "build",
+            "table",
+            str(tables / "rows.csv"),
+            "--image-column",
+            "path",
+            "--caption-column",
+            "caption",
+            "--out",
+            str(tmp_path / "o"),
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert err == f"data_tools: error: --caption-column caption: no such column in {tables / 'rows.csv'} (columns: path, text)"
+    assert (
+        err
+        == f"data_tools: error: --caption-column caption: no such column in {tables / 'rows.csv'} (columns: path, text)"
+    )
 
 
 def test_folder_pairs(image_folder, tmp_path):
@@ -92,12 +166,16 @@ def test_img2dataset_index_in_place(img2dataset_dir, tmp_path):
     out = tmp_path / "idx"
     assert build("build", "img2dataset", str(img2dataset_dir), "--out", str(out), "--workers", "2") == 0
     info, table = load_dataset(out)
-    assert [s.location for s in info.shards] == [str((img2dataset_dir / n).resolve()) for n in ("00000.tar", "00001.tar")]
+    assert [s.location for s in info.shards] == [
+        str((img2dataset_dir / n).resolve()) for n in ("00000.tar", "00001.tar")
+    ]
     assert [s.samples for s in info.shards] == [3, 1] and table.num_rows == 4
     assert info.rejected == {"decode_error": 1} and rejected(out) == {("000000002", "decode_error")}
     assert {p.name: p.read_bytes() for p in img2dataset_dir.glob("*.tar")} == before  # tars untouched
     samples = read_samples(out)
-    assert samples["000000001"]["txt"] == "a second web image" and samples["000000001"]["meta"]["url"] == "http://e/1.jpg"
+    assert (
+        samples["000000001"]["txt"] == "a second web image" and samples["000000001"]["meta"]["url"] == "http://e/1.jpg"
+    )
     assert samples["000000001"]["image"] == image_bytes(51)
     row = samples["000010000"]["row"]
     assert (row["shard"], row["width"], row["height"], row["num_captions"]) == (1, 40, 30, 1)
@@ -112,7 +190,11 @@ def test_img2dataset_refuses_pickles(tmp_path):
     with tarfile.open(root / "00001.tar", "w") as tar:
         import io
 
-        for name, data in (("000000001.jpg", image_bytes(2)), ("000000001.txt", b"has a pickle"), ("000000001.pth", b"\x80\x04")):
+        for name, data in (
+            ("000000001.jpg", image_bytes(2)),
+            ("000000001.txt", b"has a pickle"),
+            ("000000001.pth", b"\x80\x04"),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -150,7 +232,12 @@ def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_configured_pixel_limit_decides_not_pils(recwarn):

@@ -1,6 +1,7 @@
 """The real command line (subprocesses): user mistakes are one `data_tools: error:` line on stderr
 and exit code 2, never a traceback; `stream` is dispatched to the loader's command; the `relalign`
 console script mirrors `python -m data_tools`."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run(*argv: str, exe: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([*(exe or [sys.executable, "-m", "data_tools"]), *argv], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    return subprocess.run(
+        [*(exe or [sys.executable, "-m", "data_tools"]), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.parametrize(
@@ -24,7 +32,10 @@ def run(*argv: str, exe: list[str] | None = None) -> subprocess.CompletedProcess
     [
         ([], "the following arguments are required"),
         (["build", "coco", "{tmp}/nowhere", "--out", "{tmp}/o"], "coco ROOT {tmp}/nowhere: no such folder"),
-        (["build", "synthetic", "--samples", "ten", "--out", "{tmp}/o"], "argument --samples: invalid int value: 'ten'"),
+        (
+            ["build", "synthetic", "--samples", "ten", "--out", "{tmp}/o"],
+            "argument --samples: invalid int value: 'ten'",
+        ),
         (["build", "folder", "{tmp}", "--shard-bytes", "lots", "--out", "{tmp}/o"], "argument --shard-bytes"),
         (["verify", "{tmp}"], "dataset.json: missing"),
         (["merge", "{tmp}"], "no build state to merge"),
@@ -34,7 +45,9 @@ def test_one_line_exit_2(tmp_path, argv, message):
     result = run(*(a.format(tmp=tmp_path) for a in argv))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("data_tools: error: ") and message.format(tmp=tmp_path) in lines[0], result.stderr
+    assert (
+        len(lines) == 1 and lines[0].startswith("data_tools: error: ") and message.format(tmp=tmp_path) in lines[0]
+    ), result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -60,4 +73,9 @@ def test_relalign_console_script(tmp_path):
     if script is None:
         pytest.skip("the relalign console script is not installed in this environment")
     result = run("data", "verify", str(tmp_path), exe=[script])
-    assert result.returncode == 2 and result.stderr.strip() == f"data_tools: error: {tmp_path / 'dataset.json'}: missing (not a finished dataset: build it, or run merge after a parts build)"
+    assert (
+        result.returncode == 2
+        and result.stderr.strip()
+        == f"data_tools: error: {tmp_path / 'dataset.json'}: missing "
+        "(not a finished dataset: build it, or run merge after a parts build)"
+    )

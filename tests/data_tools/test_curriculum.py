@@ -2,6 +2,7 @@
 sample gets (the box's half of the canvas along an axis where its centre is clear of the centre line,
 the opposite half as the false caption; no caption for an unlabelled or centred box), and single-shape
 views that paint every other box over with the background while leaving the chosen one intact."""
+
 from __future__ import annotations
 
 import random
@@ -20,11 +21,13 @@ def batch(boxes: list[list[list[float]]], classes: list[list[int]], real: list[b
     pixels = torch.zeros(len(boxes), SIZE, SIZE, 3, dtype=torch.uint8)
     for i, rows in enumerate(boxes):
         for k, (x1, y1, x2, y2) in enumerate(rows):
-            pixels[i, int(y1):int(y2), int(x1):int(x2)] = 10 + k  # each box its own value
-    return {"boxes": [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes],
-            "box_categories": [torch.tensor(c, dtype=torch.long) for c in classes],
-            "sample_mask": torch.tensor(real if real is not None else [True] * len(boxes)),
-            "pixel_uint8": pixels}
+            pixels[i, int(y1) : int(y2), int(x1) : int(x2)] = 10 + k  # each box its own value
+    return {
+        "boxes": [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes],
+        "box_categories": [torch.tensor(c, dtype=torch.long) for c in classes],
+        "sample_mask": torch.tensor(real if real is not None else [True] * len(boxes)),
+        "pixel_uint8": pixels,
+    }
 
 
 def test_position_caption_names_the_half_the_box_lies_in_and_its_opposite():
@@ -35,8 +38,10 @@ def test_position_caption_names_the_half_the_box_lies_in_and_its_opposite():
         (pair,) = position_pairs(b, CATEGORIES, SIZE, random.Random(seed))
         assert pair.row == 0 and pair.box == 0
         seen.add((pair.true, pair.false))
-    assert seen == {("the red circle is left", "the red circle is right"),
-                    ("the red circle is below", "the red circle is above")}
+    assert seen == {
+        ("the red circle is left", "the red circle is right"),
+        ("the red circle is below", "the red circle is above"),
+    }
 
 
 def test_position_caption_uses_only_an_axis_clear_of_the_centre_line():
@@ -46,12 +51,15 @@ def test_position_caption_uses_only_an_axis_clear_of_the_centre_line():
     assert texts == {"the blue square is above"}
 
 
-@pytest.mark.parametrize("boxes, classes, real", [
-    ([[[12, 12, 20, 20]]], [[0]], [True]),              # centred on both axes
-    ([[[2, 2, 8, 8]]], [[-1]], [True]),                 # no label
-    ([[]], [[]], [True]),                               # no box
-    ([[[2, 2, 8, 8]]], [[0]], [False]),                 # padding slot
-])
+@pytest.mark.parametrize(
+    "boxes, classes, real",
+    [
+        ([[[12, 12, 20, 20]]], [[0]], [True]),  # centred on both axes
+        ([[[2, 2, 8, 8]]], [[-1]], [True]),  # no label
+        ([[]], [[]], [True]),  # no box
+        ([[[2, 2, 8, 8]]], [[0]], [False]),  # padding slot
+    ],
+)
 def test_no_position_caption_when_nothing_can_be_said(boxes, classes, real):
     assert position_pairs(batch(boxes, classes, real), CATEGORIES, SIZE, random.Random(0)) == []
 

@@ -1,6 +1,7 @@
 """The loader's pixel decoding (`images.decode_pixels`): the simplejpeg path for colour and grey JPEGs
 gives PIL's pixels bit for bit, everything else (CMYK, PNG, damaged bytes) goes through PIL, and
 every problem is the BadSample PIL's path reports."""
+
 from __future__ import annotations
 
 import io

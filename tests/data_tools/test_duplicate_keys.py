@@ -2,6 +2,7 @@
 `duplicate_key`, and every reading path (the loader with and without workers, `stream --decode`,
 `stream` without decoding, a range starting inside the shard, a resumed epoch) delivers the key
 once and counts the second copy as the bad sample `duplicate_key`."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_tools.errors import BadSample
-from data_tools.loader import Loader, merge_rank_cursors
+from data_tools.loader import merge_rank_cursors
 from data_tools.shard_reader import ShardReader
 from tests.data_tools.conftest import build, image_bytes, img2dataset_tar
 from tests.data_tools.test_loader import config, minilm, real_keys, run_ranks
@@ -24,12 +25,15 @@ def twice(tmp_path_factory) -> Path:
     """Two img2dataset shards; shard 0 stores k1 a second time (other image, other caption) after k2."""
     root = tmp_path_factory.mktemp("dup") / "i2d"
     k0, k1, k2, k3 = KEYS
-    img2dataset_tar(root / "00000.tar", [
-        (k0, image_bytes(0), "zero", {"key": k0}),
-        (k1, image_bytes(1), "one", {"key": k1}),
-        (k2, image_bytes(2), "two", {"key": k2}),
-        (k1, image_bytes(9), "one again", {"key": k1}),
-    ])
+    img2dataset_tar(
+        root / "00000.tar",
+        [
+            (k0, image_bytes(0), "zero", {"key": k0}),
+            (k1, image_bytes(1), "one", {"key": k1}),
+            (k2, image_bytes(2), "two", {"key": k2}),
+            (k1, image_bytes(9), "one again", {"key": k1}),
+        ],
+    )
     img2dataset_tar(root / "00001.tar", [(k3, image_bytes(3), "three", {"key": k3})])
     out = root.parent / "index"
     assert build("build", "img2dataset", str(root), "--out", str(out)) == 0

@@ -1,13 +1,12 @@
 """The frozen-feature cache (`python -m data_tools features`): what it stores equals what the `grid`
 embedder computes on the fly, it verifies, resumes and splits into parts byte-identically, and bad
 input is one line with its exit code."""
+
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -37,8 +36,9 @@ def source(tmp_path_factory) -> Path:
 
 
 def features(src: Path, out: Path, *extra: str) -> int:
-    return build("features", str(src), "--backbone", "efficientnet-lite0", "--image-size", str(SIZE), "--out", str(out),
-                 *extra)
+    return build(
+        "features", str(src), "--backbone", "efficientnet-lite0", "--image-size", str(SIZE), "--out", str(out), *extra
+    )
 
 
 def shard_bytes(dataset: Path) -> dict[str, bytes]:
@@ -61,8 +61,15 @@ def loader_batch(path: Path, visual: str) -> dict:
 
     from .test_loader import minilm
 
-    cfg = DataConfig(paths=[str(path)], batch_size=8, image_size=SIZE, max_text_len=16, tokenizer=minilm(),
-                     train=False, visual=visual)
+    cfg = DataConfig(
+        paths=[str(path)],
+        batch_size=8,
+        image_size=SIZE,
+        max_text_len=16,
+        tokenizer=minilm(),
+        train=False,
+        visual=visual,
+    )
     (batch,) = list(Loader(cfg))
     return normalise_batch(batch)  # pixel_uint8 -> pixel_values, as the trainer does on its device
 
@@ -116,10 +123,11 @@ def test_a_feature_dataset_verifies_and_records_its_provenance(grid_cache, sourc
     assert record["preprocessing"]["image_size"] == SIZE and record["preprocessing"]["crop"] == "centre"
     import hashlib
 
-    assert record["source"] == {"location": str(source.resolve()),
-                                "sha256": hashlib.sha256((source / "dataset.json").read_bytes()).hexdigest(),
-                                "shard_sha256": [s["sha256"] for s in
-                                                 json.loads((source / "dataset.json").read_text())["shards"]]}
+    assert record["source"] == {
+        "location": str(source.resolve()),
+        "sha256": hashlib.sha256((source / "dataset.json").read_bytes()).hexdigest(),
+        "shard_sha256": [s["sha256"] for s in json.loads((source / "dataset.json").read_text())["shards"]],
+    }
     assert info["total_samples"] == 7
     assert build("verify", str(grid_cache)) == 0
     assert "OK" in capsys.readouterr().out

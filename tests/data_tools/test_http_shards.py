@@ -5,6 +5,7 @@ resumed with a Range request (data_tools.remote) and loses nothing; a server tha
 makes the rest of that shard bad samples with a reason (never a silent loss); a cut-and-resume over
 HTTP gives the batches of an uninterrupted pass; `verify` checks remote shards' sizes and hashes.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,25 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("http") / "local"
-    subprocess.run([sys.executable, "-m", "data_tools", "build", "synthetic", "--samples", str(SAMPLES),
-                    "--shard-samples", str(SHARD_SAMPLES), "--out", str(out)], cwd=REPO, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_tools",
+            "build",
+            "synthetic",
+            "--samples",
+            str(SAMPLES),
+            "--shard-samples",
+            str(SHARD_SAMPLES),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 

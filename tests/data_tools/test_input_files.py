@@ -1,6 +1,7 @@
 """Builders read only what they were given: regular files (a FIFO named x.jpg does not hang a build,
 a link to a device is not read), never more than the byte limit, and no file that annotation data
 names outside the images folder (`../`, absolute paths): those are rejected with a reason."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ from tests.data_tools.conftest import build, image_bytes, write
 
 
 def rejected(out) -> dict[str, tuple[str, str]]:
-    return {r["key"]: (r["reason"], r["detail"]) for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    return {
+        r["key"]: (r["reason"], r["detail"]) for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())
+    }
 
 
 def test_fifo_named_like_an_image_or_caption_is_rejected_not_waited_on(tmp_path):
@@ -31,8 +34,13 @@ def test_fifo_named_like_an_image_or_caption_is_rejected_not_waited_on(tmp_path)
     os.mkfifo(root / "c.txt")
     out = tmp_path / "out"
     # a subprocess with a timeout: opening a FIFO without O_NONBLOCK would block forever
-    result = subprocess.run([sys.executable, "-m", "data_tools", "build", "folder", str(root), "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "data_tools", "build", "folder", str(root), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_dataset(out)[0].total_samples == 1
     reasons = {detail.split(":")[0]: reason for reason, detail in rejected(out).values()}
@@ -72,7 +80,10 @@ def test_coco_refuses_file_names_outside_the_images_folder(tiny_coco, tmp_path):
     captions = tiny_coco / "annotations" / "captions_train2017.json"
     data = json.loads(captions.read_text())
     data["images"] += [{"id": 7, "file_name": "../../../secret/s.jpg"}, {"id": 8, "file_name": str(secret)}]
-    data["annotations"] += [{"id": 900, "image_id": 7, "caption": "climbs out"}, {"id": 901, "image_id": 8, "caption": "absolute"}]
+    data["annotations"] += [
+        {"id": 900, "image_id": 7, "caption": "climbs out"},
+        {"id": 901, "image_id": 8, "caption": "absolute"},
+    ]
     captions.write_text(json.dumps(data))
     out = tmp_path / "out"
     assert build("build", "coco", str(tiny_coco), "--split", "train2017", "--out", str(out)) == 0
@@ -92,17 +103,43 @@ def test_karpathy_table_flickr_refuse_names_outside_their_folders(karpathy, tabl
         {"filename": str(secret), "imgid": 22, "split": "train", "sentences": [{"raw": "out"}]},
     ]
     write(karpathy / "k.json", json.dumps(data))
-    assert build("build", "karpathy", str(karpathy / "k.json"), "--images", str(karpathy / "images"), "--out", str(tmp_path / "k")) == 0
+    assert (
+        build(
+            "build",
+            "karpathy",
+            str(karpathy / "k.json"),
+            "--images",
+            str(karpathy / "images"),
+            "--out",
+            str(tmp_path / "k"),
+        )
+        == 0
+    )
     reasons = rejected(tmp_path / "k")
     assert {reasons[f"{i:09d}"][0] for i in (20, 21, 22)} == {"bad_metadata"}
     # table: relative climb and absolute path in the image column
     write(tables / "out.csv", f"path,text\nimages/p0.jpg,fine\n../secret/s.jpg,climbs\n{secret},absolute\n")
-    assert build("build", "table", str(tables / "out.csv"), "--image-column", "path", "--caption-column", "text", "--out", str(tmp_path / "t")) == 0
+    assert (
+        build(
+            "build",
+            "table",
+            str(tables / "out.csv"),
+            "--image-column",
+            "path",
+            "--caption-column",
+            "text",
+            "--out",
+            str(tmp_path / "t"),
+        )
+        == 0
+    )
     assert sorted(r for r, _ in rejected(tmp_path / "t").values()) == ["bad_metadata", "bad_metadata"]
     assert load_dataset(tmp_path / "t")[0].total_samples == 1
     # flickr30k entities: an id in the split file that climbs out of Sentences/ and images/
     write(tmp_path / "secret" / "s.txt", "[/EN#1/people A secret] .\n")
     write(flickr_entities / "val.txt", "101\n../../secret/s\n")
-    assert build("build", "flickr30k-entities", str(flickr_entities), "--split", "val", "--out", str(tmp_path / "f")) == 0
+    assert (
+        build("build", "flickr30k-entities", str(flickr_entities), "--split", "val", "--out", str(tmp_path / "f")) == 0
+    )
     assert [r for r, _ in rejected(tmp_path / "f").values()] == ["bad_metadata"]
     assert load_dataset(tmp_path / "f")[1].column("image_id").to_pylist() == ["101"]

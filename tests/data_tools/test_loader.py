@@ -4,6 +4,7 @@ batch counts, mixtures, determinism, pickle refusal, img2dataset shards, URL/pip
 
 Datasets come from the real builder (`build synthetic`) or, where a test must plant bad members
 that no builder writes, from the builder's own shard writer and index functions (`write_dataset`)."""
+
 from __future__ import annotations
 
 import io
@@ -35,7 +36,24 @@ def synthetic(tmp_path_factory) -> Path:
     from data_tools.errors import run_cli
 
     out = tmp_path_factory.mktemp("syn") / "synthetic"
-    assert run_cli(main, ["build", "synthetic", "--samples", str(SYNTHETIC_SAMPLES), "--seed", "3", "--out", str(out), "--shard-samples", "7"]) == 0
+    assert (
+        run_cli(
+            main,
+            [
+                "build",
+                "synthetic",
+                "--samples",
+                str(SYNTHETIC_SAMPLES),
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+                "--shard-samples",
+                "7",
+            ],
+        )
+        == 0
+    )
     return out
 
 
@@ -68,8 +86,20 @@ def write_dataset(root: Path, shards: list[list[tuple[str, dict[str, bytes]]]], 
         location = locations(done.path) if locations else f"shards/{done.path.name}"
         infos.append(ShardInfo(location=location, samples=len(samples), size=done.size, sha256=done.sha256))
         for key, members in samples:
-            rows.append({"key": key, "shard": i, "members": done.members[key], "image_id": key, "num_captions": 1, "width": 48,
-                         "height": 40, "image_bytes": len(members.get("jpg", b"")), "content_hash": "", "split": "train"})
+            rows.append(
+                {
+                    "key": key,
+                    "shard": i,
+                    "members": done.members[key],
+                    "image_id": key,
+                    "num_captions": 1,
+                    "width": 48,
+                    "height": 40,
+                    "image_bytes": len(members.get("jpg", b"")),
+                    "content_hash": "",
+                    "split": "train",
+                }
+            )
     write_manifest(root, manifest_table(rows))
     write_dataset_info(root, DatasetInfo(builder="test", arguments={}, shards=infos, total_samples=0))
     return root
@@ -93,11 +123,20 @@ def planted(tmp_path_factory) -> tuple[Path, Path]:
     big = io.BytesIO()
     Image.new("RGB", (200, 200)).save(big, format="PNG")
     shards = [
-        [("g00", good(0)), ("bad_jpeg", {"jpg": b"\xff\xd8 not really", "txt": b"broken"}), ("g01", good(1)),
-         ("g02", good(2)), ("pickled", {**good(3), "pth": pickle.dumps(Boom(str(marker)))})],
+        [
+            ("g00", good(0)),
+            ("bad_jpeg", {"jpg": b"\xff\xd8 not really", "txt": b"broken"}),
+            ("g01", good(1)),
+            ("g02", good(2)),
+            ("pickled", {**good(3), "pth": pickle.dumps(Boom(str(marker)))}),
+        ],
         [("g03", good(4)), ("empty", {"jpg": jpeg(5), "txt": b"   "})],
-        [("bomb", {"png": big.getvalue(), "txt": b"too big"}), ("g04", good(6)), ("latin", {"jpg": jpeg(7), "txt": b"caf\xe9"}),
-         ("badjson", {"jpg": jpeg(8), "txt": b"x", "json": b"{not json"})],
+        [
+            ("bomb", {"png": big.getvalue(), "txt": b"too big"}),
+            ("g04", good(6)),
+            ("latin", {"jpg": jpeg(7), "txt": b"caf\xe9"}),
+            ("badjson", {"jpg": jpeg(8), "txt": b"x", "json": b"{not json"}),
+        ],
     ]
     return write_dataset(root / "data", shards), marker
 
@@ -140,7 +179,9 @@ def test_exactly_once_over_two_ranks_with_two_worker_processes(synthetic):
     assert sum(s["position"] for s in merged["streams"]) == SYNTHETIC_SAMPLES
     for r in ranks:
         for b in r:
-            assert b["pixel_uint8"].shape == (4, 32, 32, 3) and b["pixel_uint8"].dtype == torch.uint8  # normalised on the device
+            assert (
+                b["pixel_uint8"].shape == (4, 32, 32, 3) and b["pixel_uint8"].dtype == torch.uint8
+            )  # normalised on the device
             assert "pixel_values" not in b and b["input_ids"].shape == (4, 16)
             assert [k == "" for k in b["key"]] == (~b["sample_mask"]).tolist()
             json.dumps(b["cursor"])
@@ -201,7 +242,14 @@ def test_bad_samples_skipped_counted_and_batches_stay_equal(planted, workers):
     for r in ranks:
         for reason, n in r[-1]["bad_samples"].items():
             counts[reason] = counts.get(reason, 0) + n
-    assert counts == {"decode_error": 1, "refused_member": 1, "empty_caption": 1, "too_many_pixels": 1, "bad_utf8": 1, "bad_metadata": 1}
+    assert counts == {
+        "decode_error": 1,
+        "refused_member": 1,
+        "empty_caption": 1,
+        "too_many_pixels": 1,
+        "bad_utf8": 1,
+        "bad_metadata": 1,
+    }
     assert not marker.exists()  # the .pth member was never unpickled
     for r in ranks:
         for b in r:
@@ -227,8 +275,12 @@ def test_weighted_mixture_and_determinism(synthetic, planted):
 
 
 def test_per_sample_randomness_does_not_depend_on_rank_or_batch(synthetic):
-    one = {k: (b["pixel_uint8"][i], b["mlm_input_ids"][i], int(b["caption_index"][i]))
-           for b in run_ranks(config(synthetic), world=1)[0] for i, k in enumerate(b["key"]) if k}
+    one = {
+        k: (b["pixel_uint8"][i], b["mlm_input_ids"][i], int(b["caption_index"][i]))
+        for b in run_ranks(config(synthetic), world=1)[0]
+        for i, k in enumerate(b["key"])
+        if k
+    }
     for r in run_ranks(config(synthetic, batch_size=3, shuffle_block=5), world=3):
         for b in r:
             for i, k in enumerate(b["key"]):
@@ -275,9 +327,24 @@ def index_img2dataset(folder: Path, out: Path) -> Path:
     infos, rows = [], []
     for i, tar in enumerate(sorted(folder.glob("*.tar"))):
         members = member_offsets(tar)
-        infos.append(ShardInfo(location=str(tar), samples=len(members), size=tar.stat().st_size, sha256=file_sha256(tar)))
-        rows += [{"key": k, "shard": i, "members": m, "image_id": k, "num_captions": 1, "width": 0, "height": 0,
-                  "image_bytes": m["jpg"][1], "content_hash": "", "split": ""} for k, m in members.items()]
+        infos.append(
+            ShardInfo(location=str(tar), samples=len(members), size=tar.stat().st_size, sha256=file_sha256(tar))
+        )
+        rows += [
+            {
+                "key": k,
+                "shard": i,
+                "members": m,
+                "image_id": k,
+                "num_captions": 1,
+                "width": 0,
+                "height": 0,
+                "image_bytes": m["jpg"][1],
+                "content_hash": "",
+                "split": "",
+            }
+            for k, m in members.items()
+        ]
     write_manifest(out, manifest_table(rows))
     write_dataset_info(out, DatasetInfo(builder="img2dataset", arguments={}, shards=infos, total_samples=0))
     return out
@@ -288,8 +355,13 @@ def test_pipe_and_file_url_shards_stream_like_local_ones(tmp_path):
     local = write_dataset(tmp_path / "local", samples)
     piped = write_dataset(tmp_path / "piped", samples, locations=lambda p: f"pipe:cat {p}")
     url = write_dataset(tmp_path / "url", samples, locations=lambda p: f"file://{p}")
-    runs = [[(b["key"], b["pixel_uint8"]) for b in Loader(config(p, tokenizer=minilm(), batch_size=2, allow_pipe_from=[str(piped)]))]
-            for p in (local, piped, url)]  # the pipe: commands run with the opt-in only (data_tools.trust)
+    runs = [
+        [
+            (b["key"], b["pixel_uint8"])
+            for b in Loader(config(p, tokenizer=minilm(), batch_size=2, allow_pipe_from=[str(piped)]))
+        ]
+        for p in (local, piped, url)
+    ]  # the pipe: commands run with the opt-in only (data_tools.trust)
     for other in runs[1:]:
         assert [k for k, _ in other] == [k for k, _ in runs[0]]
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(other, runs[0]))
@@ -346,15 +418,36 @@ def test_precomputed_features_are_padded_with_a_mask(tmp_path):
         pos = np.tile(np.linspace(0, 1, 7, dtype=np.float32), (m, 1))
         height, width = sizes[f"f{i}"]
         meta = json.dumps({"width": width, "height": height}).encode()
-        samples.append((f"f{i}", {"txt": f"regions {i}".encode(), "json": meta, "feat.npy": npy(feats), "pos.npy": npy(pos)}))
-    samples.append(("objects", {"txt": b"evil", "feat.npy": npy(np.array([{"a": 1}], dtype=object)), "pos.npy": npy(np.zeros((1, 7)))}))
-    samples.append(("badsize", {"txt": b"size", "json": b'{"width": "wide", "height": 10}',
-                                "feat.npy": npy(np.ones((1, 6), np.float16)), "pos.npy": npy(np.zeros((1, 7), np.float32))}))
+        samples.append(
+            (f"f{i}", {"txt": f"regions {i}".encode(), "json": meta, "feat.npy": npy(feats), "pos.npy": npy(pos)})
+        )
+    samples.append(
+        (
+            "objects",
+            {"txt": b"evil", "feat.npy": npy(np.array([{"a": 1}], dtype=object)), "pos.npy": npy(np.zeros((1, 7)))},
+        )
+    )
+    samples.append(
+        (
+            "badsize",
+            {
+                "txt": b"size",
+                "json": b'{"width": "wide", "height": 10}',
+                "feat.npy": npy(np.ones((1, 6), np.float16)),
+                "pos.npy": npy(np.zeros((1, 7), np.float32)),
+            },
+        )
+    )
     path = write_dataset(tmp_path / "feats", [samples])
     batches = list(Loader(config(path, tokenizer=minilm(), visual="features", batch_size=5)))
     assert len(batches) == 1
     b = batches[0]
-    assert "pixel_values" not in b and "pixel_uint8" not in b and b["visual_feats"].shape == (5, 5, 6) and b["visual_pos"].shape == (5, 5, 7)
+    assert (
+        "pixel_values" not in b
+        and "pixel_uint8" not in b
+        and b["visual_feats"].shape == (5, 5, 6)
+        and b["visual_pos"].shape == (5, 5, 7)
+    )
     by_key = {k: i for i, k in enumerate(b["key"]) if k}
     assert set(by_key) == {"f0", "f1", "f2"} and b["bad_samples"] == {"bad_metadata": 2}
     for key, m in (("f0", 3), ("f1", 5), ("f2", 2)):
@@ -375,7 +468,10 @@ def test_precomputed_features_are_padded_with_a_mask(tmp_path):
     torch.testing.assert_close(boxes[row, 0], b["visual_pos"][row, 0, :4] * torch.tensor([640.0, 480.0, 640.0, 480.0]))
 
     # Without width/height in some sample's json the key is absent (ISDa then names it), never guessed.
-    unsized = write_dataset(tmp_path / "unsized", [samples[:2] + [(k, {n: v for n, v in m.items() if n != "json"}) for k, m in samples[2:3]]])
+    unsized = write_dataset(
+        tmp_path / "unsized",
+        [samples[:2] + [(k, {n: v for n, v in m.items() if n != "json"}) for k, m in samples[2:3]]],
+    )
     (plain,) = list(Loader(config(unsized, tokenizer=minilm(), visual="features", batch_size=4)))
     assert "image_hw" not in plain and "visual_feats" in plain
 
@@ -389,7 +485,11 @@ def test_resume_among_bad_samples_counts_each_bad_sample_once(planted, resume_wo
     full = run_ranks(cfg, world=2)
     first = run_ranks(cfg, world=2, limit=2)
     cursor = merge_rank_cursors([r[-1]["cursor"] for r in first])
-    rest = run_ranks(config(path, batch_size=1, shuffle_block=2, max_pixels=10_000, tokenizer=minilm(), workers=resume_workers), world=2, cursor=cursor)
+    rest = run_ranks(
+        config(path, batch_size=1, shuffle_block=2, max_pixels=10_000, tokenizer=minilm(), workers=resume_workers),
+        world=2,
+        cursor=cursor,
+    )
 
     def bad_total(ranks):
         return sum(n for r in ranks if r for n in r[-1]["bad_samples"].values())

@@ -1,5 +1,6 @@
 """Parts + merge equals a one-process build; a killed build resumes without redoing finished shards
 and ends byte-identical to an uninterrupted one; reruns are no-ops; a folder of another build is refused."""
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,10 @@ def test_parts_then_merge_equals_one_build(tiny_coco, tmp_path, capsys):
     capsys.readouterr()
     assert build("merge", str(parts)) == 3  # parts 0 and 1 are missing
     err = capsys.readouterr().err.strip()
-    assert err == f"data_tools: error: {parts}: 4 of 5 shards are not built yet (0, 1, 3, 4); finish every part, then merge"
+    assert (
+        err
+        == f"data_tools: error: {parts}: 4 of 5 shards are not built yet (0, 1, 3, 4); finish every part, then merge"
+    )
     assert build(*args, "--out", str(parts), "--num-parts", "3", "--part", "0", "--workers", "2") == 0
     assert build(*args, "--out", str(parts), "--num-parts", "3", "--part", "1") == 0
     assert build("merge", str(parts)) == 0
@@ -81,8 +85,13 @@ def test_resume_after_kill(tmp_path):
     out = tmp_path / "killed"
     argv = ["build", "synthetic", "--samples", "1200", "--image-size", "224", "--shard-samples", "60", "--seed", "4"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "data_tools", *argv, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_tools", *argv, "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     states = out / ".build"
     deadline = time.monotonic() + 120
     try:
@@ -94,11 +103,18 @@ def test_resume_after_kill(tmp_path):
     assert not (out / DATASET_FILE).exists(), "the build finished before it could be killed"
     done = sorted(states.glob("shard-*.json"))
     assert 3 <= len(done) < 20
-    finished = {p.stem.removeprefix("shard-"): (out / "shards" / f"synthetic-{p.stem.removeprefix('shard-')}.tar") for p in done}
+    finished = {
+        p.stem.removeprefix("shard-"): (out / "shards" / f"synthetic-{p.stem.removeprefix('shard-')}.tar") for p in done
+    }
     stamps = {k: (p.stat().st_ino, p.stat().st_mtime_ns) for k, p in finished.items()}
 
-    result = subprocess.run([sys.executable, "-m", "data_tools", *argv, "--out", str(out)], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "data_tools", *argv, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert f"{20 - len(done)} shards built, {len(done)} already done" in result.stderr
     assert {k: (p.stat().st_ino, p.stat().st_mtime_ns) for k, p in finished.items()} == stamps  # not redone

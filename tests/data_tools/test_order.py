@@ -1,6 +1,7 @@
 """The data order of DESIGN.md 3 as pure functions: exactly once, near-equal streams, block shuffles,
 equal batch counts, cursor re-cuts (none skipped, none repeated), mixtures and the round-robin
 schedule. No files: sample counts only."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -169,4 +170,14 @@ def test_layout_and_sample_seed():
         order.Layout(1, 1, 0, 4)
     a = order.sample_seed(0, 1, "k", "crop")
     assert a == order.sample_seed(0, 1, "k", "crop")
-    assert len({a, order.sample_seed(0, 2, "k", "crop"), order.sample_seed(0, 1, "k2", "crop"), order.sample_seed(0, 1, "k", "mlm")}) == 4
+    assert (
+        len(
+            {
+                a,
+                order.sample_seed(0, 2, "k", "crop"),
+                order.sample_seed(0, 1, "k2", "crop"),
+                order.sample_seed(0, 1, "k", "mlm"),
+            }
+        )
+        == 4
+    )

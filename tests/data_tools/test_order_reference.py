@@ -6,6 +6,7 @@ code with order.py (after planning, same-layout resumes, consecutive re-cuts, an
 cursors the oracle writes); and properties checked on order.py alone: every sample once per epoch,
 the same number of batches on every rank, a resume continues exactly, a re-cut loses and repeats
 nothing. Plus the arithmetic order.py is built on (mixture positions, runs)."""
+
 from __future__ import annotations
 
 import random
@@ -132,7 +133,8 @@ def test_every_sample_once_equal_batches_exact_resume_and_lossless_recuts(case):
         assert per_rank == [plan.batches_per_rank()] * layout.world_size  # no rank waits on another
         for rank in range(layout.world_size):
             assert Counter(plan.rank_schedule(cursor, rank)) == Counter(
-                {rank * layout.workers + w: plan.batches_per_stream for w in range(layout.workers)})
+                {rank * layout.workers + w: plan.batches_per_stream for w in range(layout.workers)}
+            )
 
         taken = {}
         for s in range(layout.num_streams):
@@ -141,10 +143,10 @@ def test_every_sample_once_equal_batches_exact_resume_and_lossless_recuts(case):
             cursor["streams"][s] = {"position": taken[s], "batches": batches}
         same, same_cursor = order.resume(epoch_list, layout, cursor)
         for s in range(layout.num_streams):  # a resume at the same layout continues each stream exactly
-            assert stream_positions(same, s, taken[s]) == stream_positions(plan, s)[taken[s]:]
+            assert stream_positions(same, s, taken[s]) == stream_positions(plan, s)[taken[s] :]
         assert same_cursor["streams"] == cursor["streams"]
 
-        consumed += [p for s in range(layout.num_streams) for p in stream_positions(plan, s)[:taken[s]]]
+        consumed += [p for s in range(layout.num_streams) for p in stream_positions(plan, s)[: taken[s]]]
         layout = order.Layout(*random_layout(rng))
         plan, cursor = order.resume(epoch_list, layout, cursor)
         left = sorted(set(range(size)) - set(consumed))
@@ -163,12 +165,18 @@ def test_mixture_interleave_is_the_rule_exactly_at_any_size():
             if e != d and c:
                 # j with (2j+1)/(2c) < f (<= f when e < d)
                 bound = f * 2 * c
-                odd = (bound.__floor__() if e < d else bound.__ceil__() - 1)
+                odd = bound.__floor__() if e < d else bound.__ceil__() - 1
                 before += min(max((odd + 1) // 2, 0), c)
         return before
 
     rng = random.Random(5)
-    for counts in ([3, 6, 9], [5, 0, 7], [1, 1], [2_920_000_000, 5_850_000_000], [7_000_000_007, 3, 4_999_999_999, 123_456_789]):
+    for counts in (
+        [3, 6, 9],
+        [5, 0, 7],
+        [1, 1],
+        [2_920_000_000, 5_850_000_000],
+        [7_000_000_007, 3, 4_999_999_999, 123_456_789],
+    ):
         for _ in range(200):
             d = rng.choice([i for i, c in enumerate(counts) if c])
             k = rng.randrange(counts[d])
@@ -178,7 +186,9 @@ def test_mixture_interleave_is_the_rule_exactly_at_any_size():
             assert (int(got_d[0]), int(got_k[0])) == (d, k)
     small = [4, 6, 10]  # and every position, once each, in increasing order
     ds, ks = order.mix_locate(small, np.arange(20))
-    assert sorted(order.mix_position(small, d, np.asarray([k]))[0] for d, k in zip(ds.tolist(), ks.tolist())) == list(range(20))
+    assert sorted(order.mix_position(small, d, np.asarray([k]))[0] for d, k in zip(ds.tolist(), ks.tolist())) == list(
+        range(20)
+    )
 
 
 def test_remaining_runs_cost_does_not_grow_with_the_sample_count():

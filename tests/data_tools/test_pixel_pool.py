@@ -1,6 +1,7 @@
 """Reused pixel buffers of loader workers (data_tools/pixel_pool.py): a buffer is refilled only after its
 batch was released; a consumer that keeps batches without releasing them gets every batch intact; the
 training loop's `to_engine` releases; batches are the same bytes with workers and pools as in process."""
+
 from __future__ import annotations
 
 import subprocess
@@ -45,8 +46,14 @@ def test_release_is_idempotent_and_ignores_batches_without_lease():
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pool") / "scenes"
-    subprocess.run([PYTHON, "-m", "data_tools", "build", "synthetic", "--samples", "80", "--out", str(out)],
-                   cwd=REPO, env=env_for(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [PYTHON, "-m", "data_tools", "build", "synthetic", "--samples", "80", "--out", str(out)],
+        cwd=REPO,
+        env=env_for(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 

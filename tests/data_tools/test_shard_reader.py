@@ -4,6 +4,7 @@ Every case is a real tar written by tarfile in one of its formats, or damaged on
 tarfile reading the same file sequentially (what the reader did before it parsed headers itself):
 the same members, the same bytes, and damage found at the same place.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -74,7 +75,9 @@ def _samples(n: int, prefix: str = "") -> list[tuple[str, bytes]]:
 LONG = "d" * 120 + "/"
 
 
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"])
+@pytest.mark.parametrize(
+    "fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"]
+)
 def test_members_and_bytes_equal_tarfiles_in_every_format(tmp_path, fmt):
     members = _samples(3) + [("dir/", None), ("link.txt", None)] + _samples(2, "sub/")
     if fmt != tarfile.USTAR_FORMAT:  # names ustar cannot hold: GNU long-name and pax records, read by tarfile
@@ -98,11 +101,16 @@ def test_ustar_prefix_and_old_style_directories(tmp_path):
     # Rewrite the directory's type to '\0' (pre-POSIX): tarfile calls it a directory by its trailing slash.
     offset = raw.find(b"olddir/")
     raw[offset + 156] = 0
-    checksum = sum(raw[offset:offset + 148]) + 8 * 32 + sum(raw[offset + 156:offset + 512])
-    raw[offset + 148:offset + 156] = b"%06o\0 " % checksum
+    checksum = sum(raw[offset : offset + 148]) + 8 * 32 + sum(raw[offset + 156 : offset + 512])
+    raw[offset + 148 : offset + 156] = b"%06o\0 " % checksum
     path.write_bytes(bytes(raw))
     expected = _tarfile_members(path)
-    assert [name for name, _ in expected[0]] == [f"{deep}s000.jpg", f"{deep}s000.json", f"{deep}s001.jpg", f"{deep}s001.json"]
+    assert [name for name, _ in expected[0]] == [
+        f"{deep}s000.jpg",
+        f"{deep}s000.json",
+        f"{deep}s001.jpg",
+        f"{deep}s001.json",
+    ]
     assert _reader_members(path) == expected
 
 
@@ -112,9 +120,9 @@ def test_damage_is_found_where_tarfile_finds_it(tmp_path, damage):
     raw = bytearray(path.read_bytes())
     third = raw.find(b"s002.jpg")  # the third sample's header
     if damage == "truncated_data":
-        raw = raw[:third + 512 + 300]
+        raw = raw[: third + 512 + 300]
     elif damage == "truncated_header":
-        raw = raw[:third + 200]
+        raw = raw[: third + 200]
     elif damage == "bad_checksum":
         raw[third + 130] ^= 1
     elif damage == "garbage":
@@ -140,7 +148,7 @@ def test_reader_delivers_samples_and_names_the_damage(tmp_path):
     with pytest.raises(BadSample, match="ends before sample 4"):
         reader.fetch(0, 4)
     raw = path.read_bytes()
-    path.write_bytes(raw[:raw.find(b"s002.jpg") + 512 + 300])
+    path.write_bytes(raw[: raw.find(b"s002.jpg") + 512 + 300])
     reader = ShardReader([str(path)])
     assert reader.fetch(0, 1)["json"] == b'{"i": 1}'
     with pytest.raises(BadSample, match="unexpected end of data") as bad:

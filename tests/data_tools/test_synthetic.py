@@ -1,5 +1,6 @@
 """Synthetic relational scenes: exact boxes and phrase links, true captions, false negatives,
 determinism for any worker count, and the dataset's own tokenizer."""
+
 from __future__ import annotations
 
 import io
@@ -32,22 +33,30 @@ def phrase_referent(phrase: str, shapes: list[synthetic.Shape]) -> list[int]:
     """Indices of the shapes a noun phrase ("a small red circle") truly describes."""
     words = phrase.split()[1:]
     return [
-        i for i, s in enumerate(shapes)
+        i
+        for i, s in enumerate(shapes)
         if words[-1] == s.kind and words[-2] == s.colour and (len(words) == 2 or words[0] == s.size)
     ]
 
 
 def swap_kind(caption: str, negative: str) -> str | None:
-    """"relation" when the negative is the caption with its relation replaced by the converse,
+    """ "relation" when the negative is the caption with its relation replaced by the converse,
     "colour" when it is the caption with the two phrases' colours exchanged (the same multiset of
     words, up to a/an), else None."""
     rel = RELATION_RE.search(caption).group(1)
     if negative == caption.replace(f" {rel} ", f" {synthetic.RELATIONS[rel]} ", 1):
         return "relation"
-    words, other = ([w if w != "an" else "a" for w in t.split()] for t in (caption, negative))  # a/an follows the colour
+    words, other = (
+        [w if w != "an" else "a" for w in t.split()] for t in (caption, negative)
+    )  # a/an follows the colour
     changed = [(w, o) for w, o in zip(words, other) if w != o]
-    if (len(words) == len(other) and sorted(words) == sorted(other) and len(changed) == 2
-            and changed[0] == changed[1][::-1] and all(w in synthetic.COLOURS for w in changed[0])):
+    if (
+        len(words) == len(other)
+        and sorted(words) == sorted(other)
+        and len(changed) == 2
+        and changed[0] == changed[1][::-1]
+        and all(w in synthetic.COLOURS for w in changed[0])
+    ):
         return "colour"
     return None
 
@@ -57,8 +66,13 @@ def test_swap_kind_tells_the_two_negatives_from_anything_else():
     assert swap_kind(caption, "a small red circle right of a blue square") == "relation"
     assert swap_kind(caption, "a small blue circle left of a red square") == "colour"
     assert swap_kind("an orange circle above a red square", "a red circle above an orange square") == "colour"
-    for other in (caption, "a small red square left of a blue circle", "a small red circle above a blue square",
-                  "a large red circle left of a blue square", "a blue square right of a small red circle"):
+    for other in (
+        caption,
+        "a small red square left of a blue circle",
+        "a small red circle above a blue square",
+        "a large red circle left of a blue square",
+        "a blue square right of a small red circle",
+    ):
         assert swap_kind(caption, other) is None, other
 
 
@@ -78,16 +92,19 @@ def test_scene_captions_true_negatives_false_and_boxes_exact(index):
     for ci, caption in enumerate(scene.captions):
         links = [p for p in scene.phrases if p["caption"] == ci]
         assert len(links) == 2
-        texts = [caption[p["span"][0]:p["span"][1]] for p in links]
+        texts = [caption[p["span"][0] : p["span"][1]] for p in links]
         for text, link in zip(texts, links):
             assert phrase_referent(text, scene.shapes) == link["boxes"]  # exact, unique referent
         rel = RELATION_RE.search(caption).group(1)
         a, b = (scene.boxes[link["boxes"][0]] for link in links)
         assert holds(rel, a, b), caption
-        (neg_index, negative, kind), = [n for n in scene.negatives if n[0] == ci]
+        ((neg_index, negative, kind),) = [n for n in scene.negatives if n[0] == ci]
         # the recorded kind is the edit: a relation swap changes only the relation words, an attribute
         # swap exchanges the two phrases' colours and keeps the relation
-        assert negative != caption and swap_kind(caption, negative) == {"relation": "relation", "attribute": "colour"}[kind]
+        assert (
+            negative != caption
+            and swap_kind(caption, negative) == {"relation": "relation", "attribute": "colour"}[kind]
+        )
         if kind == "relation":
             assert RELATION_RE.search(negative).group(1) == synthetic.RELATIONS[rel]
             assert RELATION_RE.sub(" _ ", negative) == RELATION_RE.sub(" _ ", caption)
@@ -117,7 +134,9 @@ def test_build_synthetic_layout_and_determinism(tmp_path):
     assert build(*args, "--out", str(tmp_path / "two"), "--workers", "2") == 0
     one, two = tmp_path / "one", tmp_path / "two"
     info, table = load_dataset(one)
-    assert info.builder == "synthetic" and info.total_samples == 120 and [s.samples for s in info.shards] == [50, 50, 20]
+    assert (
+        info.builder == "synthetic" and info.total_samples == 120 and [s.samples for s in info.shards] == [50, 50, 20]
+    )
     assert [s.location for s in info.shards] == [f"shards/synthetic-{i:06d}.tar" for i in range(3)]
     assert (one / "dataset.json").read_bytes() == (two / "dataset.json").read_bytes()
     for s in info.shards:
@@ -134,11 +153,16 @@ def test_build_synthetic_layout_and_determinism(tmp_path):
         assert s["txt"] == meta["captions"][0] and (meta["width"], meta["height"]) == (64, 64)
         scene = synthetic.render_scene(5, int(key.removeprefix("s5-")))
         assert s["image"] == scene.image and meta["boxes"] == scene.boxes and meta["phrases"] == scene.phrases
-        assert meta["negatives"] == scene.negatives and {n[2] for n in meta["negatives"]} <= set(synthetic.NEGATIVE_KINDS)
+        assert meta["negatives"] == scene.negatives and {n[2] for n in meta["negatives"]} <= set(
+            synthetic.NEGATIVE_KINDS
+        )
         assert s["row"]["num_captions"] == len(meta["captions"]) and s["row"]["image_bytes"] == len(s["image"])
 
     other = tmp_path / "other"
-    assert build("build", "synthetic", "--samples", "120", "--seed", "6", "--shard-samples", "50", "--out", str(other)) == 0
+    assert (
+        build("build", "synthetic", "--samples", "120", "--seed", "6", "--shard-samples", "50", "--out", str(other))
+        == 0
+    )
     assert json.loads((other / "dataset.json").read_text())["sha256"] != info.sha256
 
 
@@ -147,7 +171,13 @@ def test_synthetic_tokenizer_covers_the_grammar(tmp_path):
 
     assert build("build", "synthetic", "--samples", "30", "--seed", "0", "--out", str(tmp_path / "d")) == 0
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "d" / "tokenizer"))
-    assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id] == [0, 1, 2, 3, 4]
+    assert [
+        tokenizer.pad_token_id,
+        tokenizer.unk_token_id,
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+        tokenizer.mask_token_id,
+    ] == [0, 1, 2, 3, 4]
     for s in read_samples(tmp_path / "d").values():
         for text in s["meta"]["captions"] + [n[1] for n in s["meta"]["negatives"]]:
             ids = tokenizer(text)["input_ids"]
@@ -159,8 +189,16 @@ def test_synthetic_tokenizer_covers_the_grammar(tmp_path):
         assert (again / "tokenizer" / name).read_bytes() == (tmp_path / "d" / "tokenizer" / name).read_bytes()
 
 
-@pytest.mark.parametrize("bad", [["--samples", "0"], ["--samples", "5", "--image-size", "32"], ["--samples", "5", "--shard-bytes", "1M"],
-                                 ["--samples", "5", "--split", ""], ["--samples", "5", "--seed", "-1"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--samples", "0"],
+        ["--samples", "5", "--image-size", "32"],
+        ["--samples", "5", "--shard-bytes", "1M"],
+        ["--samples", "5", "--split", ""],
+        ["--samples", "5", "--seed", "-1"],
+    ],
+)
 def test_synthetic_bad_arguments_exit_2(tmp_path, capsys, bad):
     assert build("build", "synthetic", *bad, "--out", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -175,11 +213,16 @@ def test_kinds_of_negatives_are_both_present():
 def test_seeds_never_share_keys_or_image_ids_and_split_is_recorded(tmp_path):
     """A held-out set beside a training set (or two parts of a mixture) must not collide."""
     assert build("build", "synthetic", "--samples", "6", "--seed", "0", "--out", str(tmp_path / "train")) == 0
-    assert build("build", "synthetic", "--samples", "6", "--seed", "1", "--split", "test", "--out", str(tmp_path / "test")) == 0
+    assert (
+        build("build", "synthetic", "--samples", "6", "--seed", "1", "--split", "test", "--out", str(tmp_path / "test"))
+        == 0
+    )
     train, test = read_samples(tmp_path / "train"), read_samples(tmp_path / "test")
     assert not set(train) & set(test)
     assert not {s["meta"]["image_id"] for s in train.values()} & {s["meta"]["image_id"] for s in test.values()}
-    assert {s["meta"]["split"] for s in test.values()} == {"test"} and {s["meta"]["split"] for s in train.values()} == {"train"}
+    assert {s["meta"]["split"] for s in test.values()} == {"test"} and {s["meta"]["split"] for s in train.values()} == {
+        "train"
+    }
     _, table = load_dataset(tmp_path / "test")
     assert table.column("split").to_pylist() == ["test"] * 6
     assert json.loads((tmp_path / "test" / "dataset.json").read_text())["arguments"]["split"] == "test"
@@ -190,8 +233,10 @@ def test_readers_take_negatives_with_and_without_kind():
     from data_tools.decode import decode_sample
 
     png = synthetic.render_scene(0, 0).image
-    for negatives, kind in (([[0, "a red circle above a blue square", "relation"]], "relation"),
-                            ([[0, "a red circle above a blue square"]], None)):
+    for negatives, kind in (
+        ([[0, "a red circle above a blue square", "relation"]], "relation"),
+        ([[0, "a red circle above a blue square"]], None),
+    ):
         meta = {"captions": ["a red circle below a blue square"], "negatives": negatives}
         sample = decode_sample({"__key__": "k", "png": png, "json": json.dumps(meta).encode()}, seed=0, epoch=0)
         assert sample["negative"] == "a red circle above a blue square" and sample["negative_kind"] == kind
@@ -212,8 +257,12 @@ def test_truth_table_from_stored_metadata_agrees_with_a_direct_reading(image_siz
     box_labels, width; the size word from the box side): shapes come back exactly, own captions are
     true, negatives false, and every (scene, text) cell equals the direct reading of the tests above."""
     scenes = [synthetic.render_scene(seed=5, index=i, image_size=image_size) for i in range(60)]
-    stored = [json.loads(json.dumps({"source": "synthetic", "boxes": s.boxes, "box_labels": s.box_labels,
-                                     "width": image_size})) for s in scenes]
+    stored = [
+        json.loads(
+            json.dumps({"source": "synthetic", "boxes": s.boxes, "box_labels": s.box_labels, "width": image_size})
+        )
+        for s in scenes
+    ]
     shapes = [synthetic.shapes_from_metadata(meta) for meta in stored]
     assert shapes == [s.shapes for s in scenes]
     texts = [c for s in scenes for c in s.captions] + [n[1] for s in scenes for n in s.negatives]
@@ -225,14 +274,24 @@ def test_truth_table_from_stored_metadata_agrees_with_a_direct_reading(image_siz
     for i, scene in enumerate(scenes):
         assert all(synthetic.caption_holds(c, shapes[i]) for c in scene.captions)
         assert not any(synthetic.caption_holds(n[1], shapes[i]) for n in scene.negatives)
-    assert table[:, :sum(len(s.captions) for s in scenes)].sum() > sum(len(s.captions) for s in scenes)  # foreign true captions exist
+    assert table[:, : sum(len(s.captions) for s in scenes)].sum() > sum(
+        len(s.captions) for s in scenes
+    )  # foreign true captions exist
 
 
 def test_truth_table_refuses_what_the_grammar_cannot_say():
     shapes = synthetic.render_scene(seed=5, index=0, image_size=64).shapes
     assert synthetic.caption_holds("a red circle near a blue square", shapes) is None
     assert synthetic.truth_table(["a photo of a dog"], [shapes]) is None
-    assert synthetic.shapes_from_metadata({"source": "coco", "boxes": [[0, 0, 4, 4]], "box_labels": ["red circle"],
-                                           "width": 64}) is None
-    assert synthetic.shapes_from_metadata({"source": "synthetic", "boxes": [[0, 0, 4, 4]], "box_labels": ["dog"],
-                                           "width": 64}) is None
+    assert (
+        synthetic.shapes_from_metadata(
+            {"source": "coco", "boxes": [[0, 0, 4, 4]], "box_labels": ["red circle"], "width": 64}
+        )
+        is None
+    )
+    assert (
+        synthetic.shapes_from_metadata(
+            {"source": "synthetic", "boxes": [[0, 0, 4, 4]], "box_labels": ["dog"], "width": 64}
+        )
+        is None
+    )

@@ -4,6 +4,7 @@ mining readers, the trainer's config check) unless the user opts in; each reader
 reading with one line naming the dataset, the shard and the command, exit code 3. With the opt-in
 the same folder streams exactly what its local copy does. URLs from a dataset.json are fetched only
 under a prefix the user allowed; a tokenizer folder's `auto_map` code never runs."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def piped(local, tmp_path) -> tuple[Path, Path]:
 
 
 def data_tools(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_tools", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "data_tools", *argv], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def assert_refused_line(text: str, folder: Path, opt_in: str) -> None:
@@ -63,8 +65,16 @@ def assert_refused_line(text: str, folder: Path, opt_in: str) -> None:
     assert opt_in in line, line
 
 
-@pytest.mark.parametrize("command", [["stats"], ["stats", "--json"], ["stream"], ["stream", "--decode"],
-                                     ["tokenizer", "--vocab-size", "40", "--out", "TOKENIZER"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["stats"],
+        ["stats", "--json"],
+        ["stream"],
+        ["stream", "--decode"],
+        ["tokenizer", "--vocab-size", "40", "--out", "TOKENIZER"],
+    ],
+)
 def test_cli_readers_refuse_a_planted_pipe_before_reading(piped, tmp_path, command):
     folder, marker = piped
     argv = [str(tmp_path / "tok") if a == "TOKENIZER" else a for a in command]
@@ -102,8 +112,9 @@ def test_with_allow_pipe_the_cli_readers_see_what_the_local_copy_holds(local, pi
 def config(path: Path, **kw):
     from data_tools.loader import DataConfig
 
-    return DataConfig(**{"paths": [str(path)], "batch_size": 4, "shuffle_block": 3, "image_size": 32,
-                         "max_text_len": 16, **kw})
+    return DataConfig(
+        **{"paths": [str(path)], "batch_size": 4, "shuffle_block": 3, "image_size": 32, "max_text_len": 16, **kw}
+    )
 
 
 def test_the_loader_refuses_without_the_opt_in_and_streams_the_same_bytes_with_it(local, piped):
@@ -121,8 +132,10 @@ def test_the_loader_refuses_without_the_opt_in_and_streams_the_same_bytes_with_i
     theirs = list(Loader(config(folder, allow_pipe_from=[str(folder)])))
     assert marker.exists()
     assert [b["key"] for b in theirs] == [b["key"] for b in mine] and len(mine) == 4
-    assert all(torch.equal(a["pixel_uint8"], b["pixel_uint8"]) and torch.equal(a["input_ids"], b["input_ids"])
-               for a, b in zip(mine, theirs))
+    assert all(
+        torch.equal(a["pixel_uint8"], b["pixel_uint8"]) and torch.equal(a["input_ids"], b["input_ids"])
+        for a, b in zip(mine, theirs)
+    )
 
 
 def test_an_opt_in_for_another_folder_does_not_cover_this_one(local, piped, tmp_path):
@@ -169,9 +182,23 @@ def test_evaluation_with_the_opt_in_reads_what_the_local_copy_holds(local, piped
 
 def test_finetune_evaluate_refuses_before_loading_any_weights(piped, tmp_path):
     folder, marker = piped
-    proc = subprocess.run([sys.executable, "-m", "finetune", "evaluate", str(tmp_path / "no-weights"), "--data",
-                           str(folder), "--out", str(tmp_path / "report")], cwd=REPO, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune",
+            "evaluate",
+            str(tmp_path / "no-weights"),
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "report"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == ExitCode.DATA, proc.stderr
     assert_refused_line(proc.stderr.split(": error: ", 1)[1], folder, "--allow-pipe")
     assert not marker.exists() and not (tmp_path / "report").exists()
@@ -179,9 +206,23 @@ def test_finetune_evaluate_refuses_before_loading_any_weights(piped, tmp_path):
 
 def test_training_refuses_at_the_config_check(piped, tmp_path):
     folder, marker = piped
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "--config", str(REPO / "configs" / "tiny.yaml"),
-                           f"data.paths=[{folder}]", f"run.dir={tmp_path / 'run'}", "metrics.enabled=false",
-                           "train.steps=1"], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            f"data.paths=[{folder}]",
+            f"run.dir={tmp_path / 'run'}",
+            "metrics.enabled=false",
+            "train.steps=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == ExitCode.DATA, proc.stderr
     line = proc.stderr.strip()
     assert "\n" not in line and line.startswith("pretrain: error: data.paths[0]: "), line
@@ -192,8 +233,23 @@ def test_training_refuses_at_the_config_check(piped, tmp_path):
 def test_merge_refuses_a_build_state_that_names_a_command(tmp_path):
     out, marker = tmp_path / "parts", tmp_path / "MARK"
     for part in ("0", "1"):
-        assert build("build", "synthetic", "--samples", "8", "--shard-samples", "4", "--num-parts", "2",
-                     "--part", part, "--out", str(out)) == 0
+        assert (
+            build(
+                "build",
+                "synthetic",
+                "--samples",
+                "8",
+                "--shard-samples",
+                "4",
+                "--num-parts",
+                "2",
+                "--part",
+                part,
+                "--out",
+                str(out),
+            )
+            == 0
+        )
     state = sorted((out / ".build").glob("shard-*.json"))[0]
     data = json.loads(state.read_text())
     data["location"] = f"pipe:touch {marker}; cat {out / data['location']}"
@@ -221,8 +277,12 @@ def test_urls_from_a_dataset_json_need_an_allowed_prefix(remote):
     assert refused.value.exit_code == ExitCode.DATA
     assert f"{remote / DATASET_FILE}: shard 0 is the URL 'http://127.0.0.1:9/data/" in message
     assert "--allow-remote" not in message and "data.remote_allow=[http://127.0.0.1:9/]" in message
-    for prefix in ("http://127.0.0.1:9/other/", "http://127.0.0.1:99/", "https://127.0.0.1:9/",
-                   "http://127.0.0.1:9/da"):
+    for prefix in (
+        "http://127.0.0.1:9/other/",
+        "http://127.0.0.1:99/",
+        "https://127.0.0.1:9/",
+        "http://127.0.0.1:9/da",
+    ):
         with pytest.raises(UserError):
             open_datasets([str(remote)], trust=Trust(remote_prefixes=(prefix,)))
     for prefix in ("http://127.0.0.1:9/", "http://127.0.0.1:9/data", "HTTP://127.0.0.1:9/data/"):
@@ -233,8 +293,11 @@ def test_urls_from_a_dataset_json_need_an_allowed_prefix(remote):
 def test_verify_reports_a_url_it_may_not_fetch(remote):
     proc = data_tools("verify", str(remote))
     assert proc.returncode == ExitCode.DATA, proc.stdout + proc.stderr
-    assert "shard 0 is the URL 'http://127.0.0.1:9/data/" in proc.stdout and "--allow-remote http://127.0.0.1:9/" \
-        in proc.stdout and "OK" not in proc.stdout
+    assert (
+        "shard 0 is the URL 'http://127.0.0.1:9/data/" in proc.stdout
+        and "--allow-remote http://127.0.0.1:9/" in proc.stdout
+        and "OK" not in proc.stdout
+    )
 
 
 def test_prefix_matching_is_by_host_and_whole_path_segments():
@@ -275,8 +338,9 @@ def test_a_local_tar_named_like_a_command_stays_a_path(tmp_path):
 
     assert shard_location(tmp_path / "pipe:touch x.tar", tmp_path) == "./pipe:touch x.tar"
     assert location_kind(shard_location(tmp_path / "a://b.tar", tmp_path)) == "path"
-    assert [location_kind(x) for x in ("shards/a.tar", "/abs/a.tar", "PIPE:cat a", "file:///a.tar", "gs://b/a.tar")] \
-        == ["path", "path", "pipe", "file", "url"]
+    assert [
+        location_kind(x) for x in ("shards/a.tar", "/abs/a.tar", "PIPE:cat a", "file:///a.tar", "gs://b/a.tar")
+    ] == ["path", "path", "pipe", "file", "url"]
 
 
 # --- tokenizer folders ---------------------------------------------------------------------------
@@ -285,8 +349,10 @@ def test_a_tokenizer_folder_auto_map_never_runs(local, tmp_path):
 
     folder, marker = tmp_path / "tokenizer", tmp_path / "MARK"
     shutil.copytree(local / "tokenizer", folder)
-    (folder / "planted.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-                                       "from transformers import BertTokenizerFast as PlantedTokenizerFast\n")
+    (folder / "planted.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import BertTokenizerFast as PlantedTokenizerFast\n"
+    )
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     settings.pop("tokenizer_class", None)
     settings["auto_map"] = {"AutoTokenizer": [None, "planted.PlantedTokenizerFast"]}

@@ -1,5 +1,6 @@
 """verify (passes on a fresh build, names each kind of damage, exit 3), stats (values), and tokenizer
 training over a dataset's captions."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,9 @@ from tests.data_tools.conftest import build
 @pytest.fixture(scope="module")
 def synthetic_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic") / "d"
-    assert build("build", "synthetic", "--samples", "60", "--seed", "2", "--shard-samples", "25", "--out", str(out)) == 0
+    assert (
+        build("build", "synthetic", "--samples", "60", "--seed", "2", "--shard-samples", "25", "--out", str(out)) == 0
+    )
     return out
 
 
@@ -88,7 +91,10 @@ def test_verify_streams_pipe_locations(synthetic_dataset, tmp_path, capsys):
 def test_verify_missing_dataset_json(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert build("verify", str(tmp_path / "empty")) == 2
-    assert capsys.readouterr().err.strip() == f"data_tools: error: {tmp_path / 'empty' / DATASET_FILE}: missing (not a finished dataset: build it, or run merge after a parts build)"
+    assert capsys.readouterr().err.strip() == (
+        f"data_tools: error: {tmp_path / 'empty' / DATASET_FILE}: missing "
+        "(not a finished dataset: build it, or run merge after a parts build)"
+    )
     (tmp_path / "empty" / DATASET_FILE).write_text("[1, 2]")
     assert build("verify", str(tmp_path / "empty")) == 3  # present but malformed: the data is wrong (exit 3)
     assert "malformed dataset.json" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Fixtures for the evaluation tests: a tiny synthetic dataset and a randomly initialised tiny model
 exported as `python -m pretrain export` writes it (safetensors, model_config.json, tokenizer/)."""
+
 from __future__ import annotations
 
 import dataclasses

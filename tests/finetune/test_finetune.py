@@ -1,6 +1,7 @@
 """Retrieval finetuning on the one loop: hard-negative mining (planted scores), the hinge against a
 direct computation, a hinge + IAIS run on 2 ranks under ZeRO 2 that resumes bit for bit after kill -9,
 the itc_itm recipe, and the one-line errors for weights of another model."""
+
 from __future__ import annotations
 
 import signal
@@ -15,9 +16,23 @@ from data_tools.errors import ExitCode
 from finetune.candidates import draw_candidates, hardest
 from pretrain.metrics import read_jsonl
 from tests.conftest import free_port
-from tests.pretrain.runs import (PYTHON, REPO, RUN_TIMEOUT_S, TINY, assert_same_weights, build_synthetic, env_for,
-                                 kill_all, latest_tag, logs_text, model_state, run_ranks, start_ranks, train_records,
-                                 wait_for_line)
+from tests.pretrain.runs import (
+    PYTHON,
+    REPO,
+    RUN_TIMEOUT_S,
+    TINY,
+    assert_same_weights,
+    build_synthetic,
+    env_for,
+    kill_all,
+    latest_tag,
+    logs_text,
+    model_state,
+    run_ranks,
+    start_ranks,
+    train_records,
+    wait_for_line,
+)
 
 
 def test_candidates_are_distinct_never_the_anchors_image_and_the_hardest_are_kept() -> None:
@@ -34,7 +49,11 @@ def test_candidates_are_distinct_never_the_anchors_image_and_the_hardest_are_kep
     # planted scores: candidate j of row b scores planted[b, j]; the H highest are kept, ties to the earlier one
     planted = torch.tensor([[0.1, 0.9, 0.3, 0.9, 0.2, 0.8], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0], [0, 0, 0, 0, 0, 1.0]])
     kept = hardest(planted, draw.ids[:3], 3)
-    expected = [[draw.ids[0][j] for j in (1, 3, 5)], [draw.ids[1][j] for j in (0, 1, 2)], [draw.ids[2][j] for j in (5, 0, 1)]]
+    expected = [
+        [draw.ids[0][j] for j in (1, 3, 5)],
+        [draw.ids[1][j] for j in (0, 1, 2)],
+        [draw.ids[2][j] for j in (5, 0, 1)],
+    ]
     assert kept.tolist() == [[int(x) for x in row] for row in expected]
 
 
@@ -51,17 +70,43 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ft")
     data = build_synthetic(root / "data", samples=48)
     run = root / "pretrain"
-    proc = subprocess.run([PYTHON, "-m", "pretrain", "--config", TINY, f"data.paths=[{data}]", f"run.dir={run}",
-                           "metrics.enabled=false", "train.steps=2", "data.batch_size=8"],
-                          cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pretrain",
+            "--config",
+            TINY,
+            f"data.paths=[{data}]",
+            f"run.dir={run}",
+            "metrics.enabled=false",
+            "train.steps=2",
+            "data.batch_size=8",
+        ],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return data, run
 
 
 STEPS = 6
-SETTINGS = ("zero.stage=2", "data.batch_size=4", "finetune.candidates=6", "finetune.hard=2", "train.steps=6",
-            "checkpoint.every_steps=2", "checkpoint.keep_last=10", "train.log_every=1", "metrics.enabled=false",
-            "iais.schedule=constant", "train.lost_rank_timeout_s=60")
+SETTINGS = (
+    "zero.stage=2",
+    "data.batch_size=4",
+    "finetune.candidates=6",
+    "finetune.hard=2",
+    "train.steps=6",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=10",
+    "train.log_every=1",
+    "metrics.enabled=false",
+    "iais.schedule=constant",
+    "train.lost_rank_timeout_s=60",
+)
 
 
 def _args(data: Path, init: Path, run: Path, *extra: str) -> list[str]:
@@ -90,7 +135,9 @@ def test_hinge_iais_on_two_ranks_zero2_resumes_bitwise_after_kill9(pretrained, t
     wait_for_line(tmp_path / "logs1" / "rank0.log", f"step 3/{STEPS} ", procs)
     kill_all(procs, signal.SIGKILL)
     assert int(latest_tag(run)[4:]) in (2, 3, 4)
-    codes = run_ranks(2, [*_args(data, init, run), "--resume", "auto"], free_port(), tmp_path / "logs2", module="finetune")
+    codes = run_ranks(
+        2, [*_args(data, init, run), "--resume", "auto"], free_port(), tmp_path / "logs2", module="finetune"
+    )
     assert codes == [0, 0], logs_text(tmp_path / "logs2")
     final = f"step{STEPS:08d}"
     assert_same_weights(model_state(reference / "checkpoints" / final), model_state(run / "checkpoints" / final))
@@ -104,14 +151,35 @@ def test_hinge_iais_on_two_ranks_zero2_resumes_bitwise_after_kill9(pretrained, t
 def test_itc_itm_recipe_trains_itc_and_itm_only(pretrained, tmp_path: Path) -> None:
     data, init = pretrained
     run = tmp_path / "run"
-    proc = subprocess.run([PYTHON, "-m", "finetune", *_args(data, init, run, "finetune.recipe=itc_itm", "zero.stage=0",
-                                                             "train.steps=2", "eval.every_steps=2",
-                                                             f"eval.paths=[{data}]", "finetune.eval_mode=rerank",
-                                                             "finetune.eval_k=4")],
-                          cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "finetune",
+            *_args(
+                data,
+                init,
+                run,
+                "finetune.recipe=itc_itm",
+                "zero.stage=0",
+                "train.steps=2",
+                "eval.every_steps=2",
+                f"eval.paths=[{data}]",
+                "finetune.eval_mode=rerank",
+                "finetune.eval_k=4",
+            ),
+        ],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = train_records(run)[2]
-    assert {"loss/itc", "loss/itm", "loss/iais"} <= set(record) and "loss/mlm" not in record and "loss/hinge" not in record
+    assert (
+        {"loss/itc", "loss/itm", "loss/iais"} <= set(record) and "loss/mlm" not in record and "loss/hinge" not in record
+    )
     evals = read_jsonl(run, "eval")  # the retrieval evaluator of the finetuning task, at the last step
     assert [e["step"] for e in evals] == [2]
     assert all(0.0 <= evals[0][f"recall/{d}@{k}"] <= 1.0 for d in ("t2i", "i2t") for k in (1, 5, 10))
@@ -121,12 +189,26 @@ def test_itc_itm_recipe_trains_itc_and_itm_only(pretrained, tmp_path: Path) -> N
 
 def test_weights_of_another_model_are_one_line_exit_2(pretrained, tmp_path: Path) -> None:
     data, init = pretrained
-    proc = subprocess.run([PYTHON, "-m", "finetune", *_args(data, init, tmp_path / "run", "model.width=32")],
-                          cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [PYTHON, "-m", "finetune", *_args(data, init, tmp_path / "run", "model.width=32")],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == ExitCode.USAGE, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "finetune.init" in lines[0] and "width: 64 (weights) vs 32 (config)" in lines[0], proc.stderr
+    assert len(lines) == 1 and "finetune.init" in lines[0] and "width: 64 (weights) vs 32 (config)" in lines[0], (
+        proc.stderr
+    )
     assert not (tmp_path / "run").exists()
-    proc = subprocess.run([PYTHON, "-m", "finetune", *_args(data, tmp_path / "nowhere", tmp_path / "run")],
-                          cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [PYTHON, "-m", "finetune", *_args(data, tmp_path / "nowhere", tmp_path / "run")],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == ExitCode.USAGE and len(proc.stderr.strip().splitlines()) == 1 and "nowhere" in proc.stderr

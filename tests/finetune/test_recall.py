@@ -1,4 +1,5 @@
 """Recall against a brute-force reference: random score matrices with many ties, several captions per image."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,10 +22,14 @@ def brute_recall(scores_i2t: torch.Tensor, caption_image: list[int], scores_t2i:
 def brute_any_true(scores_i2t: torch.Tensor, truth, scores_t2i: torch.Tensor) -> dict[str, float]:
     """A query's rank: its best-ranked true gallery item's (gallery size when it has none)."""
     images, captions = scores_i2t.shape
-    text = [min([brute_rank(scores_i2t[i].tolist(), c) for c in range(captions) if truth[i][c]], default=captions)
-            for i in range(images)]
-    image = [min([brute_rank(scores_t2i[:, c].tolist(), i) for i in range(images) if truth[i][c]], default=images)
-             for c in range(captions)]
+    text = [
+        min([brute_rank(scores_i2t[i].tolist(), c) for c in range(captions) if truth[i][c]], default=captions)
+        for i in range(images)
+    ]
+    image = [
+        min([brute_rank(scores_t2i[:, c].tolist(), i) for i in range(images) if truth[i][c]], default=images)
+        for c in range(captions)
+    ]
     out = {}
     for k in (1, 5, 10):
         out[f"i2t@{k}"] = sum(r < k for r in text) / images
@@ -75,8 +80,10 @@ def test_fold_average_is_the_mean_of_per_fold_recalls():
     caption_image = torch.arange(20).repeat_interleave(2)  # 20 images, 2 captions each
     scores = torch.randn(20, 40, generator=g)
     folded = R.fold_average(scores, caption_image, folds=4)
-    parts = [R.recall(scores[5 * f:5 * f + 5, 10 * f:10 * f + 10], caption_image[10 * f:10 * f + 10] - 5 * f)
-             for f in range(4)]
+    parts = [
+        R.recall(scores[5 * f : 5 * f + 5, 10 * f : 10 * f + 10], caption_image[10 * f : 10 * f + 10] - 5 * f)
+        for f in range(4)
+    ]
     for key in folded:
         assert folded[key] == pytest.approx(sum(p[key] for p in parts) / 4)
     assert folded["i2t@1"] != pytest.approx(R.recall(scores, caption_image)["i2t@1"])  # smaller galleries: easier
@@ -89,7 +96,6 @@ def test_nan_scores_are_refused():
         R.recall(torch.tensor([[float("nan")]]), torch.tensor([0]))
 
 
-
 @pytest.mark.parametrize("seed", range(4))
 def test_recall_any_true_against_brute_force_and_equal_to_recall_on_own_captions(seed):
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +104,9 @@ def test_recall_any_true_against_brute_force_and_equal_to_recall_on_own_captions
     scores_i2t = torch.randint(0, 4, (images, captions), generator=g).float()  # many ties
     scores_t2i = torch.randint(0, 4, (images, captions), generator=g).float()
     own = caption_image[None, :] == torch.arange(images)[:, None]
-    assert R.recall_any_true(scores_i2t, own, scores_t2i) == pytest.approx(R.recall(scores_i2t, caption_image, scores_t2i))
+    assert R.recall_any_true(scores_i2t, own, scores_t2i) == pytest.approx(
+        R.recall(scores_i2t, caption_image, scores_t2i)
+    )
     truth = own | (torch.rand(images, captions, generator=g) < 0.15)  # foreign captions true as well
     got = R.recall_any_true(scores_i2t, truth, scores_t2i)
     assert got == pytest.approx(brute_any_true(scores_i2t, truth.tolist(), scores_t2i))

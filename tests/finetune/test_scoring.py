@@ -1,5 +1,6 @@
 """Gallery scoring: rerank with k = gallery size equals full, a pair's score does not depend on its
 batch, and scoring split over 2 processes (gloo) equals one process bit for bit."""
+
 from __future__ import annotations
 
 import time
@@ -20,8 +21,9 @@ def test_rerank_with_k_equal_to_gallery_is_full(model, eval_set, tokenizer):
     everything = scoring.score_gallery(model, eval_set, tokenizer, mode="rerank", k=max(images, captions), **KW)
     assert torch.equal(recall.positions(everything.scores_i2t), recall.positions(full.scores_i2t))
     assert torch.equal(recall.positions(everything.scores_t2i.T), recall.positions(full.scores_t2i.T))
-    assert recall.recall(everything.scores_i2t, eval_set.caption_image, everything.scores_t2i) == \
-        recall.recall(full.scores_i2t, eval_set.caption_image)
+    assert recall.recall(everything.scores_i2t, eval_set.caption_image, everything.scores_t2i) == recall.recall(
+        full.scores_i2t, eval_set.caption_image
+    )
     few = scoring.score_gallery(model, eval_set, tokenizer, mode="rerank", k=3, **KW)
     assert few.pair_forwards < images * captions
     # Candidates rank first, in ITM order: each image's top row is its best ITM score among its 3 candidates.
@@ -30,8 +32,11 @@ def test_rerank_with_k_equal_to_gallery_is_full(model, eval_set, tokenizer):
     assert torch.equal(few.scores_i2t.argmax(dim=1), best)
     # The rest follow in embedding order.
     tail = recall.positions(few.scores_i2t)[0]
-    rest = [c for c in torch.sort(few.embedding[0], descending=True, stable=True).indices.tolist()
-            if c not in candidates[0].tolist()]
+    rest = [
+        c
+        for c in torch.sort(few.embedding[0], descending=True, stable=True).indices.tolist()
+        if c not in candidates[0].tolist()
+    ]
     assert [int(tail[c]) for c in rest] == list(range(3, captions))
 
 
@@ -48,7 +53,7 @@ def test_pair_score_does_not_depend_on_its_batch(model, eval_set, tokenizer):
     scorer = scoring.PairScorer(model, vis, texts, batch_size=8)
     images, captions = torch.tensor([0, 3, 5, 1, 2]), torch.tensor([4, 4, 0, 7, 9])
     together = scorer(images, captions)
-    alone = torch.cat([scorer(images[i:i + 1], captions[i:i + 1]) for i in range(5)])
+    alone = torch.cat([scorer(images[i : i + 1], captions[i : i + 1]) for i in range(5)])
     # No padding difference: equal up to the rounding of a row's position in the batch (a few ulps).
     torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
     assert scorer.pair_forwards == 10
@@ -74,8 +79,15 @@ def _worker(rank: int, world: int, port: int, synthetic: str, out: str) -> None:
         full = scoring.score_gallery(model, eval_set, tokenizer, mode="full", **KW)
         rerank = scoring.score_gallery(model, eval_set, tokenizer, mode="rerank", k=4, **KW)
         if rank == 0:
-            torch.save({"full": full.scores_i2t, "rerank_i2t": rerank.scores_i2t, "rerank_t2i": rerank.scores_t2i,
-                        "forwards": full.pair_forwards}, out)
+            torch.save(
+                {
+                    "full": full.scores_i2t,
+                    "rerank_i2t": rerank.scores_i2t,
+                    "rerank_t2i": rerank.scores_t2i,
+                    "forwards": full.pair_forwards,
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
 

@@ -4,6 +4,7 @@ Written straight from the text (not from pretrain/iais.py) so that the vectorise
 can be checked against it: block softmaxes from one sample's Q and K over its real tokens only,
 the pseudo matrix entry by entry, torch's own `kl_div(reduction="batchmean")`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,13 +56,17 @@ def reference_pair_loss(s_ll, s_vv, s_lv, s_vl, direction: str, mode: str, norma
     """KL(P || S) + KL(S || P) with kl_div batchmean; the logged side as DESIGN.md 1 says."""
     pseudo, attention = reference_pseudo(s_ll, s_vv, s_lv, s_vl, direction, mode, normalization)
     if mode == "distributed":
+
         def log_input(x):
             return torch.log(x + 1e-6)
     else:
+
         def log_input(x):
             return torch.log(x.clamp_min(1e-30))
-    return (F.kl_div(log_input(attention), pseudo, reduction="batchmean")
-            + F.kl_div(log_input(pseudo), attention, reduction="batchmean"))
+
+    return F.kl_div(log_input(attention), pseudo, reduction="batchmean") + F.kl_div(
+        log_input(pseudo), attention, reduction="batchmean"
+    )
 
 
 def reference_loss(query, key, words, visual, text_len, direction, mode, normalization):

@@ -1,6 +1,7 @@
 """Helpers for the trainer's process-level tests: the synthetic dataset, launching `python -m pretrain`
 as N ranks (env:// variables set by us, so each rank's exit code is visible) or under torchrun, and
 reading what a run left behind."""
+
 from __future__ import annotations
 
 import json
@@ -24,34 +25,67 @@ RUN_TIMEOUT_S = 300
 def env_for(rank: int = 0, world: int = 1, port: int | None = None, **extra: str) -> dict[str, str]:
     """The environment of one rank: CPU DeepSpeed, one thread (2 shared cores), env:// variables."""
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-               PYTHONUNBUFFERED="1")
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        PYTHONUNBUFFERED="1",
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if world > 1:
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     env.update(extra)
     return env
 
 
 def base_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
     """Tiny preset on `data`, no metrics endpoint (tests run side by side), the given overrides."""
-    return ["--config", TINY, f"data.paths=[{data}]", f"run.dir={run_dir}", "metrics.enabled=false",
-            "train.log_every=1", "train.lost_rank_timeout_s=60", *overrides]
+    return [
+        "--config",
+        TINY,
+        f"data.paths=[{data}]",
+        f"run.dir={run_dir}",
+        "metrics.enabled=false",
+        "train.log_every=1",
+        "train.lost_rank_timeout_s=60",
+        *overrides,
+    ]
 
 
-def start_ranks(world: int, args: Sequence[str], port: int, logs: Path, extra_env: dict[int, dict[str, str]] | None = None,
-                module: str = "pretrain") -> list[subprocess.Popen]:
+def start_ranks(
+    world: int,
+    args: Sequence[str],
+    port: int,
+    logs: Path,
+    extra_env: dict[int, dict[str, str]] | None = None,
+    module: str = "pretrain",
+) -> list[subprocess.Popen]:
     """`world` processes of `python -m <module> args`, rank r's stderr+stdout in logs/rank<r>.log."""
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world):
         env = env_for(rank, world, port, **(extra_env or {}).get(rank, {}))
         out = open(logs / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([PYTHON, "-m", module, *args], cwd=REPO, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [PYTHON, "-m", module, *args],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     return procs
 
 
@@ -132,8 +166,14 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def build_synthetic(out: Path, samples: int = 256) -> Path:
-    subprocess.run([PYTHON, "-m", "data_tools", "build", "synthetic", "--samples", str(samples), "--seed", "0",
-                    "--out", str(out)], cwd=REPO, env=env_for(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [PYTHON, "-m", "data_tools", "build", "synthetic", "--samples", str(samples), "--seed", "0", "--out", str(out)],
+        cwd=REPO,
+        env=env_for(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 

@@ -6,6 +6,7 @@
 - the export evaluates with `python -m finetune evaluate` (ITM `full` for two_stream, `embedding` for the
   dual encoder, which refuses ITM modes in one line, exit 2).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,31 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.pretrain.runs import (PYTHON, REPO, RUN_TIMEOUT_S, assert_same_weights, base_args, build_synthetic, env_for,
-                                 latest_tag, logs_text, model_state, run_ranks, train_records)
+from tests.pretrain.runs import (
+    PYTHON,
+    REPO,
+    RUN_TIMEOUT_S,
+    assert_same_weights,
+    base_args,
+    build_synthetic,
+    env_for,
+    latest_tag,
+    logs_text,
+    model_state,
+    run_ranks,
+    train_records,
+)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 ARCHITECTURES = {
     "two_stream": ("model.preset=tiny_two_stream",),
-    "dual_encoder": ("model.preset=tiny_dual_encoder", "iais.enabled=false", "objectives.itm=false",
-                     "objectives.mlm=false"),
+    "dual_encoder": (
+        "model.preset=tiny_dual_encoder",
+        "iais.enabled=false",
+        "objectives.itm=false",
+        "objectives.mlm=false",
+    ),
 }
 LOSSES = {"two_stream": ("loss/itc", "loss/itm", "loss/mlm", "loss/iais"), "dual_encoder": ("loss/itc",)}
 
@@ -34,15 +51,24 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 def _run(*args: str, module: str = "pretrain") -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, env=env_for(), capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [PYTHON, "-m", module, *args], cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
-def test_two_ranks_zero2_resume_bitwise_then_export_and_evaluate(synthetic: Path, tmp_path: Path,
-                                                                  architecture: str) -> None:
-    settings = (*ARCHITECTURES[architecture], "zero.stage=2", "data.batch_size=4", "train.steps=2",
-                "checkpoint.every_steps=1", "checkpoint.keep_last=5", "schedule.warmup_steps=1")
+def test_two_ranks_zero2_resume_bitwise_then_export_and_evaluate(
+    synthetic: Path, tmp_path: Path, architecture: str
+) -> None:
+    settings = (
+        *ARCHITECTURES[architecture],
+        "zero.stage=2",
+        "data.batch_size=4",
+        "train.steps=2",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=5",
+        "schedule.warmup_steps=1",
+    )
     reference = tmp_path / "reference"
     logs = tmp_path / "logs"
     codes = run_ranks(2, base_args(synthetic, reference, *settings), free_port(), logs / "reference")
@@ -53,8 +79,9 @@ def test_two_ranks_zero2_resume_bitwise_then_export_and_evaluate(synthetic: Path
     assert codes == [0, 0], logs_text(logs / "resumed")
 
     assert latest_tag(reference) == latest_tag(resumed) == "step00000002"
-    assert_same_weights(model_state(reference / "checkpoints" / "step00000002"),
-                        model_state(resumed / "checkpoints" / "step00000002"))
+    assert_same_weights(
+        model_state(reference / "checkpoints" / "step00000002"), model_state(resumed / "checkpoints" / "step00000002")
+    )
     ours, theirs = train_records(resumed), train_records(reference)
     for key in (*LOSSES[architecture], "loss/total", "grad_norm"):
         assert ours[2][key] == theirs[2][key], key
@@ -66,8 +93,20 @@ def test_two_ranks_zero2_resume_bitwise_then_export_and_evaluate(synthetic: Path
     assert json.loads((exported / "model_config.json").read_text())["architecture"] == architecture
     mode = "embedding" if architecture == "dual_encoder" else "full"
     out = tmp_path / "eval"
-    proc = _run("evaluate", str(exported), "--data", str(synthetic), "--mode", mode, "--out", str(out),
-                "--plots", "1", "--no-progress", module="finetune")
+    proc = _run(
+        "evaluate",
+        str(exported),
+        "--data",
+        str(synthetic),
+        "--mode",
+        mode,
+        "--out",
+        str(out),
+        "--plots",
+        "1",
+        "--no-progress",
+        module="finetune",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == mode and 0.0 <= report["recall"]["i2t@1"] <= 1.0
@@ -75,8 +114,17 @@ def test_two_ranks_zero2_resume_bitwise_then_export_and_evaluate(synthetic: Path
     if architecture == "dual_encoder":
         assert report["cost"]["pair_forwards"] == 0 and report["isd"]["L"] is None and report["plots"] == []
         assert report["relation"]["dataset"]["itm"] == {}
-        refused = _run("evaluate", str(exported), "--data", str(synthetic), "--mode", "full", "--out",
-                       str(tmp_path / "refused"), module="finetune")
+        refused = _run(
+            "evaluate",
+            str(exported),
+            "--data",
+            str(synthetic),
+            "--mode",
+            "full",
+            "--out",
+            str(tmp_path / "refused"),
+            module="finetune",
+        )
         assert refused.returncode == 2 and "use --mode embedding" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     else:
@@ -87,8 +135,17 @@ def test_two_ranks_zero2_resume_bitwise_then_export_and_evaluate(synthetic: Path
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_zero3_bf16_trains_and_exports(synthetic: Path, tmp_path: Path, architecture: str) -> None:
     run = tmp_path / "run"
-    proc = _run(*base_args(synthetic, run, *ARCHITECTURES[architecture], "zero.stage=3", "precision=bf16",
-                           "data.batch_size=4", "train.steps=2"))
+    proc = _run(
+        *base_args(
+            synthetic,
+            run,
+            *ARCHITECTURES[architecture],
+            "zero.stage=3",
+            "precision=bf16",
+            "data.batch_size=4",
+            "train.steps=2",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = train_records(run)
     assert all(records[step]["nonfinite_steps"] == 0 for step in records)

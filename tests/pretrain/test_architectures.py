@@ -7,6 +7,7 @@
 - the `tiny` presets of the three architectures have parameter counts within 10% of each other;
 - what an architecture cannot do is one configuration line, exit 2, before any process starts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,16 @@ VOCAB = 50
 
 def _two_stream(cross_layers: int = 2) -> TwoStreamModel:
     torch.manual_seed(0)
-    config = ModelConfig.preset("tiny", vocab_size=VOCAB, architecture="two_stream", width=16, num_heads=2,
-                                num_layers=1, cross_layers=cross_layers, embed_dim=8)
+    config = ModelConfig.preset(
+        "tiny",
+        vocab_size=VOCAB,
+        architecture="two_stream",
+        width=16,
+        num_heads=2,
+        num_layers=1,
+        cross_layers=cross_layers,
+        embed_dim=8,
+    )
     return build_model(config).double()
 
 
@@ -57,8 +66,13 @@ def _attention(linear_q, linear_k, linear_v, queries: torch.Tensor, keys: torch.
 
 
 def _residual(output, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(output.dense(context) + residual, residual.shape[-1:], output.LayerNorm.weight,
-                        output.LayerNorm.bias, output.LayerNorm.eps)
+    return F.layer_norm(
+        output.dense(context) + residual,
+        residual.shape[-1:],
+        output.LayerNorm.weight,
+        output.LayerNorm.bias,
+        output.LayerNorm.eps,
+    )
 
 
 def _reference_blocks(block, text: torch.Tensor, visual: torch.Tensor, heads: int):
@@ -90,7 +104,9 @@ def test_two_stream_iais_blocks_and_loss_match_the_direct_formulas(mode: str) ->
     block_index = 1
     block = model.co_blocks[block_index]
     captured = {}
-    block.register_forward_pre_hook(lambda module, args: captured.update(text=args[0].detach(), visual=args[1].detach()))
+    block.register_forward_pre_hook(
+        lambda module, args: captured.update(text=args[0].detach(), visual=args[1].detach())
+    )
     model.set_iais_layers({block_index})
     input_ids, text_mask, visual_tokens, visual_mask, rows = _inputs()
     out = model(input_ids, text_mask, visual_tokens, visual_mask, iais_rows=rows)
@@ -160,8 +176,15 @@ def test_two_stream_interface_shapes_and_unimodal_itc() -> None:
 
 def test_dual_encoder_is_two_towers_without_a_joint_pass() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig.preset("tiny", vocab_size=VOCAB, architecture="dual_encoder", width=16,
-                                           num_heads=2, embed_dim=8)).double().eval()
+    model = (
+        build_model(
+            ModelConfig.preset(
+                "tiny", vocab_size=VOCAB, architecture="dual_encoder", width=16, num_heads=2, embed_dim=8
+            )
+        )
+        .double()
+        .eval()
+    )
     assert isinstance(model, DualEncoderModel) and model.iais_layers == frozenset()
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
     assert names == {"embeddings", "visual", "visual_norm", "encoder", "visual_encoder", "itc", "logit_scale"}
@@ -179,13 +202,18 @@ def test_tiny_presets_have_parameter_counts_within_10_percent() -> None:
     """The controlled comparison's premise (VOLTA): equal size at `tiny`, at the synthetic scenes' vocabulary."""
     vocab = len(grammar_vocabulary(GRAMMAR_WORDS))
     counts = {}
-    for arch, preset in (("single_stream", "tiny"), ("two_stream", "tiny_two_stream"),
-                         ("dual_encoder", "tiny_dual_encoder")):
+    for arch, preset in (
+        ("single_stream", "tiny"),
+        ("two_stream", "tiny_two_stream"),
+        ("dual_encoder", "tiny_dual_encoder"),
+    ):
         model = build_model(ModelConfig.preset(preset, vocab_size=vocab))
         assert model.config.architecture == arch
         counts[arch] = sum(p.numel() for p in model.parameters())
-    print("\n| architecture | preset parameters |\n|---|---|\n"
-          + "\n".join(f"| {arch} | {count} |" for arch, count in counts.items()))
+    print(
+        "\n| architecture | preset parameters |\n|---|---|\n"
+        + "\n".join(f"| {arch} | {count} |" for arch, count in counts.items())
+    )
     assert set(counts) == set(ARCHITECTURES)
     assert max(counts.values()) <= 1.1 * min(counts.values()), counts
 
@@ -194,21 +222,34 @@ DUAL = ("model.preset=tiny_dual_encoder",)
 DUAL_ITC = (*DUAL, "objectives.itm=false", "objectives.mlm=false", "iais.enabled=false")
 
 
-@pytest.mark.parametrize("module, overrides, field, words", [
-    ("pretrain", ("model.architecture=triple",), "model.architecture", "'single_stream' | 'two_stream' | 'dual_encoder'"),
-    ("pretrain", ("model.architecture=two_stream", "model.cross_layers=0"), "model.cross_layers", ">= 1"),
-    ("pretrain", DUAL, "iais.enabled", "IAIS is undefined"),
-    ("pretrain", (*DUAL, "iais.enabled=false"), "objectives.itm.enabled", "ITC is its only objective"),
-    ("pretrain", (*DUAL, "iais.enabled=false", "objectives.itm=false"), "objectives.mlm.enabled",
-     "nothing attends across the modalities"),
-    ("pretrain", ("model.preset=tiny_two_stream", "iais.layers=[1]"), "iais.layers", "co-attention blocks"),
-    ("pretrain", ("iais.layers=[2]",), "iais.layers", "encoder layers (model.num_layers=2)"),
-    ("finetune", DUAL_ITC, "finetune.recipe", "itc for model.architecture=dual_encoder"),
-    ("finetune", (*DUAL_ITC, "finetune.recipe=itc_itm"), "finetune.recipe", "no ITM"),
-    ("finetune", (*DUAL_ITC, "finetune.recipe=itc"), "finetune.eval_mode", "embedding"),
-])
-def test_what_an_architecture_cannot_do_is_one_line_exit_2(capsys, dataset: Path, tmp_path: Path, module: str,
-                                                            overrides: tuple[str, ...], field: str, words: str) -> None:
+@pytest.mark.parametrize(
+    "module, overrides, field, words",
+    [
+        (
+            "pretrain",
+            ("model.architecture=triple",),
+            "model.architecture",
+            "'single_stream' | 'two_stream' | 'dual_encoder'",
+        ),
+        ("pretrain", ("model.architecture=two_stream", "model.cross_layers=0"), "model.cross_layers", ">= 1"),
+        ("pretrain", DUAL, "iais.enabled", "IAIS is undefined"),
+        ("pretrain", (*DUAL, "iais.enabled=false"), "objectives.itm.enabled", "ITC is its only objective"),
+        (
+            "pretrain",
+            (*DUAL, "iais.enabled=false", "objectives.itm=false"),
+            "objectives.mlm.enabled",
+            "nothing attends across the modalities",
+        ),
+        ("pretrain", ("model.preset=tiny_two_stream", "iais.layers=[1]"), "iais.layers", "co-attention blocks"),
+        ("pretrain", ("iais.layers=[2]",), "iais.layers", "encoder layers (model.num_layers=2)"),
+        ("finetune", DUAL_ITC, "finetune.recipe", "itc for model.architecture=dual_encoder"),
+        ("finetune", (*DUAL_ITC, "finetune.recipe=itc_itm"), "finetune.recipe", "no ITM"),
+        ("finetune", (*DUAL_ITC, "finetune.recipe=itc"), "finetune.eval_mode", "embedding"),
+    ],
+)
+def test_what_an_architecture_cannot_do_is_one_line_exit_2(
+    capsys, dataset: Path, tmp_path: Path, module: str, overrides: tuple[str, ...], field: str, words: str
+) -> None:
     if module == "pretrain":
         from pretrain.__main__ import main
     else:
@@ -228,8 +269,9 @@ def test_dual_encoder_itc_only_configuration_is_accepted(dataset: Path) -> None:
 
     cfg = load_config(TINY, [f"data.paths=[{dataset}]", *DUAL_ITC])
     assert cfg.model.architecture == "dual_encoder" and cfg.model.width == 48
-    cfg = load_finetune_config(TINY, [f"data.paths=[{dataset}]", *DUAL_ITC, "finetune.recipe=itc",
-                                      "finetune.eval_mode=embedding"])
+    cfg = load_finetune_config(
+        TINY, [f"data.paths=[{dataset}]", *DUAL_ITC, "finetune.recipe=itc", "finetune.eval_mode=embedding"]
+    )
     assert cfg.finetune.recipe == "itc"
 
 
@@ -242,8 +284,11 @@ def test_two_stream_gradient_checkpointing_gives_the_same_loss_and_gradients() -
         out = model(input_ids, text_mask, visual_tokens, visual_mask, iais_rows=rows)
         regularizer = IAISRegularizer(IAISConfig(schedule="constant"), 2)
         regularizer.attach(model)
-        loss = model.itm_logits(out).sum() + model.mlm_logits(out, text_mask).logsumexp(-1).sum() \
+        loss = (
+            model.itm_logits(out).sum()
+            + model.mlm_logits(out, text_mask).logsumexp(-1).sum()
             + regularizer(out.attention, 0, 1).raw
+        )
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

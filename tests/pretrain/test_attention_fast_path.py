@@ -1,6 +1,7 @@
 """The fused attention's fast path: keys known on the host to have no padding get no mask at all, the
 others one additive [B, 1, 1, L] mask; outputs and gradients equal those of a boolean [B, 1, 1, L] mask
 on every key (how attention was masked before), padded or not, in every architecture."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,9 @@ def bool_mask(key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 
 def _model(architecture: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = ModelConfig.preset("tiny", vocab_size=VOCAB, architecture=architecture, width=16, num_heads=2,
-                                num_layers=2, embed_dim=8)
+    config = ModelConfig.preset(
+        "tiny", vocab_size=VOCAB, architecture=architecture, width=16, num_heads=2, num_layers=2, embed_dim=8
+    )
     model = build_model(config).double().eval()
     if config.cross_modal:
         model.set_iais_layers({config.iais_layer_count - 1})
@@ -81,8 +83,9 @@ def _values_and_grads(model, inputs) -> tuple[dict[str, torch.Tensor], dict[str,
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("architecture", ["single_stream", "two_stream", "dual_encoder"])
-def test_outputs_and_gradients_equal_the_boolean_mask_path(architecture: str, padded: bool,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outputs_and_gradients_equal_the_boolean_mask_path(
+    architecture: str, padded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = _model(architecture)
     inputs = _inputs(padded)
     fast, fast_grads = _values_and_grads(model, inputs)
@@ -121,16 +124,18 @@ SAME_LENGTH = ["a red circle", "a blue square", "a green triangle"]  # 3 word pi
 
 
 @pytest.mark.parametrize("architecture", ["single_stream", "two_stream", "dual_encoder"])
-def test_a_training_step_without_padding_gives_sdpa_no_mask(architecture: str, dataset: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_training_step_without_padding_gives_sdpa_no_mask(
+    architecture: str, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tokenizer = load_tokenizer(write_vocab_tokenizer(GRAMMAR_WORDS, dataset / "tok"))
     task = PretrainTask(tiny_config(architecture, dataset), categories=[])
     torch.manual_seed(0)
     model = task.build_model(tokenizer, fresh=True, say=lambda text: None)
     objective = task.objective()
 
-    unpadded = normalise_batch(loader_batch(tokenizer, samples=4, padding_slots=0, max_text_len=5,
-                                            captions=SAME_LENGTH))
+    unpadded = normalise_batch(
+        loader_batch(tokenizer, samples=4, padding_slots=0, max_text_len=5, captions=SAME_LENGTH)
+    )
     assert unpadded["text_unpadded"] and unpadded["text_mask"].all()
     calls = _record_sdpa(monkeypatch)
     objective(model, unpadded, Progress(0, 10)).total.backward()

@@ -18,6 +18,7 @@ of a host bool), the metrics window reduction, the evaluator's totals and in-bat
 gather_uneven with host and device rows, ITC's gathers with their backward, and the checkpoint's object
 collectives. Each must also give the values a plain reduction gives.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,8 +34,21 @@ import torch.multiprocessing as mp
 from tests.conftest import free_port
 
 WORLD = 2
-TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
-                      "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv")
+TENSOR_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+)
 OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
 
 
@@ -79,8 +93,10 @@ def install_nccl_rule(dist) -> None:
         def tensor_collective(*args, _name=name, _real=real, **kwargs):
             host = [tuple(t.shape) for t in _walk((args, kwargs)) if not isinstance(t, OnAccelerator)]
             if host:
-                raise AssertionError(f"dist.{_name} got host tensors of shapes {host}: NCCL moves only tensors on "
-                                     f"the rank's CUDA device (place them with pretrain.distributed.to_comm)")
+                raise AssertionError(
+                    f"dist.{_name} got host tensors of shapes {host}: NCCL moves only tensors on "
+                    f"the rank's CUDA device (place them with pretrain.distributed.to_comm)"
+                )
             return _real(*_plain(list(args)), **{k: _plain(v) for k, v in kwargs.items()})
 
         setattr(dist, name, tensor_collective)
@@ -89,8 +105,10 @@ def install_nccl_rule(dist) -> None:
 
         def object_collective(*args, _name=name, _real=real, **kwargs):
             if any(isinstance(t, OnAccelerator) for t in _walk((args, kwargs))):
-                raise AssertionError(f"dist.{_name} pickles a device tensor: it would unpickle onto the sender's "
-                                     f"GPU; gather device tensors with a tensor collective")
+                raise AssertionError(
+                    f"dist.{_name} pickles a device tensor: it would unpickle onto the sender's "
+                    f"GPU; gather device tensors with a tensor collective"
+                )
             return _real(*args, **kwargs)
 
         setattr(dist, name, object_collective)
@@ -177,8 +195,13 @@ def _worker(rank: int, port: int, failures) -> None:
 
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         install_nccl_rule(dist)
         _call_sites(rank)
@@ -194,8 +217,7 @@ def _worker(rank: int, port: int, failures) -> None:
 def test_collectives_pass_tensors_on_the_backends_device():
     ctx = mp.get_context("spawn")
     failures = ctx.Queue()
-    context = mp.start_processes(_worker, args=(free_port(), failures), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(_worker, args=(free_port(), failures), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 300
     try:
         while not context.join(timeout=1):
@@ -224,8 +246,12 @@ def test_comm_device_is_the_current_cuda_device_under_nccl(monkeypatch):
     assert distributed.comm_device() == torch.device("cpu")  # no process group
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    for backend, expected in (("nccl", torch.device("cuda", 3)), ("gloo", torch.device("cpu")),
-                              ("cpu:gloo,cuda:nccl", torch.device("cpu")), ("mpi", torch.device("cpu"))):
+    for backend, expected in (
+        ("nccl", torch.device("cuda", 3)),
+        ("gloo", torch.device("cpu")),
+        ("cpu:gloo,cuda:nccl", torch.device("cpu")),
+        ("mpi", torch.device("cpu")),
+    ):
         monkeypatch.setattr(dist, "get_backend", lambda group=None, _b=backend: _b)
         assert distributed.comm_device() == expected, backend
 

@@ -1,5 +1,6 @@
 """The configuration schema: presets, overrides, one-line errors with exit code 2, resume identity,
 batch geometry, parameter groups and the learning-rate schedule."""
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,20 @@ def test_presets_validate(preset: str, dataset: Path) -> None:
 
 
 def test_overrides_are_typed_by_yaml_and_schema(dataset: Path) -> None:
-    cfg = load_config(TINY, [f"data.paths={dataset}", "optimizer.lr=1e-4", "train.steps=7",
-                             "optimizer.betas=[0.8, 0.9]", "optimizer.lr_multipliers={encoder: 0.5}",
-                             "zero.stage=2", "precision=bf16", "model.num_layers=3", "iais.layers=[0, -1]"])
+    cfg = load_config(
+        TINY,
+        [
+            f"data.paths={dataset}",
+            "optimizer.lr=1e-4",
+            "train.steps=7",
+            "optimizer.betas=[0.8, 0.9]",
+            "optimizer.lr_multipliers={encoder: 0.5}",
+            "zero.stage=2",
+            "precision=bf16",
+            "model.num_layers=3",
+            "iais.layers=[0, -1]",
+        ],
+    )
     assert cfg.optimizer.lr == pytest.approx(1e-4) and isinstance(cfg.optimizer.lr, float)
     assert cfg.train.steps == 7
     assert cfg.optimizer.betas == (0.8, 0.9)
@@ -46,21 +58,24 @@ def test_overrides_are_typed_by_yaml_and_schema(dataset: Path) -> None:
     assert cfg.data.paths == [str(dataset)]  # a bare string for a list field is one element
 
 
-@pytest.mark.parametrize("override, field, words", [
-    ("train.bogus=1", "train.bogus", "one of the keys"),
-    ("bogus.x=1", "bogus", "one of the keys"),
-    ("train.steps=abc", "train.steps", "an integer"),
-    ("train.steps=1.5", "train.steps", "an integer"),
-    ("optimizer.lr=-1", "optimizer.lr", "> 0"),
-    ("optimizer.betas=[0.9]", "optimizer.betas", "2 values"),
-    ("zero.stage=4", "zero.stage", "0, 1, 2 or 3"),
-    ("precision=fp8", "precision", "'fp32' | 'bf16' | 'fp16'"),
-    ("model.preset=huge", "model.preset", "tiny"),
-    ("model.num_heads=5", "model.num_heads", "divisor"),
-    ("iais.mode=fancy", "iais.mode", "singular"),
-    ("train.log_every=0", "train.log_every", ">= 1"),
-    ("data.paths=[/nonexistent/relalign]", "data.paths[0]", "dataset.json"),
-])
+@pytest.mark.parametrize(
+    "override, field, words",
+    [
+        ("train.bogus=1", "train.bogus", "one of the keys"),
+        ("bogus.x=1", "bogus", "one of the keys"),
+        ("train.steps=abc", "train.steps", "an integer"),
+        ("train.steps=1.5", "train.steps", "an integer"),
+        ("optimizer.lr=-1", "optimizer.lr", "> 0"),
+        ("optimizer.betas=[0.9]", "optimizer.betas", "2 values"),
+        ("zero.stage=4", "zero.stage", "0, 1, 2 or 3"),
+        ("precision=fp8", "precision", "'fp32' | 'bf16' | 'fp16'"),
+        ("model.preset=huge", "model.preset", "tiny"),
+        ("model.num_heads=5", "model.num_heads", "divisor"),
+        ("iais.mode=fancy", "iais.mode", "singular"),
+        ("train.log_every=0", "train.log_every", ">= 1"),
+        ("data.paths=[/nonexistent/relalign]", "data.paths[0]", "dataset.json"),
+    ],
+)
 def test_config_mistakes_are_one_line_and_exit_2(capsys, dataset: Path, override: str, field: str, words: str) -> None:
     argv = ["--config", str(TINY), f"data.paths=[{dataset}]", override]
     code, err = _error_line(capsys, argv)
@@ -84,8 +99,14 @@ def test_missing_config_file_and_bad_yaml(capsys, tmp_path: Path) -> None:
     assert code == 2 and "not valid YAML" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"builder": "x", "arguments": {}, "total_samples": 3}),
-                                     json.dumps({"builder": "x", "arguments": {}, "shards": [], "total_samples": 3})])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        json.dumps({"builder": "x", "arguments": {}, "total_samples": 3}),
+        json.dumps({"builder": "x", "arguments": {}, "shards": [], "total_samples": 3}),
+    ],
+)
 def test_malformed_dataset_json_is_a_data_error_before_any_process_group(capsys, tmp_path: Path, content: str) -> None:
     """Defect: a malformed dataset.json was found only after the process group started, with exit 2.
     It is read with the configuration now: one line naming the file, exit 3 (data)."""
@@ -99,8 +120,9 @@ def test_malformed_dataset_json_is_a_data_error_before_any_process_group(capsys,
 
 
 def test_raw_deepspeed_json_must_exist(capsys, dataset: Path, tmp_path: Path) -> None:
-    code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{dataset}]",
-                                     f"zero.deepspeed_config={tmp_path}/ds.json"])
+    code, err = _error_line(
+        capsys, ["--config", str(TINY), f"data.paths=[{dataset}]", f"zero.deepspeed_config={tmp_path}/ds.json"]
+    )
     assert code == 2 and "zero.deepspeed_config" in err
 
 
@@ -114,8 +136,17 @@ def test_resolved_config_round_trips(dataset: Path, tmp_path: Path) -> None:
 
 def test_resume_identity_ignores_mutable_fields_only(dataset: Path) -> None:
     base = load_config(TINY, [f"data.paths=[{dataset}]"])
-    mutable = load_config(TINY, [f"data.paths=[{dataset}]", "data.workers=2", "data.batch_size=4",
-                                 "train.log_every=3", "run.dir=/tmp/elsewhere", "metrics.port=0"])
+    mutable = load_config(
+        TINY,
+        [
+            f"data.paths=[{dataset}]",
+            "data.workers=2",
+            "data.batch_size=4",
+            "train.log_every=3",
+            "run.dir=/tmp/elsewhere",
+            "metrics.port=0",
+        ],
+    )
     assert resume_differences(to_dict(base), mutable) == []
     assert config_hash(base) == config_hash(mutable)
     changed = load_config(TINY, [f"data.paths=[{dataset}]", "optimizer.lr=5e-5", "zero.stage=2"])
@@ -156,21 +187,31 @@ def test_global_batch_fixed_across_world_sizes(dataset: Path, world: int, per_ra
 
 
 def test_schedule_warmup_then_decay(dataset: Path) -> None:
-    cfg = load_config(TINY, [f"data.paths=[{dataset}]", "schedule.warmup_steps=4", "schedule.decay=linear",
-                             "schedule.min_lr_ratio=0.1"])
+    cfg = load_config(
+        TINY,
+        [f"data.paths=[{dataset}]", "schedule.warmup_steps=4", "schedule.decay=linear", "schedule.min_lr_ratio=0.1"],
+    )
     f = lr_lambda(cfg.schedule, total_steps=14)
     assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert f(9) == pytest.approx(0.1 + 0.9 * 0.5) and f(14) == pytest.approx(0.1)
-    cos = lr_lambda(load_config(TINY, [f"data.paths=[{dataset}]", "schedule.warmup_steps=0",
-                                       "schedule.decay=cosine"]).schedule, total_steps=10)
+    cos = lr_lambda(
+        load_config(TINY, [f"data.paths=[{dataset}]", "schedule.warmup_steps=0", "schedule.decay=cosine"]).schedule,
+        total_steps=10,
+    )
     assert cos(0) == pytest.approx(1.0) and cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
 
 
 def test_param_groups_decay_and_multipliers(dataset: Path) -> None:
     from pretrain.model import RelAlignModel
 
-    cfg = load_config(TINY, [f"data.paths=[{dataset}]", "optimizer.weight_decay=0.05",
-                             "optimizer.lr_multipliers={visual: 0.1, encoder.layer.0: 0.5}"])
+    cfg = load_config(
+        TINY,
+        [
+            f"data.paths=[{dataset}]",
+            "optimizer.weight_decay=0.05",
+            "optimizer.lr_multipliers={visual: 0.1, encoder.layer.0: 0.5}",
+        ],
+    )
     import dataclasses
 
     model = RelAlignModel(dataclasses.replace(cfg.model, vocab_size=50))
@@ -193,8 +234,18 @@ def _fake_checkpoint(root: Path, cfg) -> Path:
     """A committed checkpoint folder as far as resume validation reads it (client_state.json)."""
     tag = root / "checkpoints" / "step00000004"
     tag.mkdir(parents=True)
-    write_run_state(tag, RunState(progress=TrainState(step=4), total_steps=8, global_batch=32, task="pretrain",
-                                  config=to_dict(cfg), config_hash=config_hash(cfg), world_size=2))
+    write_run_state(
+        tag,
+        RunState(
+            progress=TrainState(step=4),
+            total_steps=8,
+            global_batch=32,
+            task="pretrain",
+            config=to_dict(cfg),
+            config_hash=config_hash(cfg),
+            world_size=2,
+        ),
+    )
     (root / "checkpoints" / "latest").write_text("step00000004\n")
     return tag
 
@@ -202,12 +253,15 @@ def _fake_checkpoint(root: Path, cfg) -> Path:
 def test_resume_with_changed_training_fields_is_refused(capsys, dataset: Path, tmp_path: Path) -> None:
     saved = load_config(TINY, [f"data.paths=[{dataset}]", "optimizer.lr=1e-3"])
     _fake_checkpoint(tmp_path / "old", saved)
-    code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{dataset}]", "optimizer.lr=2e-3",
-                                     "--resume", str(tmp_path / "old")])
+    code, err = _error_line(
+        capsys,
+        ["--config", str(TINY), f"data.paths=[{dataset}]", "optimizer.lr=2e-3", "--resume", str(tmp_path / "old")],
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "different configuration" in err and "optimizer.lr: 0.001 -> 0.002" in err
-    code, err = _error_line(capsys, ["--config", str(TINY), f"data.paths=[{dataset}]",
-                                     "--resume", str(tmp_path / "missing")])
+    code, err = _error_line(
+        capsys, ["--config", str(TINY), f"data.paths=[{dataset}]", "--resume", str(tmp_path / "missing")]
+    )
     assert code == 2 and "not a complete checkpoint" in err and len(err.splitlines()) == 1
     torn = tmp_path / "old" / "checkpoints" / ".tmp-step00000008"
     torn.mkdir()
@@ -229,8 +283,15 @@ def test_raw_deepspeed_json_settings_win_and_show_in_config(dataset: Path, tmp_p
     from pretrain.engine import EngineSpec, deepspeed_config
 
     raw = tmp_path / "ds.json"
-    raw.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True},
-                               "gradient_clipping": 0.5}))
+    raw.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2, "overlap_comm": True},
+                "bf16": {"enabled": True},
+                "gradient_clipping": 0.5,
+            }
+        )
+    )
     cfg = load_config(TINY, [f"data.paths=[{dataset}]", "zero.stage=0", f"zero.deepspeed_config={raw}"])
     assert (cfg.zero.stage, cfg.precision) == (2, "bf16")
     spec = EngineSpec(cfg.optimizer, cfg.schedule, cfg.zero, cfg.precision, cfg.train.grad_clip)

@@ -1,4 +1,5 @@
 """The job layout derived from each launcher's environment (torchrun, deepspeed, accelerate, Slurm, none)."""
+
 from __future__ import annotations
 
 import os
@@ -14,28 +15,62 @@ from tests.conftest import REPO
 
 
 def test_torchrun_variables():
-    env = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                  "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29611", "TORCHELASTIC_RUN_ID": "x"})
+    env = detect(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "10.0.0.5",
+            "MASTER_PORT": "29611",
+            "TORCHELASTIC_RUN_ID": "x",
+        }
+    )
     assert env == DistEnv(3, 8, 1, 2, "10.0.0.5", 29611, "torchrun")
 
 
 def test_deepspeed_launcher_variables():
     # deepspeed's launch.py sets LOCAL_SIZE, CROSS_RANK and CROSS_SIZE, not LOCAL_WORLD_SIZE.
-    env = detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_SIZE": "1", "CROSS_RANK": "1",
-                  "CROSS_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29700"})
+    env = detect(
+        {
+            "RANK": "1",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "0",
+            "LOCAL_SIZE": "1",
+            "CROSS_RANK": "1",
+            "CROSS_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29700",
+        }
+    )
     assert env == DistEnv(1, 2, 0, 1, "127.0.0.1", 29700, "deepspeed")
 
 
 def test_accelerate_takes_precedence_over_the_torchrun_it_starts():
-    env = detect({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
-                  "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x", "ACCELERATE_USE_DEEPSPEED": "true"})
+    env = detect(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "h",
+            "MASTER_PORT": "1234",
+            "TORCHELASTIC_RUN_ID": "x",
+            "ACCELERATE_USE_DEEPSPEED": "true",
+        }
+    )
     assert env.launcher == "accelerate" and (env.rank, env.world_size, env.master_port) == (0, 2, 1234)
 
 
 def test_slurm_two_nodes_uneven_tasks():
     environ = {
-        "SLURM_PROCID": "5", "SLURM_NTASKS": "7", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
-        "SLURM_TASKS_PER_NODE": "2(x3),1", "SLURM_JOB_NODELIST": "node[01-03],gpu7", "SLURM_JOB_ID": "123456",
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "7",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_TASKS_PER_NODE": "2(x3),1",
+        "SLURM_JOB_NODELIST": "node[01-03],gpu7",
+        "SLURM_JOB_ID": "123456",
     }
     env = detect(environ)
     assert env == DistEnv(5, 7, 1, 2, "node01", 15000 + 123456 % 20000, "slurm")
@@ -43,25 +78,50 @@ def test_slurm_two_nodes_uneven_tasks():
 
 
 def test_slurm_ntasks_per_node_and_explicit_master_win():
-    env = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "4",
-                  "SLURM_TASKS_PER_NODE": "4", "SLURM_JOB_NODELIST": "a1", "SLURM_JOB_ID": "7",
-                  "MASTER_ADDR": "login2", "MASTER_PORT": "40000"})
+    env = detect(
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "4",
+            "SLURM_LOCALID": "0",
+            "SLURM_NTASKS_PER_NODE": "4",
+            "SLURM_TASKS_PER_NODE": "4",
+            "SLURM_JOB_NODELIST": "a1",
+            "SLURM_JOB_ID": "7",
+            "MASTER_ADDR": "login2",
+            "MASTER_PORT": "40000",
+        }
+    )
     assert (env.local_world_size, env.master_addr, env.master_port) == (4, "login2", 40000)
 
 
 def test_every_task_of_a_slurm_job_derives_the_same_master():
-    base = {"SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_NODELIST": "gpu[100-101]",
-            "SLURM_JOB_ID": "98765"}
-    envs = [detect({**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 2), "SLURM_NODEID": str(r // 2)})
-            for r in range(4)]
+    base = {
+        "SLURM_NTASKS": "4",
+        "SLURM_TASKS_PER_NODE": "2(x2)",
+        "SLURM_JOB_NODELIST": "gpu[100-101]",
+        "SLURM_JOB_ID": "98765",
+    }
+    envs = [
+        detect({**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 2), "SLURM_NODEID": str(r // 2)})
+        for r in range(4)
+    ]
     assert {(e.master_addr, e.master_port) for e in envs} == {("gpu100", 15000 + 98765 % 20000)}
     assert [e.rank for e in envs] == [0, 1, 2, 3] and [e.local_rank for e in envs] == [0, 1, 0, 1]
 
 
 def test_launcher_variables_win_over_slurm():
     # torchrun started inside an sbatch allocation: RANK from torchrun, not SLURM_PROCID.
-    env = detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-                  "MASTER_PORT": "29500", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    env = detect(
+        {
+            "RANK": "1",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500",
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "1",
+        }
+    )
     assert (env.launcher, env.rank, env.world_size) == ("torchrun", 1, 2)
 
 
@@ -98,10 +158,14 @@ def test_tasks_per_node_expansion():
     [
         ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, "rank 2 is outside world size 2"),
         ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
-        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_TASKS_PER_NODE": "2(x", "SLURM_JOB_ID": "1"},
-         "SLURM_TASKS_PER_NODE"),
-        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node[01-", "SLURM_JOB_ID": "1"},
-         "unbalanced"),
+        (
+            {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_TASKS_PER_NODE": "2(x", "SLURM_JOB_ID": "1"},
+            "SLURM_TASKS_PER_NODE",
+        ),
+        (
+            {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node[01-", "SLURM_JOB_ID": "1"},
+            "unbalanced",
+        ),
         ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "70000"}, "not a TCP port"),
     ],
 )
@@ -114,12 +178,17 @@ def test_record_rank_host_names_the_slurm_node_of_each_rank(tmp_path):
     import json
     import socket
 
-    path = dist_env.record_rank_host(tmp_path, {"SLURM_PROCID": "1", "SLURMD_NODENAME": "n2", "SLURM_JOB_ID": "7",
-                                                "SLURM_RESTART_COUNT": "2"})
+    path = dist_env.record_rank_host(
+        tmp_path, {"SLURM_PROCID": "1", "SLURMD_NODENAME": "n2", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "2"}
+    )
     assert path == str(tmp_path / "ranks" / "rank1.json")
     assert json.loads((tmp_path / "ranks" / "rank1.json").read_text()) == {
-        "rank": 1, "hostname": socket.gethostname(), "slurmd_nodename": "n2", "slurm_job_id": "7",
-        "slurm_restart_count": 2}
+        "rank": 1,
+        "hostname": socket.gethostname(),
+        "slurmd_nodename": "n2",
+        "slurm_job_id": "7",
+        "slurm_restart_count": 2,
+    }
     # RANK (torchrun, deepspeed) wins over SLURM_PROCID; outside Slurm the node is null
     dist_env.record_rank_host(tmp_path, {"RANK": "0", "SLURM_PROCID": "5"})
     assert json.loads((tmp_path / "ranks" / "rank0.json").read_text())["slurmd_nodename"] is None
@@ -158,8 +227,9 @@ def test_single_process_group_starts_without_a_launcher_and_exits_cleanly(tmp_pa
         "dist_env.exit_process(7)\n" % str(tmp_path / "atexit.txt")
     )
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=environ, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 7, proc.stderr[-2000:]
     assert "group closed" in proc.stdout
     assert (tmp_path / "atexit.txt").read_text() == "atexit ran"

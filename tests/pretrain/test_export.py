@@ -1,5 +1,6 @@
 """`python -m pretrain export RUN --out DIR`: consolidated safetensors + model config + tokenizer,
 loadable by `pretrain.weights.load_model`, from ZeRO 0 fp32 and ZeRO 2 bf16 runs."""
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,25 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 def _pretrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "pretrain", *args], cwd=REPO, env=env_for(), capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [PYTHON, "-m", "pretrain", *args],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16")])
 def test_export_round_trip(synthetic: Path, tmp_path: Path, stage: int, precision: str) -> None:
     run = tmp_path / "run"
-    proc = _pretrain(*base_args(synthetic, run, "train.steps=3", f"zero.stage={stage}", f"precision={precision}",
-                                "data.batch_size=8"))
+    proc = _pretrain(
+        *base_args(
+            synthetic, run, "train.steps=3", f"zero.stage={stage}", f"precision={precision}", "data.batch_size=8"
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "export"
     proc = _pretrain("export", str(run), "--out", str(out))

@@ -1,6 +1,7 @@
 """Loading a Hugging Face BERT-family folder into the encoder reproduces transformers' text output;
 `model.init_from` starts a training run from it, and a checkpoint with another vocabulary than the
 data tokenizer is refused before training starts."""
+
 from __future__ import annotations
 
 import shutil
@@ -15,13 +16,22 @@ import transformers
 from data_tools.errors import UserError
 from pretrain.model import ModelConfig, RelAlignModel, load_hf_text_weights
 
-HF_SHAPE = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                max_position_embeddings=40, hidden_act="gelu", layer_norm_eps=1e-12)
+HF_SHAPE = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=40,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+)
 
 
 def our_config(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=99, num_layers=2, width=32, num_heads=4, max_text_len=24, visual_embedder="features",
-                  feature_dim=8)
+    fields = dict(
+        vocab_size=99, num_layers=2, width=32, num_heads=4, max_text_len=24, visual_embedder="features", feature_dim=8
+    )
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -159,9 +169,18 @@ def tiny_bert_folder(synthetic: Path, out: Path, extra_vocab: int = 0) -> Path:
     shutil.copytree(synthetic / "tokenizer", out)
     vocab = len(transformers.AutoTokenizer.from_pretrained(str(out)))
     torch.manual_seed(123)
-    bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=vocab + extra_vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=256, max_position_embeddings=80, type_vocab_size=2, layer_norm_eps=1e-12))
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=vocab + extra_vocab,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=80,
+            type_vocab_size=2,
+            layer_norm_eps=1e-12,
+        )
+    )
     bert.save_pretrained(out)
     return out
 
@@ -169,8 +188,14 @@ def tiny_bert_folder(synthetic: Path, out: Path, extra_vocab: int = 0) -> Path:
 def _pretrain(*args: str) -> subprocess.CompletedProcess:
     from tests.pretrain.runs import PYTHON, REPO, RUN_TIMEOUT_S, env_for
 
-    return subprocess.run([PYTHON, "-m", "pretrain", *args], cwd=REPO, env=env_for(), capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [PYTHON, "-m", "pretrain", *args],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
 
 
 @pytest.mark.slow
@@ -183,8 +208,15 @@ def test_training_starts_from_init_from_weights(synthetic: Path, tmp_path: Path)
 
     folder = tiny_bert_folder(synthetic, tmp_path / "bert")
     run = tmp_path / "run"
-    args = base_args(synthetic, run, f"model.init_from={folder}", f"data.tokenizer={folder}", "train.steps=1",
-                     "data.batch_size=8", "optimizer.lr_multipliers={embeddings: 0.0, encoder: 0.0}")
+    args = base_args(
+        synthetic,
+        run,
+        f"model.init_from={folder}",
+        f"data.tokenizer={folder}",
+        "train.steps=1",
+        "data.batch_size=8",
+        "optimizer.lr_multipliers={embeddings: 0.0, encoder: 0.0}",
+    )
     proc = _pretrain(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"model.init_from={folder}: 39 text tensors loaded" in proc.stderr  # 37 + pooler

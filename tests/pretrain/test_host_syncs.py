@@ -2,6 +2,7 @@
 for the GPU (the finite check's read), counted on the CPU by `pretrain.sync_check`, for the objectives
 of configs/tiny.yaml (ITC + ITM + MLM + IAIS) in every architecture; and the counter itself against
 operations whose effect is known."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,11 +28,20 @@ ARCHITECTURE_OVERRIDES = {
     "single_stream": (),
     "two_stream": ("model.preset=tiny_two_stream",),
     # No joint pass: ITC is the dual encoder's only objective and IAIS is undefined.
-    "dual_encoder": ("model.preset=tiny_dual_encoder", "objectives.itm=false", "objectives.mlm=false",
-                     "iais.enabled=false"),
+    "dual_encoder": (
+        "model.preset=tiny_dual_encoder",
+        "objectives.itm=false",
+        "objectives.mlm=false",
+        "iais.enabled=false",
+    ),
 }
-CAPTIONS = ["a red circle is left of a blue square", "there is a green triangle", "a small blue circle",
-            "the square is above the circle", "a large red square is right of a small green triangle"]
+CAPTIONS = [
+    "a red circle is left of a blue square",
+    "there is a green triangle",
+    "a small blue circle",
+    "the square is above the circle",
+    "a large red square is right of a small green triangle",
+]
 
 
 def tiny_config(architecture: str, data: Path):
@@ -41,17 +51,36 @@ def tiny_config(architecture: str, data: Path):
     return config_from_dict(tree)
 
 
-def loader_batch(tokenizer, samples: int = 6, padding_slots: int = 1, max_text_len: int = 32,
-                 captions: list[str] = CAPTIONS) -> dict:
+def loader_batch(
+    tokenizer, samples: int = 6, padding_slots: int = 1, max_text_len: int = 32, captions: list[str] = CAPTIONS
+) -> dict:
     """A batch as the loader yields it (collate of synthetic samples, uint8 pixels), with padding slots."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(samples - padding_slots):
-        rows.append({"caption": captions[i % len(captions)], "key": f"k{i}", "repeat": 0, "image_id": f"img{i // 2}",
-                     "caption_index": i % 2, "pixels": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-                     "boxes": None, "phrases": None, "negative": ""})
-    return collate(rows + [None] * padding_slots, tokenizer=tokenizer, max_text_len=max_text_len,
-                   mlm_probability=0.3, seed=0, epoch=0, image_size=64, defer_normalise=True)
+        rows.append(
+            {
+                "caption": captions[i % len(captions)],
+                "key": f"k{i}",
+                "repeat": 0,
+                "image_id": f"img{i // 2}",
+                "caption_index": i % 2,
+                "pixels": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+                "boxes": None,
+                "phrases": None,
+                "negative": "",
+            }
+        )
+    return collate(
+        rows + [None] * padding_slots,
+        tokenizer=tokenizer,
+        max_text_len=max_text_len,
+        mlm_probability=0.3,
+        seed=0,
+        epoch=0,
+        image_size=64,
+        defer_normalise=True,
+    )
 
 
 class PlainEngine:
@@ -116,6 +145,13 @@ def test_the_counter_sees_reads_data_dependent_shapes_and_host_built_tensors() -
         host.nonzero(), int(host.sum())
         device_tensor * torch.tensor(2.0)
     kinds = [event.kind for event in syncs.events]
-    assert kinds == ["scalar read", "boolean index", "nonzero", "multinomial", "host read", "host-to-device copy",
-                     "host-to-device copy"], syncs.report()
+    assert kinds == [
+        "scalar read",
+        "boolean index",
+        "nonzero",
+        "multinomial",
+        "host read",
+        "host-to-device copy",
+        "host-to-device copy",
+    ], syncs.report()
     assert all(event.where.startswith("tests/pretrain/test_host_syncs.py:") for event in syncs.events), syncs.report()

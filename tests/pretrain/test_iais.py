@@ -1,4 +1,5 @@
 """The vectorised IAIS regulariser against the plain reference of DESIGN.md 1, and its properties."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,15 @@ import pytest
 import torch
 
 from data_tools.errors import ConfigError
-from pretrain.iais import (IAISConfig, IAISRegularizer, pair_divergence, pair_divergences, pseudo_and_target,
-                           schedule_factor, symmetric_kl)
+from pretrain.iais import (
+    IAISConfig,
+    IAISRegularizer,
+    pair_divergence,
+    pair_divergences,
+    pseudo_and_target,
+    schedule_factor,
+    symmetric_kl,
+)
 from pretrain.model import AttentionBlocks, ModelConfig, RelAlignModel
 from pretrain.model.encoder import BlockRequest, attention_blocks
 
@@ -31,8 +39,9 @@ def make_qk(words=WORDS, visual=VISUAL, heads=2, dim=4, pad_words=0, pad_visual=
     key = torch.randn(len(words), heads, length, dim, generator=g, dtype=dtype) * 1.5
     word_mask = torch.arange(n)[None] < torch.tensor(words)[:, None]  # [P, n]
     visual_mask = torch.arange(m)[None] < torch.tensor(visual)[:, None]  # [P, m]
-    request = BlockRequest(rows=torch.arange(len(words)), text_len=text_len,
-                           word_mask=word_mask, visual_mask=visual_mask)
+    request = BlockRequest(
+        rows=torch.arange(len(words)), text_len=text_len, word_mask=word_mask, visual_mask=visual_mask
+    )
     return query.requires_grad_(), key.requires_grad_(), request
 
 
@@ -70,7 +79,8 @@ def test_float32_matches_float64_reference(mode):
 def test_gradcheck_float64(mode, direction):
     query, key, request = make_qk(words=[3, 2], visual=[2, 3], heads=2, dim=3, seed=7)
     assert torch.autograd.gradcheck(
-        lambda q, k: vectorised_loss(q, k, request, direction, mode, "softmax"), (query, key), eps=1e-6, atol=1e-5)
+        lambda q, k: vectorised_loss(q, k, request, direction, mode, "softmax"), (query, key), eps=1e-6, atol=1e-5
+    )
 
 
 def test_distributed_pseudo_matrices_are_row_stochastic():
@@ -109,9 +119,14 @@ def _hand_blocks(normalization: str) -> AttentionBlocks:
         return out
 
     mask = torch.arange(size + pad) < size
-    return AttentionBlocks(s_ll=padded(s_ll, 6, 6)[None], s_vv=padded(s_vv, 6, 6)[None],
-                           s_lv=padded(cross, 6, 6)[None], s_vl=padded(cross, 6, 6)[None],
-                           word_mask=mask[None], visual_mask=mask[None])
+    return AttentionBlocks(
+        s_ll=padded(s_ll, 6, 6)[None],
+        s_vv=padded(s_vv, 6, 6)[None],
+        s_lv=padded(cross, 6, 6)[None],
+        s_vl=padded(cross, 6, 6)[None],
+        word_mask=mask[None],
+        visual_mask=mask[None],
+    )
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
@@ -147,22 +162,25 @@ def test_padding_changes_neither_loss_nor_gradients(mode, direction):
     n, m, text_len = request.word_mask.shape[1], request.visual_mask.shape[1], request.text_len
     with torch.no_grad():
         for target, source in ((pq, query), (pk, key)):
-            target[:, :, :n + 1] = source[:, :, :n + 1]  # [CLS] + words
-            target[:, :, prequest.text_len:prequest.text_len + m] = source[:, :, text_len:]  # visual
+            target[:, :, : n + 1] = source[:, :, : n + 1]  # [CLS] + words
+            target[:, :, prequest.text_len : prequest.text_len + m] = source[:, :, text_len:]  # visual
     padded_loss = vectorised_loss(pq, pk, prequest, direction, mode, "softmax")
     pgrad_q, pgrad_k = torch.autograd.grad(padded_loss, (pq, pk))
     assert padded_loss.item() == pytest.approx(loss.item(), abs=1e-12)
     for got, want in ((pgrad_q, grad_q), (pgrad_k, grad_k)):
-        torch.testing.assert_close(got[:, :, :n + 1], want[:, :, :n + 1])
-        torch.testing.assert_close(got[:, :, prequest.text_len:prequest.text_len + m], want[:, :, text_len:])
-        assert got[:, :, n + 1:prequest.text_len].abs().max() == 0  # padded words
-        assert got[:, :, prequest.text_len + m:].abs().max() == 0  # padded visual tokens
+        torch.testing.assert_close(got[:, :, : n + 1], want[:, :, : n + 1])
+        torch.testing.assert_close(got[:, :, prequest.text_len : prequest.text_len + m], want[:, :, text_len:])
+        assert got[:, :, n + 1 : prequest.text_len].abs().max() == 0  # padded words
+        assert got[:, :, prequest.text_len + m :].abs().max() == 0  # padded visual tokens
 
 
 def tiny_model(**overrides) -> RelAlignModel:
     torch.manual_seed(0)
-    return RelAlignModel(ModelConfig.preset("tiny", vocab_size=50, visual_embedder="features", dropout=0.0,
-                                            attention_dropout=0.0, **overrides))
+    return RelAlignModel(
+        ModelConfig.preset(
+            "tiny", vocab_size=50, visual_embedder="features", dropout=0.0, attention_dropout=0.0, **overrides
+        )
+    )
 
 
 def features_batch(size=4, seed=0):
@@ -170,9 +188,13 @@ def features_batch(size=4, seed=0):
     text_len, m = 9, 6
     text_mask = torch.arange(text_len)[None] < torch.tensor([9, 6, 7, 4][:size])[:, None]
     visual_mask = torch.arange(m)[None] < torch.tensor([6, 3, 5, 4][:size])[:, None]
-    return dict(input_ids=torch.randint(5, 50, (size, text_len), generator=g) * text_mask,
-                text_mask=text_mask, visual_feats=torch.randn(size, m, 64, generator=g),
-                visual_pos=torch.rand(size, m, 7, generator=g), visual_mask=visual_mask)
+    return dict(
+        input_ids=torch.randint(5, 50, (size, text_len), generator=g) * text_mask,
+        text_mask=text_mask,
+        visual_feats=torch.randn(size, m, 64, generator=g),
+        visual_pos=torch.rand(size, m, 7, generator=g),
+        visual_mask=visual_mask,
+    )
 
 
 def test_only_matched_pairs_contribute():
@@ -207,8 +229,11 @@ def test_regularizer_directions_schedule_and_layers():
     tokens, mask = model.embed_visual(batch)
     model.set_iais_layers([0, 1])
     out = model(batch["input_ids"], batch["text_mask"], tokens, mask, iais_rows=torch.ones(4, dtype=torch.bool))
-    per = {(layer, d): (lambda v: (v[0] * v[1]).sum() / v[1].sum())(pair_divergence(out.attention[layer], d))
-           for layer in (0, 1) for d in "LV"}
+    per = {
+        (layer, d): (lambda v: (v[0] * v[1]).sum() / v[1].sum())(pair_divergence(out.attention[layer], d))
+        for layer in (0, 1)
+        for d in "LV"
+    }
     both = IAISRegularizer(IAISConfig(direction="both", layers=[0, -1], weight=0.5, schedule="linear"), 2)
     assert both.layers == [0, 1]
     result = both(out.attention, step=5, total_steps=10)
@@ -237,8 +262,17 @@ def test_schedules():
     assert reg.weight(50, 100) == 1.0 and reg.weight(500, 100) == 2.0  # p clamped to [0, 1]
 
 
-@pytest.mark.parametrize("field,value", [("mode", "argmax"), ("direction", "LV"), ("normalization", "l1"),
-                                         ("schedule", "cosine"), ("weight", -1.0), ("layers", [])])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("mode", "argmax"),
+        ("direction", "LV"),
+        ("normalization", "l1"),
+        ("schedule", "cosine"),
+        ("weight", -1.0),
+        ("layers", []),
+    ],
+)
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"iais.{field}="):
         IAISConfig(**{field: value})
@@ -277,11 +311,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_no_host_sync_in_blocks_and_loss_on_cuda(mode, direction):
     query, key, request = make_qk(pad_words=2, pad_visual=3, dtype=torch.float32)
     cpu_value = IAISRegularizer(IAISConfig(mode=mode, direction=direction), 1)(
-        {0: attention_blocks(query, key, request)}, step=3, total_steps=10).loss.item()
+        {0: attention_blocks(query, key, request)}, step=3, total_steps=10
+    ).loss.item()
     device = torch.device("cuda")
     q, k = (x.detach().to(device).requires_grad_() for x in (query, key))
-    cuda_request = BlockRequest(rows=request.rows.to(device), text_len=request.text_len,
-                                word_mask=request.word_mask.to(device), visual_mask=request.visual_mask.to(device))
+    cuda_request = BlockRequest(
+        rows=request.rows.to(device),
+        text_len=request.text_len,
+        word_mask=request.word_mask.to(device),
+        visual_mask=request.visual_mask.to(device),
+    )
     regularizer = IAISRegularizer(IAISConfig(mode=mode, direction=direction), 1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
@@ -312,12 +351,15 @@ def test_regularizer_mean_inside_the_fused_node_matches_the_reference_with_an_in
     # Pair 3 has no real visual token: it is left out of the mean, and gets no gradient.
     words, visual = [5, 3, 6, 2], [4, 6, 2, 0]
     query, key, request = make_qk(words=words, visual=visual, pad_words=1, pad_visual=2, seed=5)
-    regularizer = IAISRegularizer(IAISConfig(mode=mode, normalization=normalization, direction="both",
-                                             schedule="constant"), 1)
+    regularizer = IAISRegularizer(
+        IAISConfig(mode=mode, normalization=normalization, direction="both", schedule="constant"), 1
+    )
     loss = regularizer({0: attention_blocks(query, key, request)}, step=0, total_steps=1).raw
     grads = torch.autograd.grad(loss, (query, key))
-    ref = sum(reference_loss(query[:3], key[:3], words[:3], visual[:3], request.text_len, d, mode, normalization)
-              for d in ("L", "V"))
+    ref = sum(
+        reference_loss(query[:3], key[:3], words[:3], visual[:3], request.text_len, d, mode, normalization)
+        for d in ("L", "V")
+    )
     ref_grads = torch.autograd.grad(ref, (query, key))
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
     for got, want in zip(grads, ref_grads):
@@ -353,20 +395,35 @@ def test_exact_zeros_on_real_columns_match_the_plain_statement(mode, normalizati
             x += torch.eye(r, c, dtype=x.dtype) * mask[:, None, :]
         return x / x.sum(-1, keepdim=True).clamp_min(1e-300)
 
-    blocks = [rows(2, 6, 6, word_mask, True), rows(2, 4, 4, visual_mask, True), rows(2, 6, 4, visual_mask, False),
-              rows(2, 4, 6, word_mask, False)]
+    blocks = [
+        rows(2, 6, 6, word_mask, True),
+        rows(2, 4, 4, visual_mask, True),
+        rows(2, 6, 4, visual_mask, False),
+        rows(2, 4, 6, word_mask, False),
+    ]
     fused_in = [b.clone().requires_grad_() for b in blocks]
     plain_in = [b.clone().requires_grad_() for b in blocks]
     values, _ = pair_divergences(AttentionBlocks(*fused_in, word_mask, visual_mask), mode, normalization)
     plain_blocks = AttentionBlocks(*plain_in, word_mask, visual_mask)
-    plain = torch.stack([symmetric_kl(*pseudo_and_target(plain_blocks, d, mode, normalization),
-                                      distributed=mode == "distributed") for d in ("L", "V")])
+    plain = torch.stack(
+        [
+            symmetric_kl(*pseudo_and_target(plain_blocks, d, mode, normalization), distributed=mode == "distributed")
+            for d in ("L", "V")
+        ]
+    )
     torch.testing.assert_close(values, plain, atol=1e-12, rtol=1e-10)
     weights = torch.tensor([[0.7, 1.3], [-0.4, 2.0]], dtype=torch.float64)
     got = torch.autograd.grad((values * weights).sum(), fused_in, allow_unused=True)
     want = torch.autograd.grad((plain * weights).sum(), plain_in, allow_unused=True)
-    real = [(r[:, :, None] & c[:, None, :]).double() for r, c in  # padded entries' gradients are meaningless
-            ((word_mask, word_mask), (visual_mask, visual_mask), (word_mask, visual_mask), (visual_mask, word_mask))]
+    real = [
+        (r[:, :, None] & c[:, None, :]).double()
+        for r, c in (  # padded entries' gradients are meaningless
+            (word_mask, word_mask),
+            (visual_mask, visual_mask),
+            (word_mask, visual_mask),
+            (visual_mask, word_mask),
+        )
+    ]
     for index, (got_grad, want_grad, mask) in enumerate(zip(got, want, real)):
         chooses_only = mode == "singular" and index >= 2  # singular: the cross blocks only pick the argmax
         assert (got_grad is None) == (want_grad is None) == chooses_only

@@ -1,4 +1,5 @@
 """ISD and ISDa: on synthetic scenes, attention that agrees with the phrase-to-box links scores lower."""
+
 from __future__ import annotations
 
 import io
@@ -63,10 +64,14 @@ def hand_blocks(index: int, swap_image: bool):
     s_ll = relation_attention(word_labels, RELATION)
     s_vv = relation_attention(visual_labels, RELATION)
     m = token_boxes.shape[0]
-    blocks = AttentionBlocks(s_ll=s_ll[None], s_vv=s_vv[None], s_lv=torch.full((1, words, m), 1.0 / m),
-                             s_vl=torch.full((1, m, words), 1.0 / words),
-                             word_mask=torch.ones(1, words, dtype=torch.bool),
-                             visual_mask=torch.ones(1, m, dtype=torch.bool))
+    blocks = AttentionBlocks(
+        s_ll=s_ll[None],
+        s_vv=s_vv[None],
+        s_lv=torch.full((1, words, m), 1.0 / m),
+        s_vl=torch.full((1, m, words), 1.0 / words),
+        word_mask=torch.ones(1, words, dtype=torch.bool),
+        visual_mask=torch.ones(1, m, dtype=torch.bool),
+    )
     return blocks, token_boxes[None], [tokens], [links], [boxes]
 
 
@@ -108,13 +113,22 @@ def synthetic_batch(count: int = 3):
         ids.append(row + [0] * (16 - len(row)))
         masks.append([True] * len(row) + [False] * (16 - len(row)))
         tokens.append(phrase_tokens), links.append(phrase_links), boxes.append(scene_boxes)
-    return dict(pixel_values=torch.stack(pixels), input_ids=torch.tensor(ids), text_mask=torch.tensor(masks),
-                sample_mask=torch.ones(count, dtype=torch.bool), boxes=boxes, phrase_tokens=tokens, phrase_boxes=links)
+    return dict(
+        pixel_values=torch.stack(pixels),
+        input_ids=torch.tensor(ids),
+        text_mask=torch.tensor(masks),
+        sample_mask=torch.ones(count, dtype=torch.bool),
+        boxes=boxes,
+        phrase_tokens=tokens,
+        phrase_boxes=links,
+    )
 
 
 def test_measure_isd_and_isda_on_a_model():
     torch.manual_seed(0)
-    model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=64, dropout=0.1, attention_dropout=0.1)).train()  # dropout: eval mode shows
+    model = RelAlignModel(
+        ModelConfig.preset("tiny", vocab_size=64, dropout=0.1, attention_dropout=0.1)
+    ).train()  # dropout: eval mode shows
     batch = synthetic_batch()
     isd = measure_isd(model, [batch, batch])
     assert model.training  # restored after the eval-mode measurement

@@ -8,6 +8,7 @@ CI runs a subset covering every ZeRO stage (0, 2, 3), both precisions (fp32, bf1
 launcher at least once; the whole launcher x stage x precision matrix carries `full_matrix`
 (`pytest -m full_matrix tests/pretrain/test_launchers.py`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -32,15 +33,35 @@ RUN_TIMEOUT_S = 900
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("launchers") / "synthetic"
-    proc = subprocess.run([sys.executable, "-m", "data_tools", "build", "synthetic", "--samples", "512",
-                           "--seed", "0", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_tools",
+            "build",
+            "synthetic",
+            "--samples",
+            "512",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
 def launcher_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")
+    }
     # One thread per rank under every launcher: the same arithmetic, so results can be compared bitwise.
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     return env
@@ -50,28 +71,75 @@ def commands(launcher: str, port: int, args: list[str], tmp_path: Path) -> list[
     """The command line(s) that start the 2-rank job (two for the two-"node" deepspeed job)."""
     module = ["pretrain", *args]
     if launcher == "torchrun":
-        return [[str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                 "--master_port", str(port), "-m", *module]]
+        return [
+            [
+                str(BIN / "torchrun"),
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                *module,
+            ]
+        ]
     if launcher == "deepspeed":
         return [[str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", *module]]
     if launcher == "deepspeed-2nodes":
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-        return [[str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-                 "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", *module] for node in (0, 1)]
+        return [
+            [
+                str(BIN / "deepspeed"),
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(node),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "--module",
+                *module,
+            ]
+            for node in (0, 1)
+        ]
     if launcher == "accelerate":
-        return [[str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "cluster/accelerate/deepspeed.yaml"),
-                 "--main_process_port", str(port), "-m", *module]]
+        return [
+            [
+                str(BIN / "accelerate"),
+                "launch",
+                "--config_file",
+                str(REPO / "cluster/accelerate/deepspeed.yaml"),
+                "--main_process_port",
+                str(port),
+                "-m",
+                *module,
+            ]
+        ]
     raise AssertionError(launcher)
 
 
 def run_job(launcher: str, zero: int, precision: str, dataset: Path, tmp_path: Path) -> tuple[list[float], str]:
     """Train STEPS steps with 2 ranks; returns the logged total losses and the combined output."""
     run_dir = tmp_path / f"run-{launcher}-z{zero}-{precision}"
-    args = ["--config", "configs/tiny.yaml", f"data.paths=[{dataset}]", f"run.dir={run_dir}",
-            f"zero.stage={zero}", f"precision={precision}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
-            f"data.batch_size={BATCH}", "checkpoint.every_steps=0", "checkpoint.at_end=false", "metrics.port=0",
-            "train.lost_rank_timeout_s=300"]
+    args = [
+        "--config",
+        "configs/tiny.yaml",
+        f"data.paths=[{dataset}]",
+        f"run.dir={run_dir}",
+        f"zero.stage={zero}",
+        f"precision={precision}",
+        f"train.steps={STEPS}",
+        f"train.log_every={LOG_EVERY}",
+        f"data.batch_size={BATCH}",
+        "checkpoint.every_steps=0",
+        "checkpoint.at_end=false",
+        "metrics.port=0",
+        "train.lost_rank_timeout_s=300",
+    ]
     if launcher == "accelerate":
         # the ZeRO file of cluster/ for this stage (the yaml names zero2.json), merged by the trainer
         args.append(f"zero.deepspeed_config={REPO / 'cluster' / 'deepspeed' / f'zero{zero}.json'}")
@@ -137,8 +205,17 @@ def test_accelerate_uses_the_zero_file_its_yaml_names(dataset, tmp_path):
     cluster/deepspeed/zero2.json, accelerate exports it (ACCELERATE_DEEPSPEED_CONFIG_FILE) and the
     trainer merges it, so a preset saying ZeRO 0 trains with ZeRO 2 partitions."""
     run_dir = tmp_path / "run"
-    args = ["--config", "configs/tiny.yaml", f"data.paths=[{dataset}]", f"run.dir={run_dir}", "zero.stage=0",
-            "train.steps=4", f"data.batch_size={BATCH}", "metrics.enabled=false", "train.lost_rank_timeout_s=300"]
+    args = [
+        "--config",
+        "configs/tiny.yaml",
+        f"data.paths=[{dataset}]",
+        f"run.dir={run_dir}",
+        "zero.stage=0",
+        "train.steps=4",
+        f"data.batch_size={BATCH}",
+        "metrics.enabled=false",
+        "train.lost_rank_timeout_s=300",
+    ]
     [cmd] = commands("accelerate", free_port(), args, tmp_path)
     proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

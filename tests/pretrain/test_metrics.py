@@ -1,5 +1,6 @@
 """Metrics: the processor and each exporter, over real HTTP: names, labels, values that move, ports,
 Pushgateway, metrics.jsonl, the progress line, and a custom exporter receiving what was logged."""
+
 from __future__ import annotations
 
 import io
@@ -49,9 +50,20 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 STEP = {
-    "loss/itc": 2.5, "loss/itm": 0.7, "loss/mlm": 6.0, "loss/iais": 0.01, "loss/total": 9.21,
-    "samples_per_second": 120.0, "step_seconds": 0.25, "data_wait_seconds": 0.02, "lr": 1e-4,
-    "grad_norm": 1.5, "loss_scale": 1.0, "iais_weight": 0.0067, "isd/L": 0.3, "isd/V": 0.4,
+    "loss/itc": 2.5,
+    "loss/itm": 0.7,
+    "loss/mlm": 6.0,
+    "loss/iais": 0.01,
+    "loss/total": 9.21,
+    "samples_per_second": 120.0,
+    "step_seconds": 0.25,
+    "data_wait_seconds": 0.02,
+    "lr": 1e-4,
+    "grad_norm": 1.5,
+    "loss_scale": 1.0,
+    "iais_weight": 0.0067,
+    "isd/L": 0.3,
+    "isd/V": 0.4,
 }
 
 
@@ -75,12 +87,31 @@ def test_scrape_names_labels_and_values_that_move(tmp_path, port):
         assert value(first, "relalign_checkpoints_total", outcome="ok") == 1
         assert value(first, "relalign_checkpoint_last_success_timestamp_seconds") > 1.7e9
 
-        metrics.log_step(20, {**STEP, "loss/itc": 2.0, "samples": 160, "nonfinite_steps": 1, "loss/hinge": 0.125,
-                              "mining_seconds": 0.5, "candidates_per_second": 1200.0})
+        metrics.log_step(
+            20,
+            {
+                **STEP,
+                "loss/itc": 2.0,
+                "samples": 160,
+                "nonfinite_steps": 1,
+                "loss/hinge": 0.125,
+                "mining_seconds": 0.5,
+                "candidates_per_second": 1200.0,
+            },
+        )
         metrics.add_bad_samples({"decode_error": 5, "empty_caption": 1})  # cumulative: +3 and +1
         metrics.checkpoint_saved(3.0, ok=False)
-        metrics.log_eval(20, {"loss/itm": 0.5, "recall/t2i@1": 0.25, "recall/i2t@10": 0.75, "isd/L": 0.2,
-                              "relation/relation": 0.625, "isda": 0.3})
+        metrics.log_eval(
+            20,
+            {
+                "loss/itm": 0.5,
+                "recall/t2i@1": 0.25,
+                "recall/i2t@10": 0.75,
+                "isd/L": 0.2,
+                "relation/relation": 0.625,
+                "isda": 0.3,
+            },
+        )
         second = scrape(metrics.url)
         assert value(second, "relalign_steps_total") == 20
         assert value(second, "relalign_samples_total") == 160
@@ -101,7 +132,7 @@ def test_scrape_names_labels_and_values_that_move(tmp_path, port):
         assert value(second, "relalign_eval_isda") == 0.3
         names = {name for name, _ in second}
         assert all(n.startswith("relalign_") for n in names)
-        assert {l for _, labels in second for l, _ in labels} >= {"rank", "run"}
+        assert {label for _, labels in second for label, _ in labels} >= {"rank", "run"}
     with pytest.raises(OSError):  # closed: nothing listens any more
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
@@ -180,8 +211,17 @@ def test_disabled_exporter_serves_nothing_but_keeps_jsonl(tmp_path):
 
 @pytest.mark.parametrize(
     "field, bad",
-    [("port", 70000), ("port", "9400"), ("port", True), ("port_in_use", "retry"), ("host", ""),
-     ("push_interval_s", 0), ("push_interval_s", float("inf")), ("enabled", "yes"), ("pushgateway", "")],
+    [
+        ("port", 70000),
+        ("port", "9400"),
+        ("port", True),
+        ("port_in_use", "retry"),
+        ("host", ""),
+        ("push_interval_s", 0),
+        ("push_interval_s", float("inf")),
+        ("enabled", "yes"),
+        ("pushgateway", ""),
+    ],
 )
 def test_config_errors_name_field_value_and_allowed(field, bad):
     with pytest.raises(ConfigError) as err:
@@ -237,8 +277,9 @@ def test_log_training_reduces_the_window_once_and_every_exporter_sees_the_same_v
     meter.batch(8, 0.5)
     meter.step()
     with MetricsProcessor([first, ProgressExporter(stream), second]) as metrics:
-        values = metrics.log_training(1, 10, {"loss/itm": 3.0, "loss/total": 5.0}, count=2, meter=meter,
-                                      extra={"lr": 0.5})
+        values = metrics.log_training(
+            1, 10, {"loss/itm": 3.0, "loss/total": 5.0}, count=2, meter=meter, extra={"lr": 0.5}
+        )
     assert values["loss/itm"] == 1.5 and values["loss/total"] == 2.5 and values["lr"] == 0.5
     assert values["total_steps"] == 10 and values["data_wait_seconds"] == 0.5
     assert first.records == second.records == [("train", 1, values)]
@@ -246,24 +287,30 @@ def test_log_training_reduces_the_window_once_and_every_exporter_sees_the_same_v
     assert line.startswith("step 1/10 | itm 1.5000 total 2.5000 | ") and " samples/s | data wait " in line
 
 
-@pytest.mark.parametrize("kind, key, expected", [
-    ("train", "loss/itc", [("relalign_loss", {"objective": "itc"})]),
-    ("eval", "loss/itc", [("relalign_eval_loss", {"objective": "itc"})]),
-    ("eval", "recall/i2t@10", [("relalign_eval_recall_ratio", {"direction": "i2t", "k": "10"})]),
-    ("eval", "recall/i2t@2", []),
-    ("eval", "recall/t2i", []),
-    ("train", "isd/V", [("relalign_isd", {"direction": "V", "phase": "train"})]),
-    ("eval", "isd/L", [("relalign_isd", {"direction": "L", "phase": "eval"})]),
-    ("train", "isd/X", []),
-    ("eval", "relation/swap_att", [("relalign_eval_relation_accuracy_ratio", {"kind": "swap_att"})]),
-    ("train", "step", [("relalign_steps_total", {}), ("relalign_last_step_timestamp_seconds", {})]),
-    ("train", "lr", [("relalign_learning_rate", {})]),
-    ("eval", "lr", []),
-    ("train", "custom/thing", []),
-    ("bad_samples", "bad_samples/empty_caption", [("relalign_bad_samples_total", {"reason": "empty_caption"})]),
-    ("checkpoint", "checkpoint_ok", [("relalign_checkpoints_total", {}),
-                                     ("relalign_checkpoint_last_success_timestamp_seconds", {})]),
-])
+@pytest.mark.parametrize(
+    "kind, key, expected",
+    [
+        ("train", "loss/itc", [("relalign_loss", {"objective": "itc"})]),
+        ("eval", "loss/itc", [("relalign_eval_loss", {"objective": "itc"})]),
+        ("eval", "recall/i2t@10", [("relalign_eval_recall_ratio", {"direction": "i2t", "k": "10"})]),
+        ("eval", "recall/i2t@2", []),
+        ("eval", "recall/t2i", []),
+        ("train", "isd/V", [("relalign_isd", {"direction": "V", "phase": "train"})]),
+        ("eval", "isd/L", [("relalign_isd", {"direction": "L", "phase": "eval"})]),
+        ("train", "isd/X", []),
+        ("eval", "relation/swap_att", [("relalign_eval_relation_accuracy_ratio", {"kind": "swap_att"})]),
+        ("train", "step", [("relalign_steps_total", {}), ("relalign_last_step_timestamp_seconds", {})]),
+        ("train", "lr", [("relalign_learning_rate", {})]),
+        ("eval", "lr", []),
+        ("train", "custom/thing", []),
+        ("bad_samples", "bad_samples/empty_caption", [("relalign_bad_samples_total", {"reason": "empty_caption"})]),
+        (
+            "checkpoint",
+            "checkpoint_ok",
+            [("relalign_checkpoints_total", {}), ("relalign_checkpoint_last_success_timestamp_seconds", {})],
+        ),
+    ],
+)
 def test_one_table_maps_logged_keys_to_series_and_labels(kind, key, expected):
     assert [(r.series.name, dict(labels)) for r, labels in names.route(kind, key)] == expected
 
@@ -283,9 +330,15 @@ def pushgateway(tmp_path):
     """A real Pushgateway on a free local port, persisting into the test's folder (not /var/lib)."""
     require(PUSHGATEWAY is not None, "no Pushgateway binary (apt: prometheus-pushgateway)")
     gw_port = free_port()
-    gateway = subprocess.Popen([PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{gw_port}",
-                                f"--persistence.file={tmp_path / 'pushgateway.data'}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gateway = subprocess.Popen(
+        [
+            PUSHGATEWAY,
+            f"--web.listen-address=127.0.0.1:{gw_port}",
+            f"--persistence.file={tmp_path / 'pushgateway.data'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{gw_port}"
     try:
         for _ in range(100):
@@ -347,11 +400,18 @@ def planted_dataset(tmp_path) -> Path:
     from tests.data_tools.test_loader import good, jpeg, write_dataset
 
     synthetic = tmp_path / "synthetic"
-    proc = subprocess.run([sys.executable, "-m", "data_tools", "build", "synthetic", "--samples", "8", "--out",
-                           str(synthetic)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_tools", "build", "synthetic", "--samples", "8", "--out", str(synthetic)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    shards = [[(f"g{s}{i}", good(10 * s + i, caption="a red circle left of a blue square")) for i in range(8)]
-              for s in range(3)]
+    shards = [
+        [(f"g{s}{i}", good(10 * s + i, caption="a red circle left of a blue square")) for i in range(8)]
+        for s in range(3)
+    ]
     shards[0].insert(3, ("bad_jpeg", {"jpg": b"\xff\xd8 not really", "txt": b"broken"}))
     shards[1].insert(5, ("empty", {"jpg": jpeg(99), "txt": b"   "}))
     shards[2][7:] = [("latin", {"jpg": jpeg(98), "txt": b"caf\xe9"})]
@@ -366,14 +426,29 @@ def test_scrape_a_training_run_and_count_planted_bad_samples(tmp_path, planted_d
     """Scrapes `python -m pretrain` while it trains (the step counter moves between scrapes); the final
     push and metrics.jsonl carry exactly the bad samples planted in the shards."""
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "pretrain", "--config", "configs/tiny.yaml", f"data.paths=[{planted_dataset}]",
-            f"run.dir={run_dir}", "run.name=scraped", "data.batch_size=2", "data.image_size=32", "train.epochs=1",
-            "train.log_every=1", f"metrics.port={port}", f"metrics.pushgateway={pushgateway}",
-            "metrics.push_interval_s=1000", "checkpoint.at_end=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "pretrain",
+        "--config",
+        "configs/tiny.yaml",
+        f"data.paths=[{planted_dataset}]",
+        f"run.dir={run_dir}",
+        "run.name=scraped",
+        "data.batch_size=2",
+        "data.image_size=32",
+        "train.epochs=1",
+        "train.log_every=1",
+        f"metrics.port={port}",
+        f"metrics.pushgateway={pushgateway}",
+        "metrics.push_interval_s=1000",
+        "checkpoint.at_end=false",
+    ]
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     with open(tmp_path / "train.log", "w") as log:
-        proc = subprocess.Popen(args, cwd=REPO, env=dict(environ, OMP_NUM_THREADS="1"), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=dict(environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT
+        )
     url, steps_seen = f"http://127.0.0.1:{port}/metrics", []
     try:
         while proc.poll() is None:
@@ -392,13 +467,16 @@ def test_scrape_a_training_run_and_count_planted_bad_samples(tmp_path, planted_d
     assert len(steps_seen) >= 2 and steps_seen == sorted(steps_seen), steps_seen  # values moved during the run
     final = scrape(f"{pushgateway}/metrics")
     group = (("instance", ""), ("job", "relalign"), ("rank", "0"))
-    bad = {dict(labels)["reason"]: value for (name, labels), value in final.items()
-           if name == "relalign_bad_samples_total" and dict(labels).get("run") == "scraped"}
+    bad = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in final.items()
+        if name == "relalign_bad_samples_total" and dict(labels).get("run") == "scraped"
+    }
     assert bad == PLANTED
     records = read_jsonl(run_dir)
     steps_total = final[("relalign_steps_total", tuple(sorted(group + (("run", "scraped"),))))]
     assert steps_total == records[-1]["step"] >= steps_seen[-1]
-    assert {k[len("bad_samples/"):]: v for k, v in records[-1].items() if k.startswith("bad_samples/")} == PLANTED
+    assert {k[len("bad_samples/") :]: v for k, v in records[-1].items() if k.startswith("bad_samples/")} == PLANTED
     assert final[("relalign_samples_total", tuple(sorted(group + (("run", "scraped"),))))] == records[-1]["samples"] > 0
 
 
@@ -412,9 +490,16 @@ def test_a_toy_objective_from_a_test_file_trains_and_reaches_metrics(tmp_path, p
     data = build_synthetic(tmp_path / "data", samples=32)
     run = tmp_path / "run"
     args = [a for a in base_args(data, run) if a != "metrics.enabled=false"]
-    args += ["train.steps=2", "data.batch_size=4", "plugins=[tests.pretrain.toy_objective]",
-             "objectives.toy.weight=2.0", "objectives.toy.target=0.25", f"metrics.port={port}",
-             f"metrics.pushgateway={pushgateway}", "metrics.push_interval_s=1000"]
+    args += [
+        "train.steps=2",
+        "data.batch_size=4",
+        "plugins=[tests.pretrain.toy_objective]",
+        "objectives.toy.weight=2.0",
+        "objectives.toy.target=0.25",
+        f"metrics.port={port}",
+        f"metrics.pushgateway={pushgateway}",
+        "metrics.push_interval_s=1000",
+    ]
     procs = start_ranks(2, args, free_port(), tmp_path / "logs")
     scraped: set[str] = set()
     while any(p.poll() is None for p in procs):  # scrape both ranks' endpoints while they train
@@ -433,10 +518,13 @@ def test_a_toy_objective_from_a_test_file_trains_and_reaches_metrics(tmp_path, p
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss/toy"] > 0 for r in records)
     expected = sum(records[-1][k] * w for k, w in (("loss/itc", 1), ("loss/itm", 1), ("loss/mlm", 1), ("loss/toy", 2)))
-    assert records[-1]["loss/total"] == pytest.approx(expected + records[-1]["loss/iais"] * records[-1]["iais_weight"],
-                                                      rel=1e-4)
+    assert records[-1]["loss/total"] == pytest.approx(
+        expected + records[-1]["loss/iais"] * records[-1]["iais_weight"], rel=1e-4
+    )
     pushed = urllib.request.urlopen(f"{pushgateway}/metrics", timeout=5).read().decode()
     for rank in (0, 1):  # the final push of each rank carries the toy loss
-        assert any('objective="toy"' in line and f'rank="{rank}"' in line and line.startswith("relalign_loss{")
-                   for line in pushed.splitlines()), pushed[-2000:]
+        assert any(
+            'objective="toy"' in line and f'rank="{rank}"' in line and line.startswith("relalign_loss{")
+            for line in pushed.splitlines()
+        ), pushed[-2000:]
     assert scraped, "the toy loss never showed on a rank's live endpoint"

@@ -1,5 +1,6 @@
 """The single-stream model: config, visual embedders, encoder (SDPA + IAIS blocks), heads (and, where
 natural, the same checks on the two-stream model: tests/pretrain/test_architectures.py has the rest)."""
+
 from __future__ import annotations
 
 import sys
@@ -25,8 +26,11 @@ def tiny(**overrides) -> RelAlignModel:
 def patch_batch(size=3, image=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     text_mask = torch.arange(10)[None] < torch.tensor([10, 6, 8, 4][:size])[:, None]
-    return dict(input_ids=torch.randint(5, 60, (size, 10), generator=g) * text_mask, text_mask=text_mask,
-                pixel_values=torch.randn(size, 3, image, image, generator=g))
+    return dict(
+        input_ids=torch.randint(5, 60, (size, 10), generator=g) * text_mask,
+        text_mask=text_mask,
+        pixel_values=torch.randn(size, 3, image, image, generator=g),
+    )
 
 
 def run(model, batch, rows=None) -> EncoderOutput:
@@ -57,16 +61,19 @@ def test_patch_position_table_starts_at_its_own_std(std, expected):
     assert model.visual.proj.weight.std().item() == pytest.approx(0.1, rel=0.05)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(name="huge"), r"model\.preset='huge'.*tiny \| small \| base \| large"),
-    (dict(name="tiny", depth=3), r"model\.depth=3 .*ModelConfig field"),
-    (dict(name="tiny", num_heads=5), r"model\.num_heads=5 .*divisor of model\.width=64"),
-    (dict(name="tiny", visual_embedder="vit"), r"model\.visual_embedder='vit'.*patch \| features \| grid"),
-    (dict(name="tiny", patch_size=7), r"model\.patch_size=7"),
-    (dict(name="tiny", dropout=1.5), r"model\.dropout=1\.5"),
-    (dict(name="tiny", vocab_size=0), r"model\.vocab_size=0"),
-    (dict(name="tiny", visual_position_std=0), r"model\.visual_position_std=0 .*positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(name="huge"), r"model\.preset='huge'.*tiny \| small \| base \| large"),
+        (dict(name="tiny", depth=3), r"model\.depth=3 .*ModelConfig field"),
+        (dict(name="tiny", num_heads=5), r"model\.num_heads=5 .*divisor of model\.width=64"),
+        (dict(name="tiny", visual_embedder="vit"), r"model\.visual_embedder='vit'.*patch \| features \| grid"),
+        (dict(name="tiny", patch_size=7), r"model\.patch_size=7"),
+        (dict(name="tiny", dropout=1.5), r"model\.dropout=1\.5"),
+        (dict(name="tiny", vocab_size=0), r"model\.vocab_size=0"),
+        (dict(name="tiny", visual_position_std=0), r"model\.visual_position_std=0 .*positive"),
+    ],
+)
 def test_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ModelConfig.preset(kwargs.pop("name"), **kwargs)
@@ -127,8 +134,9 @@ def test_only_the_fused_kernel_attends(monkeypatch, architecture):
     model = tiny(architecture=architecture)
     calls = []
     real = F.scaled_dot_product_attention
-    monkeypatch.setattr(encoder_module.F, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        encoder_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
 
     def forbidden(*args, **kwargs):
         raise AssertionError("attention probabilities materialised outside the IAIS layers")
@@ -138,8 +146,9 @@ def test_only_the_fused_kernel_attends(monkeypatch, architecture):
     run(model, patch_batch())  # no iais_rows: no explicit softmax anywhere
     config = model.config
     # two_stream: each stream's layers, and per co-attention block two cross- and two self-attentions.
-    assert len(calls) == (config.num_layers if architecture == "single_stream" else
-                          2 * config.num_layers + 4 * config.cross_layers)
+    assert len(calls) == (
+        config.num_layers if architecture == "single_stream" else 2 * config.num_layers + 4 * config.cross_layers
+    )
 
 
 def test_padding_does_not_change_real_tokens():
@@ -148,13 +157,18 @@ def test_padding_does_not_change_real_tokens():
     feats, pos = torch.randn(2, 4, 64, generator=g), torch.rand(2, 4, 7, generator=g)
     ids = torch.randint(5, 60, (2, 6), generator=g)
     short = dict(visual_feats=feats, visual_pos=pos, visual_mask=torch.ones(2, 4, dtype=torch.bool))
-    longer = dict(visual_feats=torch.cat([feats, torch.randn(2, 3, 64)], 1),
-                  visual_pos=torch.cat([pos, torch.rand(2, 3, 7)], 1),
-                  visual_mask=torch.cat([torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool)], 1))
+    longer = dict(
+        visual_feats=torch.cat([feats, torch.randn(2, 3, 64)], 1),
+        visual_pos=torch.cat([pos, torch.rand(2, 3, 7)], 1),
+        visual_mask=torch.cat([torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool)], 1),
+    )
     with torch.no_grad():
         a = model(ids, torch.ones(2, 6, dtype=torch.bool), *model.embed_visual(short)).hidden
-        b = model(torch.cat([ids, torch.zeros(2, 2, dtype=torch.long)], 1), torch.ones(2, 8, dtype=torch.bool).index_fill(
-            1, torch.tensor([6, 7]), False), *model.embed_visual(longer)).hidden
+        b = model(
+            torch.cat([ids, torch.zeros(2, 2, dtype=torch.long)], 1),
+            torch.ones(2, 8, dtype=torch.bool).index_fill(1, torch.tensor([6, 7]), False),
+            *model.embed_visual(longer),
+        ).hidden
     torch.testing.assert_close(b[:, :6], a[:, :6], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b[:, 8:12], a[:, 6:], atol=1e-5, rtol=1e-5)
 
@@ -188,8 +202,12 @@ def test_patch_embedder_boxes_and_interpolated_positions():
 def test_features_embedder_mask_boxes_and_errors():
     model = tiny(visual_embedder="features")
     pos = torch.tensor([[[0.1, 0.2, 0.5, 0.6, 0.4, 0.4, 0.16], [0, 0, 1, 1, 1, 1, 1]]])
-    batch = dict(visual_feats=torch.randn(1, 2, 64), visual_pos=pos, visual_mask=torch.tensor([[True, False]]),
-                 image_hw=torch.tensor([[100.0, 200.0]]))
+    batch = dict(
+        visual_feats=torch.randn(1, 2, 64),
+        visual_pos=pos,
+        visual_mask=torch.tensor([[True, False]]),
+        image_hw=torch.tensor([[100.0, 200.0]]),
+    )
     tokens, mask, boxes = model.embed_visual_with_boxes(batch)
     assert tokens.shape == (1, 2, 64) and mask.tolist() == [[True, False]]
     torch.testing.assert_close(boxes[0, 0], torch.tensor([20.0, 20.0, 100.0, 60.0]))

@@ -1,6 +1,7 @@
 """The pretraining objectives: ITC against a plain reference (image_id-aware, padding-proof, gathered
 across ranks with the right gradient), ITM hard-negative sampling rules, and the combined objective on
 the real tiny model."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,14 @@ from data_tools.batch import IGNORE_INDEX
 from pretrain.config_schema import build
 from pretrain.iais import IAISConfig, IAISRegularizer
 from pretrain.model import ModelConfig, RelAlignModel
-from pretrain.objectives import (Progress, build_sections, image_id_codes, itc_loss, pretraining_objective,
-                                 sample_hard_negatives)
+from pretrain.objectives import (
+    Progress,
+    build_sections,
+    image_id_codes,
+    itc_loss,
+    pretraining_objective,
+    sample_hard_negatives,
+)
 
 
 def _sections(**tree):
@@ -41,8 +48,10 @@ def _reference_itc(text, image, scale, ids, valid) -> torch.Tensor:
         target = keys.index(i)
         t2i = scale * text[i] @ image[keys].T
         i2t = scale * image[i] @ text[keys].T
-        losses.append((F.cross_entropy(t2i[None], torch.tensor([target]))
-                       + F.cross_entropy(i2t[None], torch.tensor([target]))) / 2)
+        losses.append(
+            (F.cross_entropy(t2i[None], torch.tensor([target])) + F.cross_entropy(i2t[None], torch.tensor([target])))
+            / 2
+        )
     return torch.stack(losses).mean()
 
 
@@ -53,7 +62,9 @@ def test_itc_matches_reference_and_masks_same_image_captions() -> None:
     loss, sim = itc_loss(text, image, torch.tensor(10.0, dtype=torch.float64), image_id_codes(ids), valid)
     expected = _reference_itc(text, image, 10.0, ids, valid.tolist())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
-    plain = (F.cross_entropy(10 * text @ image.T, torch.arange(6)) + F.cross_entropy(10 * image @ text.T, torch.arange(6))) / 2
+    plain = (
+        F.cross_entropy(10 * text @ image.T, torch.arange(6)) + F.cross_entropy(10 * image @ text.T, torch.arange(6))
+    ) / 2
     assert abs(loss.item() - plain.item()) > 1e-3  # the masking changes the value
     assert torch.allclose(sim, 10 * (text @ image.T))  # temperature-scaled, for hard-negative sampling
 
@@ -99,8 +110,9 @@ def _gather_worker(rank: int, port: int, out: dict) -> None:
     local = slice(rank * 4, rank * 4 + 4)
     t = text[local].clone().requires_grad_()
     i = image[local].clone().requires_grad_()
-    loss, _ = itc_loss(t, i, torch.tensor(7.0, dtype=torch.float64), image_id_codes(ids[local]),
-                       torch.ones(4, dtype=torch.bool))
+    loss, _ = itc_loss(
+        t, i, torch.tensor(7.0, dtype=torch.float64), image_id_codes(ids[local]), torch.ones(4, dtype=torch.bool)
+    )
     loss.backward()
     out[rank] = (loss.item(), t.grad.clone(), i.grad.clone())
     dist.destroy_process_group()
@@ -115,8 +127,9 @@ def test_itc_gathered_across_ranks_has_the_full_batch_gradient(port: int) -> Non
     text, image = _embeddings(8)
     ids = ["a", "b", "c", "c", "d", "e", "a", "f"]
     text.requires_grad_(), image.requires_grad_()
-    full, _ = itc_loss(text, image, torch.tensor(7.0, dtype=torch.float64), image_id_codes(ids),
-                       torch.ones(8, dtype=torch.bool))
+    full, _ = itc_loss(
+        text, image, torch.tensor(7.0, dtype=torch.float64), image_id_codes(ids), torch.ones(8, dtype=torch.bool)
+    )
     full.backward()
     assert (out[0][0] + out[1][0]) / 2 == pytest.approx(full.item(), rel=1e-12)
     for rank in (0, 1):
@@ -138,8 +151,12 @@ def _batch(b: int = 6, lt: int = 12, vocab: int = 40, padding: int = 1) -> dict:
     mlm_input[:, 1] = 4
     sample_mask = torch.arange(b) < b - padding
     return {
-        "input_ids": input_ids, "text_mask": text_mask, "mlm_input_ids": mlm_input, "mlm_labels": mlm_labels,
-        "sample_mask": sample_mask, "pixel_values": torch.randn(b, 3, 32, 32, generator=g),
+        "input_ids": input_ids,
+        "text_mask": text_mask,
+        "mlm_input_ids": mlm_input,
+        "mlm_labels": mlm_labels,
+        "sample_mask": sample_mask,
+        "pixel_values": torch.randn(b, 3, 32, 32, generator=g),
         "image_id": [f"img{i // 2}" if sample_mask[i] else "" for i in range(b)],
         "key": [str(i) for i in range(b)],
     }
@@ -155,8 +172,9 @@ def tiny_model() -> RelAlignModel:
 def test_pretrain_objective_sums_weighted_parts(tiny_model: RelAlignModel) -> None:
     regularizer = IAISRegularizer(IAISConfig(schedule="constant", weight=0.5), tiny_model.config.num_layers)
     regularizer.attach(tiny_model)
-    objective = pretraining_objective(_sections(itc={"weight": 1.0}, itm={"weight": 2.0}, mlm={"weight": 0.5}),
-                                      regularizer)
+    objective = pretraining_objective(
+        _sections(itc={"weight": 1.0}, itm={"weight": 2.0}, mlm={"weight": 0.5}), regularizer
+    )
     torch.manual_seed(0)
     out = objective(tiny_model, _batch(), Progress(step=3, total_steps=10))
     logs = {k: v.item() for k, v in out.logs.items()}

@@ -2,6 +2,7 @@
 each is off by default and, switched on, changes the total only by its own term (tags also extend
 MLM's text, by design); its gradients reach the parameters it trains; the tags work on batches
 without boxes; MRM masks visual tokens only (conditional masking)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,14 @@ from pretrain.objectives.tags import append_tags
 from pretrain.task import PretrainTask
 from tests.pretrain.runs import TINY, build_synthetic
 
-BASE = ["data.batch_size=6", "data.max_tag_len=12", "model.max_text_len=64", "model.dropout=0.0",
-        "model.attention_dropout=0.0", "iais.schedule=constant"]
+BASE = [
+    "data.batch_size=6",
+    "data.max_tag_len=12",
+    "model.max_text_len=64",
+    "model.dropout=0.0",
+    "model.attention_dropout=0.0",
+    "iais.schedule=constant",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +56,11 @@ def test_each_objective_changes_the_loss_only_when_enabled(synthetic: Path) -> N
     base = _run(model, objective, batch)
     assert not {"loss/tags", "loss/mrm", "loss/wra"} & set(base)  # off by default
     shared = ("loss/itc", "loss/itm", "loss/iais")
-    for name, overrides, weight in (("wra", ["objectives.wra.enabled=true", "objectives.wra.weight=0.7"], 0.7),
-                                    ("mrm", ["objectives.mrm.enabled=true", "objectives.mrm.mrc=true"], 1.0),
-                                    ("tags", ["objectives.tags.enabled=true", "objectives.tags.weight=2"], 2.0)):
+    for name, overrides, weight in (
+        ("wra", ["objectives.wra.enabled=true", "objectives.wra.weight=0.7"], 0.7),
+        ("mrm", ["objectives.mrm.enabled=true", "objectives.mrm.mrc=true"], 1.0),
+        ("tags", ["objectives.tags.enabled=true", "objectives.tags.weight=2"], 2.0),
+    ):
         on = _run(*_setup(synthetic, *overrides)[:2], batch)
         assert on[f"loss/{name}"] > 0
         assert all(on[k] == pytest.approx(base[k], rel=1e-6) for k in shared), name
@@ -77,7 +86,7 @@ def test_mrm_masks_visual_tokens_only_and_trains_the_visual_embedder(synthetic: 
     model.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), args[2].detach().clone())))
     logs = _run(model, objective, batch)
     assert logs["loss/mrm"] == pytest.approx(logs["loss/mrfr"] + logs["loss/mrc"], rel=1e-6)
-    (ids, visual), = seen  # one joint pass
+    ((ids, visual),) = seen  # one joint pass
     assert torch.equal(ids, batch["input_ids"])  # words never masked on the MRM pass
     zeroed = (visual == 0).all(dim=-1)  # [B, M]
     real = batch["sample_mask"]
@@ -94,7 +103,7 @@ def test_mrm_targets_are_each_tokens_input_pixels(synthetic: Path) -> None:
     model, _, batch = _setup(synthetic)
     targets = token_inputs(model, batch)  # [B, M, 3 p p]
     p = model.config.patch_size
-    patch = batch["pixel_values"][1, :, p:2 * p, 2 * p:3 * p]  # row 1, column 2 of the patch grid
+    patch = batch["pixel_values"][1, :, p : 2 * p, 2 * p : 3 * p]  # row 1, column 2 of the patch grid
     cols = batch["pixel_values"].shape[-1] // p
     assert torch.equal(targets[1, 1 * cols + 2], patch.reshape(-1))
     # Linear in the pixels as the patch convolution is: the conv's output is weight @ target + bias.
@@ -104,30 +113,42 @@ def test_mrm_targets_are_each_tokens_input_pixels(synthetic: Path) -> None:
 
 
 def test_tags_extend_the_mlm_text_and_train_the_tag_embeddings(synthetic: Path) -> None:
-    model, objective, batch = _setup(synthetic, "objectives.itc=false", "objectives.itm=false", "iais.enabled=false",
-                                     "objectives.tags.enabled=true", "objectives.tags.pollute_probability=0")
+    model, objective, batch = _setup(
+        synthetic,
+        "objectives.itc=false",
+        "objectives.itm=false",
+        "iais.enabled=false",
+        "objectives.tags.enabled=true",
+        "objectives.tags.pollute_probability=0",
+    )
     embedded = []
 
     def keep(module, args, out):
         out.retain_grad()
         embedded.append((args[0], out))
+
     model.embeddings.word_embeddings.register_forward_hook(keep)
     logs = _run(model, objective, batch)
-    (ids, out), = embedded  # one pass: MLM's, whose [CLS] the tags head reads too
+    ((ids, out),) = embedded  # one pass: MLM's, whose [CLS] the tags head reads too
     lt = batch["input_ids"].shape[1]
     assert ids.shape[1] == lt + batch["tag_ids"].shape[1] - 1
     for i in range(2):  # [CLS] words [SEP] tags [SEP], nothing masked here but MLM's own masking
         words = int(batch["text_mask"][i].sum())
         tags = int(batch["tag_mask"][i].sum()) - 1
         assert torch.equal(ids[i, :words], batch["mlm_input_ids"][i, :words])
-        assert torch.equal(ids[i, words:words + tags], batch["tag_mlm_ids"][i, 1:tags + 1])
-        assert tags > 1 and out.grad[i, words:words + tags - 1].abs().sum(dim=-1).gt(0).all()
+        assert torch.equal(ids[i, words : words + tags], batch["tag_mlm_ids"][i, 1 : tags + 1])
+        assert tags > 1 and out.grad[i, words : words + tags - 1].abs().sum(dim=-1).gt(0).all()
     assert logs["loss/tags"] > 0 and _grad_norm(objective.heads["tags"]) > 0
 
 
 def test_pollution_labels_and_batches_without_boxes(synthetic: Path) -> None:
-    model, objective, batch = _setup(synthetic, "objectives.tags.enabled=true", "objectives.tags.pollute_probability=1",
-                                     "objectives.mrm.enabled=true", "objectives.mrm.mrc=true")
+    model, objective, batch = _setup(
+        synthetic,
+        "objectives.tags.enabled=true",
+        "objectives.tags.pollute_probability=1",
+        "objectives.mrm.enabled=true",
+        "objectives.mrm.mrc=true",
+    )
     from pretrain.objectives.tags import pollute
 
     torch.manual_seed(0)

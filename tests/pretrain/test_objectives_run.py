@@ -1,6 +1,7 @@
 """A real run with Oscar tags, MRM (with MRC) and WRA: 4 steps, then the same run resumed from its
 step-2 checkpoint ends bitwise equal (model and objective heads), logs each loss, and the export
 holds the model only."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,20 +12,36 @@ import torch
 
 from tests.pretrain.runs import PYTHON, REPO, RUN_TIMEOUT_S, base_args, build_synthetic, env_for, train_records
 
-OBJECTIVES = ["data.batch_size=4", "train.steps=4", "checkpoint.every_steps=2", "data.max_tag_len=12",
-              "model.max_text_len=64", "objectives.tags.enabled=true", "objectives.mrm.enabled=true",
-              "objectives.mrm.mrc=true", "objectives.wra.enabled=true"]
+OBJECTIVES = [
+    "data.batch_size=4",
+    "train.steps=4",
+    "checkpoint.every_steps=2",
+    "data.max_tag_len=12",
+    "model.max_text_len=64",
+    "objectives.tags.enabled=true",
+    "objectives.mrm.enabled=true",
+    "objectives.mrm.mrc=true",
+    "objectives.wra.enabled=true",
+]
 
 
 def _train(data: Path, run: Path, *extra: str) -> None:
-    proc = subprocess.run([PYTHON, "-m", "pretrain", *base_args(data, run, *OBJECTIVES, *extra)], cwd=REPO,
-                          env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [PYTHON, "-m", "pretrain", *base_args(data, run, *OBJECTIVES, *extra)],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _module_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Every trained tensor of a ZeRO 0 fp32 checkpoint, the objective's heads included."""
-    return torch.load(next(checkpoint.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=True)["module"]
+    return torch.load(next(checkpoint.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=True)[
+        "module"
+    ]
 
 
 @pytest.mark.slow

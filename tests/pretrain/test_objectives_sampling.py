@@ -1,5 +1,6 @@
 """`objectives.sampling=per_batch` (UNITER): one term per optimizer step, drawn by weight as a pure
 function of (seed, step), so every rank and a resumed run draw the same; regularisers run always."""
+
 from __future__ import annotations
 
 import collections
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.config_schema import build
-from pretrain.objectives import (Progress, Term, TermConfig, build_sections, pretraining_objective, sampled_term)
+from pretrain.objectives import Progress, Term, TermConfig, build_sections, pretraining_objective, sampled_term
 
 
 def test_draw_is_a_pure_function_of_seed_and_step() -> None:

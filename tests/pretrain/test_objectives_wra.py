@@ -1,5 +1,6 @@
 """WRA: the batched, padded IPOT transport cost equals a direct per-pair computation (value and
 gradient), and the plan has UNITER's marginals."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,9 @@ def test_wra_equals_direct_per_pair_computation(beta: float, iterations: int, in
     fast.sum().backward()
     fast_grads = (words.grad.clone(), regions.grad.clone())
     words.grad = regions.grad = None
-    slow = torch.stack([wra_pair(words[p][word_mask[p]], regions[p][region_mask[p]], beta, iterations, inner)
-                        for p in range(3)])
+    slow = torch.stack(
+        [wra_pair(words[p][word_mask[p]], regions[p][region_mask[p]], beta, iterations, inner) for p in range(3)]
+    )
     slow.sum().backward()
     assert torch.allclose(fast, slow, rtol=1e-9, atol=1e-12)
     assert torch.allclose(fast_grads[0], words.grad, rtol=1e-9, atol=1e-12)

@@ -2,6 +2,7 @@
 it trains alone for `hold_steps` (the other terms, IAIS included, are not computed), scores single-shape
 views for `single_steps` and the full scenes after, draws the same pairs for the same (step, batch) on
 any rank or after a resume, and trains the model's ITM head."""
+
 from __future__ import annotations
 
 import random
@@ -27,9 +28,17 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> tuple[Loader, dict]:
     out = tmp_path_factory.mktemp("position") / "scenes"
-    subprocess.run([PYTHON, "-m", "data_tools", "build", "synthetic", "--samples", "48", "--out", str(out)],
-                   cwd=REPO, env=env_for(), check=True, capture_output=True, timeout=300)
-    loader = Loader(DataConfig(paths=[str(out)], batch_size=16, image_size=SIZE, max_text_len=16, crop_scale=(1.0, 1.0)))
+    subprocess.run(
+        [PYTHON, "-m", "data_tools", "build", "synthetic", "--samples", "48", "--out", str(out)],
+        cwd=REPO,
+        env=env_for(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    loader = Loader(
+        DataConfig(paths=[str(out)], batch_size=16, image_size=SIZE, max_text_len=16, crop_scale=(1.0, 1.0))
+    )
     return loader, next(iter(loader))
 
 
@@ -91,7 +100,9 @@ def test_single_shape_view_of_normalised_pixels_equals_the_uint8_view(scenes):
     pairs = position_pairs(batch, categories, SIZE, random.Random(0))
     assert pairs
     uint8 = single_shape_view(batch, pairs)["pixel_uint8"]
-    device_batch = {k: v for k, v in batch.items() if k != "pixel_uint8"} | {"pixel_values": normalise(batch["pixel_uint8"])}
+    device_batch = {k: v for k, v in batch.items() if k != "pixel_uint8"} | {
+        "pixel_values": normalise(batch["pixel_uint8"])
+    }
     normalised = single_shape_view(device_batch, pairs)["pixel_values"]
     assert torch.allclose(normalised, normalise(uint8), atol=1e-6)
     assert not torch.equal(uint8, batch["pixel_uint8"])  # something was painted over
@@ -105,15 +116,34 @@ def test_curriculum_in_the_real_loop_on_2_ranks_resumes_bit_for_bit(tmp_path):
     import signal
 
     from tests.conftest import free_port
-    from tests.pretrain.runs import (base_args, build_synthetic, kill_all, latest_tag, logs_text, run_ranks,
-                                     start_ranks, train_records, wait_for_line)
+    from tests.pretrain.runs import (
+        base_args,
+        build_synthetic,
+        kill_all,
+        latest_tag,
+        logs_text,
+        run_ranks,
+        start_ranks,
+        train_records,
+        wait_for_line,
+    )
 
     data = build_synthetic(tmp_path / "data", samples=96)
-    common = ["train.steps=5", "zero.stage=2", "model.visual_position_std=1.0", "data.image_size=32", "model.image_size=32", "checkpoint.every_steps=2",
-              "objectives.position.enabled=true", "objectives.position.single_steps=1", "objectives.position.hold_steps=3"]
+    common = [
+        "train.steps=5",
+        "zero.stage=2",
+        "model.visual_position_std=1.0",
+        "data.image_size=32",
+        "model.image_size=32",
+        "checkpoint.every_steps=2",
+        "objectives.position.enabled=true",
+        "objectives.position.single_steps=1",
+        "objectives.position.hold_steps=3",
+    ]
     whole, parted = tmp_path / "whole", tmp_path / "parted"
-    assert run_ranks(2, base_args(data, whole, *common), free_port(), tmp_path / "whole_logs") == [0, 0], \
-        logs_text(tmp_path / "whole_logs")
+    assert run_ranks(2, base_args(data, whole, *common), free_port(), tmp_path / "whole_logs") == [0, 0], logs_text(
+        tmp_path / "whole_logs"
+    )
     procs = start_ranks(2, base_args(data, parted, *common), free_port(), tmp_path / "first")
     wait_for_line(tmp_path / "first" / "rank0.log", "step 3/5 ", procs)
     kill_all(procs, signal.SIGKILL)

@@ -1,5 +1,6 @@
 """`profile.enabled`: a real training run records a few steps with torch.profiler and summarises
 where the time goes (pretrain.profiling); the loop reads its logged values only on logged steps."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ def synthetic(tmp_path_factory) -> Path:
 
 def _train(data: Path, run: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = base_args(data, run, "data.batch_size=8", "checkpoint.at_end=false", *overrides)
-    proc = subprocess.run([PYTHON, "-m", "pretrain", *args], cwd=REPO, env=env_for(), capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [PYTHON, "-m", "pretrain", *args],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -40,8 +47,18 @@ def test_a_profiled_run_summarises_its_steps_and_trains_the_same(synthetic: Path
     assert summary["profiled_steps"] == 3 and summary["window_complete"] and summary["device"] == "cpu"
     assert summary["step_ms"] > 0
     ranges = summary["ranges"]
-    for name in ("data", "forward", "finite_check", "backward", "optimizer", "iais_loss",
-                 "term.itc", "term.itm", "term.mlm", "term.iais"):
+    for name in (
+        "data",
+        "forward",
+        "finite_check",
+        "backward",
+        "optimizer",
+        "iais_loss",
+        "term.itc",
+        "term.itm",
+        "term.mlm",
+        "term.iais",
+    ):
         assert ranges[f"relalign.{name}"]["calls_per_step"] >= 1, name
     terms = sum(v["host_ms_per_step"] for k, v in ranges.items() if k.startswith("relalign.term."))
     assert 0 < terms <= ranges["relalign.forward"]["host_ms_per_step"]  # the terms nest in the forward
@@ -63,20 +80,38 @@ def test_a_profiled_run_summarises_its_steps_and_trains_the_same(synthetic: Path
 @pytest.mark.slow
 def test_a_run_that_ends_inside_the_window_still_writes_its_summary(synthetic: Path, tmp_path: Path) -> None:
     run = tmp_path / "short"
-    _train(synthetic, run, "train.steps=3", "profile.enabled=true", "profile.warmup_steps=2", "profile.steps=5",
-           "profile.trace=false")
+    _train(
+        synthetic,
+        run,
+        "train.steps=3",
+        "profile.enabled=true",
+        "profile.warmup_steps=2",
+        "profile.steps=5",
+        "profile.trace=false",
+    )
     summary = json.loads((run / "profile" / "rank0.json").read_text())
     assert summary["profiled_steps"] == 1 and summary["window_complete"] is False
     assert not (run / "profile" / "rank0.trace.json").exists()
 
 
-@pytest.mark.parametrize("override, needle", [("profile.steps=0", "profile.steps"),
-                                              ("profile.warmup_steps=0", "profile.warmup_steps"),
-                                              ("profile.enabled=maybe", "profile.enabled"),
-                                              ("optimizer.fused=1", "optimizer.fused")])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("profile.steps=0", "profile.steps"),
+        ("profile.warmup_steps=0", "profile.warmup_steps"),
+        ("profile.enabled=maybe", "profile.enabled"),
+        ("optimizer.fused=1", "optimizer.fused"),
+    ],
+)
 def test_bad_profile_settings_name_the_field(synthetic: Path, tmp_path: Path, override: str, needle: str) -> None:
-    proc = subprocess.run([PYTHON, "-m", "pretrain", *base_args(synthetic, tmp_path / "r", override)], cwd=REPO,
-                          env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [PYTHON, "-m", "pretrain", *base_args(synthetic, tmp_path / "r", override)],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -84,8 +119,14 @@ def test_bad_profile_settings_name_the_field(synthetic: Path, tmp_path: Path, ov
 def test_fused_adamw_makes_the_same_update_up_to_rounding(synthetic: Path, tmp_path: Path) -> None:
     records = {}
     for fused in ("false", "true"):
-        _train(synthetic, tmp_path / fused, "train.steps=4", "zero.stage=2", f"optimizer.fused={fused}",
-               "optimizer.lr=2e-3")
+        _train(
+            synthetic,
+            tmp_path / fused,
+            "train.steps=4",
+            "zero.stage=2",
+            f"optimizer.fused={fused}",
+            "optimizer.lr=2e-3",
+        )
         records[fused] = train_records(tmp_path / fused)
     assert records["false"][1]["loss/total"] == records["true"][1]["loss/total"]  # same start
     for step in (2, 3, 4):
@@ -93,8 +134,12 @@ def test_fused_adamw_makes_the_same_update_up_to_rounding(synthetic: Path, tmp_p
 
 
 def test_logged_values_are_read_once_per_device() -> None:
-    values = {"loss/a": torch.tensor(1.5), "loss/b": torch.tensor([2.0]), "weight": 0.25,
-              "half": torch.tensor(3.0, dtype=torch.bfloat16)}
+    values = {
+        "loss/a": torch.tensor(1.5),
+        "loss/b": torch.tensor([2.0]),
+        "weight": 0.25,
+        "half": torch.tensor(3.0, dtype=torch.bfloat16),
+    }
     assert as_floats(values) == {"loss/a": 1.5, "loss/b": 2.0, "weight": 0.25, "half": 3.0}
 
 

@@ -7,6 +7,7 @@
 - elastic: the 2-rank checkpoint resumes on 1 and on 3 ranks (universal checkpoint conversion), the
   global batch stays 12, and every sample of the epoch is trained exactly once.
 """
+
 from __future__ import annotations
 
 import collections
@@ -21,15 +22,35 @@ from data_tools.errors import ExitCode
 from pretrain.checkpoint import TMP_PREFIX
 from pretrain.testing_hooks import KILL_DURING_SAVE_ENV
 from tests.conftest import free_port
-from tests.pretrain.runs import (assert_same_weights, base_args, build_synthetic, kill_all, latest_tag, logs_text,
-                                 model_state, read_keys, run_ranks, start_ranks, train_records, wait_all,
-                                 wait_for_line)
+from tests.pretrain.runs import (
+    assert_same_weights,
+    base_args,
+    build_synthetic,
+    kill_all,
+    latest_tag,
+    logs_text,
+    model_state,
+    read_keys,
+    run_ranks,
+    start_ranks,
+    train_records,
+    wait_all,
+    wait_for_line,
+)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 STEPS = 22  # one epoch: 256 samples / (2 ranks x 6), the last batch padded
-SETTINGS = ("zero.stage=2", "data.batch_size=6", "train.global_batch_size=12", "train.epochs=1",
-            "checkpoint.every_steps=3", "checkpoint.keep_last=10", "train.record_keys=true", "schedule.warmup_steps=3")
+SETTINGS = (
+    "zero.stage=2",
+    "data.batch_size=6",
+    "train.global_batch_size=12",
+    "train.epochs=1",
+    "checkpoint.every_steps=3",
+    "checkpoint.keep_last=10",
+    "train.record_keys=true",
+    "schedule.warmup_steps=3",
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +95,9 @@ def test_sigkill_anywhere_then_resume_is_bitwise(synthetic: Path, reference: Pat
 
     # 2. Resume; rank 1 dies in the middle of writing the next checkpoint (its files written, not committed).
     torn = f"step{int(resumed_from[4:]) + 3:08d}"
-    procs = start_ranks(2, [*args, "--resume", "auto"], free_port(), tmp_path / "logs2",
-                        extra_env={1: {KILL_DURING_SAVE_ENV: torn}})
+    procs = start_ranks(
+        2, [*args, "--resume", "auto"], free_port(), tmp_path / "logs2", extra_env={1: {KILL_DURING_SAVE_ENV: torn}}
+    )
     assert procs[1].wait(timeout=300) == -signal.SIGKILL, logs_text(tmp_path / "logs2")
     kill_all(procs, signal.SIGKILL)
     assert (run / "checkpoints" / (TMP_PREFIX + torn)).is_dir()  # the half-written save is left behind...
@@ -84,8 +106,10 @@ def test_sigkill_anywhere_then_resume_is_bitwise(synthetic: Path, reference: Pat
     # 3. Resume again: the incomplete checkpoint is ignored, the run ends as if never interrupted.
     codes = run_ranks(2, [*args, "--resume", "auto"], free_port(), tmp_path / "logs3")
     assert codes == [0, 0], logs_text(tmp_path / "logs3")
-    assert f"resumed from {run / 'checkpoints' / resumed_from} at step {int(resumed_from[4:])}" in \
-        (tmp_path / "logs3" / "rank0.log").read_text()
+    assert (
+        f"resumed from {run / 'checkpoints' / resumed_from} at step {int(resumed_from[4:])}"
+        in (tmp_path / "logs3" / "rank0.log").read_text()
+    )
     assert not (run / "checkpoints" / (TMP_PREFIX + torn)).exists()  # cleaned by later saves
     _assert_same_as_reference(run, reference)
 
@@ -109,8 +133,9 @@ def test_sigterm_saves_exits_75_and_resume_continues(synthetic: Path, reference:
 
 
 @pytest.mark.parametrize("world, per_rank, accumulation", [(1, 6, 2), (3, 4, 1)])
-def test_elastic_resume_exactly_once(synthetic: Path, reference: Path, tmp_path: Path, world: int, per_rank: int,
-                                     accumulation: int) -> None:
+def test_elastic_resume_exactly_once(
+    synthetic: Path, reference: Path, tmp_path: Path, world: int, per_rank: int, accumulation: int
+) -> None:
     source = tmp_path / "source"  # a copy: the conversion writes beside the checkpoint
     shutil.copytree(reference / "checkpoints" / "step00000006", source / "checkpoints" / "step00000006")
     (source / "checkpoints" / "latest").write_text("step00000006\n")
@@ -138,8 +163,14 @@ def test_elastic_resume_exactly_once(synthetic: Path, reference: Path, tmp_path:
 @pytest.mark.full_matrix
 def test_elastic_resume_zero3_two_to_one(synthetic: Path, tmp_path: Path) -> None:
     """ZeRO 3 converts to a universal checkpoint too (DeepSpeed 0.19.8): 2 ranks -> 1."""
-    settings = ("zero.stage=3", "data.batch_size=6", "train.global_batch_size=12", "train.steps=6",
-                "checkpoint.every_steps=3", "train.record_keys=true")
+    settings = (
+        "zero.stage=3",
+        "data.batch_size=6",
+        "train.global_batch_size=12",
+        "train.steps=6",
+        "checkpoint.every_steps=3",
+        "train.record_keys=true",
+    )
     source = tmp_path / "source"
     codes = run_ranks(2, base_args(synthetic, source, *settings), free_port(), tmp_path / "logs1")
     assert codes == [0, 0], logs_text(tmp_path / "logs1")

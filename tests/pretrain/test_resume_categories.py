@@ -1,6 +1,7 @@
 """A run keeps its box categories across a resume (they are saved in every checkpoint): an MRC head
 trained on 32 classes resumes on data whose dataset.json lists 33, with the same class indices, and
 a checkpoint that does not fit the model the configuration builds is one clear error (exit 2)."""
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,25 @@ import pytest
 from tests.pretrain.runs import PYTHON, REPO, RUN_TIMEOUT_S, base_args, build_synthetic, env_for, train_records
 
 pytestmark = pytest.mark.slow
-SETTINGS = ("data.batch_size=8", "train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5",
-            "objectives.mrm.enabled=true", "objectives.mrm.mrc=true")
+SETTINGS = (
+    "data.batch_size=8",
+    "train.steps=4",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=5",
+    "objectives.mrm.enabled=true",
+    "objectives.mrm.mrc=true",
+)
 
 
 def _pretrain(data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "pretrain", *base_args(data, run, *SETTINGS, *extra)], cwd=REPO, env=env_for(),
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [PYTHON, "-m", "pretrain", *base_args(data, run, *SETTINGS, *extra)],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
 
 
 def test_a_resumed_run_keeps_its_categories_when_the_data_lists_more(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ fixtures/run_state/ holds the client state of each earlier shape: `unversioned_c
 written by a 2-step tiny run of the code just before the record (configs/tiny.yaml, 256 synthetic
 samples, seed 0, data.batch_size=4); the two older shapes are that file with the keys of their
 commits (see the formats in pretrain/run_state.py)."""
+
 from __future__ import annotations
 
 import json
@@ -57,13 +58,20 @@ def test_a_checkpoint_written_before_the_record_resumes(tmp_path: Path) -> None:
     the run lengthened to 4 steps): the resume continues at step 2 and saves format 1."""
     legacy = json.loads((FIXTURES / "unversioned_categories.json").read_text())
     data, run = build_synthetic(tmp_path / "synthetic"), tmp_path / "run"
-    config = dict(legacy["config"], data={**legacy["config"]["data"], "paths": [str(data)]},
-                  run={"dir": str(run), "name": "run"})
+    config = dict(
+        legacy["config"], data={**legacy["config"]["data"], "paths": [str(data)]}, run={"dir": str(run), "name": "run"}
+    )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
 
     def pretrain(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([PYTHON, "-m", "pretrain", "--config", str(tmp_path / "config.yaml"), *args], cwd=REPO,
-                              env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        return subprocess.run(
+            [PYTHON, "-m", "pretrain", "--config", str(tmp_path / "config.yaml"), *args],
+            cwd=REPO,
+            env=env_for(),
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+        )
 
     first = pretrain()
     assert first.returncode == 0, first.stderr[-3000:]

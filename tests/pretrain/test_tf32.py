@@ -1,5 +1,6 @@
 """`tf32`: float32 matrix products and convolutions on CUDA use TensorFloat-32 unless the config says
 false, applied once when the engine is built; nothing changes on CPU."""
+
 from __future__ import annotations
 
 import types
@@ -7,8 +8,15 @@ import types
 import pytest
 import torch
 
-from pretrain.engine import EngineSpec, OptimizerConfig, ScheduleConfig, ZeroConfig, batch_geometry, build_engine, \
-    set_tf32
+from pretrain.engine import (
+    EngineSpec,
+    OptimizerConfig,
+    ScheduleConfig,
+    ZeroConfig,
+    batch_geometry,
+    build_engine,
+    set_tf32,
+)
 
 
 @pytest.fixture
@@ -44,8 +52,13 @@ def test_build_engine_on_cpu_leaves_the_flags(tf32_flags, monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     engine = types.SimpleNamespace(device=torch.device("cpu"))
     monkeypatch.setattr(deepspeed, "initialize", lambda **kw: (engine, kw["optimizer"], None, kw["lr_scheduler"]))
-    build_engine(torch.nn.Linear(4, 4), object(), EngineSpec(OptimizerConfig(), ScheduleConfig(), ZeroConfig()),
-                 batch_geometry(2, 1, 1), total_steps=10)
+    build_engine(
+        torch.nn.Linear(4, 4),
+        object(),
+        EngineSpec(OptimizerConfig(), ScheduleConfig(), ZeroConfig()),
+        batch_geometry(2, 1, 1),
+        total_steps=10,
+    )
     assert tf32_flags() == (False, False)
 
 

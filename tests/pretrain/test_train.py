@@ -1,5 +1,6 @@
 """The training loop end to end: a 2-process torchrun run learns, writes its run directory and
 metrics; non-finite losses stop the run with the last good state saved; validation is logged."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,18 @@ import torch
 import yaml
 
 from data_tools.errors import ExitCode
-from tests.pretrain.runs import (PYTHON, REPO, RUN_TIMEOUT_S, assert_same_weights, base_args, build_synthetic,
-                                 env_for, latest_tag, model_state, train_records)
+from tests.pretrain.runs import (
+    PYTHON,
+    REPO,
+    RUN_TIMEOUT_S,
+    assert_same_weights,
+    base_args,
+    build_synthetic,
+    env_for,
+    latest_tag,
+    model_state,
+    train_records,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +38,33 @@ def synthetic(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_torchrun_two_ranks_zero2_learns(synthetic: Path, tmp_path: Path, port: int) -> None:
     run = tmp_path / "run"
-    args = base_args(synthetic, run, "train.steps=24", "zero.stage=2", "data.batch_size=8", "optimizer.lr=2e-3",
-                     "schedule.warmup_steps=2", "checkpoint.every_steps=12", "eval.every_steps=12",
-                     "eval.batches=2", "eval.retrieval_probe=true")
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "pretrain", *args]
+    args = base_args(
+        synthetic,
+        run,
+        "train.steps=24",
+        "zero.stage=2",
+        "data.batch_size=8",
+        "optimizer.lr=2e-3",
+        "schedule.warmup_steps=2",
+        "checkpoint.every_steps=12",
+        "eval.every_steps=12",
+        "eval.batches=2",
+        "eval.retrieval_probe=true",
+    )
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "pretrain",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # progress lines: step, losses, samples/s, data-wait share, ETA
@@ -42,11 +75,22 @@ def test_torchrun_two_ranks_zero2_learns(synthetic: Path, tmp_path: Path, port: 
     first = sum(records[s]["loss/total"] for s in (1, 2, 3)) / 3
     last = sum(records[s]["loss/total"] for s in (22, 23, 24)) / 3
     assert last < first - 0.1, (first, last)
-    for key in ("loss/itc", "loss/itm", "loss/mlm", "loss/iais", "lr", "grad_norm", "samples_per_second",
-                "data_wait_seconds", "iais_weight", "isd/L", "isd/V"):
+    for key in (
+        "loss/itc",
+        "loss/itm",
+        "loss/mlm",
+        "loss/iais",
+        "lr",
+        "grad_norm",
+        "samples_per_second",
+        "data_wait_seconds",
+        "iais_weight",
+        "isd/L",
+        "isd/V",
+    ):
         assert key in records[24], key
     assert records[24]["samples"] == 24 * 16  # global batch = 2 ranks x 8
-    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [e["step"] for e in evals] == [12, 24]
     probed = 2 * 2 * 8  # ranks x eval.batches x data.batch_size: the probe's gallery, no padding at 256 samples
     for e in evals:  # R@1 is a share of the probed captions / images: a whole number of hits
@@ -102,10 +146,23 @@ NAN_AFTER = textwrap.dedent("""
 @pytest.mark.slow
 def test_nonfinite_losses_stop_with_last_good_state(synthetic: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = base_args(synthetic, run, "train.steps=20", "train.max_nonfinite_steps=3", "checkpoint.every_steps=3",
-                     "checkpoint.keep_last=5", "iais.enabled=false")
-    proc = subprocess.run([PYTHON, "-c", NAN_AFTER, *args[1:]], cwd=REPO, env=env_for(), capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S)
+    args = base_args(
+        synthetic,
+        run,
+        "train.steps=20",
+        "train.max_nonfinite_steps=3",
+        "checkpoint.every_steps=3",
+        "checkpoint.keep_last=5",
+        "iais.enabled=false",
+    )
+    proc = subprocess.run(
+        [PYTHON, "-c", NAN_AFTER, *args[1:]],
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == ExitCode.NONFINITE, proc.stderr[-3000:]
     assert "3 non-finite losses in a row" in proc.stderr
     # steps 1-3 trained, 4-6 skipped; the stop saved step 6, whose weights are those of step 3

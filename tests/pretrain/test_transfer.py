@@ -1,5 +1,6 @@
 """The to-device path (pretrain.transfer) and the pixel pool's lease: a buffer is released only once its
 copy has finished, and a reused buffer never changes a batch already handed to the step."""
+
 from __future__ import annotations
 
 import torch

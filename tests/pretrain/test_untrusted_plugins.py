@@ -2,6 +2,7 @@
 saved configuration (its checkpoint's client_state.json and config.yaml) are not imported on resume
 (the saved configuration is compared, never loaded: a mismatch is one line, exit 2) nor by a
 finetuning start from that run. Also end to end: a `pipe:` dataset trains with data.allow_pipe_from."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ pytestmark = pytest.mark.slow
 
 
 def pretrain(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "pretrain", *args], cwd=REPO, env=env_for(**env), capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [PYTHON, "-m", "pretrain", *args],
+        cwd=REPO,
+        env=env_for(**env),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +59,10 @@ def planted_run(run: Path, args: list[str], plugin: str, tokenizer: Path) -> Non
     saved["plugins"] = [plugin]
     checkpoint = run / "checkpoints" / "step00000001"
     checkpoint.mkdir(parents=True)
-    write_run_state(checkpoint, RunState(TrainState(step=1), total_steps=1, global_batch=4, task="pretrain",
-                                         config=saved, config_hash=""))
+    write_run_state(
+        checkpoint,
+        RunState(TrainState(step=1), total_steps=1, global_batch=4, task="pretrain", config=saved, config_hash=""),
+    )
     shutil.copytree(tokenizer, checkpoint / "tokenizer")
     (run / "checkpoints" / "latest").write_text(checkpoint.name)
     (run / "config.yaml").write_text(json.dumps(saved))
@@ -91,7 +100,8 @@ def test_a_pipe_dataset_trains_only_with_the_opt_in(piped, tmp_path):
     refused = pretrain(base_args(folder, tmp_path / "refused", "train.steps=1", "data.batch_size=4"))
     assert refused.returncode == ExitCode.DATA and "data.allow_pipe_from=" in refused.stderr, refused.stderr[-3000:]
     assert not marker.exists()
-    run = pretrain(base_args(folder, tmp_path / "run", "train.steps=1", "data.batch_size=4",
-                             f"data.allow_pipe_from=[{folder}]"))
+    run = pretrain(
+        base_args(folder, tmp_path / "run", "train.steps=1", "data.batch_size=4", f"data.allow_pipe_from=[{folder}]")
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert marker.exists()

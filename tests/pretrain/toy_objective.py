@@ -1,5 +1,6 @@
 """A toy objective term that lives in the tests alone: the plugin seam (`plugins: [this module]`,
 then `objectives.toy.*`) must need no edit to the package."""
+
 from __future__ import annotations
 
 import dataclasses

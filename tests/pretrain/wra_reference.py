@@ -2,11 +2,13 @@
 tokens (no padding, so no masks), IPOT written entry by entry as in Xie et al.'s Algorithm 1:
 
     sigma = 1/m' (words), T = ones, A = exp(-C / beta)
-    repeat: Q = A * T; (k times) delta_j = 1 / (m_regions * sum_i Q_ij sigma_i), sigma_i = 1 / (n_words * sum_j Q_ij delta_j)
+    repeat: Q = A * T; (k times) delta_j = 1 / (m_regions * sum_i Q_ij sigma_i),
+                                 sigma_i = 1 / (n_words * sum_j Q_ij delta_j)
             T_ij = sigma_i Q_ij delta_j
     distance = sum_ij T_ij C_ij, T without gradient
 
 Compared with pretrain.objectives.wra (batched, padded, masked) in value and gradient."""
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +41,9 @@ def ipot(cost: torch.Tensor, beta: float, iterations: int, inner: int) -> torch.
     return torch.tensor(t, dtype=cost.dtype)
 
 
-def wra_pair(words: torch.Tensor, regions: torch.Tensor, beta: float = 0.5, iterations: int = 50,
-             inner: int = 1) -> torch.Tensor:
+def wra_pair(
+    words: torch.Tensor, regions: torch.Tensor, beta: float = 0.5, iterations: int = 50, inner: int = 1
+) -> torch.Tensor:
     """Transport cost of one pair: words [n, W], regions [m, W] (real ones only)."""
     cost = cosine_cost(words, regions)
     plan = ipot(cost.detach(), beta, iterations, inner)
