@@ -19,6 +19,7 @@ shapes) so that the datasets' own tokenizer covers them; "left" here means the l
 Everything works on collated batches (`boxes` in output pixels, `box_categories` indexing the
 datasets' `box_labels`), so any synthetic dataset serves, with no second dataset to build.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,15 +48,17 @@ class PositionPair:
     false: str
 
 
-def position_pairs(batch: dict[str, Any], categories: Sequence[str], image_size: int,
-                   rng: random.Random) -> list[PositionPair]:
+def position_pairs(
+    batch: dict[str, Any], categories: Sequence[str], image_size: int, rng: random.Random
+) -> list[PositionPair]:
     """For every real sample with a labelled box: one random box and one random axis along which its
     centre is at least MARGIN pixels from the centre line; samples without such a box are left out.
     `categories` lists the box labels by class index ("<colour> <shape>": the synthetic scenes')."""
     pairs = []
     half = image_size / 2
-    for row, (real, boxes, classes) in enumerate(zip(batch["sample_mask"].tolist(), batch["boxes"],
-                                                     batch["box_categories"])):
+    for row, (real, boxes, classes) in enumerate(
+        zip(batch["sample_mask"].tolist(), batch["boxes"], batch["box_categories"])
+    ):
         if not real or len(boxes) == 0:
             continue
         box = rng.randrange(len(boxes))

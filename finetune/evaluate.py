@@ -14,6 +14,7 @@ and pair scoring is split across ranks (`scoring.PairScorer`); the result equals
 training loop: it returns flat metrics ("recall/i2t@1" ... "recall/t2i@10" in 0..1, "recall/mean",
 "relation/<kind>", "isd/L", "isd/V", "isda").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,10 @@ class Options:
         if self.mode not in scoring.MODES:
             raise UserError(f"--mode {self.mode}: expected one of {' | '.join(scoring.MODES)}")
         if not model_config.cross_modal and self.mode != "embedding":
-            raise UserError(f"--mode {self.mode}: model.architecture={model_config.architecture} has no ITM (nothing "
-                            f"attends across the modalities); use --mode embedding")
+            raise UserError(
+                f"--mode {self.mode}: model.architecture={model_config.architecture} has no ITM (nothing "
+                f"attends across the modalities); use --mode embedding"
+            )
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
             raise UserError(f"--k {self.k}: expected an integer >= 1 (candidates re-ranked by ITM per query)")
         if self.score not in scoring.SCORES:
@@ -108,8 +111,14 @@ def _visual_input(model) -> tuple[str, int]:
     return ("features" if config.visual_embedder == "features" else "pixels"), config.image_size
 
 
-def run_evaluation(model, tokenizer, eval_set: EvalSet, options: Options,
-                   pair_images: list[dict] | None = None, pair_triples: list | None = None) -> tuple[dict, dict]:
+def run_evaluation(
+    model,
+    tokenizer,
+    eval_set: EvalSet,
+    options: Options,
+    pair_images: list[dict] | None = None,
+    pair_triples: list | None = None,
+) -> tuple[dict, dict]:
     """The whole evaluation on every rank -> (report dict, {plot name: PNG bytes}).
 
     The model is put in eval mode for the duration and its training mode and IAIS layers restored.
@@ -117,8 +126,10 @@ def run_evaluation(model, tokenizer, eval_set: EvalSet, options: Options,
     model = scoring.unwrap(model)
     options.check(model.config)
     if len(tokenizer) > model.config.vocab_size:
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary {model.config.vocab_size}: "
-                        f"not the tokenizer these weights were trained with")
+        raise UserError(
+            f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary {model.config.vocab_size}: "
+            f"not the tokenizer these weights were trained with"
+        )
     visual, image_size = _visual_input(model)
     max_text_len = min(options.max_text_len or model.config.max_text_len, model.config.max_text_len)
     cross_modal = model.config.cross_modal
@@ -127,50 +138,114 @@ def run_evaluation(model, tokenizer, eval_set: EvalSet, options: Options,
     model.eval()
     start = time.perf_counter()
     try:
-        gallery = scoring.score_gallery(model, eval_set, tokenizer, mode=options.mode, k=options.k,
-                                        batch_size=options.batch_size, max_text_len=max_text_len, visual=visual,
-                                        image_size=image_size, score=options.score, progress=options.progress)
+        gallery = scoring.score_gallery(
+            model,
+            eval_set,
+            tokenizer,
+            mode=options.mode,
+            k=options.k,
+            batch_size=options.batch_size,
+            max_text_len=max_text_len,
+            visual=visual,
+            image_size=image_size,
+            score=options.score,
+            progress=options.progress,
+        )
         result = recall.recall(gallery.scores_i2t, eval_set.caption_image, gallery.scores_t2i)
         truth = eval_set.caption_truth
-        any_true = None if truth is None else {
-            **recall.recall_any_true(gallery.scores_i2t, truth, gallery.scores_t2i),
-            "true_captions_per_image": float(truth.sum(dim=1).double().mean()),
-            "own_captions_per_image": float(len(eval_set.captions) / max(len(eval_set.images), 1))}
+        any_true = (
+            None
+            if truth is None
+            else {
+                **recall.recall_any_true(gallery.scores_i2t, truth, gallery.scores_t2i),
+                "true_captions_per_image": float(truth.sum(dim=1).double().mean()),
+                "own_captions_per_image": float(len(eval_set.captions) / max(len(eval_set.images), 1)),
+            }
+        )
         images = len(eval_set.images)
         folds = options.folds or (5 if images == 5000 else None)
-        folded = recall.fold_average(gallery.scores_i2t, eval_set.caption_image, gallery.scores_t2i, folds) \
-            if folds and folds > 1 and images % folds == 0 else None
-        kw = dict(max_text_len=max_text_len, visual=visual, image_size=image_size, batch_size=options.batch_size,
-                  score=options.score, itm=cross_modal)
-        relations = {"dataset": relation.relation_sensitivity(model, eval_set.images, eval_set.triples, tokenizer, **kw)}
+        folded = (
+            recall.fold_average(gallery.scores_i2t, eval_set.caption_image, gallery.scores_t2i, folds)
+            if folds and folds > 1 and images % folds == 0
+            else None
+        )
+        kw = dict(
+            max_text_len=max_text_len,
+            visual=visual,
+            image_size=image_size,
+            batch_size=options.batch_size,
+            score=options.score,
+            itm=cross_modal,
+        )
+        relations = {
+            "dataset": relation.relation_sensitivity(model, eval_set.images, eval_set.triples, tokenizer, **kw)
+        }
         if pair_triples is not None:
             relations["pairs"] = relation.relation_sensitivity(model, pair_images, pair_triples, tokenizer, **kw)
         # A dual encoder has no cross-modal attention: no ISD, no attention plots (reported as null).
-        isd = isd_eval.measure(model, eval_set, tokenizer, layers=layers, max_text_len=max_text_len, visual=visual,
-                               image_size=image_size, batch_size=min(options.batch_size, 64), mode=options.iais_mode,
-                               normalization=options.normalization) if cross_modal else \
-            {"layers": {}, "L": None, "V": None, "isda": None, "mode": options.iais_mode,
-             "normalization": options.normalization}
+        isd = (
+            isd_eval.measure(
+                model,
+                eval_set,
+                tokenizer,
+                layers=layers,
+                max_text_len=max_text_len,
+                visual=visual,
+                image_size=image_size,
+                batch_size=min(options.batch_size, 64),
+                mode=options.iais_mode,
+                normalization=options.normalization,
+            )
+            if cross_modal
+            else {
+                "layers": {},
+                "L": None,
+                "V": None,
+                "isda": None,
+                "mode": options.iais_mode,
+                "normalization": options.normalization,
+            }
+        )
         figures = {}
         if cross_modal and options.plots and scoring.rank_and_world()[0] == 0:
-            figures = plots.attention_plots(model, eval_set, tokenizer, count=options.plots, layer=layers[-1],
-                                            max_text_len=max_text_len, visual=visual, image_size=image_size,
-                                            mode=options.iais_mode, normalization=options.normalization)
+            figures = plots.attention_plots(
+                model,
+                eval_set,
+                tokenizer,
+                count=options.plots,
+                layer=layers[-1],
+                max_text_len=max_text_len,
+                visual=visual,
+                image_size=image_size,
+                mode=options.iais_mode,
+                normalization=options.normalization,
+            )
     finally:
         model.train(was_training)
     wall = time.perf_counter() - start
     relation_forwards = sum(r["pair_forwards"] for r in relations.values())
     report_dict = {
-        "mode": options.mode, "k": options.k, "score": options.score, "images": images,
-        "captions": len(eval_set.captions), "bad_samples": eval_set.bad_samples,
-        "recall": result, "folds": folds if folded else None, "recall_folds": folded, "recall_any_true": any_true,
+        "mode": options.mode,
+        "k": options.k,
+        "score": options.score,
+        "images": images,
+        "captions": len(eval_set.captions),
+        "bad_samples": eval_set.bad_samples,
+        "recall": result,
+        "folds": folds if folded else None,
+        "recall_folds": folded,
+        "recall_any_true": any_true,
         "relation": {name: {"itm": r["itm"], "embedding": r["embedding"]} for name, r in relations.items()},
         "isd": {**isd, "layers": {str(k): v for k, v in isd["layers"].items()}},
-        "cost": {"pair_forwards": gallery.pair_forwards, "relation_pair_forwards": relation_forwards,
-                 "pair_seconds": gallery.pair_seconds,
-                 "pairs_per_second": gallery.pair_forwards / gallery.pair_seconds if gallery.pair_seconds else 0.0,
-                 "scoring_seconds": gallery.seconds, "wall_seconds": wall,
-                 "world_size": scoring.rank_and_world()[1]},
+        "cost": {
+            "pair_forwards": gallery.pair_forwards,
+            "relation_pair_forwards": relation_forwards,
+            "pair_seconds": gallery.pair_seconds,
+            "pairs_per_second": gallery.pair_forwards / gallery.pair_seconds if gallery.pair_seconds else 0.0,
+            "scoring_seconds": gallery.seconds,
+            "wall_seconds": wall,
+            "world_size": scoring.rank_and_world()[1],
+        },
         "plots": sorted(figures),
     }
     return report_dict, figures
@@ -222,8 +297,11 @@ def evaluate_model(model, tokenizer, dataset: str | Path | EvalSet, **options: A
 
 # --- command line ----------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m finetune evaluate", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="python -m finetune evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("weights", help="run directory, checkpoint folder or export folder")
     p.add_argument("--data", required=True, help="dataset folder (dataset.json, shards) to evaluate on")
     p.add_argument("--mode", default="full", help="full (ITM of every pair, default) | rerank | embedding")
@@ -234,8 +312,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default for a run directory: <run>/eval/<name>)")
     p.add_argument("--name", default=None, help="report name (default: <dataset folder>-<mode>)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers for ISD/ISDa (default: the last, -1)")
-    p.add_argument("--iais-mode", default="singular", choices=("singular", "distributed"),
-                   help="alignment of the pseudo matrices for ISD and plots")
+    p.add_argument(
+        "--iais-mode",
+        default="singular",
+        choices=("singular", "distributed"),
+        help="alignment of the pseudo matrices for ISD and plots",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="pairs per ITM forward")
     p.add_argument("--plots", type=int, default=4, help="pairs to plot (0: none)")
     p.add_argument("--folds", type=int, default=None, help="also average recall over N image folds (COCO 1K: 5)")
@@ -254,8 +336,17 @@ def _init_distributed() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    options = Options(mode=args.mode, k=args.k, score=args.score, batch_size=args.batch_size, layers=args.layers,
-                      iais_mode=args.iais_mode, plots=args.plots, folds=args.folds, progress=not args.no_progress)
+    options = Options(
+        mode=args.mode,
+        k=args.k,
+        score=args.score,
+        batch_size=args.batch_size,
+        layers=args.layers,
+        iais_mode=args.iais_mode,
+        plots=args.plots,
+        folds=args.folds,
+        progress=not args.no_progress,
+    )
     if args.pairs and not args.images:
         raise UserError("--pairs needs --images DIR (the folder of the images the files name)")
     if args.limit is not None and args.limit <= 0:
@@ -292,7 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scoring.rank_and_world()[0] == 0:
         report.write_report(out_dir, report_dict, figures)
         r = report_dict["recall"]
-        print(f"evaluate: {name}: R@1 text {100 * r['i2t@1']:.2f} image {100 * r['t2i@1']:.2f}, rsum "
-              f"{r['rsum']:.2f}; {report_dict['cost']['pair_forwards']} pair forwards in "
-              f"{report_dict['cost']['wall_seconds']:.1f} s -> {out_dir}", file=sys.stderr)
+        print(
+            f"evaluate: {name}: R@1 text {100 * r['i2t@1']:.2f} image {100 * r['t2i@1']:.2f}, rsum "
+            f"{r['rsum']:.2f}; {report_dict['cost']['pair_forwards']} pair forwards in "
+            f"{report_dict['cost']['wall_seconds']:.1f} s -> {out_dir}",
+            file=sys.stderr,
+        )
     return int(ExitCode.OK)

@@ -20,6 +20,7 @@ caller, e.g. gloo under torchrun) rank r scores a contiguous range of those batc
 are all-gathered in rank order: the result equals one process's, bit for bit. Every rank encodes
 the gallery itself (one forward per image and per caption, cheap beside I x C pairs).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,13 +89,14 @@ class Visual:
 
 
 @torch.no_grad()
-def embed_images(model, images: list[dict[str, Any]], tokenizer, *, visual: str, image_size: int,
-                 batch_size: int) -> Visual:
+def embed_images(
+    model, images: list[dict[str, Any]], tokenizer, *, visual: str, image_size: int, batch_size: int
+) -> Visual:
     """Visual tokens (model.embed_visual, eval mode) of each image sample, in order."""
     device = model_device(model)
     tokens, masks = [], []
     for lo in range(0, len(images), batch_size):
-        batch = to_device(collate_samples(images[lo:lo + batch_size], tokenizer, 3, visual, image_size), device)
+        batch = to_device(collate_samples(images[lo : lo + batch_size], tokenizer, 3, visual, image_size), device)
         t, m = model.embed_visual(batch)  # [b, M_b, W], [b, M_b]
         tokens.append(t)
         masks.append(m.bool())
@@ -107,24 +109,41 @@ def embed_images(model, images: list[dict[str, Any]], tokenizer, *, visual: str,
 @torch.no_grad()
 def image_embeddings(model, visual: Visual, batch_size: int) -> Tensor:
     """[I, E] L2-normalised ITC embeddings."""
-    return torch.cat([model.encode_image(visual.tokens[lo:lo + batch_size], visual.mask[lo:lo + batch_size])
-                      for lo in range(0, visual.tokens.shape[0], batch_size)]).float()
+    return torch.cat(
+        [
+            model.encode_image(visual.tokens[lo : lo + batch_size], visual.mask[lo : lo + batch_size])
+            for lo in range(0, visual.tokens.shape[0], batch_size)
+        ]
+    ).float()
 
 
 @torch.no_grad()
 def text_embeddings(model, texts: Texts, batch_size: int) -> Tensor:
     """[C, E] L2-normalised ITC embeddings."""
     device = model_device(model)
-    return torch.cat([model.encode_text(texts.input_ids[lo:lo + batch_size].to(device),
-                                        texts.text_mask[lo:lo + batch_size].to(device))
-                      for lo in range(0, texts.input_ids.shape[0], batch_size)]).float()
+    return torch.cat(
+        [
+            model.encode_text(
+                texts.input_ids[lo : lo + batch_size].to(device), texts.text_mask[lo : lo + batch_size].to(device)
+            )
+            for lo in range(0, texts.input_ids.shape[0], batch_size)
+        ]
+    ).float()
 
 
 class PairScorer:
     """ITM scores of (image, text) index pairs, batched, split across ranks, counted and timed."""
 
-    def __init__(self, model, visual: Visual, texts: Texts, *, batch_size: int = 128, score: str = "logit",
-                 progress: bool = False):
+    def __init__(
+        self,
+        model,
+        visual: Visual,
+        texts: Texts,
+        *,
+        batch_size: int = 128,
+        score: str = "logit",
+        progress: bool = False,
+    ):
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         self.model, self.visual, self.texts = model, visual, texts
@@ -136,8 +155,12 @@ class PairScorer:
     @torch.no_grad()
     def _score_batch(self, images: Tensor, texts: Tensor) -> Tensor:
         device = model_device(self.model)
-        out = self.model(self.texts.input_ids[texts].to(device), self.texts.text_mask[texts].to(device),
-                         self.visual.tokens[images], self.visual.mask[images])
+        out = self.model(
+            self.texts.input_ids[texts].to(device),
+            self.texts.text_mask[texts].to(device),
+            self.visual.tokens[images],
+            self.visual.mask[images],
+        )
         logits = self.model.itm_logits(out).float()  # [B, 2]
         if self.score == "prob":
             return logits.softmax(dim=-1)[:, 1]
@@ -162,11 +185,17 @@ class PairScorer:
         if self.progress and rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=min(hi * b, pairs) - lo * b, unit="pair", unit_scale=True, desc="ITM pairs",
-                       file=sys.stderr, mininterval=1.0)
+            bar = tqdm(
+                total=min(hi * b, pairs) - lo * b,
+                unit="pair",
+                unit_scale=True,
+                desc="ITM pairs",
+                file=sys.stderr,
+                mininterval=1.0,
+            )
         for n, index in enumerate(range(lo, hi)):
             rows = slice(index * b, (index + 1) * b)
-            mine[n * b:(n + 1) * b] = self._score_batch(images[rows], texts[rows])
+            mine[n * b : (n + 1) * b] = self._score_batch(images[rows], texts[rows])
             if bar is not None:
                 bar.update(max(0, min(b, pairs - index * b)))
         if bar is not None:
@@ -185,7 +214,7 @@ def full_scores(scorer: PairScorer, images: int, captions: int) -> Tensor:
 
 def top_candidates(scores: Tensor, k: int) -> Tensor:
     """[Q, G] -> [Q, min(k, G)] gallery indices of the k best, ties by gallery order."""
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :min(k, scores.shape[1])]
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : min(k, scores.shape[1])]
 
 
 def rerank_rows(itm: Tensor, embedding: Tensor, candidates: Tensor) -> Tensor:
@@ -209,8 +238,12 @@ def rerank_scores(scorer: PairScorer, embedding: Tensor, k: int) -> tuple[Tensor
     images, captions = embedding.shape
     text_candidates = top_candidates(embedding, k)  # [I, k] captions per image
     image_candidates = top_candidates(embedding.T, k)  # [C, k] images per caption
-    flat = torch.cat([(torch.arange(images)[:, None] * captions + text_candidates).flatten(),
-                      (image_candidates * captions + torch.arange(captions)[:, None]).flatten()]).unique()  # sorted
+    flat = torch.cat(
+        [
+            (torch.arange(images)[:, None] * captions + text_candidates).flatten(),
+            (image_candidates * captions + torch.arange(captions)[:, None]).flatten(),
+        ]
+    ).unique()  # sorted
     itm = torch.full((images * captions,), float("nan"))
     itm[flat] = scorer(flat // captions, flat % captions)
     itm = itm.view(images, captions)
@@ -231,9 +264,20 @@ class GalleryScores:
 
 
 @torch.no_grad()
-def score_gallery(model, eval_set: EvalSet, tokenizer, *, mode: str = "full", k: int = 16, batch_size: int = 128,
-                  max_text_len: int, visual: str, image_size: int, score: str = "logit",
-                  progress: bool = False) -> GalleryScores:
+def score_gallery(
+    model,
+    eval_set: EvalSet,
+    tokenizer,
+    *,
+    mode: str = "full",
+    k: int = 16,
+    batch_size: int = 128,
+    max_text_len: int,
+    visual: str,
+    image_size: int,
+    score: str = "logit",
+    progress: bool = False,
+) -> GalleryScores:
     """Score matrices of `mode` over the gallery of `eval_set` (the model must be in eval mode)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -248,5 +292,6 @@ def score_gallery(model, eval_set: EvalSet, tokenizer, *, mode: str = "full", k:
         scores_i2t = scores_t2i = full_scores(scorer, len(eval_set.images), len(eval_set.captions))
     else:
         scores_i2t, scores_t2i = rerank_scores(scorer, embedding, k)
-    return GalleryScores(mode, scores_i2t, scores_t2i, embedding, scorer.pair_forwards, scorer.seconds,
-                         time.perf_counter() - start)
+    return GalleryScores(
+        mode, scores_i2t, scores_t2i, embedding, scorer.pair_forwards, scorer.seconds, time.perf_counter() - start
+    )

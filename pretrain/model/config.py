@@ -32,6 +32,11 @@ class ModelConfig:
     num_layers layers and a projection each, CLIP: ITC only)."""
     cross_layers: int = 1
     """two_stream only: co-attention blocks after the streams' own layers (IAIS layers index these blocks)."""
+    visual_layers: int | None = None
+    """dual_encoder only: transformer layers of the image tower (null: num_layers). 0 leaves the tower a projection
+    of the visual tokens (embedder, LayerNorm, masked mean, `itc.image_proj`): with frozen features that is
+    locked-image tuning in its plainest form, which on a few hundred photos generalises better than a fresh
+    transformer over one pooled token (docs/coco.md)."""
     vocab_size: int | None = None
     """Word-piece vocabulary size; set by the caller from the tokenizer (required to build a model)."""
     num_layers: int = 2
@@ -105,6 +110,17 @@ class ModelConfig:
             raise ConfigError(
                 "model.cross_layers", self.cross_layers, "an integer >= 1 (co-attention blocks of two_stream)"
             )
+        if self.visual_layers is not None:
+            layers = self.visual_layers
+            if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+                raise ConfigError("model.visual_layers", self.visual_layers, "an integer >= 0 or null (num_layers)")
+            if self.architecture != "dual_encoder":
+                raise ConfigError(
+                    "model.visual_layers",
+                    self.visual_layers,
+                    f"null for model.architecture={self.architecture} (the image tower's depth is a "
+                    f"dual_encoder setting)",
+                )
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
             raise ConfigError("model.vocab_size", self.vocab_size, "a positive integer (the tokenizer's size) or null")
         for name in (

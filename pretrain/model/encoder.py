@@ -199,9 +199,10 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """A stack of `EncoderLayer`s; returns the last hidden states and the IAIS blocks per layer."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, num_layers: int | None = None):
         super().__init__()
-        self.layer = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        count = config.num_layers if num_layers is None else num_layers
+        self.layer = nn.ModuleList(EncoderLayer(config) for _ in range(count))
         self.gradient_checkpointing = config.gradient_checkpointing
 
     def forward(

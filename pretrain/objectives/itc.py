@@ -1,5 +1,6 @@
 """ITC: symmetric InfoNCE of unimodal text and image embeddings, keys gathered from every rank
 (OpenCLIP's local loss), `image_id`-aware (another caption of the same image is not a negative)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,9 @@ class ITCConfig(TermConfig):
     exp(logit_scale) is clamped to model.itc_max_scale (100); false: it stays at model.itc_temperature."""
 
 
-def itc_loss(text_emb: Tensor, image_emb: Tensor, scale: Tensor, codes: Tensor,
-             sample_mask: Tensor) -> tuple[Tensor, Tensor]:
+def itc_loss(
+    text_emb: Tensor, image_emb: Tensor, scale: Tensor, codes: Tensor, sample_mask: Tensor
+) -> tuple[Tensor, Tensor]:
     """Symmetric InfoNCE of local queries against keys gathered from every rank (local-loss style).
 
     text_emb, image_emb [B, E] L2-normalised; scale: the temperature's inverse (exp(logit_scale));
@@ -49,8 +51,9 @@ def itc_loss(text_emb: Tensor, image_emb: Tensor, scale: Tensor, codes: Tensor,
     neg_inf = torch.finfo(t2i.dtype).min
     t2i = t2i.masked_fill(excluded, neg_inf)
     i2t = i2t.masked_fill(excluded, neg_inf)
-    per_sample = (F.cross_entropy(wide(t2i), targets, reduction="none")
-                  + F.cross_entropy(wide(i2t), targets, reduction="none")) / 2  # [B]
+    per_sample = (
+        F.cross_entropy(wide(t2i), targets, reduction="none") + F.cross_entropy(wide(i2t), targets, reduction="none")
+    ) / 2  # [B]
     local_sim = (scale * text_emb @ image_emb.T).detach()  # [B text, B image], temperature-scaled
     return masked_mean(per_sample, sample_mask), local_sim
 

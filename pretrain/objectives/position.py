@@ -12,6 +12,7 @@ pixel batches. The captions are tokenised with the run's tokenizer (`bind_text`)
 holds the scenes' grammar words. The box and axis of each sample are drawn from a generator seeded by
 (step, the batch's keys): every rank and a resumed run draw the same.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,16 +50,21 @@ class PositionConfig(TermConfig):
             check(name, value, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0")
 
 
-def position_itm_logits(model: Any, encode: Any, batch: dict[str, Any], pairs: Sequence[PositionPair],
-                        single_shape: bool) -> Tensor:
+def position_itm_logits(
+    model: Any, encode: Any, batch: dict[str, Any], pairs: Sequence[PositionPair], single_shape: bool
+) -> Tensor:
     """ITM logits [2n, 2] of [n images + their true captions; the same images + the opposite side]
     (`single_shape`: the images reduced to the captioned shape). `encode`: a TextEncoder."""
     tokens, mask = model.embed_visual(single_shape_view(batch, pairs) if single_shape else batch)
     device = tokens.device
     rows = torch.tensor([pair.row for pair in pairs], device=device)
     text = encode([pair.true for pair in pairs] + [pair.false for pair in pairs])
-    out = model(text["input_ids"].to(device), text["text_mask"].to(device), tokens[rows].repeat(2, 1, 1),
-                mask[rows].repeat(2, 1))
+    out = model(
+        text["input_ids"].to(device),
+        text["text_mask"].to(device),
+        tokens[rows].repeat(2, 1, 1),
+        mask[rows].repeat(2, 1),
+    )
     return model.itm_logits(out)
 
 
@@ -82,8 +88,11 @@ class Position(Term):
         from data_tools.collate import TextEncoder
 
         if not categories:
-            raise ConfigError("objectives.position.enabled", True,
-                              "datasets with box labels (dataset.json box_labels: the synthetic scenes)")
+            raise ConfigError(
+                "objectives.position.enabled",
+                True,
+                "datasets with box labels (dataset.json box_labels: the synthetic scenes)",
+            )
         self.encode, self.categories = TextEncoder(tokenizer, CAPTION_TOKENS), list(categories)
 
     def holds_others(self, progress: Progress) -> bool:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_tools.errors import ExitCode, run_cli
+from data_tools.errors import ConfigError, ExitCode, run_cli
 from data_tools.synthetic import GRAMMAR_WORDS
 from data_tools.wordpiece import grammar_vocabulary
 from pretrain.iais import IAISConfig, IAISRegularizer
@@ -196,6 +196,28 @@ def test_dual_encoder_is_two_towers_without_a_joint_pass() -> None:
         model(input_ids, text_mask, visual_tokens, visual_mask, iais_rows=rows)
     with pytest.raises(Exception, match="iais.layers"):
         model.set_iais_layers({0})
+
+
+def test_dual_encoder_image_tower_depth_and_a_projection_only_tower() -> None:
+    """model.visual_layers sets the image tower's depth (null: num_layers); 0 leaves the embedder, LayerNorm,
+    masked mean and image_proj, the contract written out directly; other architectures refuse the field."""
+    from pretrain.model.heads import masked_mean
+
+    def dual(layers):
+        config = ModelConfig.preset("tiny", vocab_size=VOCAB, architecture="dual_encoder", width=16, num_heads=2,
+                                    embed_dim=8, visual_layers=layers)
+        return build_model(config).double().eval()
+
+    torch.manual_seed(0)
+    assert len(dual(None).visual_encoder.layer) == 2 and len(dual(1).visual_encoder.layer) == 1
+    model = dual(0)
+    assert len(model.visual_encoder.layer) == 0 and len(model.encoder.layer) == 2
+    _, _, visual_tokens, visual_mask, _ = _inputs()
+    expected = F.normalize(model.itc.image_proj(masked_mean(visual_tokens, visual_mask.bool())), dim=-1)
+    assert torch.allclose(model.encode_image(visual_tokens, visual_mask), expected)
+    for bad, arch in ((-1, "dual_encoder"), (True, "dual_encoder"), (1, "single_stream"), (0, "two_stream")):
+        with pytest.raises(ConfigError, match="model.visual_layers"):
+            ModelConfig.preset("tiny", vocab_size=VOCAB, architecture=arch, visual_layers=bad)
 
 
 def test_tiny_presets_have_parameter_counts_within_10_percent() -> None:
