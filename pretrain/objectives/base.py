@@ -32,22 +32,25 @@ function of (train.seed, step), so every rank and a resumed run draw the same; t
 is not multiplied by its weight, which already set how often it is drawn). Regularisers that ride
 on another term's pass (IAIS, `sampled = False`) run on every step.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import importlib
-from typing import Any, Callable, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from data_tools.batch import image_id_codes
 from data_tools.errors import ConfigError, UserError, check
+from pretrain.model.masks import mark_unpadded
 from pretrain.profiling import term_range
 
-SAMPLING_MODES = ("joint", "per_batch")
-"""Values of `objectives.sampling` (see the module docstring)."""
+if TYPE_CHECKING:
+    from .config import ObjectivesConfig
 
 
 @dataclasses.dataclass
@@ -127,12 +130,14 @@ TERMS: dict[str, type[Term]] = {}
 
 def register(name: str, order: int = 50) -> Callable[[type[Term]], type[Term]]:
     """Class decorator: make a Term configurable as `objectives.<name>`; lower `order` runs first."""
+
     def wrap(cls: type[Term]) -> type[Term]:
         if name in TERMS and TERMS[name] is not cls:
             raise ValueError(f"objective term {name!r} registered twice ({TERMS[name].__module__}, {cls.__module__})")
         cls.name, cls.order = name, order
         TERMS[name] = cls
         return cls
+
     return wrap
 
 
@@ -145,38 +150,6 @@ def import_plugins(modules: list[str]) -> None:
             raise ConfigError("plugins", module, f"an importable module ({err})") from None
 
 
-def build_sections(tree: Any, build: Callable[[type, dict[str, Any], str], Any]) -> dict[str, TermConfig]:
-    """The `objectives` mapping -> {name: that term's Config}, every registered term present
-    (defaults where not configured). `build` is the schema's dataclass builder."""
-    from pretrain import objectives as _builtin  # noqa: F401  (registers the built-in terms)
-
-    tree = {} if tree is None else tree
-    if not isinstance(tree, dict):
-        raise ConfigError("objectives", tree, "a mapping of objective names to sections")
-    tree = dict(tree)
-    sampling = tree.pop("sampling", "joint")
-    check("objectives.sampling", sampling, sampling in SAMPLING_MODES, " or ".join(SAMPLING_MODES))
-    unknown = sorted(set(tree) - set(TERMS))
-    if unknown:
-        raise ConfigError(f"objectives.{unknown[0]}", tree[unknown[0]],
-                          f"one of the objectives {', '.join(sorted(TERMS))} (or a plugins module that registers it)")
-    sections = {}
-    for name, cls in sorted(TERMS.items(), key=lambda item: (item[1].order, item[0])):
-        value = tree.get(name, {})
-        if isinstance(value, bool):  # `objectives.itm=false` shorthand
-            value = {"enabled": value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"objectives.{name}", value, "true, false or a mapping of its fields")
-        sections[name] = build(cls.Config, value, f"objectives.{name}")
-    sections["sampling"] = sampling  # type: ignore[assignment]  (a mode, not a term: see term_sections)
-    return sections
-
-
-def term_sections(sections: dict[str, Any]) -> dict[str, TermConfig]:
-    """The term sections of the `objectives` mapping (without `sampling`)."""
-    return {name: section for name, section in sections.items() if isinstance(section, TermConfig)}
-
-
 def sampled_term(names: list[str], weights: list[float], seed: int, step: int) -> int:
     """Index of the term drawn for optimizer step `step` with probability weight / sum(weights).
 
@@ -187,7 +160,7 @@ def sampled_term(names: list[str], weights: list[float], seed: int, step: int) -
     if total <= 0:
         raise UserError(f"objectives.sampling=per_batch: the terms {', '.join(names)} all have weight 0")
     digest = hashlib.blake2b(f"{seed}:{step}:{','.join(names)}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "little") / 2.0 ** 64 * total  # uniform in [0, total)
+    u = int.from_bytes(digest, "little") / 2.0**64 * total  # uniform in [0, total)
     edge = 0.0
     for i, w in enumerate(weights):
         edge += w
@@ -196,11 +169,16 @@ def sampled_term(names: list[str], weights: list[float], seed: int, step: int) -
     return max(i for i, w in enumerate(weights) if w > 0)  # u rounded up to total
 
 
-def image_id_codes(image_ids: list[str]) -> Tensor:
-    """[B] int64 codes of the image ids (stable across processes; "" for padding slots -> -1)."""
-    codes = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=7).digest(), "little") if s else -1
-             for s in image_ids]
-    return torch.tensor(codes, dtype=torch.long)
+def sample_categorical(logits: Tensor) -> Tensor:
+    """One index per row drawn with probability softmax(logits) (-inf: never), Gumbel-max.
+
+    logits [R, C] -> [R] long. Why not `torch.multinomial`: it reads its input back on the host
+    (two checks per call) and so stops a GPU step; argmax(logits + Gumbel noise) draws from the same
+    distribution on the device. The noise comes from the torch RNG of the logits' device (saved in
+    checkpoints). A row must have at least one finite logit."""
+    noise = torch.empty_like(logits, dtype=torch.float32).exponential_()  # [R, C], Exp(1)
+    gumbel = -noise.clamp_min(torch.finfo(torch.float32).tiny).log()  # finite even for a draw of exactly 0
+    return (logits.float() + gumbel).argmax(dim=1)
 
 
 def wide(x: Tensor) -> Tensor:
@@ -227,6 +205,8 @@ class StepContext:
         self.want_attention = want_attention
         """Some term reads IAIS attention blocks: the first joint pass over the matched pairs computes them."""
         self.sample_mask: Tensor = batch["sample_mask"]  # [B] bool
+        if batch.get("text_unpadded"):  # the loader saw no padded caption: attention over the text needs no mask
+            mark_unpadded(batch["text_mask"])
         self.logs: dict[str, Tensor] = {}
         self.itc_similarity: Tensor | None = None
         """[B text, B image] temperature-scaled similarities left by ITC (hard-negative sampling)."""
@@ -237,7 +217,9 @@ class StepContext:
         self.matched_hidden: Tensor | None = None
         """[B, Lt + M, W] encoder output of the matched pairs (unmasked text), left by the first term that
         made that pass (ITM's first B rows, or WRA's own)."""
-        self.extend_mlm_text: Callable[["StepContext", tuple[Tensor, Tensor, Tensor]], tuple[Tensor, Tensor, Tensor]] | None = None
+        self.extend_mlm_text: (
+            Callable[["StepContext", tuple[Tensor, Tensor, Tensor]], tuple[Tensor, Tensor, Tensor]] | None
+        ) = None
         """Set by a term's `prepare` that extends the MLM text (tags); applied on first use, so its
         random draws come after those of the terms that run earlier (ITM's negatives stay the same)."""
         self._mlm_text: tuple[Tensor, Tensor, Tensor] | None = None
@@ -250,10 +232,22 @@ class StepContext:
 
     @property
     def codes(self) -> Tensor:
-        """[B] image-id codes on the batch's device."""
+        """[B] image-id codes on the batch's device (the loader's `image_code`; a hand-built batch's
+        are computed here and copied)."""
         if self._codes is None:
-            self._codes = image_id_codes(self.batch["image_id"]).to(self.batch["input_ids"].device)
+            codes = self.batch.get("image_code")
+            if codes is None:
+                codes = image_id_codes(self.batch["image_id"]).to(self.batch["input_ids"].device)
+            self._codes = codes
         return self._codes
+
+    @property
+    def matched_rows(self) -> Tensor:
+        """The matched pairs (real samples) as `iais_rows` for a joint pass whose first B rows are the
+        batch: the loader's `sample_rows` [P] long, or `sample_mask` [B] bool (which the model turns
+        into indices with a host read)."""
+        rows = self.batch.get("sample_rows")
+        return self.sample_mask if rows is None else rows
 
     @property
     def visual(self) -> tuple[Tensor, Tensor]:
@@ -271,10 +265,17 @@ class StepContext:
             self._mlm_text = self.extend_mlm_text(self, text) if self.extend_mlm_text is not None else text
         return self._mlm_text
 
-    def joint(self, input_ids: Tensor, text_mask: Tensor, visual_tokens: Tensor, visual_mask: Tensor,
-              matched_rows: Tensor | None = None) -> Any:
-        """A joint pass; `matched_rows` [rows] bool marks the matched pairs whose IAIS blocks are
-        computed (when a term wants them and none were computed yet)."""
+    def joint(
+        self,
+        input_ids: Tensor,
+        text_mask: Tensor,
+        visual_tokens: Tensor,
+        visual_mask: Tensor,
+        matched_rows: Tensor | None = None,
+    ) -> Any:
+        """A joint pass; `matched_rows` (`matched_rows`: [P] long indices, or a bool mask over the first
+        rows) are the matched pairs whose IAIS blocks are computed (when a term wants them and none were
+        computed yet)."""
         iais_rows = matched_rows if self.want_attention and self.matched_attention is None else None
         out = self.model(input_ids, text_mask, visual_tokens, visual_mask, iais_rows=iais_rows)
         if iais_rows is not None:
@@ -294,16 +295,20 @@ class CompositeObjective:
         self.sampling, self.seed = sampling, seed
         self.candidates = [t for t in self.terms if t.sampled]
         if sampling == "per_batch" and not self.candidates:
-            raise UserError("objectives.sampling=per_batch: no objective term to draw (enable one of itc, itm, mlm, ...)")
+            raise UserError(
+                "objectives.sampling=per_batch: no objective term to draw (enable one of itc, itm, mlm, ...)"
+            )
         self.heads = nn.ModuleDict()
         """The terms' own parameters by term name (empty until `build_heads`)."""
 
     @classmethod
-    def from_sections(cls, sections: dict[str, Any], extra: list[Term] = (), seed: int = 0) -> "CompositeObjective":
-        """The enabled terms of the `objectives` sections plus `extra` ones (e.g. IAIS); `seed` draws
+    def from_sections(
+        cls, objectives: "ObjectivesConfig", extra: list[Term] = (), seed: int = 0
+    ) -> "CompositeObjective":
+        """The enabled terms of the `objectives` section plus `extra` ones (e.g. IAIS); `seed` draws
         the per-batch term (train.seed)."""
-        terms = [TERMS[name](section) for name, section in term_sections(sections).items() if section.enabled]
-        return cls(terms + list(extra), sections.get("sampling", "joint"), seed)
+        terms = [TERMS[name](section) for name, section in objectives.terms.items() if section.enabled]
+        return cls(terms + list(extra), objectives.sampling, seed)
 
     def build_heads(self, model_config: Any, categories: list[str]) -> nn.ModuleDict:
         """Build every term's own parameters once (call right after the model, on every rank alike)."""
