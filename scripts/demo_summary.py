@@ -4,6 +4,7 @@
 
 Reads `<out>/finetune/eval/heldout/report.json` (written by `python -m finetune evaluate`).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,23 +20,31 @@ def main(out: Path) -> int:
     report = json.loads(report_path.read_text())
     recall, images, captions = report["recall"], report["images"], report["captions"]
     print()
-    print(f"relalign demo: tiny model pretrained with IAIS, finetuned (hard negatives + IAIS), evaluated on "
-          f"{images} held-out scenes / {captions} captions")
+    print(
+        f"relalign demo: tiny model pretrained with IAIS and the relation curriculum, finetuned (hard negatives + "
+        f"IAIS), evaluated on {images} held-out scenes / {captions} captions"
+    )
     print(f"{'':24s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}   (chance R@1/5/10)")
     # chance: a random ranking puts one of a query's `hits` true items among the first K of `gallery` (mean hits)
-    for direction, label, gallery, hits in (("i2t", "text retrieval", captions, captions / images),
-                                            ("t2i", "image retrieval", images, 1.0)):
+    for direction, label, gallery, hits in (
+        ("i2t", "text retrieval", captions, captions / images),
+        ("t2i", "image retrieval", images, 1.0),
+    ):
         numbers = "".join(f"{100 * recall[f'{direction}@{k}']:8.1f}" for k in (1, 5, 10))
         chance = "/".join(f"{100 * min(1.0, k * hits / gallery):.1f}" for k in (1, 5, 10))
         print(f"{label:24s}{numbers}   ({chance})")
     relation = report.get("relation", {}).get("dataset", {}).get("itm", {})
     for kind, values in sorted(relation.items()):
-        print(f"relation sensitivity, {kind:10s} {100 * values['accuracy']:6.1f}% of {values['count']} triples "
-              f"(chance 50%)")
+        print(
+            f"relation sensitivity, {kind:10s} {100 * values['accuracy']:6.1f}% of {values['count']} triples "
+            f"(chance 50%)"
+        )
     isd = report.get("isd", {})
     isda = isd.get("isda")
-    print(f"ISD L {isd.get('L', float('nan')):.4f}  V {isd.get('V', float('nan')):.4f}  ISDa "
-          f"{'n/a' if isda is None else f'{isda:.4f}'}  (lower: the text's and the image's relations agree)")
+    print(
+        f"ISD L {isd.get('L', float('nan')):.4f}  V {isd.get('V', float('nan')):.4f}  ISDa "
+        f"{'n/a' if isda is None else f'{isda:.4f}'}  (lower: the text's and the image's relations agree)"
+    )
     plots = sorted(report_path.parent.glob("*.png"))
     print()
     print(f"report       {report_path.parent / 'report.md'}")
