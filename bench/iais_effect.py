@@ -13,6 +13,7 @@ Every stage is the project's own command line (`python -m pretrain | finetune | 
 Prints one JSON line per run, then one per variant with mean and sample standard deviation, and
 writes `<out>/table.md`. Sized for about 30 minutes on 2 CPU cores with the defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,23 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     return env
 
 
 def _run(args: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        code = subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            [sys.executable, *args], cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT
+        ).returncode
     if code != 0:
         tail = log.read_text()[-2000:]
         raise SystemExit(f"iais_effect: `{' '.join(args[:3])}` failed with exit {code} (log {log}):\n{tail}")
@@ -48,8 +56,23 @@ def _run(args: list[str], log: Path) -> None:
 
 def _dataset(out: Path, samples: int, seed: int, split: str) -> Path:
     if not (out / "dataset.json").is_file():
-        _run(["-m", "data_tools", "build", "synthetic", "--samples", str(samples), "--seed", str(seed), "--split", split,
-              "--out", str(out)], out.parent / f"build-{out.name}.log")
+        _run(
+            [
+                "-m",
+                "data_tools",
+                "build",
+                "synthetic",
+                "--samples",
+                str(samples),
+                "--seed",
+                str(seed),
+                "--split",
+                split,
+                "--out",
+                str(out),
+            ],
+            out.parent / f"build-{out.name}.log",
+        )
     return out
 
 
@@ -59,28 +82,81 @@ def _iais(variant: str) -> list[str]:
     return ["iais.enabled=true", f"iais.schedule={variant}"]
 
 
-def pretrain_finetune_evaluate(args: argparse.Namespace, root: Path, train: Path, test: Path, common: list[str],
-                               evaluation: list[str], plots: int = 1) -> dict:
+def pretrain_finetune_evaluate(
+    args: argparse.Namespace,
+    root: Path,
+    train: Path,
+    test: Path,
+    common: list[str],
+    evaluation: list[str],
+    plots: int = 1,
+) -> dict:
     """The three command lines of one run (each skipped when its output exists: resumable), -> report.json."""
     pre, ft = root / "pretrain", root / "finetune"
     if not (pre / "checkpoints" / "latest").is_file():
-        _run(["-m", "pretrain", "--config", TINY, f"data.paths=[{train}]", f"run.dir={pre}",
-              f"train.steps={args.pretrain_steps}", *common], root / "pretrain.log")
+        _run(
+            [
+                "-m",
+                "pretrain",
+                "--config",
+                TINY,
+                f"data.paths=[{train}]",
+                f"run.dir={pre}",
+                f"train.steps={args.pretrain_steps}",
+                *common,
+            ],
+            root / "pretrain.log",
+        )
     if not (ft / "checkpoints" / "latest").is_file():
-        _run(["-m", "finetune", "--config", TINY, "--init", str(pre), f"data.paths=[{train}]", f"run.dir={ft}",
-              f"train.steps={args.finetune_steps}", f"finetune.candidates={args.candidates}",
-              f"finetune.hard={args.hard}", *common], root / "finetune.log")
+        _run(
+            [
+                "-m",
+                "finetune",
+                "--config",
+                TINY,
+                "--init",
+                str(pre),
+                f"data.paths=[{train}]",
+                f"run.dir={ft}",
+                f"train.steps={args.finetune_steps}",
+                f"finetune.candidates={args.candidates}",
+                f"finetune.hard={args.hard}",
+                *common,
+            ],
+            root / "finetune.log",
+        )
     report = root / "eval" / "report.json"
     if not report.is_file():
-        _run(["-m", "finetune", "evaluate", str(ft), "--data", str(test), *evaluation, "--out", str(root / "eval"),
-              "--plots", str(plots), "--no-progress"], root / "evaluate.log")
+        _run(
+            [
+                "-m",
+                "finetune",
+                "evaluate",
+                str(ft),
+                "--data",
+                str(test),
+                *evaluation,
+                "--out",
+                str(root / "eval"),
+                "--plots",
+                str(plots),
+                "--no-progress",
+            ],
+            root / "evaluate.log",
+        )
     return json.loads(report.read_text())
 
 
 def one_run(args: argparse.Namespace, train: Path, test: Path, seed: int, variant: str) -> dict:
     root = args.out / f"{variant}-seed{seed}"
-    common = [f"train.seed={seed}", f"data.seed={seed}", "metrics.enabled=false", "train.log_every=25",
-              f"data.batch_size={args.batch}", *_iais(variant)]
+    common = [
+        f"train.seed={seed}",
+        f"data.seed={seed}",
+        "metrics.enabled=false",
+        "train.log_every=25",
+        f"data.batch_size={args.batch}",
+        *_iais(variant),
+    ]
     start = time.perf_counter()
     report = pretrain_finetune_evaluate(args, root, train, test, common, ["--mode", "rerank", "--k", str(args.k)])
     flat = _flatten(report)
@@ -116,8 +192,14 @@ def summarise(runs: list[dict], variants: list[str], keys: Sequence[str] | None 
 def table(rows: list[dict]) -> str:
     keys = [k for k in rows[0] if k not in ("variant", "seeds") and not k.endswith(":sd")]
     head = "| variant | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
-    body = "".join("| " + r["variant"] + " | " + " | ".join(
-        f"{r[k]:.3f} ± {r[k + ':sd']:.3f}" if k in r else "-" for k in keys) + " |\n" for r in rows)
+    body = "".join(
+        "| "
+        + r["variant"]
+        + " | "
+        + " | ".join(f"{r[k]:.3f} ± {r[k + ':sd']:.3f}" if k in r else "-" for k in keys)
+        + " |\n"
+        for r in rows
+    )
     return head + body
 
 
@@ -136,8 +218,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, variants: Sequence[str], 
     parser.add_argument("--out", type=Path, default=out)
 
 
-def run_comparison(args: argparse.Namespace, name: str, one: Callable[..., dict],
-                   summary: Callable[[list[dict], list[str]], list[dict]], render: Callable[[list[dict]], str]) -> None:
+def run_comparison(
+    args: argparse.Namespace,
+    name: str,
+    one: Callable[..., dict],
+    summary: Callable[[list[dict], list[str]], list[dict]],
+    render: Callable[[list[dict]], str],
+) -> None:
     """Same data for every run (train seed 0, held-out seed 1000), every seed x variant, JSON lines, table.md."""
     args.out.mkdir(parents=True, exist_ok=True)
     train = _dataset(args.out / "train", args.train_samples, 0, "train")

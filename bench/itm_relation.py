@@ -20,8 +20,8 @@ accuracy per kind: the setting of tests/pretrain/test_itm_learns.py at other siz
 `--single-steps` steps, each image reduced to one of its shapes against "the red circle is left" vs
 "... is right" (or above/below: the shape's half of the canvas); then for `--position-steps` steps the
 same captions on the full scenes (the colour word must pick the shape); then, to `--steps`, relation
-swaps plus the position captions; the patch position table starts at std 1.0 (`--position-std`). It reports the held-out position accuracy on single shapes and on
-full scenes beside the swap accuracy per kind.
+swaps plus the position captions; the patch position table starts at std 1.0 (`--position-std`). It
+reports the held-out position accuracy on single shapes and on full scenes beside the swap accuracy per kind.
 
 `--grounding-layers 0` adds what the relation's first step needs as direct supervision: at those layers,
 minus the log of the attention mass each phrase word of the true caption puts on the patches of its own
@@ -29,6 +29,7 @@ shape (the `S_LV` block of the matched rows, head-averaged; boxes and phrase lin
 averaged over phrase words and layers, added with `--grounding-weight`; `grounding_mass` reports the
 mean mass. It tests whether the comparison is learned once the binding is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def sincos_table(grid: int, width: int) -> torch.Tensor:
     frequencies each (MAE's 2D table)."""
     quarter = width // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
 
     def encode(values: torch.Tensor) -> torch.Tensor:
         angles = values.reshape(-1, 1) * omega[None]
@@ -62,7 +64,9 @@ def sincos_table(grid: int, width: int) -> torch.Tensor:
     return torch.cat([encode(rows), encode(cols)], dim=1).float()[None]
 
 
-def pair_logits(model, batch: dict, keep: torch.Tensor, grounding: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pair_logits(
+    model, batch: dict, keep: torch.Tensor, grounding: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ITM logits [2n, 2] of [kept true pairs; the same images + swapped captions], and with `grounding`
     the grounding loss of the true pairs (None without)."""
     tokens, mask, token_boxes = model.embed_visual_with_boxes(batch)
@@ -84,9 +88,13 @@ def grounding_loss(model, attention: dict, token_boxes: torch.Tensor, batch: dic
     losses = []
     for blocks in attention.values():
         words, patches = phrase_words_and_tokens(
-            blocks, token_boxes, model.visual.token_kind, [batch["phrase_tokens"][i] for i in chosen],
+            blocks,
+            token_boxes,
+            model.visual.token_kind,
+            [batch["phrase_tokens"][i] for i in chosen],
             [batch["phrase_boxes"][i] for i in chosen],
-            [torch.as_tensor(batch["boxes"][i]).reshape(-1, 4) for i in chosen])
+            [torch.as_tensor(batch["boxes"][i]).reshape(-1, 4) for i in chosen],
+        )
         mass = torch.einsum("pnm,pqm->pqn", blocks.s_lv, patches.float())  # [P, Q, n]: word -> its phrase's patches
         valid = words & patches.any(-1, keepdim=True)
         losses.append(-(mass.clamp_min(1e-6).log() * valid).sum() / valid.sum().clamp_min(1))
@@ -94,8 +102,9 @@ def grounding_loss(model, attention: dict, token_boxes: torch.Tensor, batch: dic
 
 
 @torch.no_grad()
-def position_accuracy(model, encode, batches: list[dict], categories: list[str], image_size: int,
-                      single: bool) -> float:
+def position_accuracy(
+    model, encode, batches: list[dict], categories: list[str], image_size: int, single: bool
+) -> float:
     """Share of held-out position pairs (fixed draw) whose true caption has the larger ITM margin."""
     from data_tools.curriculum import position_pairs
     from pretrain.objectives.position import position_itm_logits
@@ -135,8 +144,26 @@ def held_out_accuracy(model, batches: list[dict], kinds: set[str]) -> dict[str, 
 
 
 def build(out: Path, samples: int, seed: int, split: str) -> Path:
-    subprocess.run([sys.executable, "-m", "data_tools", "build", "synthetic", "--samples", str(samples), "--seed",
-                    str(seed), "--split", split, "--out", str(out)], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_tools",
+            "build",
+            "synthetic",
+            "--samples",
+            str(samples),
+            "--seed",
+            str(seed),
+            "--split",
+            split,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -154,9 +181,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-scenes", type=int, default=2048)
     parser.add_argument("--test-scenes", type=int, default=1024)
-    parser.add_argument("--objective", choices=["pairs", "itm", "curriculum"], default="pairs",
-                        help="pairs: true vs swapped caption of --kinds only; itm: the ITM term with caption "
-                             "negatives; curriculum: single-shape position, full-scene position, then relation swaps")
+    parser.add_argument(
+        "--objective",
+        choices=["pairs", "itm", "curriculum"],
+        default="pairs",
+        help="pairs: true vs swapped caption of --kinds only; itm: the ITM term with caption "
+        "negatives; curriculum: single-shape position, full-scene position, then relation swaps",
+    )
     parser.add_argument("--single-steps", type=int, default=1500, help="curriculum: single-shape phase")
     parser.add_argument("--position-steps", type=int, default=1500, help="curriculum: full-scene position phase")
     parser.add_argument("--kinds", default="relation", help="comma-separated negative kinds to train on (pairs)")
@@ -166,8 +197,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--positions", choices=["learned", "sincos"], default="learned")
-    parser.add_argument("--position-std", type=float, default=None,
-                        help="model.visual_position_std (default: 1.0 with --objective curriculum, else the preset's)")
+    parser.add_argument(
+        "--position-std",
+        type=float,
+        default=None,
+        help="model.visual_position_std (default: 1.0 with --objective curriculum, else the preset's)",
+    )
     parser.add_argument("--grounding-layers", default="", help="comma-separated layers, e.g. 0 (default: none)")
     parser.add_argument("--grounding-weight", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
@@ -183,23 +218,33 @@ def main() -> None:
     trained = {"relation"} if args.objective == "curriculum" else kinds
     objective = None
     if args.objective == "itm":
-        objective = pretraining_objective(build_sections(
-            {"itc": False, "mlm": False, "itm": {"hard_negatives": False, "caption_negatives": True}}, build_config))
+        objective = pretraining_objective(
+            build_sections(
+                {"itc": False, "mlm": False, "itm": {"hard_negatives": False, "caption_negatives": True}}, build_config
+            )
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         train_dir = build(Path(tmp) / "train", args.train_scenes, seed=0, split="train")
         test_dir = build(Path(tmp) / "test", args.test_scenes, seed=1, split="test")
-        data = dict(batch_size=32, image_size=32, max_text_len=16, crop_scale=(1.0, 1.0),
-                    tokenizer=str(train_dir / "tokenizer"))
+        data = dict(
+            batch_size=32, image_size=32, max_text_len=16, crop_scale=(1.0, 1.0), tokenizer=str(train_dir / "tokenizer")
+        )
         loader = Loader(DataConfig(paths=[str(train_dir)], **data))
         held_out = list(Loader(DataConfig(paths=[str(test_dir)], train=False, **data)))
         categories = sorted(loader.categories, key=loader.categories.get)
         encode = TextEncoder(loader.tokenizer, data["max_text_len"])
         pair_rng = random.Random(args.seed)
-        model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=len(loader.tokenizer), image_size=32,
-                                                 num_layers=args.layers, width=args.width,
-                                                 **({} if args.position_std is None else
-                                                    {"visual_position_std": args.position_std})))
+        model = RelAlignModel(
+            ModelConfig.preset(
+                "tiny",
+                vocab_size=len(loader.tokenizer),
+                image_size=32,
+                num_layers=args.layers,
+                width=args.width,
+                **({} if args.position_std is None else {"visual_position_std": args.position_std}),
+            )
+        )
         grounding = bool(args.grounding_layers)
         if grounding:
             model.set_iais_layers(int(layer) for layer in args.grounding_layers.split(","))
@@ -207,13 +252,23 @@ def main() -> None:
             with torch.no_grad():
                 model.visual.position.copy_(sincos_table(model.visual.grid, args.width))
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50)
-                                                     * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-        common = {"bench": "itm_relation", "kinds": sorted(kinds), "train_scenes": args.train_scenes,
-                  "test_scenes": args.test_scenes, "positions": args.positions, "layers": args.layers,
-                  "width": args.width, "lr": args.lr,
-                  "position_std": model.config.visual_position_std or model.config.initializer_range, "grounding_layers": args.grounding_layers or None,
-                  "objective": args.objective, "chance": 0.5}
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+        )
+        common = {
+            "bench": "itm_relation",
+            "kinds": sorted(kinds),
+            "train_scenes": args.train_scenes,
+            "test_scenes": args.test_scenes,
+            "positions": args.positions,
+            "layers": args.layers,
+            "width": args.width,
+            "lr": args.lr,
+            "position_std": model.config.visual_position_std or model.config.initializer_range,
+            "grounding_layers": args.grounding_layers or None,
+            "objective": args.objective,
+            "chance": 0.5,
+        }
         if args.objective == "curriculum":
             common.update(single_steps=args.single_steps, position_steps=args.position_steps)
 
@@ -222,7 +277,8 @@ def main() -> None:
             if args.objective == "curriculum":
                 out["held_out_position"] = {
                     "single_shape": position_accuracy(model, encode, held_out, categories, data["image_size"], True),
-                    "full_scene": position_accuracy(model, encode, held_out, categories, data["image_size"], False)}
+                    "full_scene": position_accuracy(model, encode, held_out, categories, data["image_size"], False),
+                }
             return out
 
         print(json.dumps({**common, "step": 0, **report()}), flush=True)
@@ -264,8 +320,19 @@ def main() -> None:
                     extra = {} if ground is None else {"grounding_mass": round(math.exp(-ground.item()), 3)}
                     if recent:
                         extra["train_accuracy"] = round(sum(recent) / len(recent), 3)
-                    print(json.dumps({**common, "step": step, "loss": round(itm.item(), 4), **extra, **report(),
-                                      "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                **common,
+                                "step": step,
+                                "loss": round(itm.item(), 4),
+                                **extra,
+                                **report(),
+                                "seconds": round(time.perf_counter() - start, 1),
+                            }
+                        ),
+                        flush=True,
+                    )
                 if step >= args.steps:
                     break
             loader.set_epoch(loader.epoch + 1)

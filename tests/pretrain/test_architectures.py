@@ -204,8 +204,15 @@ def test_dual_encoder_image_tower_depth_and_a_projection_only_tower() -> None:
     from pretrain.model.heads import masked_mean
 
     def dual(layers):
-        config = ModelConfig.preset("tiny", vocab_size=VOCAB, architecture="dual_encoder", width=16, num_heads=2,
-                                    embed_dim=8, visual_layers=layers)
+        config = ModelConfig.preset(
+            "tiny",
+            vocab_size=VOCAB,
+            architecture="dual_encoder",
+            width=16,
+            num_heads=2,
+            embed_dim=8,
+            visual_layers=layers,
+        )
         return build_model(config).double().eval()
 
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ Why it matters: full and rerank retrieval, the hinge recipe and relation sensiti
 scores. With BERT's initialiser range (0.02) and dropout 0.1 in a 64-wide model, the pooled [CLS] of
 this preset stayed nearly independent of the image and the loss sat at the 1-in-3 prior (0.636).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,28 @@ OTHER_CAPTIONS = (1, 2, 3)  # each held-out image against the captions of the ne
 
 
 def build(out: Path, samples: int, seed: int, split: str) -> Path:
-    subprocess.run([PYTHON, "-m", "data_tools", "build", "synthetic", "--samples", str(samples), "--seed", str(seed),
-                    "--split", split, "--out", str(out)], cwd=REPO, env=env_for(), check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "data_tools",
+            "build",
+            "synthetic",
+            "--samples",
+            str(samples),
+            "--seed",
+            str(seed),
+            "--split",
+            split,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env_for(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 
@@ -79,7 +99,8 @@ def cosine_adamw(model: RelAlignModel, lr: float, warmup: int, steps: int) -> Ca
     """One optimizer step per call: AdamW, linear warm-up then cosine decay to 0 at `steps`, clip 1.0."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
+    )
 
     def step(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -87,6 +108,7 @@ def cosine_adamw(model: RelAlignModel, lr: float, warmup: int, steps: int) -> Ca
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+
     return step
 
 
@@ -102,8 +124,15 @@ def training_batches(loader: Loader, steps: int) -> Iterator[tuple[int, dict]]:
         loader.set_epoch(loader.epoch + 1)
 
 
-def train_itm(train_dir: Path, test_dir: Path, itm: dict, steps: int, warmup: int, every: int,
-              measure: Callable[[RelAlignModel, list[dict]], Any]) -> tuple[Any, list[tuple[int, Any, float]]]:
+def train_itm(
+    train_dir: Path,
+    test_dir: Path,
+    itm: dict,
+    steps: int,
+    warmup: int,
+    every: int,
+    measure: Callable[[RelAlignModel, list[dict]], Any],
+) -> tuple[Any, list[tuple[int, Any, float]]]:
     """ITM alone (ITC, MLM off; random in-batch negatives) on the `tiny` preset in a plain loop over real
     Loader batches: AdamW, linear warm-up then cosine decay to 0 at `steps`, clip 1.0, torch seed 0.
     Returns `measure` on the held-out batches before training and [(step, measure, loss)] every `every` steps."""
@@ -112,8 +141,9 @@ def train_itm(train_dir: Path, test_dir: Path, itm: dict, steps: int, warmup: in
     loader = Loader(DataConfig(paths=[str(train_dir)], **data))
     held_out = list(Loader(DataConfig(paths=[str(test_dir)], train=False, **data)))
     model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=len(loader.tokenizer), image_size=IMAGE_SIZE))
-    objective = pretraining_objective(build_sections({"itc": False, "mlm": False, "itm": {"hard_negatives": False, **itm}},
-                                                     build_config))
+    objective = pretraining_objective(
+        build_sections({"itc": False, "mlm": False, "itm": {"hard_negatives": False, **itm}}, build_config)
+    )
     optimise = cosine_adamw(model, LR, warmup, steps)
     before, history = measure(model, held_out), []
     for step, batch in training_batches(loader, steps):
@@ -128,7 +158,9 @@ def train_itm(train_dir: Path, test_dir: Path, itm: dict, steps: int, warmup: in
 @pytest.mark.timeout(3000)  # 1,600 steps: about 80 s on CI's 2 cores; 12 min here on 2 cores shared by 4 agents
 def test_itm_alone_ranks_true_captions_above_random_ones_on_held_out_scenes(scenes):
     start = time.perf_counter()
-    before, history = train_itm(*scenes, itm={}, steps=STEPS, warmup=WARMUP, every=CHECK_EVERY, measure=ranking_accuracy)
+    before, history = train_itm(
+        *scenes, itm={}, steps=STEPS, warmup=WARMUP, every=CHECK_EVERY, measure=ranking_accuracy
+    )
     print(f"ITM ranking accuracy {before:.3f} -> {history}, {time.perf_counter() - start:.1f} s")
     assert 0.35 < before < 0.65  # untrained: chance
     assert history[-1][0] == STEPS and history[-1][1] >= THRESHOLD, f"held-out ranking accuracy by step: {history}"
@@ -141,7 +173,9 @@ SWAP_STEPS, SWAP_THRESHOLD, SWAP_TRAIN_SCENES = 3000, 0.58, 2048
 @pytest.fixture(scope="module")
 def swap_scenes(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("swap_scenes")
-    return build(root / "train", SWAP_TRAIN_SCENES, seed=0, split="train"), build(root / "test", 1024, seed=1, split="test")
+    return build(root / "train", SWAP_TRAIN_SCENES, seed=0, split="train"), build(
+        root / "test", 1024, seed=1, split="test"
+    )
 
 
 @torch.no_grad()
@@ -170,9 +204,15 @@ def test_itm_with_caption_negatives_tells_attribute_swaps_apart_on_held_out_scen
     phrases' colours or the relation swapped. Measured (torch seeds 0 and 1, 256 and 1,024 held-out
     scenes): attribute swaps 0.646 / 0.640 at step 3,000 (0.5 at step 1,250: it takes long), relation
     swaps 0.46 / 0.54, i.e. chance: the `tiny` preset does not learn the spatial relation in this budget."""
-    before, history = train_itm(*swap_scenes, itm={"caption_negatives": True}, steps=SWAP_STEPS, warmup=50,
-                                every=SWAP_STEPS, measure=swap_accuracy)
-    (_, after, loss), = history
+    before, history = train_itm(
+        *swap_scenes,
+        itm={"caption_negatives": True},
+        steps=SWAP_STEPS,
+        warmup=50,
+        every=SWAP_STEPS,
+        measure=swap_accuracy,
+    )
+    ((_, after, loss),) = history
     print(f"ITM true caption above its swapped negative, by kind: {before} -> {after}")
     assert set(after) == {"attribute", "relation"}
     assert 0.4 < before["attribute"] < 0.6  # untrained: chance
@@ -202,22 +242,33 @@ def test_itm_learns_where_a_single_shape_is_once_positions_are_visible(scenes, p
     categories = sorted(loader.categories, key=loader.categories.get)
     encode = TextEncoder(loader.tokenizer, TEXT_LEN)
     overrides = {} if position_std is None else {"visual_position_std": position_std}
-    model = RelAlignModel(ModelConfig.preset("tiny", vocab_size=len(loader.tokenizer), image_size=IMAGE_SIZE, **overrides))
+    model = RelAlignModel(
+        ModelConfig.preset("tiny", vocab_size=len(loader.tokenizer), image_size=IMAGE_SIZE, **overrides)
+    )
     optimise, rng = cosine_adamw(model, 1e-3, 50, POSITION_STEPS), random.Random(0)
     for _, batch in training_batches(loader, POSITION_STEPS):
-        optimise(two_way_loss(position_itm_logits(model, encode, batch, position_pairs(batch, categories, IMAGE_SIZE, rng),
-                                                  single_shape=True)))
+        optimise(
+            two_way_loss(
+                position_itm_logits(
+                    model, encode, batch, position_pairs(batch, categories, IMAGE_SIZE, rng), single_shape=True
+                )
+            )
+        )
 
     model.eval()
     wins = []
     with torch.no_grad():
         for batch in held_out:
             pairs = position_pairs(batch, categories, IMAGE_SIZE, random.Random(1))
-            true, false = position_itm_logits(model, encode, batch, pairs, single_shape=True).diff(dim=1).squeeze(1).chunk(2)
+            true, false = (
+                position_itm_logits(model, encode, batch, pairs, single_shape=True).diff(dim=1).squeeze(1).chunk(2)
+            )
             wins += (true > false).tolist()
     accuracy = sum(wins) / len(wins)
-    print(f"single-shape position accuracy, visual_position_std={model.config.visual_position_std}: {accuracy:.3f} "
-          f"on {len(wins)} held-out pairs")
+    print(
+        f"single-shape position accuracy, visual_position_std={model.config.visual_position_std}: {accuracy:.3f} "
+        f"on {len(wins)} held-out pairs"
+    )
     assert len(wins) > 200
     if learns:
         assert accuracy >= POSITION_THRESHOLD
