@@ -70,7 +70,9 @@ def test_a_profiled_run_summarises_its_steps_and_trains_the_same(synthetic: Path
     assert sum(t["share"] for t in tops) <= 1.0 and tops[0]["self_ms_per_step"] >= tops[-1]["self_ms_per_step"]
     assert 0 < summary["attention_share"] < 1  # every layer's scaled_dot_product_attention
     reads = summary["scalar_reads_per_step_by_range"]
-    assert reads["relalign.finite_check"] == 1.0  # one agreement per micro-batch
+    # The finite-loss agreement reads its flag with one `.tolist()`, which the profiler does not record as
+    # a scalar read (no aten op); tests/pretrain/test_host_syncs.py counts it exactly (one per micro-batch).
+    assert reads.get("relalign.finite_check", 0) <= 1.0
     # logged values are read on logged steps only (one stacked read), not per value and step as before
     assert reads.get("outside ranges", 0) <= 1.0
     trace = json.loads((profiled / "profile" / "rank0.trace.json").read_text())
