@@ -10,7 +10,9 @@ hash, task, batch geometry, box categories, the world size that saved it). The J
 field a top-level key) so that a person, `jq` or a test can read it; `format` names its version.
 
 Formats:
-- 1: this record; `format: 1`.
+- 2: this record; `format: 2`. Adds `objective`: the objective's own state (where the phases of a
+  curriculum term ended, `CompositeObjective.state_dict`; {} for most runs).
+- 1: the same without `objective` (read as {}: a fixed-step curriculum needs no state).
 - unversioned (no `format` key), three shapes, all migrated on read: the first one also held
   `scheduler_step` and `iais_position` (both restated by `step` and `total_steps`; DeepSpeed saves
   the scheduler itself) and no `task` (only pretraining existed); the next one added `task`; the
@@ -28,7 +30,7 @@ from typing import Any, ClassVar
 from data_tools.errors import ExitCode, UserError, atomic_write_text
 
 CLIENT_STATE = "client_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -41,10 +43,12 @@ class TrainState:
     """The global data cursor (merged over ranks) after the last consumed micro-batch."""
     samples: int = 0
     nonfinite_total: int = 0
+    objective: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The objective's own state (`CompositeObjective.state_dict`: e.g. where curriculum phases ended)."""
     nonfinite_in_a_row: int = 0
     """Not saved: a resumed run starts a new count of non-finite steps in a row."""
 
-    SAVED: ClassVar[tuple[str, ...]] = ("step", "epoch", "cursor", "samples", "nonfinite_total")
+    SAVED: ClassVar[tuple[str, ...]] = ("step", "epoch", "cursor", "samples", "nonfinite_total", "objective")
 
 
 @dataclasses.dataclass
@@ -121,7 +125,12 @@ def _from_unversioned(tree: dict[str, Any]) -> tuple[dict[str, Any], int]:
     return tree, 1
 
 
-MIGRATIONS = {0: _from_unversioned}
+def _from_1(tree: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Format 1 -> 2: no objective state (format 1 had only fixed-step phases)."""
+    return {**tree, "objective": {}}, 2
+
+
+MIGRATIONS = {0: _from_unversioned, 1: _from_1}
 """format -> function(tree) -> (tree of the next format, that format); applied until FORMAT_VERSION."""
 
 

@@ -124,8 +124,9 @@ class Trainer:
         if universal:
             convert_to_universal(self.resume.path, self.rank)
         spec = EngineSpec(cfg.optimizer, cfg.schedule, cfg.zero, cfg.precision, cfg.train.grad_clip, cfg.tf32)
+        self.objective = self.task.objective()
         self.engine, self.scheduler = build_engine(
-            model, self.task.objective(), spec, self.geometry, self.total_steps, load_universal=universal
+            model, self.objective, spec, self.geometry, self.total_steps, load_universal=universal
         )
         self.feeder = DeviceFeeder(self.engine.device)  # pinned, non-blocking copies; leases released when done
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.rank, self.world)
@@ -134,6 +135,7 @@ class Trainer:
         if self.resume is not None:
             self.checkpoints.load(self.engine, self.resume, universal)
             self.state = dataclasses.replace(saved.progress)
+            self.objective.load_state_dict(self.state.objective)
             self._say(
                 f"resumed from {self.resume.path} at step {self.state.step} (saved by "
                 f"{saved.world_size} ranks, now {self.world})"
@@ -262,6 +264,8 @@ class Trainer:
             )
         exhausted = state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps
         if state.step % cfg.train.log_every == 0 or state.step == self.total_steps or exhausted:
+            for line in self.objective.observe(Progress(state.step, self.total_steps)):  # phases end here
+                self._say(line)
             self.metrics.log_training(state.step, self.total_steps, as_floats(logs), count, meter, self._step_values())
         if exhausted:
             self.save()
@@ -297,6 +301,7 @@ class Trainer:
             cursors = all_gather_object(getattr(self, "_last_cursor", None))
             if all(c is not None for c in cursors):
                 self.state.cursor = merge_rank_cursors(cursors)
+            self.state.objective = self.objective.state_dict()
             run_state = RunState(
                 progress=dataclasses.replace(self.state),
                 total_steps=self.total_steps,

@@ -73,6 +73,16 @@ class ObjectiveOutput:
 class Objective(Protocol):
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any], progress: Progress) -> ObjectiveOutput: ...
 
+    def observe(self, progress: Progress) -> list[str]:
+        """On logging steps, every rank at once: let terms with phases decide from what they saw; -> events."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the terms' phases (plain JSON data; saved in the run state)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 @dataclasses.dataclass
 class TermConfig:
@@ -116,6 +126,18 @@ class Term:
     def holds_others(self, progress: Progress) -> bool:
         """True on steps where this term trains alone (a curriculum phase): the others are not computed."""
         return False
+
+    def observe(self, progress: Progress) -> list[str]:
+        """On logging steps, on every rank at once (it may run one collective): decide phase changes from
+        what `loss` accumulated since the last call; -> lines to print (rank 0 prints them)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """This term's state beyond its parameters (plain JSON data), saved with the run state."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (a resumed run)."""
 
     def prepare(self, ctx: "StepContext") -> None:
         """Before any term's loss of this micro-batch: leave shared inputs in the context (tags)."""
@@ -322,6 +344,19 @@ class CompositeObjective:
         """Give every term the run's tokenizer and box categories (call once, after `build_heads`)."""
         for term in self.terms:
             term.bind_text(tokenizer, categories)
+
+    def observe(self, progress: Progress) -> list[str]:
+        """Every term's `observe`, in order (on logging steps, every rank at once)."""
+        return [line for term in self.terms for line in term.observe(progress)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """{term name: its state} for the terms that keep one (saved as the run state's `objective`)."""
+        return {term.name: state for term in self.terms if (state := term.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for term in self.terms:
+            if term.name in state:
+                term.load_state_dict(state[term.name])
 
     def active_terms(self, progress: Progress) -> list[Term]:
         """The terms this step computes: the ones holding the others back this step (a curriculum

@@ -7,6 +7,14 @@ views of the images (the other shapes painted over), then on the full scenes. Fo
 product of what these steps build, and mixed in from step 0 the position captions stayed at ln 2 as
 well); after that it keeps its weight beside the rest.
 
+Each phase is a plateau at ln 2 that ends abruptly at a step that varies with the seed (and with the
+CPU's rounding); a phase that ends before its plateau does leaves the next one to start from an
+unlearned factor, and relation sensitivity follows the position loss at the end of the hold
+(docs/experiments.md). With `advance_below` > 0 a phase ends when it is learned instead: at the first
+logging step where the term's mean loss since the previous logging step, over all ranks, is below
+that value (one all-reduce and one host read per logging step); `single_steps` and `hold_steps` then
+bound the phases. Where the phases ended is saved in the run state, so a resumed run continues them.
+
 Needs datasets whose boxes carry labels "<colour> <shape>" (the synthetic scenes' `box_labels`) and
 pixel batches. The captions are tokenised with the run's tokenizer (`bind_text`), whose vocabulary
 holds the scenes' grammar words. The box and axis of each sample are drawn from a generator seeded by
@@ -42,12 +50,17 @@ class PositionConfig(TermConfig):
     """Steps on single-shape views (each image keeps the shape its caption names) before full scenes."""
     hold_steps: int = 3000
     """Steps during which this term trains alone (0: mixed in from the start)."""
+    advance_below: float = 0.0
+    """> 0: a phase ends at the first logging step (train.log_every) where this term's mean loss since the
+    previous one, over all ranks, is below this value; `single_steps` and `hold_steps` are then the latest
+    steps the phases may last. 0: the phases end at those steps. (ln 2 = 0.693 is the untrained loss.)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("single_steps", "hold_steps"):
             value = getattr(self, name)
             check(name, value, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0")
+        check("advance_below", self.advance_below, 0.0 <= self.advance_below < 0.6931, "a loss in [0, ln 2)")
 
 
 def position_itm_logits(
@@ -79,10 +92,24 @@ def two_way_loss(logits: Tensor) -> Tensor:
 class Position(Term):
     Config = PositionConfig
 
+    PHASES = ("single", "hold")
+    """The two phases, in order: single-shape views (ends first), then this term alone on full scenes."""
+
     def __init__(self, config: PositionConfig):
         super().__init__(config)
         self.encode: Any = None
         self.categories: list[str] = []
+        self.ended: dict[str, int | None] = dict.fromkeys(self.PHASES)
+        """Step at which each phase ended because it was learned (`advance_below`); None: not yet."""
+        self._window: list[Tensor] = []  # this rank's training losses since the last logging step (on the device)
+
+    def _limit(self, phase: str) -> int:
+        return self.config.single_steps if phase == "single" else self.config.hold_steps
+
+    def in_phase(self, phase: str, step: int) -> bool:
+        """Whether step `step` (0-based: the step being computed) belongs to `phase`."""
+        end = self.ended[phase]
+        return step < (self._limit(phase) if end is None else min(end, self._limit(phase)))
 
     def bind_text(self, tokenizer: Any, categories: list[str]) -> None:
         from data_tools.collate import TextEncoder
@@ -96,7 +123,35 @@ class Position(Term):
         self.encode, self.categories = TextEncoder(tokenizer, CAPTION_TOKENS), list(categories)
 
     def holds_others(self, progress: Progress) -> bool:
-        return progress.step < self.config.hold_steps
+        return self.in_phase("hold", progress.step)
+
+    def observe(self, progress: Progress) -> list[str]:
+        """`advance_below`: end the open phase when the window's mean loss over all ranks is below it.
+        `progress.step` counts the steps done; the next one computed is the first after the phase."""
+        window, self._window = self._window, []
+        if not self.config.advance_below:
+            return []
+        phase = next((p for p in self.PHASES if self.in_phase(p, progress.step)), None)
+        if phase is None:
+            return []
+        from pretrain.distributed import all_reduce_floats
+
+        # every rank reaches this point on the same steps (logging steps; phases agree), so the collective matches
+        total, count = all_reduce_floats([torch.stack(window).sum() if window else 0.0, len(window)])
+        if count == 0 or total / count >= self.config.advance_below:
+            return []
+        self.ended[phase] = progress.step
+        what = "single-shape phase" if phase == "single" else "position-alone phase (the other terms join)"
+        return [
+            f"objectives.position: {what} ended at step {progress.step}: mean loss {total / count:.3f} over the "
+            f"last {int(count)} micro-batches < advance_below {self.config.advance_below}"
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ended": dict(self.ended)} if self.config.advance_below else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ended = {phase: state.get("ended", {}).get(phase) for phase in self.PHASES}
 
     def loss(self, ctx: StepContext) -> Tensor:
         if self.encode is None:
@@ -109,5 +164,8 @@ class Position(Term):
         pairs = position_pairs(batch, self.categories, pixels.shape[-2], rng)  # the side S, from the shape: no sync
         if not pairs:  # e.g. a batch of padding slots: a zero that keeps the graph (every rank runs backward)
             return sum(p.sum() for p in ctx.model.itm.parameters()) * 0.0
-        logits = position_itm_logits(ctx.model, self.encode, batch, pairs, step < self.config.single_steps)
-        return two_way_loss(logits)
+        logits = position_itm_logits(ctx.model, self.encode, batch, pairs, self.in_phase("single", step))
+        loss = two_way_loss(logits)
+        if self.config.advance_below and ctx.model.training:
+            self._window.append(loss.detach())  # read on logging steps only (observe): no sync here
+        return loss

@@ -160,3 +160,154 @@ def test_curriculum_in_the_real_loop_on_2_ranks_resumes_bit_for_bit(tmp_path):
     for step in a:
         for key in (k for k in a[step] if k.startswith("loss/")):
             assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+
+
+def gated(**fields):
+    from pretrain.objectives.position import Position, PositionConfig
+
+    return Position(PositionConfig(enabled=True, single_steps=1000, hold_steps=2000, advance_below=0.3, **fields))
+
+
+def feed(term, losses: list[float], step: int) -> list[str]:
+    """The losses `loss` would have accumulated since the last logging step, then the logging step `step`."""
+    term._window.extend(torch.tensor(x) for x in losses)
+    return term.observe(Progress(step=step, total_steps=3000))
+
+
+def test_advance_below_ends_each_phase_at_the_logging_step_where_it_is_learned():
+    term = gated()
+    assert feed(term, [0.69, 0.1], step=100) == []  # window mean 0.395: not yet
+    assert term.in_phase("single", 150) and term.holds_others(Progress(150, 3000))
+    lines = feed(term, [0.25, 0.2], step=200)
+    assert len(lines) == 1 and "single-shape phase ended at step 200" in lines[0]
+    assert term.in_phase("single", 199) and not term.in_phase("single", 200)  # step 200 is the first full-scene one
+    assert term.holds_others(Progress(200, 3000))  # still alone, now on full scenes
+    assert feed(term, [0.6] * 3, step=300) == [] and term.holds_others(Progress(350, 3000))
+    assert "other terms join" in feed(term, [0.29] * 3, step=400)[0]
+    assert term.holds_others(Progress(399, 3000)) and not term.holds_others(Progress(400, 3000))
+    assert feed(term, [0.01], step=500) == []  # nothing left to end
+    assert term.state_dict() == {"ended": {"single": 200, "hold": 400}}
+
+
+def test_the_step_limits_bound_the_phases_and_a_resumed_term_continues_them():
+    term = gated()
+    feed(term, [0.69], step=100)
+    assert not term.in_phase("single", 1000) and term.in_phase("hold", 1999) and not term.in_phase("hold", 2000)
+    feed(term, [0.1], step=1100)  # the hold's window; the single-shape phase had ended at its limit
+    assert term.state_dict() == {"ended": {"single": None, "hold": 1100}}
+    resumed = gated()
+    resumed.load_state_dict(term.state_dict())
+    assert (
+        [resumed.in_phase(p, s) for p in ("single", "hold") for s in (999, 1000, 1099, 1100)]
+        == [term.in_phase(p, s) for p in ("single", "hold") for s in (999, 1000, 1099, 1100)]
+        == [True, False, False, False, True, True, True, False]
+    )
+
+
+def test_fixed_phases_keep_no_state_and_read_nothing():
+    from pretrain.objectives.position import Position, PositionConfig
+
+    term = Position(PositionConfig(enabled=True, single_steps=3, hold_steps=5))
+    assert feed(term, [0.0], step=2) == [] and term.state_dict() == {}
+    assert term.in_phase("single", 2) and not term.in_phase("single", 3) and term.holds_others(Progress(4, 9))
+    assert not term.holds_others(Progress(5, 9))
+
+
+def test_advance_below_must_be_a_loss_below_ln_2():
+    from data_tools.errors import ConfigError
+    from pretrain.objectives.position import PositionConfig
+
+    for bad in (-0.1, 0.7, 1.0):
+        with pytest.raises(ConfigError, match="advance_below"):
+            PositionConfig(advance_below=bad)
+
+
+def test_the_composite_objective_saves_and_restores_the_phase_state(scenes):
+    loader, batch = scenes
+    objective, model, _ = objective_and_model(loader, single_steps=10, hold_steps=20, advance_below=0.6)
+    position = next(t for t in objective.terms if t.name == "position")
+    position.ended = {"single": 4, "hold": 8}
+    assert objective.state_dict() == {"position": {"ended": {"single": 4, "hold": 8}}}
+    fresh, _, _ = objective_and_model(loader, single_steps=10, hold_steps=20, advance_below=0.6)
+    before = fresh(model, batch, Progress(step=9, total_steps=30)).logs  # no state: still holding at step 9
+    assert set(before) == {"loss/position", "loss/total"}
+    fresh.load_state_dict(objective.state_dict())
+    logs = fresh(model, batch, Progress(step=9, total_steps=30)).logs  # after the saved hold end: everything
+    assert {"loss/position", "loss/itc", "loss/itm", "loss/iais"} <= set(logs)
+    model.eval()
+    fresh(model, batch, Progress(step=9, total_steps=30))
+    position = next(t for t in fresh.terms if t.name == "position")
+    assert len(position._window) == 2  # the two training calls only: evaluation does not feed the gate
+
+
+@pytest.mark.timeout(600)
+def test_the_loop_saves_where_the_phases_ended_and_a_resume_continues_from_it(tmp_path):
+    """`python -m pretrain` with `advance_below`: every checkpoint's run state (format 2) holds the phase
+    ends; a checkpoint that says the hold ended at step 2 resumes with every term from step 3 on, where the
+    run that saved it (its window never below 0.05) still trained the position term alone."""
+    import json
+
+    from pretrain.run_state import CLIENT_STATE
+    from tests.pretrain.runs import PYTHON, base_args, build_synthetic, env_for
+
+    data, run = build_synthetic(tmp_path / "data", samples=96), tmp_path / "run"
+    args = base_args(
+        data,
+        run,
+        "train.steps=4",
+        "checkpoint.every_steps=2",
+        "model.visual_position_std=1.0",
+        "data.image_size=32",
+        "model.image_size=32",
+        "objectives.position.enabled=true",
+        "objectives.position.single_steps=1",
+        "objectives.position.hold_steps=100",
+        "objectives.position.advance_below=0.05",
+    )
+
+    def pretrain(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PYTHON, "-m", "pretrain", *args, *extra],
+            cwd=REPO,
+            env=env_for(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    first = pretrain()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "step 3/4 | position" in first.stderr and "itc" not in first.stderr.split("step 3/4")[1].split("\n")[0]
+    step2 = run / "checkpoints" / "step00000002"
+    saved = json.loads((step2 / CLIENT_STATE).read_text())
+    assert saved["format"] == 2 and saved["objective"] == {"position": {"ended": {"single": None, "hold": None}}}
+    saved["objective"]["position"]["ended"]["hold"] = 2
+    (step2 / CLIENT_STATE).write_text(json.dumps(saved))
+    resumed = pretrain("--resume", str(step2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step3 = resumed.stderr.split("step 3/4 | ")[1].split("\n")[0]
+    assert "itc" in step3 and "itm" in step3 and "position" in step3
+    final = json.loads((run / "checkpoints" / "step00000004" / CLIENT_STATE).read_text())
+    assert final["objective"]["position"]["ended"]["hold"] == 2
+
+
+def test_the_relation_preset_validates_on_synthetic_scenes_and_refuses_other_data(tmp_path):
+    """configs/tiny_relations.yaml (the demo's and bench/iais_effect.py's recipe): the curriculum with phases
+    that end when learned; on a dataset without box labels it is one config error naming the field."""
+    from data_tools.errors import ConfigError
+    from pretrain.config import load_config
+    from tests.pretrain.runs import build_synthetic
+
+    preset = REPO / "configs" / "tiny_relations.yaml"
+    scenes = build_synthetic(tmp_path / "scenes", samples=16)
+    cfg = load_config(preset, [f"data.paths=[{scenes}]"])
+    position = cfg.objectives.terms["position"]
+    assert position.enabled and 0 < position.advance_below < 0.693
+    assert position.single_steps <= position.hold_steps < cfg.train.steps
+    assert cfg.model.image_size == cfg.data.image_size == 32
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "dataset.json").write_text(
+        (scenes / "dataset.json").read_text().replace('"box_labels"', '"unused_labels"')
+    )
+    with pytest.raises(ConfigError, match="objectives.position.enabled"):
+        load_config(preset, [f"data.paths=[{tmp_path / 'plain'}]"])

@@ -4,7 +4,7 @@
 fixtures/run_state/ holds the client state of each earlier shape: `unversioned_categories.json` was
 written by a 2-step tiny run of the code just before the record (configs/tiny.yaml, 256 synthetic
 samples, seed 0, data.batch_size=4); the two older shapes are that file with the keys of their
-commits (see the formats in pretrain/run_state.py)."""
+commits (see the formats in pretrain/run_state.py); `format1.json` is the first as format 1 wrote it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pretrain.run_state import CLIENT_STATE, FORMAT_VERSION, RunState, TrainStat
 from tests.pretrain.runs import PYTHON, REPO, RUN_TIMEOUT_S, build_synthetic, env_for, latest_tag
 
 FIXTURES = Path(__file__).parent / "fixtures" / "run_state"
-LEGACY = sorted(FIXTURES.glob("unversioned_*.json"))
+LEGACY = sorted(FIXTURES.glob("unversioned_*.json")) + [FIXTURES / "format1.json"]
 
 
 @pytest.mark.parametrize("path", LEGACY, ids=lambda p: p.stem)
@@ -28,6 +28,7 @@ def test_every_earlier_shape_reads(path: Path) -> None:
     raw = json.loads(path.read_text())
     state = RunState.from_json(path.read_text(), str(path))
     assert state.progress == TrainState(step=2, epoch=0, cursor=raw["cursor"], samples=8, nonfinite_total=0)
+    assert state.progress.objective == {}  # before format 2: no objective state (fixed-step phases)
     assert (state.total_steps, state.global_batch, state.world_size, state.tag) == (2, 4, 1, "step00000002")
     assert state.task == "pretrain" and state.config == raw["config"] and state.config_hash == raw["config_hash"]
     assert state.categories == raw.get("categories")
