@@ -275,11 +275,25 @@ def export(env: DistEnv) -> None:
     )
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """This process's CUDA device among the `visible` ones. Launchers that show every task all of the
+    node's GPUs (torchrun, deepspeed, srun --gpus-per-node) want the local rank; Slurm's per-task binding
+    (--gpus-per-task=1, --gpu-bind) shows each task only its own GPU, where local rank 1 has no cuda:1 and
+    the task's device is cuda:0. So: the local rank modulo the visible count."""
+    if visible < 1:
+        raise UserError(
+            f"environment: no CUDA device is visible to local rank {local_rank} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}); "
+            "run on CPU with DS_ACCELERATOR=cpu or give every task a GPU"
+        )
+    return local_rank % visible
+
+
 def init_distributed(env: DistEnv, timeout_s: float = 300) -> None:
     """Start the process group (through DeepSpeed, so `deepspeed.comm` knows it) for `env`.
 
     Exports the `env://` variables first, so DeepSpeed never falls back to MPI discovery; pins the
-    CUDA device to the local rank on GPU machines. Idempotent: a second call is a no-op.
+    CUDA device (`cuda_device_index`) on GPU machines. Idempotent: a second call is a no-op.
     """
     import torch
     import torch.distributed as dist
@@ -289,7 +303,9 @@ def init_distributed(env: DistEnv, timeout_s: float = 300) -> None:
     export(env)
     name = backend()
     if name == "nccl":
-        torch.cuda.set_device(env.local_rank)
+        index = cuda_device_index(env.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        os.environ["LOCAL_RANK"] = str(index)  # DeepSpeed's engine sets its device from LOCAL_RANK
     import deepspeed
 
     deepspeed.init_distributed(

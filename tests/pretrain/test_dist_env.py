@@ -233,3 +233,18 @@ def test_single_process_group_starts_without_a_launcher_and_exits_cleanly(tmp_pa
     assert proc.returncode == 7, proc.stderr[-2000:]
     assert "group closed" in proc.stdout
     assert (tmp_path / "atexit.txt").read_text() == "atexit ran"
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "visible", "device"),
+    [(0, 8, 0), (3, 8, 3), (1, 1, 0), (3, 1, 0), (3, 2, 1)],  # every GPU visible; Slurm's per-task binding
+)
+def test_the_cuda_device_follows_what_the_task_sees(local_rank: int, visible: int, device: int) -> None:
+    """srun --gpus-per-task=1 shows each task one GPU: local rank 1 must use cuda:0, not a cuda:1 it lacks."""
+    assert dist_env.cuda_device_index(local_rank, visible) == device
+
+
+def test_no_visible_cuda_device_is_one_line(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(UserError, match="no CUDA device is visible to local rank 2.*DS_ACCELERATOR=cpu"):
+        dist_env.cuda_device_index(2, 0)
