@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_tools.errors import ExitCode, UserError, atomic_write
@@ -82,11 +83,23 @@ def load_dataset(directory: str | os.PathLike) -> tuple[DatasetInfo, pa.Table]:
     """Both index files, checked against each other (row count per shard)."""
     info = load_dataset_info(directory)
     table = load_manifest(directory)
+    where = Path(directory) / MANIFEST_FILE
     if table.num_rows != info.total_samples:
+        raise UserError(f"{where}: {table.num_rows} rows but dataset.json says {info.total_samples} samples")
+    counts = dict(zip(*pc.value_counts(table.column("shard")).flatten()))  # {shard index: rows}
+    counts = {int(k.as_py()): int(v.as_py()) for k, v in counts.items()}
+    outside = sorted(k for k in counts if not 0 <= k < len(info.shards))
+    if outside:
         raise UserError(
-            f"{Path(directory) / MANIFEST_FILE}: {table.num_rows} rows "
-            f"but dataset.json says {info.total_samples} samples"
+            f"{where}: {counts[outside[0]]} rows name shard {outside[0]}, but dataset.json lists "
+            f"{len(info.shards)} shards (0 to {len(info.shards) - 1})"
         )
+    for index, shard in enumerate(info.shards):
+        if counts.get(index, 0) != shard.samples:
+            raise UserError(
+                f"{where}: {counts.get(index, 0)} rows for shard {index} ({shard.location}) but dataset.json says "
+                f"{shard.samples} samples"
+            )
     return info, table
 
 

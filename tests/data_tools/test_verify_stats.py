@@ -136,3 +136,31 @@ def test_tokenizer_training(tiny_coco, tmp_path):
     assert ids[0] == 2 and ids[-1] == 3 and 1 not in ids
     assert "".join(t.removeprefix("##") for t in tokenizer.convert_ids_to_tokens(ids[1:-1])) == "abrowndogresting"
     assert build("tokenizer", str(data), "--vocab-size", "3", "--out", str(tmp_path / "t2")) == 2
+
+
+@pytest.mark.parametrize(
+    "shard, expected",
+    [
+        (7, "1 rows name shard 7, but dataset.json lists 3 shards (0 to 2)"),
+        (2, "24 rows for shard 1 (shards/synthetic-000001.tar) but dataset.json says 25 samples"),
+    ],
+)
+def test_a_manifest_row_naming_another_shard_is_one_line(synthetic_dataset, tmp_path, capsys, shard, expected):
+    """A manifest whose `shard` column disagrees with dataset.json (an index past its shards, or rows moved
+    between shards) is refused before any reader indexes a shard with it: one line, exit 2."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "moved"
+    shutil.copytree(synthetic_dataset, out)
+    table = pq.read_table(out / "manifest.parquet")
+    column = table.column("shard").to_pylist()
+    column[column.index(1)] = shard  # the first row of shard 1 now names another shard
+    table = table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(column, pa.int32()))
+    pq.write_table(table, out / "manifest.parquet")
+    for command in (("verify", str(out)), ("stats", str(out))):
+        assert build(*command) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
