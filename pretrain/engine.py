@@ -50,7 +50,8 @@ class OptimizerConfig:
 
 @dataclasses.dataclass
 class ScheduleConfig:
-    """Linear warm-up from 0 to the peak, then decay to `min_lr_ratio` x peak at the last step."""
+    """Linear warm-up from 0 to the peak, then decay to `min_lr_ratio` x peak at the last step (over the
+    whole run, or only its last `decay_steps`: warm-up, stable, decay)."""
 
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up from 0 to the peak learning rate."""
@@ -58,9 +59,14 @@ class ScheduleConfig:
     """Shape of the decay after warm-up."""
     min_lr_ratio: float = 0.0
     """Learning rate at the last step, as a fraction of the peak."""
+    decay_steps: int = 0
+    """> 0: the peak holds after warm-up until the last `decay_steps` steps, which decay (warm-up, stable,
+    decay: a curriculum whose phases end at varying steps starts its last phase at the peak either way);
+    0: the decay spans every step after warm-up."""
 
     def __post_init__(self) -> None:
         check("schedule.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "an integer >= 0")
+        check("schedule.decay_steps", self.decay_steps, self.decay_steps >= 0, "an integer >= 0 (0 = every step)")
         check("schedule.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "a ratio in [0, 1]")
 
 
@@ -162,7 +168,10 @@ def lr_lambda(schedule: ScheduleConfig, total_steps: int):
             return (step + 1) / warmup
         if schedule.decay == "constant" or total_steps <= warmup:
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        start = max(warmup, total_steps - schedule.decay_steps) if schedule.decay_steps else warmup
+        if step < start:
+            return 1.0
+        progress = min(1.0, (step - start) / max(1, total_steps - start))
         if schedule.decay == "linear":
             return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -3,6 +3,7 @@ batch geometry, parameter groups and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -199,6 +200,19 @@ def test_schedule_warmup_then_decay(dataset: Path) -> None:
         total_steps=10,
     )
     assert cos(0) == pytest.approx(1.0) and cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
+
+
+def test_schedule_warmup_stable_decay(dataset: Path) -> None:
+    """schedule.decay_steps: the peak holds after warm-up, and only the last decay_steps decay."""
+    cfg = load_config(
+        TINY, [f"data.paths=[{dataset}]", "schedule.warmup_steps=2", "schedule.decay=linear", "schedule.decay_steps=4"]
+    )
+    f = lr_lambda(cfg.schedule, total_steps=10)
+    assert [f(s) for s in range(11)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0.0])
+    longer = lr_lambda(dataclasses.replace(cfg.schedule, decay_steps=50), total_steps=10)  # longer than the run
+    assert longer(2) == pytest.approx(1.0) and longer(6) == pytest.approx(0.5)  # decays after warm-up, as 0 does
+    with pytest.raises(ConfigError, match="schedule.decay_steps"):
+        load_config(TINY, [f"data.paths=[{dataset}]", "schedule.decay_steps=-1"])
 
 
 def test_param_groups_decay_and_multipliers(dataset: Path) -> None:
