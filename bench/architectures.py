@@ -92,7 +92,6 @@ def one_run(args: argparse.Namespace, train: Path, test: Path, seed: int, varian
         f"data.seed={seed}",
         "metrics.enabled=false",
         "train.log_every=10",
-        f"data.batch_size={args.batch}",
         *_overrides(variant),
     ]
     start = time.perf_counter()

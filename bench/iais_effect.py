@@ -1,17 +1,22 @@
 """The experiment relalign exists for: does IAIS change retrieval, relation sensitivity and ISD?
 
-    python bench/iais_effect.py [--seeds 0 1 2] [--variants off exp constant] [--out bench_out/iais_effect]
+    python bench/iais_effect.py [--seeds 0 1 ... 7] [--variants off exp constant] [--out bench_out/iais_effect]
 
-On the synthetic relational scenes with the `tiny` preset on CPU, for every seed and variant: pretrain
-(ITC + ITM + MLM, IAIS per the variant), finetune with the paper's hard-negative recipe (IAIS per the
-variant), and evaluate on a held-out set built with another seed (`--split test`): R@1/5/10 both
-ways, relation-sensitivity accuracy by kind (ITM and embedding), ISD (L, V) and ISDa. Variants:
-`off` (no IAIS), `exp` (the official schedule, exp(5 (p - 1))), `constant` (full weight from the
-start). The seed sets `train.seed` (weights, dropout, sampling) and `data.seed` (data order) alike.
+Paired seeds on the synthetic relational scenes with the relation recipe (configs/tiny_relations.yaml: the
+tiny model, 32 px scenes, the relation curriculum whose phases end when learned): for every seed and
+variant, pretrain (IAIS per the variant), finetune with the paper's hard-negative recipe (IAIS per the
+variant), and evaluate on a held-out set built with another seed (`--split test`): R@1/5/10 both ways,
+relation-sensitivity accuracy by kind (ITM and embedding), ISD (L, V) and ISDa, and where the curriculum's
+phases ended. Variants: `off` (no IAIS), `exp` (the official schedule, exp(5 (p - 1))), `constant` (full
+weight from the start). A seed sets `train.seed` (weights, dropout, sampling) and `data.seed` (data
+order) alike, so `off` and `exp` at one seed see the same data in the same order from the same weights
+(the curriculum's hold, where IAIS waits, is the same run in both).
 Every stage is the project's own command line (`python -m pretrain | finetune | finetune evaluate`).
 
-Prints one JSON line per run, then one per variant with mean and sample standard deviation, and
-writes `<out>/table.md`. Sized for about 30 minutes on 2 CPU cores with the defaults.
+Prints one JSON line per run, then one per variant with mean and sample standard deviation, then one per
+IAIS variant with the mean paired difference to `off` and its 95 % interval (Student's t), and writes
+`<out>/table.md`. Runs are resumable (a finished stage is skipped), so seeds can run side by side in
+separate processes with the same `--out` (build the datasets once first: `--seeds` with one seed).
 """
 
 from __future__ import annotations
@@ -82,6 +87,11 @@ def _iais(variant: str) -> list[str]:
     return ["iais.enabled=true", f"iais.schedule={variant}"]
 
 
+def _optional(name: str, value: object) -> list[str]:
+    """`name=value` when the bench's argument is set; nothing when it is None (the preset's own)."""
+    return [] if value is None else [f"{name}={value}"]
+
+
 def pretrain_finetune_evaluate(
     args: argparse.Namespace,
     root: Path,
@@ -91,18 +101,24 @@ def pretrain_finetune_evaluate(
     evaluation: list[str],
     plots: int = 1,
 ) -> dict:
-    """The three command lines of one run (each skipped when its output exists: resumable), -> report.json."""
+    """The three command lines of one run (each skipped when its output exists: resumable), -> report.json.
+    `args.preset`: the YAML every stage starts from; the step counts, batch size and mining sizes are the
+    preset's unless the bench's arguments set them."""
     pre, ft = root / "pretrain", root / "finetune"
+    preset = str(REPO / args.preset)
+    sizes = [*_optional("data.batch_size", args.batch)]
     if not (pre / "checkpoints" / "latest").is_file():
         _run(
             [
                 "-m",
                 "pretrain",
                 "--config",
-                TINY,
+                preset,
                 f"data.paths=[{train}]",
                 f"run.dir={pre}",
-                f"train.steps={args.pretrain_steps}",
+                *_optional("train.steps", args.pretrain_steps),
+                *sizes,
+                *args.overrides,
                 *common,
             ],
             root / "pretrain.log",
@@ -113,14 +129,15 @@ def pretrain_finetune_evaluate(
                 "-m",
                 "finetune",
                 "--config",
-                TINY,
+                preset,
                 "--init",
                 str(pre),
                 f"data.paths=[{train}]",
                 f"run.dir={ft}",
-                f"train.steps={args.finetune_steps}",
-                f"finetune.candidates={args.candidates}",
-                f"finetune.hard={args.hard}",
+                *_optional("train.steps", args.finetune_steps),
+                *_optional("finetune.candidates", args.candidates),
+                *_optional("finetune.hard", args.hard),
+                *sizes,
                 *common,
             ],
             root / "finetune.log",
@@ -147,19 +164,29 @@ def pretrain_finetune_evaluate(
     return json.loads(report.read_text())
 
 
+def phase_ends(run_dir: Path) -> dict:
+    """Where the curriculum's phases ended in a finished run (its last checkpoint's run state), as
+    `phase_end/<phase>` (the step; None: at the preset's step limit or no curriculum)."""
+    from pretrain.checkpoint import latest_checkpoint
+    from pretrain.run_state import read_run_state
+
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    ended = read_run_state(checkpoint).progress.objective.get("position", {}).get("ended", {}) if checkpoint else {}
+    return {f"phase_end/{phase}": step for phase, step in ended.items()}
+
+
 def one_run(args: argparse.Namespace, train: Path, test: Path, seed: int, variant: str) -> dict:
     root = args.out / f"{variant}-seed{seed}"
     common = [
         f"train.seed={seed}",
         f"data.seed={seed}",
         "metrics.enabled=false",
-        "train.log_every=25",
-        f"data.batch_size={args.batch}",
         *_iais(variant),
     ]
     start = time.perf_counter()
     report = pretrain_finetune_evaluate(args, root, train, test, common, ["--mode", "rerank", "--k", str(args.k)])
     flat = _flatten(report)
+    flat.update(phase_ends(root / "pretrain"))
     flat.update(variant=variant, seed=seed, seconds=round(time.perf_counter() - start, 1))
     return flat
 
@@ -203,18 +230,48 @@ def table(rows: list[dict]) -> str:
     return head + body
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, variants: Sequence[str], out: Path) -> None:
-    """The arguments every pretrain-finetune-evaluate comparison takes (here and bench/architectures.py)."""
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
-    parser.add_argument("--train-samples", type=int, default=1024)
-    parser.add_argument("--test-samples", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--pretrain-steps", type=int, default=150)
-    parser.add_argument("--finetune-steps", type=int, default=30)
-    parser.add_argument("--candidates", type=int, default=15)
-    parser.add_argument("--hard", type=int, default=3)
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    variants: Sequence[str],
+    out: Path,
+    preset: str = "configs/tiny.yaml",
+    **defaults: object,
+) -> None:
+    """The arguments every pretrain-finetune-evaluate comparison takes (here and bench/architectures.py);
+    `defaults` replaces the default of any of them (`chosen`: of --variants; a size of None: the preset's own)."""
+    known = dict(
+        seeds=[0, 1, 2],
+        chosen=list(variants),
+        train_samples=1024,
+        test_samples=200,
+        batch=16,
+        pretrain_steps=150,
+        finetune_steps=30,
+        candidates=15,
+        hard=3,
+    )
+    known.update(defaults)
+    parser.add_argument("--preset", default=preset, help="the YAML every stage starts from (relative to the repo)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=known["seeds"])
+    parser.add_argument("--variants", nargs="+", default=known["chosen"], choices=list(variants))
+    parser.add_argument("--train-samples", type=int, default=known["train_samples"])
+    parser.add_argument("--test-samples", type=int, default=known["test_samples"])
+    for name in ("batch", "pretrain_steps", "finetune_steps", "candidates", "hard"):
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=known[name],
+            help="default: the preset's" if known[name] is None else None,
+        )
     parser.add_argument("--k", type=int, default=16, help="rerank depth of the (cross-modal models') evaluation")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override of pretraining (repeatable), e.g. objectives.position.hold_steps=3000",
+    )
     parser.add_argument("--out", type=Path, default=out)
 
 
@@ -242,12 +299,88 @@ def run_comparison(
     print(f"table: {args.out / 'table.md'}", file=sys.stderr)
 
 
+PAIRED = (
+    "recall/rsum",
+    "recall/i2t@1",
+    "recall/t2i@1",
+    "relation/relation",
+    "relation/attribute",
+    "isd/L",
+    "isd/V",
+    "isda",
+)
+"""The figures of the paired comparison (IAIS variant minus `off`, same seed)."""
+
+
+def paired(runs: list[dict], variants: Sequence[str], keys: Sequence[str] = PAIRED) -> list[dict]:
+    """Per variant other than `off`: the mean over seeds of (variant - off) at the same seed, with a 95 %
+    confidence interval from Student's t (n - 1 degrees of freedom), for each of `keys`."""
+    from scipy import stats
+
+    base = {r["seed"]: r for r in runs if r["variant"] == "off"}
+    rows = []
+    for variant in (v for v in variants if v != "off"):
+        row: dict = {"variant": f"{variant} - off", "pairs": 0}
+        for key in keys:
+            diffs = [
+                r[key] - base[r["seed"]][key]
+                for r in runs
+                if r["variant"] == variant
+                and r["seed"] in base
+                and r.get(key) is not None
+                and base[r["seed"]].get(key) is not None
+            ]
+            row["pairs"] = max(row["pairs"], len(diffs))
+            if len(diffs) < 2:
+                continue
+            mean = statistics.mean(diffs)
+            half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            row[key] = round(mean, 4)
+            row[key + ":ci95"] = [round(mean - half, 4), round(mean + half, 4)]
+        rows.append(row)
+    return rows
+
+
+def paired_table(rows: list[dict], keys: Sequence[str] = PAIRED) -> str:
+    head = "| paired difference | pairs | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys) + "\n"
+    return head + "".join(
+        f"| {r['variant']} | {r['pairs']} | "
+        + " | ".join(
+            f"{r[k]:+.3f} [{r[k + ':ci95'][0]:+.3f}, {r[k + ':ci95'][1]:+.3f}]" if k in r else "-" for k in keys
+        )
+        + " |\n"
+        for r in rows
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_arguments(parser, ["off", "exp", "constant"], REPO / "bench_out" / "iais_effect")
+    add_run_arguments(
+        parser,
+        ["off", "exp", "constant"],
+        REPO / "bench_out" / "iais_effect",
+        preset="configs/tiny_relations.yaml",
+        seeds=list(range(8)),
+        chosen=["off", "exp"],
+        train_samples=8192,
+        batch=None,
+        pretrain_steps=None,
+        finetune_steps=None,
+        candidates=None,
+        hard=None,
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    run_comparison(args, "iais_effect", one_run, summarise, table)
+
+    def summary(runs: list[dict], variants: list[str]) -> list[dict]:
+        return summarise(runs, variants) + paired(runs, variants)
+
+    def render(rows: list[dict]) -> str:
+        means = [r for r in rows if "seeds" in r]
+        diffs = [r for r in rows if "pairs" in r]
+        return table(means) + ("\n" + paired_table(diffs) if diffs else "")
+
+    run_comparison(args, "iais_effect", one_run, summary, render)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,7 @@ class Trainer:
             return ExitCode.OK
         finally:
             preempt.restore()
+            self.feeder.flush()  # the last batches' pixel leases go back to the loader's workers
             self.metrics.close()
             if self.keys_file is not None:
                 self.keys_file.close()
