@@ -12,6 +12,28 @@ import sys
 from pathlib import Path
 
 
+def curriculum_line(run: Path) -> str:
+    """Where the relation curriculum's phases ended, from the pretraining run's last checkpoint."""
+    try:
+        tag = (run / "checkpoints" / "latest").read_text().strip()
+        state = json.loads((run / "checkpoints" / tag / "client_state.json").read_text())
+    except (OSError, ValueError):
+        return "curriculum   (no pretraining checkpoint to read)"
+    ended = state.get("objective", {}).get("position", {}).get("ended")
+    if not ended:
+        return "curriculum   fixed phase ends (objectives.position.advance_below = 0) or none"
+    config = state.get("config", {}).get("objectives", {}).get("position", {})
+
+    def end(phase: str, limit: str) -> str:
+        step = ended.get(phase)
+        return f"step {step}" if step is not None else f"its limit, step {config.get(limit)} (not learned before)"
+
+    return (
+        f"curriculum   single-shape position ended at {end('single', 'single_steps')}, position alone at "
+        f"{end('hold', 'hold_steps')}; then every objective to step {state.get('total_steps')}"
+    )
+
+
 def main(out: Path) -> int:
     report_path = out / "finetune" / "eval" / "heldout" / "report.json"
     if not report_path.is_file():
@@ -39,6 +61,7 @@ def main(out: Path) -> int:
             f"relation sensitivity, {kind:10s} {100 * values['accuracy']:6.1f}% of {values['count']} triples "
             f"(chance 50%)"
         )
+    print(curriculum_line(out / "pretrain"))
     isd = report.get("isd", {})
     isda = isd.get("isda")
     print(

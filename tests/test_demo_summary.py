@@ -63,3 +63,20 @@ def test_summary_without_a_report_names_the_missing_file(tmp_path: Path):
         [sys.executable, str(SUMMARY), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 3 and "report.json" in done.stderr
+
+
+def test_summary_says_where_the_curriculum_phases_ended(tmp_path: Path):
+    """Read from the pretraining run's last checkpoint: a phase that ended when learned names its step, one
+    that reached its limit says so."""
+    checkpoint = tmp_path / "pretrain" / "checkpoints" / "step00003000"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "pretrain" / "checkpoints" / "latest").write_text("step00003000")
+    state = {
+        "total_steps": 3000,
+        "objective": {"position": {"ended": {"single": 650, "hold": None}}},
+        "config": {"objectives": {"position": {"single_steps": 1000, "hold_steps": 2200}}},
+    }
+    (checkpoint / "client_state.json").write_text(json.dumps(state))
+    text = _summary(tmp_path, _report({"relation": (0.7, 10)}))
+    assert "single-shape position ended at step 650, position alone at its limit, step 2200" in text
+    assert "every objective to step 3000" in text
