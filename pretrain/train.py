@@ -33,7 +33,7 @@ from pretrain.config_schema import to_dict
 from pretrain.dist_env import record_rank_host
 from pretrain.distributed import all_gather_object, any_rank
 from pretrain.engine import BatchGeometry, EngineSpec, batch_geometry, build_engine, to_engine
-from pretrain.objectives import Progress
+from pretrain.objectives import Progress, phases_of
 from pretrain.preemption import PreemptionFlag
 from pretrain.profiling import BACKWARD, DATA, FINITE_CHECK, FORWARD, OPTIMIZER, StepProfiler
 from pretrain.run_state import RunState, TrainState
@@ -125,6 +125,7 @@ class Trainer:
             convert_to_universal(self.resume.path, self.rank)
         spec = EngineSpec(cfg.optimizer, cfg.schedule, cfg.zero, cfg.precision, cfg.train.grad_clip, cfg.tf32)
         self.objective = self.task.objective()
+        self.phases = phases_of(self.objective)  # its terms' curriculum phases (no-ops for a plain callable)
         self.engine, self.scheduler = build_engine(
             model, self.objective, spec, self.geometry, self.total_steps, load_universal=universal
         )
@@ -135,7 +136,7 @@ class Trainer:
         if self.resume is not None:
             self.checkpoints.load(self.engine, self.resume, universal)
             self.state = dataclasses.replace(saved.progress)
-            self.objective.load_state_dict(self.state.objective)
+            self.phases.load_state_dict(self.state.objective)
             self._say(
                 f"resumed from {self.resume.path} at step {self.state.step} (saved by "
                 f"{saved.world_size} ranks, now {self.world})"
@@ -265,7 +266,7 @@ class Trainer:
             )
         exhausted = state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps
         if state.step % cfg.train.log_every == 0 or state.step == self.total_steps or exhausted:
-            for line in self.objective.observe(Progress(state.step, self.total_steps)):  # phases end here
+            for line in self.phases.observe(Progress(state.step, self.total_steps)):  # phases end here
                 self._say(line)
             self.metrics.log_training(state.step, self.total_steps, as_floats(logs), count, meter, self._step_values())
         if exhausted:
@@ -302,7 +303,7 @@ class Trainer:
             cursors = all_gather_object(getattr(self, "_last_cursor", None))
             if all(c is not None for c in cursors):
                 self.state.cursor = merge_rank_cursors(cursors)
-            self.state.objective = self.objective.state_dict()
+            self.state.objective = self.phases.state_dict()
             run_state = RunState(
                 progress=dataclasses.replace(self.state),
                 total_steps=self.total_steps,

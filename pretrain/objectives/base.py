@@ -71,17 +71,30 @@ class ObjectiveOutput:
 
 
 class Objective(Protocol):
+    """Any callable of this shape (a task may return a plain function). A CompositeObjective also has
+    `observe`, `state_dict` and `load_state_dict` (phases of its terms); `phases_of` gives no-ops otherwise."""
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any], progress: Progress) -> ObjectiveOutput: ...
 
+
+class _NoPhases:
+    """The phase interface of an objective that keeps no state (a plain callable)."""
+
     def observe(self, progress: Progress) -> list[str]:
-        """On logging steps, every rank at once: let terms with phases decide from what they saw; -> events."""
-        ...
+        return []
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue the terms' phases (plain JSON data; saved in the run state)."""
-        ...
+        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
+
+
+def phases_of(objective: Any) -> Any:
+    """`objective` itself when it has observe / state_dict / load_state_dict (a CompositeObjective: on
+    logging steps it lets terms end their phases, and its state is saved with the run), else no-ops."""
+    names = ("observe", "state_dict", "load_state_dict")
+    return objective if all(callable(getattr(objective, n, None)) for n in names) else _NoPhases()
 
 
 @dataclasses.dataclass
