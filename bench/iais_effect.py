@@ -32,6 +32,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a file: the project's packages beside it
+
+from pretrain.run_config import run_finished  # noqa: E402
+
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
@@ -107,7 +111,7 @@ def pretrain_finetune_evaluate(
     pre, ft = root / "pretrain", root / "finetune"
     preset = str(REPO / args.preset)
     sizes = [*_optional("data.batch_size", args.batch)]
-    if not (pre / "checkpoints" / "latest").is_file():
+    if not run_finished(pre):
         _run(
             [
                 "-m",
@@ -123,7 +127,7 @@ def pretrain_finetune_evaluate(
             ],
             root / "pretrain.log",
         )
-    if not (ft / "checkpoints" / "latest").is_file():
+    if not run_finished(ft):
         _run(
             [
                 "-m",

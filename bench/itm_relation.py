@@ -114,7 +114,7 @@ def position_accuracy(
     for batch in batches:
         pairs = position_pairs(batch, categories, image_size, rng)
         if pairs:
-            logits = position_itm_logits(model, encode, batch, pairs, single)
+            logits = position_itm_logits(model, encode, batch, pairs, pairs if single else [])
             true, false = (logits[:, 1] - logits[:, 0]).chunk(2)
             wins += (true > false).tolist()
     model.train()
@@ -293,7 +293,7 @@ def main() -> None:
                     if not pairs:
                         continue
                     single = step < args.single_steps
-                    loss = itm = two_way_loss(position_itm_logits(model, encode, batch, pairs, single))
+                    loss = itm = two_way_loss(position_itm_logits(model, encode, batch, pairs, pairs if single else []))
                     keep = kept(batch, trained)
                     if step >= args.single_steps + args.position_steps and keep.any():
                         logits, _ = pair_logits(model, batch, keep)

@@ -68,3 +68,20 @@ class RunConfig:
     @property
     def path(self) -> Path:
         return Path(self.dir)
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether the run in `run_dir` saved its last step: its `latest` checkpoint is step `train.steps` of
+    its config.yaml. A `latest` alone is not enough: a run stopped midway (killed, preempted) has one too,
+    and a script that skips finished stages must resume it instead. With `train.steps: 0` (the length
+    derived from epochs) any `latest` counts."""
+    import yaml
+
+    from pretrain.checkpoint import tag_for
+
+    run_dir = Path(run_dir)
+    latest, config = run_dir / "checkpoints" / "latest", run_dir / "config.yaml"
+    if not latest.is_file() or not config.is_file():
+        return False
+    steps = int(((yaml.safe_load(config.read_text()) or {}).get("train") or {}).get("steps") or 0)
+    return steps == 0 or latest.read_text().strip() == tag_for(steps)

@@ -116,8 +116,10 @@ def run_stage(name: str, argv: list[str], log: Path) -> float:
 
 
 def finished(run_dir: Path) -> bool:
-    """A run whose newest complete checkpoint exists (its `latest` marker)."""
-    return (run_dir / "checkpoints" / "latest").is_file()
+    """A run that saved its last step (a run stopped midway is resumed by running it again)."""
+    from pretrain.run_config import run_finished
+
+    return run_finished(run_dir)
 
 
 def chance(direction: str, k: int, images: int, captions: int) -> float:

@@ -54,6 +54,10 @@ class PositionConfig(TermConfig):
     """> 0: a phase ends at the first logging step (train.log_every) where this term's mean loss since the
     previous one, over all ranks, is below this value; `single_steps` and `hold_steps` are then the latest
     steps the phases may last. 0: the phases end at those steps. (ln 2 = 0.693 is the untrained loss.)"""
+    single_replay: float = 0.0
+    """After the single-shape phase, this fraction of each batch's pairs keeps single-shape views (the rest
+    are full scenes): what the first phase built keeps its gradient while the full scenes are at chance.
+    `advance_below` then reads the full-scene pairs' loss only."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,14 +65,15 @@ class PositionConfig(TermConfig):
             value = getattr(self, name)
             check(name, value, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0")
         check("advance_below", self.advance_below, 0.0 <= self.advance_below < 0.6931, "a loss in [0, ln 2)")
+        check("single_replay", self.single_replay, 0.0 <= self.single_replay < 1.0, "a fraction in [0, 1)")
 
 
 def position_itm_logits(
-    model: Any, encode: Any, batch: dict[str, Any], pairs: Sequence[PositionPair], single_shape: bool
+    model: Any, encode: Any, batch: dict[str, Any], pairs: Sequence[PositionPair], single: Sequence[PositionPair]
 ) -> Tensor:
-    """ITM logits [2n, 2] of [n images + their true captions; the same images + the opposite side]
-    (`single_shape`: the images reduced to the captioned shape). `encode`: a TextEncoder."""
-    tokens, mask = model.embed_visual(single_shape_view(batch, pairs) if single_shape else batch)
+    """ITM logits [2n, 2] of [n images + their true captions; the same images + the opposite side], where
+    the images of the pairs in `single` are reduced to the captioned shape. `encode`: a TextEncoder."""
+    tokens, mask = model.embed_visual(single_shape_view(batch, single) if single else batch)
     device = tokens.device
     rows = torch.tensor([pair.row for pair in pairs], device=device)
     text = encode([pair.true for pair in pairs] + [pair.false for pair in pairs])
@@ -81,11 +86,11 @@ def position_itm_logits(
     return model.itm_logits(out)
 
 
-def two_way_loss(logits: Tensor) -> Tensor:
+def two_way_loss(logits: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy of ITM logits [2n, 2] whose first n rows are matched, last n not."""
     n = logits.shape[0] // 2
     labels = torch.cat([torch.ones(n), torch.zeros(n)]).long().to(logits.device)
-    return F.cross_entropy(wide(logits), labels)
+    return F.cross_entropy(wide(logits), labels, reduction=reduction)
 
 
 @register("position", order=5)
@@ -164,8 +169,20 @@ class Position(Term):
         pairs = position_pairs(batch, self.categories, pixels.shape[-2], rng)  # the side S, from the shape: no sync
         if not pairs:  # e.g. a batch of padding slots: a zero that keeps the graph (every rank runs backward)
             return sum(p.sum() for p in ctx.model.itm.parameters()) * 0.0
-        logits = position_itm_logits(ctx.model, self.encode, batch, pairs, self.in_phase("single", step))
-        loss = two_way_loss(logits)
+        if self.in_phase("single", step):
+            full, single = [], list(pairs)
+        elif self.config.single_replay:  # the same generator: every rank and a resumed run draw the same
+            replay = [rng.random() < self.config.single_replay for _ in pairs]
+            full = [pair for pair, kept in zip(pairs, replay) if not kept]
+            single = [pair for pair, kept in zip(pairs, replay) if kept]
+        else:
+            full, single = list(pairs), []
+        logits = position_itm_logits(ctx.model, self.encode, batch, full + single, single)
+        if not full or not single:
+            loss = learned = two_way_loss(logits)  # learned: the loss the phase's end is decided on
+        else:  # the full-scene pairs come first: a slice, no index tensor to copy to the device
+            rows = two_way_loss(logits, reduction="none").view(2, len(pairs))
+            loss, learned = rows.mean(), rows[:, : len(full)].mean()
         if self.config.advance_below and ctx.model.training:
-            self._window.append(loss.detach())  # read on logging steps only (observe): no sync here
+            self._window.append(learned.detach())  # read on logging steps only (observe): no sync here
         return loss

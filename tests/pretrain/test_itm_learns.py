@@ -250,7 +250,7 @@ def test_itm_learns_where_a_single_shape_is_once_positions_are_visible(scenes, p
         optimise(
             two_way_loss(
                 position_itm_logits(
-                    model, encode, batch, position_pairs(batch, categories, IMAGE_SIZE, rng), single_shape=True
+                    model, encode, batch, pairs := position_pairs(batch, categories, IMAGE_SIZE, rng), pairs
                 )
             )
         )
@@ -260,9 +260,7 @@ def test_itm_learns_where_a_single_shape_is_once_positions_are_visible(scenes, p
     with torch.no_grad():
         for batch in held_out:
             pairs = position_pairs(batch, categories, IMAGE_SIZE, random.Random(1))
-            true, false = (
-                position_itm_logits(model, encode, batch, pairs, single_shape=True).diff(dim=1).squeeze(1).chunk(2)
-            )
+            true, false = position_itm_logits(model, encode, batch, pairs, pairs).diff(dim=1).squeeze(1).chunk(2)
             wins += (true > false).tolist()
     accuracy = sum(wins) / len(wins)
     print(

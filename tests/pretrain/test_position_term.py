@@ -57,7 +57,9 @@ def objective_and_model(loader: Loader, **position):
 def by_hand(model, loader, categories, batch, step: int, single: bool) -> torch.Tensor:
     rng = random.Random(f"position:{step}:{','.join(batch['key'])}")
     pairs = position_pairs(batch, categories, SIZE, rng)
-    return two_way_loss(position_itm_logits(model, TextEncoder(loader.tokenizer, CAPTION_TOKENS), batch, pairs, single))
+    return two_way_loss(
+        position_itm_logits(model, TextEncoder(loader.tokenizer, CAPTION_TOKENS), batch, pairs, pairs if single else [])
+    )
 
 
 def test_position_trains_alone_while_holding_then_beside_the_others(scenes):
@@ -81,6 +83,38 @@ def test_single_shape_views_until_single_steps_then_full_scenes(scenes):
         assert got.item() == pytest.approx(by_hand(model, loader, categories, batch, step, single).item(), rel=1e-6)
         other = by_hand(model, loader, categories, batch, step, not single).item()
         assert abs(got.item() - other) > 1e-4  # the views differ
+
+
+def test_single_replay_keeps_a_drawn_share_of_single_shape_views_and_gates_on_the_full_scenes(scenes):
+    loader, batch = scenes
+    objective, model, categories = objective_and_model(
+        loader, single_steps=3, hold_steps=10, advance_below=0.1, single_replay=0.5
+    )
+    term = next(t for t in objective.terms if t.name == "position")
+    step = 4  # after the single-shape phase
+    got = objective(model, batch, Progress(step=step, total_steps=10)).logs["loss/position"].item()
+    rng = random.Random(f"position:{step}:{','.join(batch['key'])}")
+    pairs = position_pairs(batch, categories, SIZE, rng)
+    kept = [rng.random() < 0.5 for _ in pairs]  # the term's draw, after the pairs', from the same generator
+    full = [pair for pair, keep in zip(pairs, kept) if not keep]
+    single = [pair for pair, keep in zip(pairs, kept) if keep]
+    assert full and single  # the fixture's batch mixes both
+    encode = TextEncoder(loader.tokenizer, CAPTION_TOKENS)
+    rows = two_way_loss(position_itm_logits(model, encode, batch, full + single, single), "none").view(2, -1)
+    assert got == pytest.approx(rows.mean().item(), rel=1e-6)
+    all_full = two_way_loss(position_itm_logits(model, encode, batch, pairs, [])).item()
+    assert abs(got - all_full) > 1e-4  # the replayed views differ from the full scenes
+    # the phase's gate reads the full-scene pairs' loss only
+    assert term._window[-1].item() == pytest.approx(rows[:, : len(full)].mean().item(), rel=1e-6)
+
+
+def test_single_replay_must_be_a_fraction_below_1():
+    from data_tools.errors import ConfigError
+    from pretrain.objectives.position import PositionConfig
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="single_replay"):
+            PositionConfig(single_replay=bad)
 
 
 def test_same_step_and_batch_draw_the_same_pairs_and_the_loss_trains_the_itm_head(scenes):
