@@ -61,6 +61,11 @@ Present where the samples carry them (lists are per sample, padding slots hold e
                                           Feature batches: the stored image's json `height`, `width`,
                                           when every real sample has them ([0, 0] in padding slots); the
                                           `features` embedder scales its normalised region geometry by it.
+- `host`           dict                   set by `pretrain.transfer.DeviceFeeder` on the moved batch: the
+                                          loader's own `sample_mask`, `boxes` and `box_categories` (those
+                                          present), still on the host, for code that reads them as Python
+                                          values (the relation curriculum's pairs): on the device every such
+                                          read is a synchronisation. `host_view(batch)` returns them.
 - `cursor`         dict                   the loader state after this batch (see `data_tools.loader`).
 - `bad_samples`    dict[str, int]         bad samples by reason found so far on this rank (cumulative;
                                           set by `data_tools.loader.Loader`, like `cursor`).
@@ -76,6 +81,14 @@ TEXT_KEYS = ("input_ids", "text_mask", "word_mask", "mlm_input_ids", "mlm_labels
 NEGATIVE_KEYS = ("neg_input_ids", "neg_text_mask", "neg_word_mask", "has_negative")
 STEP_KEYS = ("image_code", "sample_rows", "mlm_positions", "text_unpadded")
 IGNORE_INDEX = -100
+HOST_KEYS = ("sample_mask", "boxes", "box_categories")
+"""What `pretrain.transfer.DeviceFeeder` keeps on the host beside the moved batch (`host`)."""
+
+
+def host_view(batch: dict) -> dict:
+    """`batch["host"]` where the batch was moved to a device (the host copies of HOST_KEYS), else the
+    batch itself: the values to read as Python numbers without a device synchronisation."""
+    return batch.get("host", batch)
 
 
 def image_id_codes(image_ids: list[str]) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+from data_tools.batch import host_view
 from data_tools.errors import UserError
 from data_tools.synthetic import BACKGROUND
 from data_tools.transforms import normalise
@@ -36,6 +37,11 @@ SIDES = {"h": ("left", "right"), "v": ("above", "below")}
 """Per axis, the words for the low and the high half of the canvas."""
 MARGIN = 2.0
 """A box centre closer than this many pixels to the canvas centre line says nothing about that axis."""
+
+NORMALISED_BACKGROUND: list[float] = (
+    normalise(torch.tensor(BACKGROUND, dtype=torch.uint8).view(1, 1, 1, 3)).flatten().tolist()
+)
+"""The scenes' background colour as `normalise` maps it (channel order), for painting `pixel_values`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +62,9 @@ def position_pairs(
     `categories` lists the box labels by class index ("<colour> <shape>": the synthetic scenes')."""
     pairs = []
     half = image_size / 2
+    host = host_view(batch)  # the loader's tensors: reading them as numbers waits for no device
     for row, (real, boxes, classes) in enumerate(
-        zip(batch["sample_mask"].tolist(), batch["boxes"], batch["box_categories"])
+        zip(host["sample_mask"].tolist(), host["boxes"], host["box_categories"])
     ):
         if not real or len(boxes) == 0:
             continue
@@ -65,7 +72,7 @@ def position_pairs(
         label = int(classes[box])
         if label < 0:
             continue
-        x1, y1, x2, y2 = boxes[box].tolist()  # one host read per sample (the boxes may be on the device)
+        x1, y1, x2, y2 = boxes[box].tolist()
         offsets = {"h": (x1 + x2) / 2 - half, "v": (y1 + y2) / 2 - half}
         axes = [axis for axis, offset in offsets.items() if abs(offset) >= MARGIN]
         if not axes:
@@ -87,16 +94,15 @@ def single_shape_view(batch: dict[str, Any], pairs: Sequence[PositionPair]) -> d
     if key not in batch:
         raise UserError("objectives.position: the batch has no pixels (it needs data.visual=pixels)")
     pixels = batch[key].clone()
-    background = torch.tensor(BACKGROUND, dtype=torch.uint8)
     channels_last = key == "pixel_uint8"
-    if not channels_last:
-        background = normalise(background.view(1, 1, 1, 3)).view(3, 1, 1).to(pixels)
+    colour = list(BACKGROUND) if channels_last else NORMALISED_BACKGROUND  # scalars: nothing copied to the device
     for pair in pairs:
-        for index, (x1, y1, x2, y2) in enumerate(batch["boxes"][pair.row].tolist()):
+        for index, (x1, y1, x2, y2) in enumerate(host_view(batch)["boxes"][pair.row].tolist()):
             if index != pair.box:
                 rows, cols = slice(max(0, int(y1) - 1), int(y2) + 2), slice(max(0, int(x1) - 1), int(x2) + 2)
-                if channels_last:
-                    pixels[pair.row, rows, cols] = background
-                else:
-                    pixels[pair.row, :, rows, cols] = background
+                for channel, value in enumerate(colour):
+                    if channels_last:
+                        pixels[pair.row, rows, cols, channel] = value
+                    else:
+                        pixels[pair.row, channel, rows, cols] = value
     return {**batch, key: pixels}

@@ -28,7 +28,9 @@ The kinds it counts (`SyncEvent.kind`), on device tensors only (a host tensor's 
   values the host must wait for;
 - `host-to-device copy`: a host tensor (one with at least one dimension: a 0-dim host tensor is a
   scalar argument on a GPU too) that reaches device work, through `.to(device)`/`copy_` or as an
-  input of an op over device tensors; counted once per tensor.
+  input of an op over device tensors; counted once per tensor. Not counted: `.to(device,
+  non_blocking=True)`, queued on the stream without waiting (from pinned memory, which
+  `pretrain.transfer.to_device` stages).
 
 It is a test instrument: slow (every op goes through Python twice) and not thread-safe.
 """
@@ -239,7 +241,8 @@ class _Function(TorchFunctionMode):
         if func in _HOST_READS and args and isinstance(args[0], torch.Tensor) and not counter.is_host(args[0]):
             counter.record(_HOST_READS[func], f"Tensor.{func.__name__}")
         if func is torch.Tensor.to and counter.is_host(args[0]) and _target_is_device(counter, args, kwargs):
-            counter.copied_to_device(args[0], "Tensor.to")
+            if not kwargs.get("non_blocking"):
+                counter.copied_to_device(args[0], "Tensor.to")
             out = func(*args, **kwargs)
             counter.mark(out, host=False)
             return out

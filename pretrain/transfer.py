@@ -30,6 +30,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from data_tools.pixel_pool import release_pixels
+from data_tools.batch import HOST_KEYS
 from data_tools.transforms import normalise_batch
 
 
@@ -62,6 +63,16 @@ def record_copy_event(device: torch.device) -> CopyEvent:
     return event
 
 
+def to_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor built in the middle of a step (indices, tokenised captions) on `device` without
+    blocking: staged in pinned memory and copied asynchronously on the current stream, which orders it
+    before the kernels that read it. A plain `.to(device)` from pageable memory waits for the stream
+    (a synchronisation per call); tensors already on `device` are returned as they are."""
+    device = torch.device(device)
+    staged = value.pin_memory() if device.type == "cuda" and value.device.type == "cpu" else value
+    return staged.to(device, non_blocking=True)
+
+
 class DeviceFeeder:
     """Moves loader batches to one device (see the module docstring); keeps the pixel leases of
     batches whose copies may still be running and releases them, oldest first, once their event is
@@ -85,6 +96,7 @@ class DeviceFeeder:
         moved = {k: self._move(v, dtype) for k, v in batch.items() if k != "pixel_lease"}
         lease = {"pixel_lease": batch.pop("pixel_lease")} if "pixel_lease" in batch else {}
         self.pending.append((self.record_event(self.device), lease))
+        moved["host"] = {k: batch[k] for k in HOST_KEYS if k in batch}  # read as numbers: no device sync
         moved = normalise_batch(moved)  # on the device, into new memory: queued after the copies
         if "pixel_values" in moved and moved["pixel_values"].dtype != dtype:
             moved["pixel_values"] = moved["pixel_values"].to(dtype)

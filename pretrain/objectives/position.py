@@ -34,6 +34,8 @@ from torch import Tensor
 from data_tools.curriculum import PositionPair, position_pairs, single_shape_view
 from data_tools.errors import ConfigError, check
 
+from pretrain.transfer import to_device
+
 from .base import Progress, StepContext, Term, TermConfig, register, wide
 
 CAPTION_TOKENS = 12
@@ -75,11 +77,11 @@ def position_itm_logits(
     the images of the pairs in `single` are reduced to the captioned shape. `encode`: a TextEncoder."""
     tokens, mask = model.embed_visual(single_shape_view(batch, single) if single else batch)
     device = tokens.device
-    rows = torch.tensor([pair.row for pair in pairs], device=device)
+    rows = to_device(torch.tensor([pair.row for pair in pairs]), device)
     text = encode([pair.true for pair in pairs] + [pair.false for pair in pairs])
     out = model(
-        text["input_ids"].to(device),
-        text["text_mask"].to(device),
+        to_device(text["input_ids"], device),
+        to_device(text["text_mask"], device),
         tokens[rows].repeat(2, 1, 1),
         mask[rows].repeat(2, 1),
     )
@@ -89,7 +91,7 @@ def position_itm_logits(
 def two_way_loss(logits: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy of ITM logits [2n, 2] whose first n rows are matched, last n not."""
     n = logits.shape[0] // 2
-    labels = torch.cat([torch.ones(n), torch.zeros(n)]).long().to(logits.device)
+    labels = (torch.arange(2 * n, device=logits.device) < n).long()  # made on the device: no copy
     return F.cross_entropy(wide(logits), labels, reduction=reduction)
 
 

@@ -22,6 +22,8 @@ from pretrain.objectives import Progress
 from pretrain.sync_check import HostSyncCounter
 from pretrain.task import PretrainTask
 from pretrain.train import micro_step
+from pretrain.transfer import DeviceFeeder
+from tests.pretrain.test_position_term import objective_and_model, scenes  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 ARCHITECTURE_OVERRIDES = {
@@ -144,6 +146,7 @@ def test_the_counter_sees_reads_data_dependent_shapes_and_host_built_tensors() -
         host = torch.tensor([True, False])
         host.nonzero(), int(host.sum())
         device_tensor * torch.tensor(2.0)
+        device_tensor + torch.ones(3).to(device_tensor.device, non_blocking=True)  # queued (pinned on a GPU)
     kinds = [event.kind for event in syncs.events]
     assert kinds == [
         "scalar read",
@@ -155,3 +158,21 @@ def test_the_counter_sees_reads_data_dependent_shapes_and_host_built_tensors() -
         "host-to-device copy",
     ], syncs.report()
     assert all(event.where.startswith("tests/pretrain/test_host_syncs.py:") for event in syncs.events), syncs.report()
+
+
+@pytest.mark.parametrize("step", [0, 2, 4], ids=["single-shape", "position-alone", "every-term"])
+def test_the_relation_curriculum_and_the_terms_after_it_have_no_host_sync(scenes, step: int) -> None:
+    """configs/tiny_relations.yaml's objective at each phase: the position pairs are drawn from the
+    boxes the loader made (`batch["host"]`), the captions reach the device asynchronously."""
+    loader, batch = scenes
+    objective, model, _ = objective_and_model(loader, single_steps=1, hold_steps=3, advance_below=0.1)
+    moved = DeviceFeeder(torch.device("cpu"))(dict(batch), torch.float32)
+    # On a GPU `host` holds other tensors than the moved batch; on the CPU the same ones: copy them here.
+    moved["host"] = {k: [x.clone() for x in v] if isinstance(v, list) else v.clone() for k, v in moved["host"].items()}
+    with HostSyncCounter() as syncs:
+        syncs.mark(moved["host"], host=True)  # the loader's tensors: on the host in a GPU run too
+        out = objective(model, moved, Progress(step, 10))
+        out.total.backward()
+    expected = {"loss/position"} if step < 3 else {"loss/position", "loss/itc", "loss/itm", "loss/iais"}
+    assert expected <= set(out.logs)
+    assert syncs.count == 0, f"{syncs.count} host syncs:\n{syncs.report()}"

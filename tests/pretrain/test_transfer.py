@@ -83,7 +83,8 @@ def test_to_engine_without_a_feeder_releases_before_returning():
     batch = pooled_batch(pool, 3)
     lease = batch["pixel_lease"]
     moved = to_engine(batch, Engine())
-    assert int(lease[0]) == 0 and set(moved) == {"pixel_values", "sample_mask"}
+    assert int(lease[0]) == 0 and set(moved) == {"pixel_values", "sample_mask", "host"}
+    assert moved["host"]["sample_mask"] is batch["sample_mask"]  # the loader's own tensor: read without a sync
     assert DoneEvent().query()
 
 
