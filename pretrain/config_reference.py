@@ -132,7 +132,7 @@ def generate(sections: dict[str, type] | None = None) -> str:
             out += [
                 "### `objectives`",
                 "",
-                "How the enabled terms combine (`pretrain.objectives.base`).",
+                "How the enabled terms combine (`pretrain.objectives.composite`).",
                 "",
                 "| field | type | default | meaning |",
                 "| --- | --- | --- | --- |",

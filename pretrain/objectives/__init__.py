@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from .base import (
     TERMS,
-    CompositeObjective,
     Objective,
     ObjectiveOutput,
     Progress,
@@ -22,9 +21,9 @@ from .base import (
     masked_mean,
     phases_of,
     register,
-    sampled_term,
     wide,
 )
+from .composite import CompositeObjective, sampled_term
 from .config import ObjectivesConfig, build_sections
 from .iais_term import IAISTerm
 from .itc import ITC, ITCConfig, itc_loss
