@@ -4,7 +4,7 @@ mining (DESIGN.md 1, the paper's recipe: N random candidates per matched pair).
     store = CandidateStore(data_cfg, tokenizer)
     store.caption_rows(image_id) / store.num_captions          # the pool: (sample row, caption index) pairs
     text = store.texts([3, 17, ...])                           # {"input_ids", "text_mask"} [n, Lt]
-    visual = store.visual_batch([5, 9, ...])                   # a collated batch: pixel_values or feats/pos
+    visual = store.visual_batch([5, 9, ...])                   # a collated batch: pixel_uint8 or feats/pos
 
 Why through the manifest: each sample's members have their byte offset and size in
 `manifest.parquet`, so one candidate is a seek and a read in its shard, never a scan (DESIGN.md 3).
@@ -142,7 +142,8 @@ class CandidateStore:
         return sample
 
     def visual_batch(self, rows: list[int]) -> dict[str, Any]:
-        """A collated batch of the pool images `rows` (eval transform), for model.embed_visual."""
+        """A collated batch of the pool images `rows` (eval transform): uint8 pixels, normalised where they
+        are used (`data_tools.transforms.normalise_batch`, on the device: a quarter of the bytes to copy)."""
         samples = [self._sample(int(r)) for r in rows]
         return collate(
             samples,
@@ -153,6 +154,7 @@ class CandidateStore:
             epoch=0,
             visual=self.data.visual,
             image_size=self.data.image_size,
+            defer_normalise=True,
         )
 
     def close(self) -> None:

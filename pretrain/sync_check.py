@@ -247,7 +247,9 @@ class _Function(TorchFunctionMode):
             counter.mark(out, host=False)
             return out
         out = func(*args, **kwargs)
-        if func in _HOST_BUILDERS:
+        if func is torch.Tensor.cpu:
+            counter.mark(out, host=True)  # read back once (counted above if it was a device tensor): host now
+        elif func in _HOST_BUILDERS:
             if kwargs.get("device") is not None:
                 counter.copied_to_device(out, func.__name__)  # built on the host, then copied
             else:
