@@ -17,9 +17,12 @@ region geometry by) and carries instead of its image:
 - `<key>.pos.npy`   float32 [m, 7]: x1, y1, x2, y2, w, h, area of each cell (pooled: of the crop),
   normalised to the stored image.
 
-Preprocessing is the loader's evaluation transform (shorter side resized to `--image-size`, centre
-crop, ImageNet normalisation), so a model reading the cache sees what the `grid` embedder sees on
-the fly. Backbone jobs run one torch thread each (parallelism is `--workers`): results never depend
+Preprocessing is by default the loader's evaluation transform (shorter side resized to `--image-size`,
+centre crop, ImageNet normalisation), so a model reading the cache sees what the `grid` embedder sees
+on the fly. `--pooled --views crop,whole` averages the centre crop's pooled features with those of the
+whole photo squashed to a square: on the COCO photos the crop cuts off what a caption names at the
+sides, and the average raised the locked-image baseline's R@1 (docs/experiments.md); such a cache has
+no on-the-fly counterpart. Backbone jobs run one torch thread each (parallelism is `--workers`): results never depend
 on how a machine splits a convolution.
 
 dataset.json's `arguments.features` records the provenance a run checks (`check_cache`): backbone,
@@ -60,6 +63,9 @@ from data_tools.schema import (
 BUILDER = "features"
 """dataset.json `builder` of a feature cache."""
 MODES = ("grid", "pooled")
+VIEWS = ("crop", "whole")
+"""What of a photo the backbone sees: its centred square (`crop`, the loader's evaluation transform) or
+all of it squashed to a square (`whole`: nothing a caption names is cut off at the sides)."""
 BATCH = 16
 """Images per backbone call. Fixed: a shard's batches are then the same in any run."""
 
@@ -145,13 +151,14 @@ def load_backbone(name: str):
     return model
 
 
-def preprocessing(image_size: int) -> dict[str, Any]:
+def preprocessing(image_size: int, views: tuple[str, ...] = ("crop",)) -> dict[str, Any]:
     """What the recorded features were computed from (dataset.json), in words and numbers."""
     from data_tools.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     return {
-        "resize": "shorter side to image_size, antialiased bilinear (data_tools.transforms.resize_crop)",
-        "crop": "centre",
+        "resize": "each view to image_size x image_size, antialiased bilinear (data_tools.transforms.resize_crop)",
+        "crop": "centre" if views == ("crop",) else "+".join(views),
+        "views": list(views),
         "image_size": image_size,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
@@ -177,29 +184,44 @@ def cell_geometry(crop: tuple[float, float, float, float], rows: int, cols: int,
     return np.stack([x1, y1, x2, y2, w, h, w * h], axis=1).astype(np.float32)
 
 
+def view_box(view: str, width: int, height: int) -> tuple[float, float, float, float]:
+    """The region (x0, y0, w, h in stored pixels) a view resizes to the backbone's square input."""
+    from data_tools.transforms import centre_crop_box
+
+    return centre_crop_box(width, height) if view == "crop" else (0.0, 0.0, float(width), float(height))
+
+
 def compute_features(
-    images: list[np.ndarray], backbone_name: str, mode: str, image_size: int
+    images: list[np.ndarray], backbone_name: str, mode: str, image_size: int, views: tuple[str, ...] = ("crop",)
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """uint8 RGB images [H, W, 3] -> per image (feat float16 [m, D], pos float32 [m, 7])."""
+    """uint8 RGB images [H, W, 3] -> per image (feat float16 [m, D], pos float32 [m, 7]).
+
+    grid: one view's cells. pooled: each view's mean over its cells, averaged over the views (an
+    average of what the backbone's classifier pools, as test-time augmentation averages), with the
+    geometry of the region the views cover together."""
     import torch
 
-    from data_tools.transforms import centre_crop_box, normalise, resize_crop
+    from data_tools.transforms import normalise, resize_crop
 
     model = load_backbone(backbone_name)
-    crops = [centre_crop_box(im.shape[1], im.shape[0]) for im in images]
-    pixels = np.stack([resize_crop(im, crop, image_size, False) for im, crop in zip(images, crops)])  # [B, S, S, 3]
-    with torch.no_grad():
-        fmap = model.extract_features(normalise(torch.from_numpy(pixels)))  # [B, D, rows, cols]
-    _, _, rows, cols = fmap.shape
+    boxes = [[view_box(view, im.shape[1], im.shape[0]) for view in views] for im in images]
+    maps = []
+    for v in range(len(views)):
+        pixels = np.stack([resize_crop(im, box[v], image_size, False) for im, box in zip(images, boxes)])
+        with torch.no_grad():
+            maps.append(model.extract_features(normalise(torch.from_numpy(pixels))))  # [B, D, rows, cols]
+    _, _, rows, cols = maps[0].shape
     out = []
-    for i, (im, crop) in enumerate(zip(images, crops)):
+    for i, (im, box) in enumerate(zip(images, boxes)):
         height, width = im.shape[:2]
         if mode == "grid":
-            feat = fmap[i].flatten(1).T  # [rows * cols, D]
-            pos = cell_geometry(crop, rows, cols, width, height)
+            feat = maps[0][i].flatten(1).T  # [rows * cols, D]
+            pos = cell_geometry(box[0], rows, cols, width, height)
         else:
-            feat = fmap[i].mean(dim=(1, 2))[None]  # [1, D]
-            pos = cell_geometry(crop, 1, 1, width, height)
+            feat = torch.stack([fmap[i].mean(dim=(1, 2)) for fmap in maps]).mean(0)[None]  # [1, D]
+            x0, y0 = min(b[0] for b in box), min(b[1] for b in box)
+            x1, y1 = max(b[0] + b[2] for b in box), max(b[1] + b[3] for b in box)
+            pos = cell_geometry((x0, y0, x1 - x0, y1 - y0), 1, 1, width, height)
         out.append((feat.numpy().astype(np.float16), pos))
     return out
 
@@ -290,8 +312,13 @@ def feature_shard(job) -> dict[str, Any]:
     done: list[tuple[str, dict[str, bytes]]] = []
 
     def flush() -> None:
+        prep = spec["preprocessing"]
         feats = compute_features(
-            [im for _, im, _ in pending], spec["backbone"], spec["mode"], spec["preprocessing"]["image_size"]
+            [im for _, im, _ in pending],
+            spec["backbone"],
+            spec["mode"],
+            prep["image_size"],
+            tuple(prep.get("views", ["crop"])),  # caches from before views: the centre crop
         )
         for (key, _, kept), (feat, pos) in zip(pending, feats):
             if not np.isfinite(feat).all():  # beyond float16's range
@@ -381,7 +408,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one feature per image: the mean over the cells",
     )
     parser.set_defaults(mode="grid")
-    parser.add_argument("--image-size", type=int, default=224, help="side of the centre crop fed to the backbone")
+    parser.add_argument("--image-size", type=int, default=224, help="side of the square fed to the backbone")
+    parser.add_argument(
+        "--views",
+        default="crop",
+        help="what the backbone sees, comma-separated: crop (the centred square, the loader's evaluation "
+        "transform), whole (the whole photo squashed to a square); several (--pooled only) are averaged",
+    )
     parser.add_argument("--out", required=True, help="feature dataset folder to write (resumes when rerun)")
     parser.add_argument("--name", default=None, help="shard file prefix (default: features)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject images with more pixels")
@@ -449,6 +482,12 @@ def make_source(args: argparse.Namespace):
     versions = package_versions(spec)
     if args.image_size < spec.stride or args.image_size % spec.stride:
         raise UserError(f"--image-size {args.image_size}: must be a positive multiple of {spec.stride} for {spec.name}")
+    views = tuple(v.strip() for v in args.views.split(","))
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown or len(set(views)) != len(views):
+        raise UserError(f"--views {args.views}: give distinct views of {', '.join(VIEWS)}")
+    if args.mode == "grid" and len(views) > 1:
+        raise UserError(f"--views {args.views}: a grid holds one view's cells; average several with --pooled")
     folder = require_dir(args.dataset, "features")
     source, paths = source_description(folder)
     cells = (args.image_size // spec.stride) ** 2 if args.mode == "grid" else 1
@@ -456,7 +495,7 @@ def make_source(args: argparse.Namespace):
         "backbone": spec.name,
         "packages": versions,
         "mode": args.mode,
-        "preprocessing": preprocessing(args.image_size),
+        "preprocessing": preprocessing(args.image_size, views),
         "feature_shape": [cells, spec.channels],
         "feature_dtype": "float16",
         "pos_shape": [cells, 7],

@@ -7,8 +7,8 @@
 Stages (each one command of the project, printed before it runs; a rerun skips what is finished):
 1. `python -m data_tools build coco` twice: the 80 train photos and the 159 val photos, separately, at full
    size (a 256 px copy upscaled to the backbone's crop loses about a third of the recall).
-2. `python -m data_tools features` on both: EfficientNet-Lite0's pooled features of a 384 px centre crop,
-   computed once (`--image-size`).
+2. `python -m data_tools features` on both: EfficientNet-Lite0's pooled features at 384 px (`--image-size`),
+   the mean of the centre crop's and the whole photo's (`--views crop,whole`), computed once.
 3. Locked-image tuning, one run per `--seeds` seed: `python -m pretrain --config configs/lit_coco.yaml`
    (both towers frozen, two projections and the temperature trained), then `python -m finetune evaluate
    RUN --mode embedding` on every val photo.
@@ -62,7 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the locked-image runs")
     p.add_argument("--lit-config", default=str(LIT_PRESET), help="preset of the locked-image runs")
     p.add_argument("--lit-steps", type=int, default=None, help="steps of each locked-image run (default: the preset's)")
-    p.add_argument("--image-size", type=int, default=384, help="centre crop of the pooled feature cache")
+    p.add_argument("--image-size", type=int, default=384, help="backbone input side of the pooled feature cache")
+    p.add_argument(
+        "--views",
+        default="crop,whole",
+        help="views of each photo the pooled features average (data_tools features --views)",
+    )
     p.add_argument(
         "--cross-encoder",
         action="store_true",
@@ -261,6 +266,22 @@ def cross_encoder(
     return reports
 
 
+def same_features(out: Path, tag: str) -> bool:
+    """A rerun skips finished runs, so an --out holds the runs of one feature cache: the first run
+    records it (features.txt), a rerun with another --image-size or --views is refused in one line."""
+    record = out / "features.txt"
+    if record.is_file() and record.read_text().strip() != tag:
+        print(
+            f"--out {out}: its runs were trained on the {record.read_text().strip()} features, not {tag}; "
+            f"give another --out (or the same --image-size and --views)",
+            file=sys.stderr,
+        )
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, tag + "\n")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     coco, out = Path(args.coco), Path(args.out).resolve()
@@ -272,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = out / "summary.json"  # a rerun keeps the wall times of the stages it skips
     walls = json.loads(previous.read_text()).get("wall_seconds", {}) if previous.is_file() else {}
     data = {split: out / "data" / split for split in ("train2017", "val2017")}
-    pooled = {split: out / "data" / f"{split}-pooled{args.image_size}" for split in data}
+    tag = f"pooled{args.image_size}-{args.views.replace(',', '+')}"
+    pooled = {split: out / "data" / f"{split}-{tag}" for split in data}
+    if not same_features(out, tag):
+        return 2
     for split, folder in data.items():
         if not (folder / "dataset.json").is_file():
             walls[f"build {split}"] = run_stage(
@@ -294,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--pooled",
                     "--image-size",
                     str(args.image_size),
+                    "--views",
+                    args.views,
                     "--out",
                     str(pooled[split]),
                 ],
@@ -382,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "lit_config": args.lit_config,
         "lit_steps": args.lit_steps,
         "image_size": args.image_size,
+        "views": args.views,
         "lit_baseline": baseline,
         "cross_encoder": None
         if not args.cross_encoder

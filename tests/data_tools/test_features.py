@@ -260,3 +260,40 @@ def test_training_refuses_a_cache_that_does_not_match_its_config(source, tmp_pat
     assert err.value.exit_code == ExitCode.DATA
     shutil.rmtree(src)  # the cache alone (copied to where its source is not): usable
     check_cache(str(cache), "data.paths[0]", "features", "features", 1280)
+
+
+def pooled_features(dataset: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = loader_batch(dataset, "features")
+    real = [i for i, key in enumerate(feats["key"]) if key]  # the batch is padded to 8
+    assert len(real) == 7
+    return feats["visual_feats"][real, 0].float(), feats["visual_pos"][real, 0]
+
+
+def test_pooled_views_average_the_crop_and_the_whole_photo(source, tmp_path):
+    """--views crop,whole: each photo's feature is the mean of its centre crop's and its whole (squashed)
+    photo's pooled features, its geometry the whole photo; the record names the views."""
+    for views in ("crop", "whole", "crop,whole"):
+        assert features(source, tmp_path / views, "--pooled", "--views", views) == 0
+    crop, crop_pos = pooled_features(tmp_path / "crop")
+    whole, whole_pos = pooled_features(tmp_path / "whole")
+    both, both_pos = pooled_features(tmp_path / "crop,whole")
+    torch.testing.assert_close(both, (crop + whole) / 2, rtol=0, atol=2e-3)
+    wide = (crop - whole).abs().amax(1) > 1e-2
+    assert int(wide.sum()) == 3  # the 4 square photos' crop is the whole photo
+    torch.testing.assert_close(both_pos, whole_pos)
+    assert float(crop_pos[wide, 0].min()) > 0 and torch.equal(whole_pos[:, :4], torch.tensor([[0.0, 0, 1, 1]] * 7))
+    record = json.loads((tmp_path / "crop,whole" / "dataset.json").read_text())["arguments"]["features"]
+    assert record["preprocessing"]["views"] == ["crop", "whole"] and record["feature_shape"] == [1, 1280]
+    assert build("verify", str(tmp_path / "crop,whole")) == 0
+
+
+def test_views_are_checked_before_any_work(source, tmp_path, capsys):
+    for extra, message in (
+        (("--pooled", "--views", "crop,zoom"), "--views crop,zoom: give distinct views of crop, whole"),
+        (("--pooled", "--views", "crop,crop"), "give distinct views"),
+        (("--grid", "--views", "crop,whole"), "a grid holds one view's cells"),
+    ):
+        capsys.readouterr()
+        assert features(source, tmp_path / "out", *extra) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not (tmp_path / "out").exists()
