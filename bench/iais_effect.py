@@ -16,12 +16,15 @@ Every stage is the project's own command line (`python -m pretrain | finetune | 
 Prints one JSON line per run, then one per variant with mean and sample standard deviation, then one per
 IAIS variant with the mean paired difference to `off` and its 95 % interval (Student's t), and writes
 `<out>/table.md`. Runs are resumable (a finished stage is skipped), so seeds can run side by side in
-separate processes with the same `--out` (build the datasets once first: `--seeds` with one seed).
+separate processes with the same `--out` (build the datasets once first: `--seeds` with one seed). Because
+finished runs are skipped, an `--out` keeps the recipe its runs were trained with (`recipe.json`: preset and
+its sha256, `--set` overrides, sizes) and a rerun with another one stops with one line naming what differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -279,6 +282,37 @@ def add_run_arguments(
     parser.add_argument("--out", type=Path, default=out)
 
 
+RECIPE_FILE = "recipe.json"
+"""What an --out's runs were trained with; finished runs are skipped, so a rerun must ask for the same."""
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    """Everything that decides a run besides its seed and variant: the preset's bytes, the overrides, the sizes."""
+    preset = REPO / args.preset
+    sizes = ("train_samples", "test_samples", "batch", "pretrain_steps", "finetune_steps", "candidates", "hard", "k")
+    return {
+        "preset": args.preset,
+        "preset_sha256": hashlib.sha256(preset.read_bytes()).hexdigest() if preset.is_file() else None,
+        "overrides": list(args.overrides),
+        **{name: getattr(args, name) for name in sizes},
+    }
+
+
+def check_recipe(out: Path, wanted: dict) -> None:
+    """Record the recipe in a fresh --out; refuse (one line) an --out whose runs had another one."""
+    path = out / RECIPE_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+        if changed:
+            raise SystemExit(
+                f"{out}: its runs were trained with another recipe ({', '.join(changed)} differ from "
+                f"{path.name}); give another --out, or remove it to start over"
+            )
+    else:
+        path.write_text(json.dumps(wanted, indent=1) + "\n")
+
+
 def run_comparison(
     args: argparse.Namespace,
     name: str,
@@ -288,6 +322,7 @@ def run_comparison(
 ) -> None:
     """Same data for every run (train seed 0, held-out seed 1000), every seed x variant, JSON lines, table.md."""
     args.out.mkdir(parents=True, exist_ok=True)
+    check_recipe(args.out, recipe(args))
     train = _dataset(args.out / "train", args.train_samples, 0, "train")
     test = _dataset(args.out / "test", args.test_samples, 1000, "test")
     runs = []

@@ -39,3 +39,22 @@ def test_one_pair_gives_no_interval():
     runs = [r for r in _runs() if r["seed"] in (0, 9)]
     (row,) = iais_effect.paired(runs, ["off", "exp"], keys=("recall/rsum",))
     assert row["pairs"] == 1 and "recall/rsum" not in row  # a mean of one difference decides nothing
+
+
+def test_an_out_folder_keeps_the_recipe_its_runs_were_trained_with(tmp_path):
+    """Finished runs are skipped, so a rerun into the same --out with another preset, override or size is
+    refused in one line naming what differs, before any run starts."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    iais_effect.add_run_arguments(parser, ["off", "exp"], tmp_path, preset="configs/tiny_relations.yaml")
+    first = iais_effect.recipe(parser.parse_args([]))
+    assert first["preset_sha256"] and first["overrides"] == []
+    iais_effect.check_recipe(tmp_path, first)
+    iais_effect.check_recipe(tmp_path, iais_effect.recipe(parser.parse_args(["--seeds", "5"])))  # seeds may grow
+    other = iais_effect.recipe(parser.parse_args(["--set", "objectives.itm.weight=1.0", "--pretrain-steps", "9"]))
+    with pytest.raises(SystemExit, match=r"another recipe \(overrides, pretrain_steps differ from recipe.json\)"):
+        iais_effect.check_recipe(tmp_path, other)
+    edited = {**first, "preset_sha256": "0" * 64}  # the preset file changed since
+    with pytest.raises(SystemExit, match=r"preset_sha256 differ"):
+        iais_effect.check_recipe(tmp_path, edited)
