@@ -73,7 +73,7 @@ def test_coco_path_runs_end_to_end_and_reports_recall(coco_mini, tmp_path):
     report = json.loads((out / "finetune-iais" / "eval" / "val-embedding-first8" / "report.json").read_text())
     assert report["mode"] == "embedding" and "i2t@1" in report["recall"]
     config = (out / "finetune-no-iais" / "config.yaml").read_text()
-    assert "visual_embedder: grid" in config and "init_from: minilm" in config
+    assert "visual_embedder: features" in config and "init_from: minilm" in config
     assert "iais:\n  enabled: false" in config
     recall = summary["recall"]
     assert recall["lit-mean1/val-embedding"]["i2t@1"] == recall["lit-seed0/val-embedding"]["i2t@1"]
