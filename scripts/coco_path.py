@@ -194,6 +194,30 @@ def summarise(reports: dict[str, dict]) -> tuple[dict, str]:
     return rows, "\n".join(lines) + "\n"
 
 
+def cache_features(
+    name: str, py: str, dataset: Path, out: Path, how: list[str], logs: Path, walls: dict[str, float]
+) -> None:
+    """`python -m data_tools features` of EfficientNet-Lite0 over `dataset` into `out` (`how`: mode, size,
+    views), unless that cache is finished."""
+    if not (out / "dataset.json").is_file():
+        walls[name] = run_stage(
+            name,
+            [
+                py,
+                "-m",
+                "data_tools",
+                "features",
+                str(dataset),
+                "--backbone",
+                "efficientnet-lite0",
+                *how,
+                "--out",
+                str(out),
+            ],
+            logs / f"{name.replace(' ', '-')}.log",
+        )
+
+
 def cross_encoder(
     args: argparse.Namespace, py: str, data: dict[str, Path], logs: Path, walls: dict[str, float]
 ) -> dict[str, dict]:
@@ -203,25 +227,9 @@ def cross_encoder(
     out = logs.parent
     grid = {split: out / "data" / f"{split}-grid{GRID_SIZE}" for split in data}
     for split, folder in data.items():
-        if not (grid[split] / "dataset.json").is_file():
-            walls[f"grid features {split}"] = run_stage(
-                f"grid features {split}",
-                [
-                    py,
-                    "-m",
-                    "data_tools",
-                    "features",
-                    str(folder),
-                    "--backbone",
-                    "efficientnet-lite0",
-                    "--grid",
-                    "--image-size",
-                    str(GRID_SIZE),
-                    "--out",
-                    str(grid[split]),
-                ],
-                logs / f"grid-features-{split}.log",
-            )
+        cache_features(
+            f"grid features {split}", py, folder, grid[split], ["--grid", "--image-size", str(GRID_SIZE)], logs, walls
+        )
     common = [
         f"data.paths=[{grid['train2017']}]",
         *FEATURE_OVERRIDES,
@@ -338,27 +346,15 @@ def main(argv: list[str] | None = None) -> int:
                 [py, "-m", "data_tools", "build", "coco", str(coco), "--split", split, "--out", str(folder)],
                 logs / f"build-{split}.log",
             )
-        if not (pooled[split] / "dataset.json").is_file():
-            walls[f"features {split}"] = run_stage(
-                f"features {split}",
-                [
-                    py,
-                    "-m",
-                    "data_tools",
-                    "features",
-                    str(folder),
-                    "--backbone",
-                    "efficientnet-lite0",
-                    "--pooled",
-                    "--image-size",
-                    str(args.image_size),
-                    "--views",
-                    args.views,
-                    "--out",
-                    str(pooled[split]),
-                ],
-                logs / f"features-{split}.log",
-            )
+        cache_features(
+            f"features {split}",
+            py,
+            folder,
+            pooled[split],
+            ["--pooled", "--image-size", str(args.image_size), "--views", args.views],
+            logs,
+            walls,
+        )
     reports = {}
     steps = [f"train.steps={args.lit_steps}"] if args.lit_steps else []
     for seed in args.seeds:
